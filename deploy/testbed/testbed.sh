@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The seeds' lab on one machine (seed 002, Fig. 1): an MPTCP client with two paths to the proxy, and the
+# proxy with one link to a legacy server.
+#
+#   client ns (PREFIX-cli)            proxy ns (PREFIX-prx)              server ns (PREFIX-srv)
+#   c1 10.0.1.2  fd00:1::2  <-- path 1 -->  p1 10.0.1.1  fd00:1::1
+#   c2 10.0.2.2  fd00:2::2  <-- path 2 -->  p2 10.0.2.1  fd00:2::1
+#                                           p3 10.0.3.1  fd00:3::1  <-->  s1 10.0.3.2  fd00:3::2
+#
+# The client has an MPTCP `subflow` endpoint on c2 and policy routing, so each subflow leaves through the
+# interface that owns its source address. The proxy namespace forwards, so the direct routed path
+# client -> server works too (the benchmarks' baseline).
+#
+# Usage:
+#   testbed.sh up PREFIX [--rate1 MBIT] [--rate2 MBIT] [--loss1 PCT] [--loss2 PCT] [--no-endpoint]
+#   testbed.sh down PREFIX
+#   testbed.sh exec PREFIX cli|prx|srv CMD...
+#
+# Rates are HTB on both ends of a path (download: p1/p2 egress; upload: c1/c2 egress). Loss is nftables
+# `numgen random` in the client namespace, both directions. There is no netem on the target kernels.
+set -euo pipefail
+
+die() { echo "testbed.sh: $*" >&2; exit 2; }
+
+[ $# -ge 2 ] || die "usage: testbed.sh up|down|exec PREFIX ..."
+action=$1 prefix=$2
+shift 2
+cli="$prefix-cli" prx="$prefix-prx" srv="$prefix-srv"
+
+down() {
+  local ns
+  for ns in "$cli" "$prx" "$srv"; do
+    if ip netns list | grep -qw "^$ns"; then
+      # Kill whatever still runs inside, then drop the namespace (its veths go with it).
+      for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+      ip netns del "$ns" 2>/dev/null || true
+    fi
+  done
+}
+
+shape() { # ns dev mbit
+  ip netns exec "$1" tc qdisc replace dev "$2" root handle 1: htb default 1
+  ip netns exec "$1" tc class replace dev "$2" parent 1: classid 1:1 htb rate "$3mbit" ceil "$3mbit"
+}
+
+up() {
+  local rate1="" rate2="" loss1="" loss2="" endpoint=1
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --rate1) rate1=$2; shift 2 ;;
+      --rate2) rate2=$2; shift 2 ;;
+      --loss1) loss1=$2; shift 2 ;;
+      --loss2) loss2=$2; shift 2 ;;
+      --no-endpoint) endpoint=0; shift ;;
+      *) die "unknown option $1" ;;
+    esac
+  done
+  down
+  for ns in "$cli" "$prx" "$srv"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+  done
+  # Create each veth end directly inside its namespace, so names never collide between testbeds.
+  ip link add name c1 netns "$cli" type veth peer name p1 netns "$prx"
+  ip link add name c2 netns "$cli" type veth peer name p2 netns "$prx"
+  ip link add name p3 netns "$prx" type veth peer name s1 netns "$srv"
+
+  addr() { # ns dev v4 v6
+    ip -n "$1" addr add "$3/24" dev "$2"
+    ip -n "$1" addr add "$4/64" dev "$2" nodad
+    ip -n "$1" link set "$2" up
+  }
+  addr "$cli" c1 10.0.1.2 fd00:1::2
+  addr "$cli" c2 10.0.2.2 fd00:2::2
+  addr "$prx" p1 10.0.1.1 fd00:1::1
+  addr "$prx" p2 10.0.2.1 fd00:2::1
+  addr "$prx" p3 10.0.3.1 fd00:3::1
+  addr "$srv" s1 10.0.3.2 fd00:3::2
+
+  # Client: path 1 is the default; policy routing sends each source address out of its own path.
+  ip -n "$cli" route add default via 10.0.1.1 dev c1
+  ip -n "$cli" -6 route add default via fd00:1::1 dev c1
+  local i
+  for i in 1 2; do
+    ip -n "$cli" rule add from "10.0.$i.2" table "10$i"
+    ip -n "$cli" route add default via "10.0.$i.1" dev "c$i" table "10$i"
+    ip -n "$cli" -6 rule add from "fd00:$i::2" table "10$i"
+    ip -n "$cli" -6 route add default via "fd00:$i::1" dev "c$i" table "10$i"
+  done
+  ip -n "$srv" route add default via 10.0.3.1 dev s1
+  ip -n "$srv" -6 route add default via fd00:3::1 dev s1
+  ip netns exec "$prx" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
+
+  # MPTCP: the client may open a second subflow from c2; the proxy accepts it.
+  ip -n "$cli" mptcp limits set subflow 2 add_addr_accepted 2
+  ip -n "$prx" mptcp limits set subflow 2 add_addr_accepted 2
+  if [ "$endpoint" = 1 ]; then
+    ip -n "$cli" mptcp endpoint add 10.0.2.2 dev c2 id 2 subflow
+    ip -n "$cli" mptcp endpoint add fd00:2::2 dev c2 id 12 subflow
+  fi
+
+  [ -z "$rate1" ] || { shape "$prx" p1 "$rate1"; shape "$cli" c1 "$rate1"; }
+  [ -z "$rate2" ] || { shape "$prx" p2 "$rate2"; shape "$cli" c2 "$rate2"; }
+  if [ -n "$loss1$loss2" ]; then
+    {
+      echo "table inet testbed_loss {"
+      echo "  chain in { type filter hook input priority 0;"
+      [ -z "$loss1" ] || echo "    iifname \"c1\" numgen random mod 100 < $loss1 drop"
+      [ -z "$loss2" ] || echo "    iifname \"c2\" numgen random mod 100 < $loss2 drop"
+      echo "  }"
+      echo "  chain out { type filter hook output priority 0;"
+      [ -z "$loss1" ] || echo "    oifname \"c1\" numgen random mod 100 < $loss1 drop"
+      [ -z "$loss2" ] || echo "    oifname \"c2\" numgen random mod 100 < $loss2 drop"
+      echo "  }"
+      echo "}"
+    } | ip netns exec "$cli" nft -f -
+  fi
+}
+
+case "$action" in
+  up) up "$@" ;;
+  down) down ;;
+  exec)
+    [ $# -ge 2 ] || die "usage: testbed.sh exec PREFIX cli|prx|srv CMD..."
+    role=$1; shift
+    case "$role" in cli) ns=$cli ;; prx) ns=$prx ;; srv) ns=$srv ;; *) die "unknown host $role" ;; esac
+    exec ip netns exec "$ns" "$@"
+    ;;
+  *) die "unknown action $action" ;;
+esac

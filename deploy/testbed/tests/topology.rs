@@ -1,0 +1,74 @@
+//! The testbed builds, routes both paths and both address families, and tears down.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use testbed::{Options, Testbed};
+
+fn echo_once(tb: &Testbed, server: SocketAddr, source: SocketAddr) {
+    let listener = tb
+        .in_ns(tb.server_ns(), || TcpListener::bind(server))
+        .unwrap()
+        .unwrap();
+    let accept = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        s.write_all(b"hi").unwrap();
+        peer
+    });
+    let mut got = String::new();
+    tb.in_ns(tb.client_ns(), || {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(server),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        sock.bind(&source.into()).unwrap();
+        sock.connect(&server.into()).unwrap();
+        let mut s: TcpStream = sock.into();
+        s.read_to_string(&mut got).unwrap();
+    })
+    .unwrap();
+    assert_eq!(got, "hi");
+    assert_eq!(accept.join().unwrap().ip(), source.ip());
+}
+
+#[test]
+fn both_paths_and_families_reach_the_server_and_teardown_removes_namespaces() {
+    if testbed::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::new(Options::default()).unwrap();
+    let names: Vec<String> = [tb.client_ns(), tb.proxy_ns(), tb.server_ns()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    echo_once(
+        &tb,
+        "10.0.3.2:7001".parse().unwrap(),
+        "10.0.1.2:0".parse().unwrap(),
+    );
+    echo_once(
+        &tb,
+        "10.0.3.2:7002".parse().unwrap(),
+        "10.0.2.2:0".parse().unwrap(),
+    );
+    echo_once(
+        &tb,
+        "[fd00:3::2]:7003".parse().unwrap(),
+        "[fd00:2::2]:0".parse().unwrap(),
+    );
+    let (_, tx_before) = tb.interface_bytes(tb.client_ns(), "c2").unwrap();
+    assert!(tx_before > 0, "path 2 carried nothing");
+    drop(tb);
+    let list = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    for n in names {
+        assert!(!list.contains(&n), "namespace {n} survived teardown");
+    }
+}

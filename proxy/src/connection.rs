@@ -1,0 +1,385 @@
+//! One client connection: its transport, subflows, byte counts and the resources it holds.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::relay::Activity;
+use crate::sockets::{mptcp_info, Transport};
+
+/// Counts client connections per address; a slot is released when dropped.
+#[derive(Debug, Clone, Default)]
+pub struct PerClientCounter {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// A held per-client slot.
+#[derive(Debug)]
+pub struct ClientSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PerClientCounter {
+    /// Takes a slot for `ip` unless it already holds `limit`.
+    pub fn acquire(&self, ip: IpAddr, limit: usize) -> Option<ClientSlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            counts: self.counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// State shared by everything serving one client connection (the HTTP task, tunnels, log entries).
+/// It holds the connection's limit permits until the last user drops it.
+#[derive(Debug)]
+pub struct ClientConnection {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// How the connection is carried.
+    pub transport: Transport,
+    /// Bytes read from the client.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to the client.
+    pub bytes_out: AtomicU64,
+    /// Most subflows seen at once.
+    pub max_subflows: AtomicU8,
+    /// When bytes last moved on the client socket.
+    pub activity: Activity,
+    /// Whether the next bytes from the client start a request head (see [`HeadScan`]).
+    awaiting_head: AtomicBool,
+    /// What [`HeadScan`] found wrong with the last request head, if anything.
+    head_problem: AtomicU8,
+    /// The socket while it is open, -1 after; used to read `MPTCP_INFO` while hyper owns the stream.
+    fd: AtomicI32,
+    _permit: OwnedSemaphorePermit,
+    _slot: ClientSlot,
+}
+
+impl ClientConnection {
+    /// Records a new connection holding its limit permits.
+    pub fn new(
+        stream: &TcpStream,
+        client: SocketAddr,
+        transport: Transport,
+        permit: OwnedSemaphorePermit,
+        slot: ClientSlot,
+    ) -> Self {
+        let connection = Self {
+            client,
+            transport,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            max_subflows: AtomicU8::new(1),
+            activity: Activity::new(),
+            awaiting_head: AtomicBool::new(true),
+            head_problem: AtomicU8::new(HeadProblem::None as u8),
+            fd: AtomicI32::new(stream.as_raw_fd()),
+            _permit: permit,
+            _slot: slot,
+        };
+        connection.observe_subflows(stream.as_raw_fd());
+        connection
+    }
+
+    fn observe_subflows(&self, fd: i32) -> u8 {
+        if self.transport != Transport::Mptcp || fd < 0 {
+            return 1;
+        }
+        // SAFETY: fd is the client socket, open while `self.fd` holds it (cleared before close).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let now = match mptcp_info(fd) {
+            Ok(Some(info)) => info.subflows,
+            _ => 1,
+        };
+        self.max_subflows.fetch_max(now, Ordering::Relaxed);
+        now
+    }
+
+    fn set_head_problem(&self, problem: HeadProblem) {
+        self.head_problem.store(problem as u8, Ordering::Relaxed);
+    }
+
+    /// Called when a response is complete: the next client bytes start a new request head.
+    pub fn expect_next_head(&self) {
+        self.awaiting_head.store(true, Ordering::Relaxed);
+    }
+
+    /// What was wrong with the request head hyper just parsed, if anything. Clears it.
+    pub fn take_head_problem(&self) -> HeadProblem {
+        match self
+            .head_problem
+            .swap(HeadProblem::None as u8, Ordering::Relaxed)
+        {
+            x if x == HeadProblem::AmbiguousFraming as u8 => HeadProblem::AmbiguousFraming,
+            x if x == HeadProblem::TooLarge as u8 => HeadProblem::TooLarge,
+            _ => HeadProblem::None,
+        }
+    }
+
+    /// Subflows of the connection now (1 for TCP).
+    pub fn subflows(&self) -> u8 {
+        self.observe_subflows(self.fd.load(Ordering::Relaxed))
+    }
+
+    /// Most subflows seen at once so far.
+    pub fn max_subflows(&self) -> u8 {
+        self.max_subflows.load(Ordering::Relaxed)
+    }
+
+    /// Runs `work` while sampling the subflow count every 250 ms (subflows come and go during a
+    /// tunnel; the access log reports the most seen at once).
+    pub async fn sampling_subflows<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        if self.transport != Transport::Mptcp {
+            return work.await;
+        }
+        let sample = async {
+            let mut interval = tokio::time::interval(std::time::Duration::from_millis(250));
+            loop {
+                interval.tick().await;
+                self.subflows();
+            }
+        };
+        tokio::select! {
+            output = work => output,
+            never = sample => never,
+        }
+    }
+
+    /// Logs the connection's close: transport, subflows, bytes each way. Call before the socket closes.
+    pub fn closed(&self, stream: &TcpStream) {
+        self.observe_subflows(stream.as_raw_fd());
+        self.fd.store(-1, Ordering::Relaxed);
+        tracing::info!(
+            client = %self.client,
+            transport = self.transport.as_str(),
+            max_subflows = self.max_subflows.load(Ordering::Relaxed),
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out = self.bytes_out.load(Ordering::Relaxed),
+            "client connection closed"
+        );
+    }
+}
+
+/// A request-head problem hyper does not report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum HeadProblem {
+    /// Nothing wrong.
+    None = 0,
+    /// Both `Content-Length` and `Transfer-Encoding`: hyper drops `Content-Length` silently.
+    AmbiguousFraming = 1,
+    /// Larger than `limits.max_header_bytes`: hyper enforces its buffer limit only when it must read
+    /// more, so a large head that arrives at once would pass.
+    TooLarge = 2,
+}
+
+/// Finds request heads that are too large or carry both `Content-Length` and `Transfer-Encoding` (request smuggling,
+/// RFC 9112 §6.3), which hyper resolves silently in favour of `Transfer-Encoding`. The proxy refuses
+/// them instead. Scans from the connection's start and after each complete response, up to
+/// the end of the head; bytes inside bodies are never scanned.
+#[derive(Debug, Default)]
+struct HeadScan {
+    head: Vec<u8>,
+}
+
+impl HeadScan {
+    /// Feeds bytes read from the client.
+    fn feed(&mut self, connection: &ClientConnection, bytes: &[u8], limit: usize) {
+        if !connection.awaiting_head.load(Ordering::Relaxed) {
+            return;
+        }
+        self.head.extend_from_slice(bytes);
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&self.head) {
+            Ok(httparse::Status::Partial) if self.head.len() <= limit => return,
+            Ok(httparse::Status::Partial) => connection.set_head_problem(HeadProblem::TooLarge),
+            Ok(httparse::Status::Complete(length)) => {
+                let has = |name: &str| {
+                    request
+                        .headers
+                        .iter()
+                        .any(|h| h.name.eq_ignore_ascii_case(name))
+                };
+                if length > limit {
+                    connection.set_head_problem(HeadProblem::TooLarge);
+                } else if has("content-length") && has("transfer-encoding") {
+                    connection.set_head_problem(HeadProblem::AmbiguousFraming);
+                }
+            }
+            // Malformed (or more than 128 fields): hyper answers it itself.
+            Err(_) => {}
+        }
+        self.head.clear();
+        connection.awaiting_head.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The client socket as hyper sees it: counts bytes and activity, and logs the close.
+#[derive(Debug)]
+pub struct ClientIo {
+    stream: Option<TcpStream>,
+    connection: Arc<ClientConnection>,
+    head_scan: HeadScan,
+    head_limit: usize,
+}
+
+impl ClientIo {
+    /// Wraps an accepted stream; `head_limit` is the largest request head accepted.
+    pub fn new(stream: TcpStream, connection: Arc<ClientConnection>, head_limit: usize) -> Self {
+        Self {
+            stream: Some(stream),
+            connection,
+            head_scan: HeadScan::default(),
+            head_limit,
+        }
+    }
+
+    /// Takes the stream back (after a CONNECT upgrade); the caller then owns the close.
+    pub fn into_stream(mut self) -> Option<TcpStream> {
+        self.stream.take()
+    }
+
+    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        self.stream
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+}
+
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        if let Some(stream) = &self.stream {
+            self.connection.closed(stream);
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = match self.stream() {
+            Ok(stream) => stream.poll_read(cx, buf),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            let this = &mut *self;
+            this.head_scan
+                .feed(&this.connection, &buf.filled()[before..], this.head_limit);
+            self.connection
+                .bytes_in
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.connection.activity.touch();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = match self.stream() {
+            Ok(stream) => stream.poll_write(cx, buf),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        if let Poll::Ready(Ok(n)) = result {
+            self.connection
+                .bytes_out
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.connection.activity.touch();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = match self.stream() {
+            Ok(stream) => stream.poll_write_vectored(cx, bufs),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        if let Poll::Ready(Ok(n)) = result {
+            self.connection
+                .bytes_out
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.connection.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => stream.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => stream.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_client_counter_limits_and_releases() {
+        let counter = PerClientCounter::default();
+        let ip: IpAddr = "10.0.0.1".parse().expect("literal");
+        let a = counter.acquire(ip, 2).expect("first");
+        let _b = counter.acquire(ip, 2).expect("second");
+        assert!(counter.acquire(ip, 2).is_none());
+        assert!(counter
+            .acquire("10.0.0.2".parse().expect("literal"), 2)
+            .is_some());
+        drop(a);
+        assert!(counter.acquire(ip, 2).is_some());
+    }
+}

@@ -1,0 +1,15 @@
+//! mptcp-proxy: terminates Multipath TCP sessions and relays them to legacy TCP servers as an HTTP proxy
+//! (absolute-form and CONNECT) or a transparent proxy. See `ARCHITECTURE.md` at the repository root.
+
+pub mod access_log;
+pub mod acl;
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod http;
+pub mod relay;
+pub mod server;
+pub mod sockets;
+
+pub use config::Config;
+pub use server::{run, Server, ServerError};

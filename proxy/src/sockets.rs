@@ -1,0 +1,520 @@
+//! Kernel sockets: MPTCP listeners with TCP fallback, upstream connections, `MPTCP_INFO`, and the original
+//! destination of redirected connections.
+
+use std::io;
+use std::mem::size_of;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+/// `SOL_MPTCP` from `linux/socket.h`.
+const SOL_MPTCP: libc::c_int = 284;
+/// `MPTCP_INFO` from `linux/mptcp.h`.
+const MPTCP_INFO: libc::c_int = 1;
+/// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` from netfilter.
+const SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// How a client connection is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A real MPTCP connection.
+    Mptcp,
+    /// An MPTCP socket whose peer did not speak MPTCP (the kernel fell back to TCP).
+    FallbackTcp,
+    /// A plain TCP socket (the listener or the kernel has no MPTCP).
+    Tcp,
+}
+
+impl Transport {
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Mptcp => "mptcp",
+            Transport::FallbackTcp => "fallback_tcp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// The fields of `struct mptcp_info` (linux/mptcp.h) that the proxy uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MptcpInfo {
+    /// Subflows in use, the initial one included.
+    pub subflows: u8,
+    /// The connection's local token.
+    pub token: u32,
+    /// Bytes sent at the MPTCP level (kernels ≥ 6.6 fill it; 0 before).
+    pub bytes_sent: u64,
+    /// Bytes received at the MPTCP level (kernels ≥ 6.6; 0 before).
+    pub bytes_received: u64,
+}
+
+/// The kernel's `struct mptcp_info` layout.
+#[repr(C)]
+#[derive(Default)]
+struct RawMptcpInfo {
+    subflows: u8,
+    add_addr_signal: u8,
+    add_addr_accepted: u8,
+    subflows_max: u8,
+    add_addr_signal_max: u8,
+    add_addr_accepted_max: u8,
+    flags: u32,
+    token: u32,
+    write_seq: u64,
+    snd_una: u64,
+    rcv_nxt: u64,
+    local_addr_used: u8,
+    local_addr_max: u8,
+    csum_enabled: u8,
+    retransmits: u32,
+    bytes_retrans: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+    bytes_acked: u64,
+    subflows_total: u8,
+    reserved: [u8; 3],
+    last_data_sent: u32,
+    last_data_recv: u32,
+    last_ack_recv: u32,
+}
+
+/// Reads `MPTCP_INFO`. `Ok(None)` means the socket is not MPTCP or fell back to TCP (EOPNOTSUPP).
+pub fn mptcp_info(fd: BorrowedFd<'_>) -> io::Result<Option<MptcpInfo>> {
+    let mut raw = RawMptcpInfo::default();
+    let mut len = size_of::<RawMptcpInfo>() as libc::socklen_t;
+    // SAFETY: raw is a writable buffer of len bytes; the kernel writes at most len.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            SOL_MPTCP,
+            MPTCP_INFO,
+            (&mut raw as *mut RawMptcpInfo).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    // `subflows_total` (kernel ≥ 6.10) counts the initial subflow; `subflows` counts only the extra ones.
+    let subflows = if raw.subflows_total > 0 {
+        raw.subflows_total
+    } else {
+        raw.subflows.saturating_add(1)
+    };
+    Ok(Some(MptcpInfo {
+        subflows,
+        token: raw.token,
+        bytes_sent: raw.bytes_sent,
+        bytes_received: raw.bytes_received,
+    }))
+}
+
+/// The transport of a socket accepted from a listener that is (`listener_mptcp`) or is not MPTCP.
+///
+/// On fallback the kernel hands an MPTCP listener's caller a plain TCP socket, so fallback is "MPTCP
+/// listener, no `MPTCP_INFO`".
+pub fn transport_of(fd: BorrowedFd<'_>, listener_mptcp: bool) -> Transport {
+    if !listener_mptcp {
+        return Transport::Tcp;
+    }
+    match mptcp_info(fd) {
+        Ok(Some(_)) => Transport::Mptcp,
+        _ => Transport::FallbackTcp,
+    }
+}
+
+static NO_MPTCP_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a socket() error means "this kernel has no (enabled) MPTCP".
+fn is_mptcp_unavailable(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EPROTONOSUPPORT) | Some(libc::ENOPROTOOPT)
+    )
+}
+
+/// Creates a stream socket, MPTCP when asked and available, else TCP with one warning per process.
+/// Returns the socket and whether it is MPTCP.
+pub fn stream_socket(domain: Domain, mptcp: bool) -> io::Result<(Socket, bool)> {
+    if mptcp {
+        match Socket::new(domain, Type::STREAM, Some(Protocol::MPTCP)) {
+            Ok(socket) => return Ok((socket, true)),
+            Err(err) if is_mptcp_unavailable(&err) => {
+                if !NO_MPTCP_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %err,
+                        "the kernel has no MPTCP (or net.mptcp.enabled=0): using plain TCP; \
+                         clients will get one path only"
+                    );
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok((
+        Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?,
+        false,
+    ))
+}
+
+/// A bound, listening socket.
+#[derive(Debug)]
+pub struct BoundListener {
+    /// The listener, non-blocking, ready for tokio.
+    pub listener: std::net::TcpListener,
+    /// Whether it is an MPTCP socket.
+    pub mptcp: bool,
+}
+
+/// Binds a listener. IPv6 listeners are v6-only, so `0.0.0.0` and `[::]` can both be configured.
+pub fn bind_listener(address: SocketAddr, mptcp: bool, tproxy: bool) -> io::Result<BoundListener> {
+    let (socket, mptcp) = stream_socket(Domain::for_address(address), mptcp)?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if tproxy {
+        if address.is_ipv6() {
+            socket.set_ip_transparent_v6(true)?;
+        } else {
+            socket.set_ip_transparent_v4(true)?;
+        }
+    }
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(BoundListener {
+        listener: socket.into(),
+        mptcp,
+    })
+}
+
+/// Prepares an unconnected upstream socket for tokio (MPTCP when asked, with fallback).
+pub fn upstream_socket(destination: SocketAddr, mptcp: bool) -> io::Result<tokio::net::TcpSocket> {
+    let (socket, _) = stream_socket(Domain::for_address(destination), mptcp)?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+}
+
+/// The destination a redirected (REDIRECT/DNAT) connection was originally sent to, or `None` when the
+/// connection was not NATed (under TPROXY the local address is then the original destination).
+///
+/// Tries `SO_ORIGINAL_DST` first (plain and fallback sockets), then conntrack over ctnetlink: on a real
+/// MPTCP socket `SO_ORIGINAL_DST` is EOPNOTSUPP.
+pub fn original_destination(stream: &tokio::net::TcpStream) -> io::Result<Option<SocketAddr>> {
+    let local = stream.local_addr()?;
+    let peer = stream.peer_addr()?;
+    match so_original_dst(SockRef::from(stream), local.is_ipv6()) {
+        Ok(addr) if addr != local => return Ok(Some(addr)),
+        Ok(_) => return Ok(None),
+        Err(err)
+            if matches!(
+                err.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOENT) | Some(libc::ENOPROTOOPT)
+            ) => {}
+        Err(err) => return Err(err),
+    }
+    conntrack_original_destination(local, peer)
+}
+
+fn so_original_dst(socket: SockRef<'_>, ipv6: bool) -> io::Result<SocketAddr> {
+    // SAFETY: sockaddr_in6 is larger than sockaddr_in; zeroed is a valid value for both.
+    let mut storage: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    let level = if ipv6 { libc::SOL_IPV6 } else { libc::SOL_IP };
+    // SAFETY: storage is writable for len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (&mut storage as *mut libc::sockaddr_in6).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if ipv6 {
+        Ok(SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::from(storage.sin6_addr.s6_addr)),
+            u16::from_be(storage.sin6_port),
+        ))
+    } else {
+        // SAFETY: for SOL_IP the kernel wrote a sockaddr_in, which fits in storage.
+        let sin: libc::sockaddr_in =
+            unsafe { std::ptr::read((&storage as *const libc::sockaddr_in6).cast()) };
+        Ok(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))),
+            u16::from_be(sin.sin_port),
+        ))
+    }
+}
+
+// ctnetlink constants (linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h).
+const NETLINK_NETFILTER: libc::c_int = 12;
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+fn push_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// Walks netlink attributes in `buf`, yielding (type, payload).
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        Some((kind, payload))
+    })
+}
+
+/// Asks conntrack for the connection whose reply tuple is `local → peer`; returns its original
+/// destination if it differs from `local` (the connection was NATed), `None` if it was not.
+pub fn conntrack_original_destination(
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> io::Result<Option<SocketAddr>> {
+    let (local, peer) = (
+        SocketAddr::new(local.ip().to_canonical(), local.port()),
+        SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+    );
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let (src_attr, dst_attr) = if local.is_ipv4() {
+        (CTA_IP_V4_SRC, CTA_IP_V4_DST)
+    } else {
+        (CTA_IP_V6_SRC, CTA_IP_V6_DST)
+    };
+    let mut ip = Vec::new();
+    push_attr(&mut ip, src_attr, &ip_bytes(local.ip()));
+    push_attr(&mut ip, dst_attr, &ip_bytes(peer.ip()));
+    let mut proto = Vec::new();
+    push_attr(&mut proto, CTA_PROTO_NUM, &[libc::IPPROTO_TCP as u8]);
+    push_attr(&mut proto, CTA_PROTO_SRC_PORT, &local.port().to_be_bytes());
+    push_attr(&mut proto, CTA_PROTO_DST_PORT, &peer.port().to_be_bytes());
+    let mut tuple = Vec::new();
+    push_attr(&mut tuple, CTA_TUPLE_IP | NLA_F_NESTED, &ip);
+    push_attr(&mut tuple, CTA_TUPLE_PROTO | NLA_F_NESTED, &proto);
+    let mut body = vec![family as u8, 0, 0, 0]; // struct nfgenmsg: family, version 0, res_id 0
+    push_attr(&mut body, CTA_TUPLE_REPLY | NLA_F_NESTED, &tuple);
+
+    let mut msg = Vec::with_capacity(16 + body.len());
+    msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    msg.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET).to_ne_bytes());
+    msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel assigns ours
+    msg.extend_from_slice(&body);
+
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_NETFILTER,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = Socket::from(fd);
+    socket.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+    // SAFETY: a zeroed sockaddr_nl addresses the kernel.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: msg and kernel are valid for the given lengths.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut reply = vec![0u8; 8192];
+    // SAFETY: reply is writable for its length.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            reply.as_mut_ptr().cast(),
+            reply.len(),
+            0,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let reply = &reply[..n as usize];
+    if reply.len() < 16 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "short netlink reply",
+        ));
+    }
+    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
+    if kind == libc::NLMSG_ERROR as u16 {
+        let errno = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
+        return if -errno == libc::ENOENT {
+            Ok(None)
+        } else {
+            Err(io::Error::from_raw_os_error(-errno))
+        };
+    }
+    let total =
+        (u32::from_ne_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize).min(reply.len());
+    let Some(payload) = reply.get(20..total) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "short conntrack entry",
+        ));
+    };
+    let mut ip = None;
+    let mut port = None;
+    for (kind, value) in attrs(payload) {
+        if kind != CTA_TUPLE_ORIG {
+            continue;
+        }
+        for (kind, value) in attrs(value) {
+            match kind {
+                CTA_TUPLE_IP => {
+                    for (kind, value) in attrs(value) {
+                        ip = match (kind, value.len()) {
+                            (CTA_IP_V4_DST, 4) => {
+                                Some(IpAddr::from(<[u8; 4]>::try_from(value).map_err(invalid)?))
+                            }
+                            (CTA_IP_V6_DST, 16) => {
+                                Some(IpAddr::from(<[u8; 16]>::try_from(value).map_err(invalid)?))
+                            }
+                            _ => ip,
+                        };
+                    }
+                }
+                CTA_TUPLE_PROTO => {
+                    for (kind, value) in attrs(value) {
+                        if kind == CTA_PROTO_DST_PORT && value.len() == 2 {
+                            port = Some(u16::from_be_bytes([value[0], value[1]]));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    match (ip, port) {
+        (Some(ip), Some(port)) => {
+            let original = SocketAddr::new(ip, port);
+            Ok((original != local).then_some(original))
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "conntrack entry without an original tuple",
+        )),
+    }
+}
+
+fn invalid(err: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn raw_mptcp_info_matches_the_kernel_layout() {
+        // struct mptcp_info in linux/mptcp.h is 96 bytes on all architectures.
+        assert_eq!(size_of::<RawMptcpInfo>(), 96);
+    }
+
+    #[test]
+    fn mptcp_listener_reports_mptcp_and_tcp_client_falls_back() {
+        let bound =
+            bind_listener("127.0.0.1:0".parse().expect("literal"), true, false).expect("bind");
+        let addr = bound.listener.local_addr().expect("local addr");
+        bound.listener.set_nonblocking(false).expect("blocking");
+        // A plain TCP client: the accepted MPTCP socket falls back.
+        let _tcp = std::net::TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = bound.listener.accept().expect("accept");
+        if bound.mptcp {
+            assert_eq!(transport_of(accepted.as_fd(), true), Transport::FallbackTcp);
+            assert_eq!(mptcp_info(accepted.as_fd()).expect("getsockopt"), None);
+            // An MPTCP client: the accepted socket is MPTCP with one subflow.
+            let (client, _) = stream_socket(Domain::IPV4, true).expect("socket");
+            client.connect(&addr.into()).expect("connect");
+            let (accepted, _) = bound.listener.accept().expect("accept");
+            assert_eq!(transport_of(accepted.as_fd(), true), Transport::Mptcp);
+            let info = mptcp_info(accepted.as_fd())
+                .expect("getsockopt")
+                .expect("mptcp");
+            assert_eq!(info.subflows, 1);
+            assert_ne!(info.token, 0);
+        } else {
+            assert_eq!(transport_of(accepted.as_fd(), false), Transport::Tcp);
+        }
+    }
+
+    #[test]
+    fn netlink_attribute_walker_stops_on_truncation() {
+        let mut buf = Vec::new();
+        push_attr(&mut buf, 7, &[1, 2, 3]);
+        push_attr(&mut buf, 9, &[4]);
+        let parsed: Vec<_> = attrs(&buf).collect();
+        assert_eq!(parsed, vec![(7, &[1u8, 2, 3][..]), (9, &[4u8][..])]);
+        let truncated: Vec<_> = attrs(&buf[..6]).collect();
+        assert!(truncated.is_empty());
+        buf[0] = 200; // a length past the end
+        assert_eq!(attrs(&buf).count(), 0);
+    }
+}

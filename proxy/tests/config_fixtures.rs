@@ -1,0 +1,67 @@
+//! Every file in `fixtures/config/valid` loads; every file in `invalid` fails with the message its first
+//! line names (`# expect: ...`), which also names the key.
+
+use std::path::Path;
+
+use mptcp_proxy::Config;
+
+fn toml_files(dir: &str) -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(dir);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("fixture folder")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn valid_configs_load() {
+    let files = toml_files("valid");
+    assert_eq!(files.len(), 3, "the test must really read the fixtures");
+    for file in files {
+        if let Err(error) = Config::from_file(&file) {
+            panic!("{}: {error}", file.display());
+        }
+    }
+}
+
+#[test]
+fn invalid_configs_fail_naming_key_and_reason() {
+    let files = toml_files("invalid");
+    assert_eq!(files.len(), 9, "the test must really read the fixtures");
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read");
+        let expected = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks an '# expect:' line", file.display()));
+        match Config::from_file(&file) {
+            Ok(_) => panic!("{} loaded but must fail", file.display()),
+            Err(error) => {
+                let message = error.to_string();
+                assert!(
+                    message.contains(expected),
+                    "{}: expected {expected:?} in {message:?}",
+                    file.display()
+                );
+                assert!(message.contains(&file.display().to_string()), "{message}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_full_example_sets_every_section() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/valid/full.toml");
+    let config = Config::from_file(&path).expect("full.toml");
+    assert_eq!(config.listeners.len(), 3);
+    assert!(config.upstream.mptcp);
+    assert_eq!(config.acl.connect_ports, vec![443, 8443]);
+    assert_eq!(config.relay.mode, mptcp_proxy::config::RelayMode::Splice);
+    assert_eq!(config.auth.expect("auth").realm, "campus");
+}
