@@ -1,6 +1,6 @@
 //! Access control: which clients may use the proxy and which destinations it may reach.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
@@ -87,41 +87,10 @@ impl Acl {
 
 /// The addresses of this host's interfaces (in the current network namespace).
 pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a list head we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut addresses = Vec::new();
-    let mut cursor = head;
-    while !cursor.is_null() {
-        // SAFETY: cursor walks the list getifaddrs returned, until its null terminator.
-        let entry = unsafe { &*cursor };
-        if !entry.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr whose family says how large it is.
-            let family = i32::from(unsafe { (*entry.ifa_addr).sa_family });
-            if family == libc::AF_INET {
-                // SAFETY: family AF_INET means a sockaddr_in.
-                let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
-                addresses.push(IpAddr::from(
-                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                ));
-            } else if family == libc::AF_INET6 {
-                // SAFETY: family AF_INET6 means a sockaddr_in6.
-                let sin6 = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in6) };
-                addresses.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-            }
-        }
-        cursor = entry.ifa_next;
-    }
-    // SAFETY: head came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(addresses)
-}
-
-/// Whether `addr` is one of the wildcard or listener addresses a transparent connection must not loop to.
-pub fn is_unspecified(addr: SocketAddr) -> bool {
-    addr.ip().is_unspecified()
+    Ok(crate::sockets::interface_addresses()?
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect())
 }
 
 #[cfg(test)]

@@ -69,6 +69,9 @@ pub struct Config {
     /// How CONNECT and transparent tunnels move bytes.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// The admin listener: `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             auth: None,
             access_log: AccessLogConfig::default(),
             relay: RelayConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -398,6 +402,50 @@ impl Default for RelayConfig {
     }
 }
 
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ADDR:PORT`, or `off`; default 127.0.0.1:9464 (the Prometheus exporter port registry's
+    /// OpenTelemetry/Prometheus slot), loopback so metrics are not public.
+    #[serde(
+        default = "MetricsConfig::default_address",
+        deserialize_with = "optional_address"
+    )]
+    pub address: Option<SocketAddr>,
+}
+
+impl MetricsConfig {
+    fn default_address() -> Option<SocketAddr> {
+        Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            address: Self::default_address(),
+        }
+    }
+}
+
+/// Parses `ADDR:PORT` or `off`.
+pub fn parse_optional_address(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|e| format!("{text:?}: {e} (expected ADDR:PORT or \"off\")"))
+}
+
+fn optional_address<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_optional_address(&text).map_err(serde::de::Error::custom)
+}
+
 /// Parses a duration such as `250ms`, `10s`, `5m` or `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -509,6 +557,14 @@ impl Config {
                 "relay.buffer_bytes",
                 "must be between 4096 and 67108864",
             ));
+        }
+        if let Some(admin) = self.metrics.address {
+            if self.listeners.iter().any(|l| l.address == admin) {
+                return Err(invalid(
+                    "metrics.address",
+                    &format!("{admin} is also a proxy listener"),
+                ));
+            }
         }
         if self.access_log.path.is_empty() {
             return Err(invalid(

@@ -13,8 +13,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+use prometheus_client::metrics::counter::Counter;
+
+use crate::metrics::{InterfaceMap, Metrics, PathAccounting, TransportLabel};
 use crate::relay::Activity;
-use crate::sockets::{mptcp_info, Transport};
+use crate::sockets::{mptcp_subflows, tcp_path, Transport};
 
 /// Counts client connections per address; a slot is released when dropped.
 #[derive(Debug, Clone, Default)]
@@ -77,21 +80,53 @@ pub struct ClientConnection {
     awaiting_head: AtomicBool,
     /// What [`HeadScan`] found wrong with the last request head, if anything.
     head_problem: AtomicU8,
-    /// The socket while it is open, -1 after; used to read `MPTCP_INFO` while hyper owns the stream.
+    /// When the connection was accepted.
+    pub accepted: std::time::Instant,
+    /// Whether the conversion latency (accept → first upstream connection) was recorded.
+    converted: AtomicBool,
+    /// The socket while it is open, -1 after; used to read `MPTCP_FULL_INFO` while hyper owns it.
     fd: AtomicI32,
+    paths: Mutex<PathAccounting>,
+    metrics: Arc<Metrics>,
+    interfaces: Arc<InterfaceMap>,
     _permit: OwnedSemaphorePermit,
     _slot: ClientSlot,
 }
 
+/// Everything a new client connection needs besides its socket.
+#[derive(Debug)]
+pub struct ConnectionContext {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// How the connection is carried.
+    pub transport: Transport,
+    /// The global connection permit.
+    pub permit: OwnedSemaphorePermit,
+    /// The per-client slot.
+    pub slot: ClientSlot,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Local address → interface names.
+    pub interfaces: Arc<InterfaceMap>,
+}
+
 impl ClientConnection {
     /// Records a new connection holding its limit permits.
-    pub fn new(
-        stream: &TcpStream,
-        client: SocketAddr,
-        transport: Transport,
-        permit: OwnedSemaphorePermit,
-        slot: ClientSlot,
-    ) -> Self {
+    pub fn new(stream: &TcpStream, context: ConnectionContext) -> Self {
+        let ConnectionContext {
+            client,
+            transport,
+            permit,
+            slot,
+            metrics,
+            interfaces,
+        } = context;
+        metrics
+            .connections_active
+            .get_or_create(&TransportLabel {
+                transport: transport.as_str(),
+            })
+            .inc();
         let connection = Self {
             client,
             transport,
@@ -101,26 +136,53 @@ impl ClientConnection {
             activity: Activity::new(),
             awaiting_head: AtomicBool::new(true),
             head_problem: AtomicU8::new(HeadProblem::None as u8),
+            accepted: std::time::Instant::now(),
+            converted: AtomicBool::new(false),
             fd: AtomicI32::new(stream.as_raw_fd()),
+            paths: Mutex::new(PathAccounting::default()),
+            metrics,
+            interfaces,
             _permit: permit,
             _slot: slot,
         };
-        connection.observe_subflows(stream.as_raw_fd());
+        connection.sample_fd(stream.as_raw_fd());
         connection
     }
 
-    fn observe_subflows(&self, fd: i32) -> u8 {
-        if self.transport != Transport::Mptcp || fd < 0 {
+    /// Samples the connection's subflows and their byte counters into the path metrics; returns how
+    /// many subflows are open now.
+    fn sample_fd(&self, fd: i32) -> u8 {
+        if fd < 0 {
             return 1;
         }
         // SAFETY: fd is the client socket, open while `self.fd` holds it (cleared before close).
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        let now = match mptcp_info(fd) {
-            Ok(Some(info)) => info.subflows,
-            _ => 1,
+        let samples = match self.transport {
+            Transport::Mptcp => mptcp_subflows(fd).ok().flatten().unwrap_or_default(),
+            _ => tcp_path(fd).map(|p| vec![p]).unwrap_or_default(),
         };
+        self.paths.lock().unwrap_or_else(|p| p.into_inner()).update(
+            &samples,
+            &self.interfaces,
+            &self.metrics,
+        );
+        let now = u8::try_from(samples.len()).unwrap_or(u8::MAX).max(1);
         self.max_subflows.fetch_max(now, Ordering::Relaxed);
         now
+    }
+
+    /// Records the conversion latency (accept → upstream connected) once per connection.
+    pub fn upstream_connected(&self) {
+        if !self.converted.swap(true, Ordering::Relaxed) {
+            self.metrics
+                .conversion_duration
+                .observe(self.accepted.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The relayed-bytes counters (upload, download).
+    pub fn relay_counters(&self) -> (&Counter, &Counter) {
+        (&self.metrics.relayed_upload, &self.metrics.relayed_download)
     }
 
     fn set_head_problem(&self, problem: HeadProblem) {
@@ -144,9 +206,9 @@ impl ClientConnection {
         }
     }
 
-    /// Subflows of the connection now (1 for TCP).
+    /// Samples the subflows now; returns how many are open (1 for TCP).
     pub fn subflows(&self) -> u8 {
-        self.observe_subflows(self.fd.load(Ordering::Relaxed))
+        self.sample_fd(self.fd.load(Ordering::Relaxed))
     }
 
     /// Most subflows seen at once so far.
@@ -154,14 +216,11 @@ impl ClientConnection {
         self.max_subflows.load(Ordering::Relaxed)
     }
 
-    /// Runs `work` while sampling the subflow count every 250 ms (subflows come and go during a
-    /// tunnel; the access log reports the most seen at once).
+    /// Runs `work` while sampling the subflows every [`SAMPLE_INTERVAL`] (subflows come and go during a
+    /// tunnel; the path metrics follow them and the access log reports the most seen at once).
     pub async fn sampling_subflows<T>(&self, work: impl std::future::Future<Output = T>) -> T {
-        if self.transport != Transport::Mptcp {
-            return work.await;
-        }
         let sample = async {
-            let mut interval = tokio::time::interval(std::time::Duration::from_millis(250));
+            let mut interval = tokio::time::interval(SAMPLE_INTERVAL);
             loop {
                 interval.tick().await;
                 self.subflows();
@@ -175,7 +234,7 @@ impl ClientConnection {
 
     /// Logs the connection's close: transport, subflows, bytes each way. Call before the socket closes.
     pub fn closed(&self, stream: &TcpStream) {
-        self.observe_subflows(stream.as_raw_fd());
+        self.sample_fd(stream.as_raw_fd());
         self.fd.store(-1, Ordering::Relaxed);
         tracing::info!(
             client = %self.client,
@@ -243,6 +302,29 @@ impl HeadScan {
     }
 }
 
+impl Drop for ClientConnection {
+    fn drop(&mut self) {
+        self.paths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .close_all(&self.metrics);
+        self.metrics
+            .connections_active
+            .get_or_create(&TransportLabel {
+                transport: self.transport.as_str(),
+            })
+            .dec();
+        if self.transport == Transport::Mptcp {
+            self.metrics
+                .connection_subflows
+                .observe(f64::from(self.max_subflows.load(Ordering::Relaxed)));
+        }
+    }
+}
+
+/// How often live connections sample their subflows for the path metrics.
+pub const SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The client socket as hyper sees it: counts bytes and activity, and logs the close.
 #[derive(Debug)]
 pub struct ClientIo {
@@ -303,6 +385,7 @@ impl AsyncRead for ClientIo {
             self.connection
                 .bytes_in
                 .fetch_add(n as u64, Ordering::Relaxed);
+            self.connection.metrics.relayed_upload.inc_by(n as u64);
             self.connection.activity.touch();
         }
         result
@@ -323,6 +406,7 @@ impl AsyncWrite for ClientIo {
             self.connection
                 .bytes_out
                 .fetch_add(n as u64, Ordering::Relaxed);
+            self.connection.metrics.relayed_download.inc_by(n as u64);
             self.connection.activity.touch();
         }
         result
@@ -341,6 +425,7 @@ impl AsyncWrite for ClientIo {
             self.connection
                 .bytes_out
                 .fetch_add(n as u64, Ordering::Relaxed);
+            self.connection.metrics.relayed_download.inc_by(n as u64);
             self.connection.activity.touch();
         }
         result

@@ -26,7 +26,8 @@ use crate::acl::{Acl, Denied};
 use crate::auth::Credentials;
 use crate::config::Config;
 use crate::connection::{ClientConnection, ClientIo, HeadProblem};
-use crate::relay::relay;
+use crate::metrics::{CodeLabel, InterfaceMap, KindLabel, Metrics};
+use crate::relay::{relay, RelaySettings};
 use crate::sockets::upstream_socket;
 
 /// The body type the proxy answers with.
@@ -46,6 +47,31 @@ pub struct Shared {
     pub credentials: Option<Credentials>,
     /// The access log.
     pub access_log: AccessLog,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Local address → interface names, for per-path metrics.
+    pub interfaces: Arc<InterfaceMap>,
+}
+
+impl Shared {
+    /// Relay settings for a tunnel of `client`.
+    pub fn relay_settings<'a>(&self, client: &'a ClientConnection) -> RelaySettings<'a> {
+        let (upload, download) = client.relay_counters();
+        RelaySettings {
+            mode: self.config.relay.mode,
+            buffer_bytes: self.config.relay.buffer_bytes,
+            idle_timeout: self.config.limits.idle_timeout,
+            upload,
+            download,
+        }
+    }
+
+    fn upstream_error(&self, kind: &'static str) {
+        self.metrics
+            .upstream_errors
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
 }
 
 /// Why a request is answered by the proxy itself.
@@ -304,6 +330,11 @@ pub async fn connect_upstream(
         })
         .collect();
     if allowed.is_empty() {
+        shared.upstream_error(if denied.is_some() {
+            "denied"
+        } else {
+            "resolve"
+        });
         return Err(match denied {
             Some(d) => ProxyError::Denied(d),
             None => ProxyError::BadGateway(format!("{host} has no address")),
@@ -315,15 +346,26 @@ pub async fn connect_upstream(
             .map_err(|e| ProxyError::BadGateway(format!("socket for {address}: {e}")))?;
         match tokio::time::timeout_at(deadline, socket.connect(address)).await {
             Err(_) => {
+                shared.upstream_error("timeout");
                 return Err(ProxyError::GatewayTimeout(format!(
                     "connecting to {address} timed out after {timeout:?}"
-                )))
+                )));
             }
             Ok(Ok(stream)) => return Ok((stream, address)),
-            Ok(Err(e)) => last_error = Some(format!("connecting to {address}: {e}")),
+            Ok(Err(e)) => last_error = Some((address, e)),
         }
     }
-    Err(ProxyError::BadGateway(last_error.unwrap_or_default()))
+    let Some((address, error)) = last_error else {
+        return Err(ProxyError::BadGateway(format!("{host} has no address")));
+    };
+    shared.upstream_error(if error.kind() == std::io::ErrorKind::ConnectionRefused {
+        "refused"
+    } else {
+        "unreachable"
+    });
+    Err(ProxyError::BadGateway(format!(
+        "connecting to {address}: {error}"
+    )))
 }
 
 /// An idle upstream connection kept for the next request of the same client connection.
@@ -407,7 +449,14 @@ pub async fn handle(
     let result = serve(&shared, &connection, request, &mut pending).await;
     let mut response = match result {
         Ok(Served::Response(response)) => response,
-        Ok(Served::Tunnel(response)) => return Ok(response),
+        Ok(Served::Tunnel(response)) => {
+            shared
+                .metrics
+                .responses
+                .get_or_create(&CodeLabel { code: 200 })
+                .inc();
+            return Ok(response);
+        }
         Err(error) => {
             tracing::debug!(client = %client.client, %error, "request refused");
             pending.entry.result = error.result_code();
@@ -423,6 +472,13 @@ pub async fn handle(
         }
     };
     pending.entry.status = response.status().as_u16();
+    shared
+        .metrics
+        .responses
+        .get_or_create(&CodeLabel {
+            code: pending.entry.status,
+        })
+        .inc();
     pending.entry.content_type = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -475,11 +531,10 @@ async fn serve(
         return connect(shared, connection, request, pending).await;
     }
     let target = parse_target(request.uri())?;
-    let upstream = match connection.take_upstream(&target.host, target.port) {
+    let mut upstream = match connection.take_upstream(&target.host, target.port) {
         Some(upstream) => upstream,
-        None => open_upstream(shared, &target).await?,
+        None => open_upstream(shared, &connection.client, &target).await?,
     };
-    let mut upstream = upstream;
     pending.entry.peer = Some(upstream.peer.ip());
 
     let version = request.version();
@@ -494,7 +549,7 @@ async fn serve(
 
     if upstream.sender.ready().await.is_err() {
         // The kept connection closed since the last request; the body is untouched, so retry once.
-        upstream = open_upstream(shared, &target).await?;
+        upstream = open_upstream(shared, &connection.client, &target).await?;
         upstream
             .sender
             .ready()
@@ -502,11 +557,17 @@ async fn serve(
             .map_err(|e| ProxyError::BadGateway(format!("upstream {}: {e}", upstream.peer)))?;
     }
     let peer = upstream.peer;
-    let mut response = upstream
-        .sender
-        .send_request(request)
-        .await
-        .map_err(|e| ProxyError::BadGateway(format!("upstream {peer}: {e}")))?;
+    let mut response = match upstream.sender.send_request(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            shared.upstream_error("protocol");
+            return Err(ProxyError::BadGateway(format!("upstream {peer}: {e}")));
+        }
+    };
+    shared
+        .metrics
+        .first_byte_duration
+        .observe(pending.started.elapsed().as_secs_f64());
     connection.keep_upstream(upstream);
     let version = response.version();
     *response.version_mut() = Version::HTTP_11;
@@ -515,12 +576,23 @@ async fn serve(
     Ok(Served::Response(response.map(|body| body.boxed())))
 }
 
-async fn open_upstream(shared: &Shared, target: &Target) -> Result<Upstream, ProxyError> {
+async fn open_upstream(
+    shared: &Shared,
+    client: &ClientConnection,
+    target: &Target,
+) -> Result<Upstream, ProxyError> {
     let (stream, peer) = connect_upstream(shared, &target.host, target.port).await?;
-    let (sender, driver) = hyper::client::conn::http1::Builder::new()
+    client.upstream_connected();
+    let (sender, driver) = match hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| ProxyError::BadGateway(format!("upstream {peer}: {e}")))?;
+    {
+        Ok(handshake) => handshake,
+        Err(e) => {
+            shared.upstream_error("protocol");
+            return Err(ProxyError::BadGateway(format!("upstream {peer}: {e}")));
+        }
+    };
     tokio::spawn(async move {
         if let Err(error) = driver.await {
             tracing::debug!(%peer, %error, "upstream connection ended with an error");
@@ -554,6 +626,7 @@ async fn connect(
         .trim_start_matches('[')
         .trim_end_matches(']');
     let (upstream, peer) = connect_upstream(shared, host, port).await?;
+    connection.client.upstream_connected();
     pending.entry.peer = Some(peer.ip());
     pending.entry.result = "TCP_TUNNEL";
     pending.entry.status = 200;
@@ -577,16 +650,9 @@ async fn connect(
         let Some(stream) = parts.io.into_inner().into_stream() else {
             return;
         };
-        let relay_config = &shared.config.relay;
+        let settings = shared.relay_settings(&client);
         let result = client
-            .sampling_subflows(relay(
-                &stream,
-                &upstream,
-                &parts.read_buf,
-                relay_config.mode,
-                relay_config.buffer_bytes,
-                shared.config.limits.idle_timeout,
-            ))
+            .sampling_subflows(relay(&stream, &upstream, &parts.read_buf, settings))
             .await;
         let stats = result.unwrap_or_else(|error| {
             tracing::debug!(%error, "tunnel ended with an error");
@@ -657,6 +723,10 @@ impl Drop for LoggedBody {
         self.connection.expect_next_head();
         if let Some(mut pending) = self.pending.take() {
             pending.entry.elapsed = pending.started.elapsed();
+            self.shared
+                .metrics
+                .request_duration
+                .observe(pending.entry.elapsed.as_secs_f64());
             pending.entry.bytes = self.head_bytes + self.body_bytes;
             self.connection.subflows();
             pending.entry.subflows = self.connection.max_subflows();

@@ -3,10 +3,12 @@
 
 pub mod access_log;
 pub mod acl;
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod http;
+pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod sockets;

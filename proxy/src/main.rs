@@ -24,6 +24,9 @@ struct Args {
     /// Listen on ADDR:PORT as a forward proxy (repeatable); replaces the configured listeners.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
+    /// Serve /metrics, /healthz and /readyz on ADDR:PORT, or "off" [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR:PORT", value_parser = mptcp_proxy::config::parse_optional_address)]
+    metrics: Option<Option<SocketAddr>>,
     /// Diagnostic log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,

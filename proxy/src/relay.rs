@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -75,7 +76,22 @@ impl Default for Activity {
     }
 }
 
-/// Relays until both directions finish or nothing moves for `idle_timeout`.
+/// How a relay runs, and where it counts bytes live.
+#[derive(Debug, Clone, Copy)]
+pub struct RelaySettings<'a> {
+    /// copy or splice.
+    pub mode: RelayMode,
+    /// Buffer or pipe size per direction.
+    pub buffer_bytes: usize,
+    /// Stop when nothing moved either way for this long.
+    pub idle_timeout: Duration,
+    /// Counts client → server bytes as they move.
+    pub upload: &'a Counter,
+    /// Counts server → client bytes as they move.
+    pub download: &'a Counter,
+}
+
+/// Relays until both directions finish or nothing moves for `settings.idle_timeout`.
 ///
 /// `client_prefix` is data the client already sent that must reach the server first (bytes hyper read
 /// past a CONNECT head).
@@ -83,14 +99,20 @@ pub async fn relay(
     client: &TcpStream,
     server: &TcpStream,
     client_prefix: &[u8],
-    mode: RelayMode,
-    buffer_bytes: usize,
-    idle_timeout: Duration,
+    settings: RelaySettings<'_>,
 ) -> io::Result<RelayStats> {
     let activity = Activity::new();
+    let RelaySettings {
+        mode,
+        buffer_bytes,
+        idle_timeout,
+        upload,
+        download,
+    } = settings;
     write_all(server, client_prefix).await?;
-    let upload = pump(client, server, mode, buffer_bytes, &activity);
-    let download = pump(server, client, mode, buffer_bytes, &activity);
+    upload.inc_by(client_prefix.len() as u64);
+    let upload = pump(client, server, mode, buffer_bytes, &activity, upload);
+    let download = pump(server, client, mode, buffer_bytes, &activity, download);
     tokio::select! {
         result = async { tokio::try_join!(upload, download) } => {
             let (up, down) = result?;
@@ -110,10 +132,11 @@ async fn pump(
     mode: RelayMode,
     buffer_bytes: usize,
     activity: &Activity,
+    counter: &Counter,
 ) -> io::Result<u64> {
     let result = match mode {
-        RelayMode::Copy => pump_copy(source, sink, buffer_bytes, activity).await,
-        RelayMode::Splice => pump_splice(source, sink, buffer_bytes, activity).await,
+        RelayMode::Copy => pump_copy(source, sink, buffer_bytes, activity, counter).await,
+        RelayMode::Splice => pump_splice(source, sink, buffer_bytes, activity, counter).await,
     };
     // EOF or error: tell the other side no more data comes this way.
     let _ = SockRef::from(sink).shutdown(std::net::Shutdown::Write);
@@ -125,6 +148,7 @@ async fn pump_copy(
     sink: &TcpStream,
     buffer_bytes: usize,
     activity: &Activity,
+    counter: &Counter,
 ) -> io::Result<u64> {
     let mut buffer = vec![0u8; buffer_bytes];
     let mut total = 0u64;
@@ -139,6 +163,7 @@ async fn pump_copy(
         activity.touch();
         write_all(sink, &buffer[..n]).await?;
         total += n as u64;
+        counter.inc_by(n as u64);
         activity.touch();
     }
 }
@@ -208,6 +233,7 @@ async fn pump_splice(
     sink: &TcpStream,
     pipe_bytes: usize,
     activity: &Activity,
+    counter: &Counter,
 ) -> io::Result<u64> {
     let pipe = Pipe::new(pipe_bytes)?;
     let mut total = 0u64;
@@ -231,6 +257,7 @@ async fn pump_splice(
             pending -= moved;
         }
         total += n as u64;
+        counter.inc_by(n as u64);
         activity.touch();
     }
 }
@@ -251,16 +278,17 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let (mut client, proxy_client_side) = pair(&listener).await;
         let (proxy_server_side, mut server) = pair(&listener).await;
+        let (up, down) = (Counter::default(), Counter::default());
+        let (up_seen, down_seen) = (up.clone(), down.clone());
         let relay = tokio::spawn(async move {
-            relay(
-                &proxy_client_side,
-                &proxy_server_side,
-                b"pre",
+            let settings = RelaySettings {
                 mode,
-                4096,
-                Duration::from_secs(10),
-            )
-            .await
+                buffer_bytes: 4096,
+                idle_timeout: Duration::from_secs(10),
+                upload: &up,
+                download: &down,
+            };
+            relay(&proxy_client_side, &proxy_server_side, b"pre", settings).await
         });
         // Client uploads and half-closes; the server still answers with a large download afterwards.
         client.write_all(b"fix").await.expect("write");
@@ -284,6 +312,7 @@ mod tests {
         let stats = relay.await.expect("join").expect("relay");
         assert_eq!(stats.upload_bytes, 6);
         assert_eq!(stats.download_bytes, 1_000_000);
+        assert_eq!((up_seen.get(), down_seen.get()), (6, 1_000_000));
     }
 
     #[tokio::test]
@@ -301,9 +330,15 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let (_client, a) = pair(&listener).await;
         let (b, _server) = pair(&listener).await;
-        let stats = relay(&a, &b, b"", RelayMode::Copy, 4096, Duration::from_secs(60))
-            .await
-            .expect("relay");
+        let counter = Counter::default();
+        let settings = RelaySettings {
+            mode: RelayMode::Copy,
+            buffer_bytes: 4096,
+            idle_timeout: Duration::from_secs(60),
+            upload: &counter,
+            download: &counter,
+        };
+        let stats = relay(&a, &b, b"", settings).await.expect("relay");
         assert!(stats.idle_timeout);
     }
 }

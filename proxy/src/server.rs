@@ -14,12 +14,16 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::access_log::{AccessLog, Entry};
 use crate::acl::{local_addresses, Acl};
+use crate::admin::AdminState;
 use crate::auth::{AuthError, Credentials};
 use crate::config::{Config, ListenerConfig, ListenerMode};
-use crate::connection::{ClientConnection, ClientIo, PerClientCounter};
+use crate::connection::{
+    ClientConnection, ClientIo, ConnectionContext, PerClientCounter, SAMPLE_INTERVAL,
+};
 use crate::http::{connect_upstream, handle, HttpConnection, Shared};
+use crate::metrics::{InterfaceMap, Metrics};
 use crate::relay::relay;
-use crate::sockets::{bind_listener, original_destination, transport_of};
+use crate::sockets::{bind_listener, original_destination, transport_of, Transport};
 
 /// Errors starting the proxy.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +62,7 @@ struct Listener {
 pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<Listener>,
+    admin: Option<TcpListener>,
 }
 
 impl Server {
@@ -102,15 +107,34 @@ impl Server {
                 config: listener.clone(),
             });
         }
+        let admin = match config.metrics.address {
+            None => None,
+            Some(address) => {
+                let bind_error = |source| ServerError::Bind { address, source };
+                let std_listener = std::net::TcpListener::bind(address).map_err(bind_error)?;
+                std_listener.set_nonblocking(true).map_err(bind_error)?;
+                let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
+                tracing::info!(address = %listener.local_addr().map_err(bind_error)?, "admin listener (/metrics, /healthz, /readyz)");
+                Some(listener)
+            }
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
                 acl,
                 credentials,
                 access_log,
+                metrics: Arc::new(Metrics::new()),
+                interfaces: Arc::new(InterfaceMap::default()),
             }),
             listeners,
+            admin,
         })
+    }
+
+    /// The admin listener's address, if it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound addresses, in configuration order (port 0 resolved).
@@ -140,8 +164,23 @@ impl Server {
             )));
         }
         let reopen = tokio::spawn(reopen_on_sighup(self.shared.clone()));
+        let admin_state = Arc::new(AdminState {
+            metrics: self.shared.metrics.clone(),
+            ready: true.into(),
+        });
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+        let admin = self.admin.map(|listener| {
+            tokio::spawn(crate::admin::serve(
+                listener,
+                admin_state.clone(),
+                admin_stop_rx,
+            ))
+        });
         shutdown.await;
         tracing::info!("shutting down: no new connections; draining");
+        admin_state
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let _ = stop_tx.send(true);
         for task in accept_tasks {
             let _ = task.await;
@@ -158,6 +197,10 @@ impl Server {
                 open = max - permits.available_permits(),
                 "drain timeout reached; closing the remaining connections"
             ),
+        }
+        let _ = admin_stop_tx.send(true);
+        if let Some(admin) = admin {
+            let _ = admin.await;
         }
     }
 }
@@ -202,9 +245,12 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         let forward = listener.config.mode == ListenerMode::Forward;
+        let transport = transport_of(stream.as_fd(), listener.mptcp);
+        let count = |outcome| shared.metrics.connection(transport.as_str(), outcome);
         if let Err(denied) = shared.acl.check_client(client.ip()) {
+            count("denied");
             tracing::info!(%client, "refused: {denied}");
-            log_refusal(&shared, &stream, listener.mptcp, client, 403, "TCP_DENIED");
+            log_refusal(&shared, transport, client, 403, "TCP_DENIED");
             if forward {
                 tokio::spawn(refuse(stream, "403 Forbidden", denied.to_string()));
             }
@@ -212,8 +258,9 @@ async fn accept_loop(
         }
         let limits = &shared.config.limits;
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            count("over_limit");
             tracing::warn!(%client, "refused: max_connections reached");
-            log_refusal(&shared, &stream, listener.mptcp, client, 503, "NONE_NONE");
+            log_refusal(&shared, transport, client, 503, "NONE_NONE");
             if forward {
                 tokio::spawn(refuse(
                     stream,
@@ -224,8 +271,9 @@ async fn accept_loop(
             continue;
         };
         let Some(slot) = per_client.acquire(client.ip(), limits.max_connections_per_client) else {
+            count("over_limit");
             tracing::warn!(%client, "refused: max_connections_per_client reached");
-            log_refusal(&shared, &stream, listener.mptcp, client, 503, "NONE_NONE");
+            log_refusal(&shared, transport, client, 503, "NONE_NONE");
             if forward {
                 tokio::spawn(refuse(
                     stream,
@@ -235,10 +283,18 @@ async fn accept_loop(
             }
             continue;
         };
+        count("accepted");
         let _ = stream.set_nodelay(true);
-        let transport = transport_of(stream.as_fd(), listener.mptcp);
         let connection = Arc::new(ClientConnection::new(
-            &stream, client, transport, permit, slot,
+            &stream,
+            ConnectionContext {
+                client,
+                transport,
+                permit,
+                slot,
+                metrics: shared.metrics.clone(),
+                interfaces: shared.interfaces.clone(),
+            },
         ));
         tracing::debug!(%client, transport = transport.as_str(), "accepted");
         if forward {
@@ -256,8 +312,7 @@ async fn accept_loop(
 
 fn log_refusal(
     shared: &Shared,
-    stream: &TcpStream,
-    listener_mptcp: bool,
+    transport: Transport,
     client: SocketAddr,
     status: u16,
     result: &'static str,
@@ -274,7 +329,7 @@ fn log_refusal(
         user: None,
         peer: None,
         content_type: None,
-        transport: transport_of(stream.as_fd(), listener_mptcp),
+        transport,
         subflows: 1,
     });
 }
@@ -324,6 +379,7 @@ async fn serve_http(
     tokio::pin!(connection);
     let idle = client.activity.idle(limits.idle_timeout);
     tokio::pin!(idle);
+    let mut sample = tokio::time::interval(SAMPLE_INTERVAL);
     let mut draining = *stop.borrow();
     if draining {
         connection.as_mut().graceful_shutdown();
@@ -343,6 +399,9 @@ async fn serve_http(
             () = &mut idle => {
                 tracing::debug!(client = %client.client, "idle timeout");
                 return;
+            }
+            _ = sample.tick() => {
+                client.subflows();
             }
         }
     }
@@ -390,16 +449,10 @@ async fn serve_transparent(
     match connect_upstream(&shared, &host, destination.port()).await {
         Ok((upstream, peer)) => {
             entry.peer = Some(peer.ip());
-            let relay_config = &shared.config.relay;
+            client.upstream_connected();
+            let settings = shared.relay_settings(&client);
             let stats = client
-                .sampling_subflows(relay(
-                    &stream,
-                    &upstream,
-                    b"",
-                    relay_config.mode,
-                    relay_config.buffer_bytes,
-                    shared.config.limits.idle_timeout,
-                ))
+                .sampling_subflows(relay(&stream, &upstream, b"", settings))
                 .await
                 .unwrap_or_default();
             entry.bytes = stats.download_bytes;

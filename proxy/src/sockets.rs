@@ -13,6 +13,8 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 const SOL_MPTCP: libc::c_int = 284;
 /// `MPTCP_INFO` from `linux/mptcp.h`.
 const MPTCP_INFO: libc::c_int = 1;
+/// `MPTCP_FULL_INFO` from `linux/mptcp.h` (kernel ≥ 6.5).
+const MPTCP_FULL_INFO: libc::c_int = 4;
 /// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` from netfilter.
 const SO_ORIGINAL_DST: libc::c_int = 80;
 
@@ -131,6 +133,201 @@ pub fn transport_of(fd: BorrowedFd<'_>, listener_mptcp: bool) -> Transport {
 }
 
 static NO_MPTCP_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// One subflow of an MPTCP connection, or the one path of a TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubflowSample {
+    /// The kernel's subflow id within its connection (1 is the initial subflow).
+    pub id: u32,
+    /// The proxy's end.
+    pub local: SocketAddr,
+    /// The client's end.
+    pub remote: SocketAddr,
+    /// Bytes the client acknowledged on this subflow (`tcpi_bytes_acked`): download.
+    pub bytes_acked: u64,
+    /// Bytes received on this subflow (`tcpi_bytes_received`): upload.
+    pub bytes_received: u64,
+}
+
+/// `struct mptcp_subflow_info`: a u32 id, then two 128-byte sockaddr_storage unions aligned to 8.
+const SUBFLOW_INFO_LEN: usize = 264;
+/// How much of `struct tcp_info` we ask for: up to and including `tcpi_bytes_received`.
+const TCP_INFO_LEN: usize = 136;
+const TCPI_BYTES_ACKED: std::ops::Range<usize> = 120..128;
+const TCPI_BYTES_RECEIVED: std::ops::Range<usize> = 128..136;
+/// Subflows read per sample; the kernel reports the real count, the rest is ignored.
+const MAX_SUBFLOWS: usize = 8;
+
+fn u64_at(bytes: &[u8], range: std::ops::Range<usize>) -> u64 {
+    bytes
+        .get(range)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_ne_bytes)
+}
+
+/// Decodes a `sockaddr_in`/`sockaddr_in6` held in `bytes`.
+fn sockaddr_at(bytes: &[u8]) -> Option<SocketAddr> {
+    let family = i32::from(u16::from_ne_bytes([*bytes.first()?, *bytes.get(1)?]));
+    let port = u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]);
+    match family {
+        libc::AF_INET => {
+            let ip: [u8; 4] = bytes.get(4..8)?.try_into().ok()?;
+            Some(SocketAddr::new(IpAddr::from(ip), port))
+        }
+        libc::AF_INET6 => {
+            let ip: [u8; 16] = bytes.get(8..24)?.try_into().ok()?;
+            Some(SocketAddr::new(IpAddr::from(ip).to_canonical(), port))
+        }
+        _ => None,
+    }
+}
+
+/// Every subflow of an MPTCP connection with its byte counters (`MPTCP_FULL_INFO`). `Ok(None)` when
+/// the socket is not MPTCP or the kernel predates `MPTCP_FULL_INFO`.
+pub fn mptcp_subflows(fd: BorrowedFd<'_>) -> io::Result<Option<Vec<SubflowSample>>> {
+    let mut subflow_info = vec![0u64; SUBFLOW_INFO_LEN * MAX_SUBFLOWS / 8];
+    let mut tcp_info = vec![0u64; TCP_INFO_LEN * MAX_SUBFLOWS / 8];
+    // struct mptcp_full_info: six u32 sizes, two u64 user pointers, then struct mptcp_info.
+    let mut full = [0u8; 40 + size_of::<RawMptcpInfo>()];
+    full[4..8].copy_from_slice(&(TCP_INFO_LEN as u32).to_ne_bytes());
+    full[12..16].copy_from_slice(&(SUBFLOW_INFO_LEN as u32).to_ne_bytes());
+    full[20..24].copy_from_slice(&(MAX_SUBFLOWS as u32).to_ne_bytes());
+    full[24..32].copy_from_slice(&(subflow_info.as_mut_ptr() as u64).to_ne_bytes());
+    full[32..40].copy_from_slice(&(tcp_info.as_mut_ptr() as u64).to_ne_bytes());
+    let mut len = full.len() as libc::socklen_t;
+    // SAFETY: `full` is writable for len bytes, and the pointers in it address buffers of
+    // MAX_SUBFLOWS elements of the sizes declared, which the kernel writes at most.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            SOL_MPTCP,
+            MPTCP_FULL_INFO,
+            full.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT) | Some(libc::EINVAL) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    let word = |at: usize| u32::from_ne_bytes([full[at], full[at + 1], full[at + 2], full[at + 3]]);
+    let (tcp_info_kernel, subflow_info_kernel, count) =
+        (word(0) as usize, word(8) as usize, word(16) as usize);
+    // SAFETY: reinterpreting initialised u64 buffers as bytes.
+    let subflow_bytes: &[u8] =
+        unsafe { std::slice::from_raw_parts(subflow_info.as_ptr().cast(), subflow_info.len() * 8) };
+    // SAFETY: as above.
+    let tcp_bytes: &[u8] =
+        unsafe { std::slice::from_raw_parts(tcp_info.as_ptr().cast(), tcp_info.len() * 8) };
+    let mut samples = Vec::new();
+    for i in 0..count.min(MAX_SUBFLOWS) {
+        let info = &subflow_bytes[i * SUBFLOW_INFO_LEN..(i + 1) * SUBFLOW_INFO_LEN];
+        let tcp = &tcp_bytes[i * TCP_INFO_LEN..(i + 1) * TCP_INFO_LEN];
+        let (Some(local), Some(remote)) =
+            (sockaddr_at(&info[8..136]), sockaddr_at(&info[136..264]))
+        else {
+            continue;
+        };
+        let counters_present = tcp_info_kernel >= TCPI_BYTES_RECEIVED.end;
+        samples.push(SubflowSample {
+            id: u32::from_ne_bytes([info[0], info[1], info[2], info[3]]),
+            local,
+            remote,
+            bytes_acked: if counters_present {
+                u64_at(tcp, TCPI_BYTES_ACKED)
+            } else {
+                0
+            },
+            bytes_received: if counters_present {
+                u64_at(tcp, TCPI_BYTES_RECEIVED)
+            } else {
+                0
+            },
+        });
+    }
+    let _ = subflow_info_kernel;
+    Ok(Some(samples))
+}
+
+/// The one path of a plain TCP socket, with its byte counters from `TCP_INFO`.
+pub fn tcp_path(fd: BorrowedFd<'_>) -> io::Result<SubflowSample> {
+    let mut info = [0u8; TCP_INFO_LEN];
+    let mut len = TCP_INFO_LEN as libc::socklen_t;
+    // SAFETY: info is writable for len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let counters_present = len as usize >= TCPI_BYTES_RECEIVED.end;
+    let socket = SockRef::from(&fd);
+    let not_inet = || io::Error::new(io::ErrorKind::InvalidInput, "not an inet socket");
+    Ok(SubflowSample {
+        id: 1,
+        local: socket.local_addr()?.as_socket().ok_or_else(not_inet)?,
+        remote: socket.peer_addr()?.as_socket().ok_or_else(not_inet)?,
+        bytes_acked: if counters_present {
+            u64_at(&info, TCPI_BYTES_ACKED)
+        } else {
+            0
+        },
+        bytes_received: if counters_present {
+            u64_at(&info, TCPI_BYTES_RECEIVED)
+        } else {
+            0
+        },
+    })
+}
+
+/// The host's interfaces and their addresses (in the current network namespace).
+pub fn interface_addresses() -> io::Result<Vec<(String, IpAddr)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addresses = Vec::new();
+    let mut cursor = head;
+    while !cursor.is_null() {
+        // SAFETY: cursor walks the list getifaddrs returned, until its null terminator.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        if entry.ifa_addr.is_null() || entry.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated interface name.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: ifa_addr points to a sockaddr whose family says how large it is.
+        let family = i32::from(unsafe { (*entry.ifa_addr).sa_family });
+        let ip = if family == libc::AF_INET {
+            // SAFETY: family AF_INET means a sockaddr_in.
+            let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
+            IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+        } else if family == libc::AF_INET6 {
+            // SAFETY: family AF_INET6 means a sockaddr_in6.
+            let sin6 = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in6) };
+            IpAddr::from(sin6.sin6_addr.s6_addr)
+        } else {
+            continue;
+        };
+        addresses.push((name, ip));
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(addresses)
+}
 
 /// Whether a socket() error means "this kernel has no (enabled) MPTCP".
 fn is_mptcp_unavailable(err: &io::Error) -> bool {
@@ -342,78 +539,17 @@ pub fn conntrack_original_destination(
     let mut body = vec![family as u8, 0, 0, 0]; // struct nfgenmsg: family, version 0, res_id 0
     push_attr(&mut body, CTA_TUPLE_REPLY | NLA_F_NESTED, &tuple);
 
-    let mut msg = Vec::with_capacity(16 + body.len());
-    msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-    msg.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET).to_ne_bytes());
-    msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel assigns ours
-    msg.extend_from_slice(&body);
-
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_NETFILTER,
-        )
+    let reply = match netlink_request(
+        NETLINK_NETFILTER,
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+        &body,
+    ) {
+        Ok(reply) => reply,
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(err) => return Err(err),
     };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let socket = Socket::from(fd);
-    socket.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
-    // SAFETY: a zeroed sockaddr_nl addresses the kernel.
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: msg and kernel are valid for the given lengths.
-    let sent = unsafe {
-        libc::sendto(
-            socket.as_raw_fd(),
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut reply = vec![0u8; 8192];
-    // SAFETY: reply is writable for its length.
-    let n = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            reply.as_mut_ptr().cast(),
-            reply.len(),
-            0,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let reply = &reply[..n as usize];
-    if reply.len() < 16 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "short netlink reply",
-        ));
-    }
-    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
-    if kind == libc::NLMSG_ERROR as u16 {
-        let errno = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
-        return if -errno == libc::ENOENT {
-            Ok(None)
-        } else {
-            Err(io::Error::from_raw_os_error(-errno))
-        };
-    }
-    let total =
-        (u32::from_ne_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize).min(reply.len());
-    let Some(payload) = reply.get(20..total) else {
+    // After struct nfgenmsg (4 bytes) come the attributes.
+    let Some(payload) = reply.get(4..) else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "short conntrack entry",
@@ -463,6 +599,120 @@ pub fn conntrack_original_destination(
     }
 }
 
+// rtnetlink constants (linux/rtnetlink.h).
+const RTM_GETROUTE: u16 = 26;
+const RTA_DST: u16 = 1;
+const RTA_SRC: u16 = 2;
+const RTA_OIF: u16 = 4;
+
+/// The interface the kernel routes `remote` through when sending from `local`, like
+/// `ip route get REMOTE from LOCAL`: for a subflow, the path its download leaves by.
+pub fn route_interface(remote: IpAddr, local: IpAddr) -> io::Result<Option<String>> {
+    let (remote, local) = (remote.to_canonical(), local.to_canonical());
+    let (family, bits) = match remote {
+        IpAddr::V4(_) => (libc::AF_INET, 32u8),
+        IpAddr::V6(_) => (libc::AF_INET6, 128u8),
+    };
+    // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags (u32).
+    let mut body = vec![family as u8, bits, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    push_attr(&mut body, RTA_DST, &ip_bytes(remote));
+    if local.is_ipv4() == remote.is_ipv4() {
+        body[2] = bits;
+        push_attr(&mut body, RTA_SRC, &ip_bytes(local));
+    }
+    let reply = netlink_request(libc::NETLINK_ROUTE, RTM_GETROUTE, &body)?;
+    let Some(payload) = reply.get(12..) else {
+        return Ok(None);
+    };
+    for (kind, value) in attrs(payload) {
+        if kind == RTA_OIF && value.len() == 4 {
+            let index = u32::from_ne_bytes([value[0], value[1], value[2], value[3]]);
+            let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+            // SAFETY: name has IF_NAMESIZE bytes, as if_indextoname requires.
+            let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+            if found.is_null() {
+                return Ok(None);
+            }
+            // SAFETY: if_indextoname wrote a NUL-terminated name.
+            let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+            return Ok(Some(name.to_string_lossy().into_owned()));
+        }
+    }
+    Ok(None)
+}
+
+/// Sends one netlink request and returns the payload of the reply (after the 16-byte header), or the
+/// kernel's error.
+fn netlink_request(protocol: libc::c_int, kind: u16, body: &[u8]) -> io::Result<Vec<u8>> {
+    let mut msg = Vec::with_capacity(16 + body.len());
+    msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel assigns ours
+    msg.extend_from_slice(body);
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    socket.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+    // SAFETY: a zeroed sockaddr_nl addresses the kernel.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: msg and kernel are valid for the given lengths.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut reply = vec![0u8; 8192];
+    // SAFETY: reply is writable for its length.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            reply.as_mut_ptr().cast(),
+            reply.len(),
+            0,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let reply = &reply[..n as usize];
+    if reply.len() < 16 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "short netlink reply",
+        ));
+    }
+    if u16::from_ne_bytes([reply[4], reply[5]]) == libc::NLMSG_ERROR as u16 {
+        let errno = reply
+            .get(16..20)
+            .map_or(libc::EIO, |e| -i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    let total =
+        (u32::from_ne_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize).min(reply.len());
+    Ok(reply[16..total].to_vec())
+}
+
 fn invalid(err: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, err)
 }
@@ -503,6 +753,15 @@ mod tests {
         } else {
             assert_eq!(transport_of(accepted.as_fd(), false), Transport::Tcp);
         }
+    }
+
+    #[test]
+    fn loopback_routes_through_lo() {
+        let lo: IpAddr = "127.0.0.1".parse().expect("literal");
+        assert_eq!(
+            route_interface(lo, lo).expect("netlink").as_deref(),
+            Some("lo")
+        );
     }
 
     #[test]

@@ -197,7 +197,7 @@ fn d_errors_have_their_status_and_the_proxy_keeps_serving() {
     let auth_config = lab.config(
         "auth.toml",
         &format!(
-            "[[listener]]\naddress = \"10.0.1.1:3129\"\n[auth]\ncredentials_file = \"{}\"\n[access_log]\npath = \"off\"\n",
+            "[[listener]]\naddress = \"10.0.1.1:3129\"\n[metrics]\naddress = \"off\"\n[auth]\ncredentials_file = \"{}\"\n[access_log]\npath = \"off\"\n",
             credentials.display()
         ),
     );
