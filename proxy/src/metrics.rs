@@ -71,6 +71,16 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// The `kind` values of `mptcp_proxy_upstream_errors_total`.
+pub const UPSTREAM_ERROR_KINDS: [&str; 6] = [
+    "resolve",
+    "refused",
+    "unreachable",
+    "timeout",
+    "denied",
+    "protocol",
+];
+
 /// Latency buckets from 100 µs to about 52 s.
 fn latency_buckets() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -246,6 +256,16 @@ impl Metrics {
             .unwrap_or_default();
         process_start_time.set(start.as_secs_f64());
 
+        // Closed label sets start at zero, so rate() works from the first scrape.
+        for transport in ["mptcp", "fallback_tcp", "tcp"] {
+            let _ = connections_active.get_or_create(&TransportLabel { transport });
+            for outcome in ["accepted", "denied", "over_limit"] {
+                let _ = connections.get_or_create(&ConnectionLabels { transport, outcome });
+            }
+        }
+        for kind in UPSTREAM_ERROR_KINDS {
+            let _ = upstream_errors.get_or_create(&KindLabel { kind });
+        }
         let relayed_upload = relayed_bytes
             .get_or_create(&DirectionLabel {
                 direction: "upload",
