@@ -167,6 +167,12 @@ impl AccessLog {
 
     /// Writes one entry; a write error is reported once per failure, never fatal.
     pub fn write(&self, entry: &Entry) {
+        if matches!(
+            *self.sink.lock().unwrap_or_else(|p| p.into_inner()),
+            Sink::Off
+        ) {
+            return;
+        }
         let mut line = match self.format {
             AccessLogFormat::Squid => entry.squid_line(),
             AccessLogFormat::Json => entry.json_line(),

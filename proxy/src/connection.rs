@@ -82,6 +82,8 @@ pub struct ClientConnection {
     head_problem: AtomicU8,
     /// When the connection was accepted.
     pub accepted: std::time::Instant,
+    /// When the subflows were last sampled, in ms since `accepted` (bounds the sampling cost).
+    sampled_ms: AtomicU64,
     /// Whether the conversion latency (accept → first upstream connection) was recorded.
     converted: AtomicBool,
     /// The socket while it is open, -1 after; used to read `MPTCP_FULL_INFO` while hyper owns it.
@@ -137,6 +139,7 @@ impl ClientConnection {
             awaiting_head: AtomicBool::new(true),
             head_problem: AtomicU8::new(HeadProblem::None as u8),
             accepted: std::time::Instant::now(),
+            sampled_ms: AtomicU64::new(0),
             converted: AtomicBool::new(false),
             fd: AtomicI32::new(stream.as_raw_fd()),
             paths: Mutex::new(PathAccounting::default()),
@@ -147,6 +150,17 @@ impl ClientConnection {
         };
         connection.sample_fd(stream.as_raw_fd());
         connection
+    }
+
+    /// Samples unless the last sample is younger than [`MIN_SAMPLE_GAP`]; returns the subflows open.
+    fn sample_fd_throttled(&self, fd: i32) -> u8 {
+        let now = self.accepted.elapsed().as_millis() as u64;
+        let last = self.sampled_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < MIN_SAMPLE_GAP.as_millis() as u64 && last != 0 {
+            return self.max_subflows();
+        }
+        self.sampled_ms.store(now.max(1), Ordering::Relaxed);
+        self.sample_fd(fd)
     }
 
     /// Samples the connection's subflows and their byte counters into the path metrics; returns how
@@ -206,9 +220,9 @@ impl ClientConnection {
         }
     }
 
-    /// Samples the subflows now; returns how many are open (1 for TCP).
+    /// Samples the subflows (at most every [`MIN_SAMPLE_GAP`]); returns how many are open (1 for TCP).
     pub fn subflows(&self) -> u8 {
-        self.sample_fd(self.fd.load(Ordering::Relaxed))
+        self.sample_fd_throttled(self.fd.load(Ordering::Relaxed))
     }
 
     /// Most subflows seen at once so far.
@@ -220,7 +234,11 @@ impl ClientConnection {
     /// tunnel; the path metrics follow them and the access log reports the most seen at once).
     pub async fn sampling_subflows<T>(&self, work: impl std::future::Future<Output = T>) -> T {
         let sample = async {
-            let mut interval = tokio::time::interval(SAMPLE_INTERVAL);
+            // The first sample is one interval out: starting a tunnel is latency-critical.
+            let mut interval = tokio::time::interval_at(
+                tokio::time::Instant::now() + SAMPLE_INTERVAL,
+                SAMPLE_INTERVAL,
+            );
             loop {
                 interval.tick().await;
                 self.subflows();
@@ -321,6 +339,10 @@ impl Drop for ClientConnection {
         }
     }
 }
+
+/// The shortest gap between two subflow samples of one connection (requests on a keep-alive connection
+/// would otherwise sample on every response).
+pub const MIN_SAMPLE_GAP: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How often live connections sample their subflows for the path metrics.
 pub const SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

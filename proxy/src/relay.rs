@@ -150,10 +150,14 @@ async fn pump_copy(
     activity: &Activity,
     counter: &Counter,
 ) -> io::Result<u64> {
-    let mut buffer = vec![0u8; buffer_bytes];
+    // Allocated on the first readable event: an idle tunnel holds no buffer.
+    let mut buffer = Vec::new();
     let mut total = 0u64;
     loop {
         source.readable().await?;
+        if buffer.is_empty() {
+            buffer = vec![0u8; buffer_bytes];
+        }
         let n = match source.try_read(&mut buffer) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
@@ -235,14 +239,22 @@ async fn pump_splice(
     activity: &Activity,
     counter: &Counter,
 ) -> io::Result<u64> {
-    let pipe = Pipe::new(pipe_bytes)?;
+    // Created on the first readable event: an idle tunnel holds no pipe.
+    let mut pipe: Option<Pipe> = None;
     let mut total = 0u64;
     loop {
-        let n = source
-            .async_io(Interest::READABLE, || {
-                splice(source.as_raw_fd(), pipe.write.as_raw_fd(), pipe_bytes)
-            })
-            .await?;
+        source.readable().await?;
+        let pipe = match &mut pipe {
+            Some(pipe) => pipe,
+            None => pipe.insert(Pipe::new(pipe_bytes)?),
+        };
+        let n = match source.try_io(Interest::READABLE, || {
+            splice(source.as_raw_fd(), pipe.write.as_raw_fd(), pipe_bytes)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             return Ok(total);
         }

@@ -379,7 +379,10 @@ async fn serve_http(
     tokio::pin!(connection);
     let idle = client.activity.idle(limits.idle_timeout);
     tokio::pin!(idle);
-    let mut sample = tokio::time::interval(SAMPLE_INTERVAL);
+    let mut sample = tokio::time::interval_at(
+        tokio::time::Instant::now() + SAMPLE_INTERVAL,
+        SAMPLE_INTERVAL,
+    );
     let mut draining = *stop.borrow();
     if draining {
         connection.as_mut().graceful_shutdown();

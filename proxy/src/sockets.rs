@@ -185,8 +185,8 @@ fn sockaddr_at(bytes: &[u8]) -> Option<SocketAddr> {
 /// Every subflow of an MPTCP connection with its byte counters (`MPTCP_FULL_INFO`). `Ok(None)` when
 /// the socket is not MPTCP or the kernel predates `MPTCP_FULL_INFO`.
 pub fn mptcp_subflows(fd: BorrowedFd<'_>) -> io::Result<Option<Vec<SubflowSample>>> {
-    let mut subflow_info = vec![0u64; SUBFLOW_INFO_LEN * MAX_SUBFLOWS / 8];
-    let mut tcp_info = vec![0u64; TCP_INFO_LEN * MAX_SUBFLOWS / 8];
+    let mut subflow_info = [0u64; SUBFLOW_INFO_LEN * MAX_SUBFLOWS / 8];
+    let mut tcp_info = [0u64; TCP_INFO_LEN * MAX_SUBFLOWS / 8];
     // struct mptcp_full_info: six u32 sizes, two u64 user pointers, then struct mptcp_info.
     let mut full = [0u8; 40 + size_of::<RawMptcpInfo>()];
     full[4..8].copy_from_slice(&(TCP_INFO_LEN as u32).to_ne_bytes());

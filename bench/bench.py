@@ -1,0 +1,539 @@
+#!/usr/bin/env python3
+"""mptcp-proxy benchmarks, measured side by side in one run on the netns testbed (issue 7).
+
+Subjects: mptcp-proxy; Squid (Debian) run under `mptcpize run` with caching off, as in the seeds; and the
+direct routed path without a proxy. The client is always MPTCP (`mptcpize run curl|wrk`) with two paths.
+
+  bench.py throughput [--size-mib 256] [--runs 5]   (a) bulk download, plus the iperf3 -R MPTCP limit
+  bench.py requests   [--seconds 10]                (b) keep-alive small objects with wrk
+  bench.py conversion [--requests 200]              (c) seed 002 Table 1: SYN and data conversion delay
+  bench.py aggregation [--seconds 10] [--runs 3]    (d) thesis Table 1: 10 Mbit paths, 0/1% loss
+  bench.py concurrency [--tunnels 9900] [--downloads 1000]    (f) idle tunnels, fairness
+      (9900, not 10000: a tunnel holds two fds in the proxy, and where RLIMIT_NOFILE's hard limit is
+      20000 and cannot be raised, as on the sandbox these numbers come from, 10000 do not fit)
+  bench.py all
+
+Each run writes bench/results/<bench>-<UTC time>.csv (bench,scenario,subject,run,metric,value,unit),
+prints a summary with ratios against the peers measured in the same run, and draws PNG plots with
+gnuplot when it is installed. Needs root (network namespaces).
+"""
+
+import argparse
+import csv
+import json
+import datetime
+import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTBED = ROOT / "deploy/testbed/testbed.sh"
+RESULTS = ROOT / "bench/results"
+PROXY_BIN = ROOT / "target/release/mptcp-proxy"
+IPPROTO_MPTCP = 262
+STAMP = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def run(cmd, check=True, **kw):
+    return subprocess.run(cmd, check=check, text=True, capture_output=True, **kw)
+
+
+class Lab:
+    """One testbed (three namespaces) with nginx, and the proxies under test in the proxy namespace."""
+
+    def __init__(self, name, rates=(None, None), losses=(None, None), server_rate=None):
+        self.prefix = f"b{os.getpid() % 100000}{name}"
+        args = [str(TESTBED), "up", self.prefix]
+        for i, rate in enumerate(rates, 1):
+            if rate:
+                args += [f"--rate{i}", str(rate)]
+        for i, loss in enumerate(losses, 1):
+            if loss:
+                args += [f"--loss{i}", str(loss)]
+        run(args)
+        self.ns = {h: f"{self.prefix}-{h}" for h in ("cli", "prx", "srv")}
+        self.work = Path(tempfile.mkdtemp(prefix="mpx-bench-"))
+        self.procs = []
+        if server_rate:
+            for ns, dev in (("prx", "p3"), ("srv", "s1")):
+                self.exec(ns, "tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "1")
+                self.exec(ns, "tc", "class", "replace", "dev", dev, "parent", "1:", "classid", "1:1",
+                          "htb", "rate", f"{server_rate}mbit", "ceil", f"{server_rate}mbit")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        run([str(TESTBED), "down", self.prefix], check=False)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def exec(self, host, *cmd, check=True, **kw):
+        return run(["ip", "netns", "exec", self.ns[host], *cmd], check=check, **kw)
+
+    def spawn(self, host, *cmd, **kw):
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[host], *cmd], **kw)
+        self.procs.append(p)
+        return p
+
+    def wait_port(self, host, address, port, timeout=20.0):
+        code = (f"import socket,time\nend=time.time()+{timeout}\n"
+                f"while time.time()<end:\n"
+                f"  try: socket.create_connection(('{address}',{port}),0.2).close(); raise SystemExit(0)\n"
+                f"  except OSError: time.sleep(0.05)\nraise SystemExit(1)")
+        if self.exec(host, sys.executable, "-c", code, check=False).returncode != 0:
+            raise RuntimeError(f"{address}:{port} did not come up in {host}")
+
+    def nginx(self, files):
+        www = self.work / "www"
+        www.mkdir(exist_ok=True)
+        for name, size in files.items():
+            with open(www / name, "wb") as f:
+                left = size
+                while left:
+                    chunk = os.urandom(min(left, 1 << 20))
+                    f.write(chunk)
+                    left -= len(chunk)
+        conf = self.work / "nginx.conf"
+        w = self.work
+        conf.write_text(
+            f"daemon on; user root; worker_processes 1; worker_rlimit_nofile 65536;\n"
+            f"pid {w}/nginx.pid; error_log {w}/nginx-error.log;\n"
+            f"events {{ worker_connections 30000; }}\n"
+            f"http {{ access_log off; sendfile on; keepalive_requests 1000000; client_header_timeout 600s;\n"
+            f"  client_body_temp_path {w}/b; proxy_temp_path {w}/p; fastcgi_temp_path {w}/f;\n"
+            f"  uwsgi_temp_path {w}/u; scgi_temp_path {w}/s;\n"
+            f"  server {{ listen 10.0.3.2:80 backlog=65535; root {www}; }} }}\n")
+        self.exec("srv", "nginx", "-c", str(conf))
+        self.wait_port("srv", "10.0.3.2", 80)
+
+    def proxy(self, port, mode="copy", extra=""):
+        conf = self.work / f"proxy-{port}.toml"
+        conf.write_text(f'[[listener]]\naddress = "0.0.0.0:{port}"\n[access_log]\npath = "off"\n'
+                        f'[metrics]\naddress = "off"\n[relay]\nmode = "{mode}"\n{extra}')
+        p = self.spawn("prx", "prlimit", "--nofile=20000", str(PROXY_BIN), "--config", str(conf))
+        self.wait_port("prx", "10.0.1.1", port)
+        return p
+
+    def squid(self, port, persistent=True):
+        cache = self.work / "squid-cache"
+        cache.mkdir(exist_ok=True)
+        shutil.chown(cache, "proxy", "proxy")
+        conf = self.work / f"squid-{port}.conf"
+        conf.write_text(
+            f"http_port 0.0.0.0:{port}\nhttp_access allow all\ncache deny all\ncache_mem 0 MB\n"
+            f"access_log none\ncache_log {cache}/cache.log\npid_filename {self.work}/squid-{port}.pid\n"
+            f"coredump_dir {cache}\nshutdown_lifetime 0 seconds\nmax_filedescriptors 20000\n"
+            f"server_persistent_connections {'on' if persistent else 'off'}\n")
+        p = self.spawn("prx", "prlimit", "--nofile=20000", "mptcpize", "run", "squid", "-N", "-f", str(conf))
+        self.wait_port("prx", "10.0.1.1", port)
+        return p
+
+
+class Results:
+    """Rows of one benchmark run, written as CSV."""
+
+    def __init__(self, bench):
+        self.bench = bench
+        self.rows = []
+
+    def add(self, scenario, subject, run_no, metric, value, unit):
+        self.rows.append(dict(bench=self.bench, scenario=scenario, subject=subject, run=run_no,
+                              metric=metric, value=value, unit=unit))
+
+    def values(self, scenario, subject, metric):
+        return [r["value"] for r in self.rows
+                if r["scenario"] == scenario and r["subject"] == subject and r["metric"] == metric]
+
+    def median(self, scenario, subject, metric):
+        v = self.values(scenario, subject, metric)
+        return statistics.median(v) if v else float("nan")
+
+    def save(self):
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"{self.bench}-{STAMP}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["bench", "scenario", "subject", "run", "metric", "value", "unit"])
+            w.writeheader()
+            w.writerows(self.rows)
+        print(f"wrote {path.relative_to(ROOT)}")
+        return path
+
+
+MPTCP = ["mptcpize", "run"]
+
+
+def curl_fetch(lab, wrapper, options, url, max_time=None):
+    """Downloads url with `wrapper curl options` in the client namespace; returns (bytes, seconds)."""
+    cmd = [*wrapper, "curl", "-sS", "-o", "/dev/null", "-w", "%{size_download} %{time_total}\n", *options]
+    if max_time:
+        cmd += ["--max-time", str(max_time)]
+    r = lab.exec("cli", *cmd, url, check=False)
+    if r.returncode not in (0, 28):  # 28: --max-time reached, the rate is still measured
+        raise RuntimeError(f"{' '.join(cmd)} {url}: {r.stderr.strip()}")
+    size, seconds = r.stdout.split()
+    return int(size), float(seconds)
+
+
+def via_proxy(port, tunnel=False):
+    """curl options for a request through the proxy on `port` (CONNECT when `tunnel`)."""
+    return ["-x", f"http://10.0.1.1:{port}"] + (["-p"] if tunnel else [])
+
+
+def bench_throughput(size_mib=256, runs=5):
+    res = Results("throughput")
+    with Lab("tp") as lab:
+        lab.nginx({"big.bin": size_mib << 20})
+        lab.proxy(3128, "copy")
+        lab.proxy(3130, "splice")
+        lab.squid(3129)
+        lab.spawn("prx", "mptcpize", "run", "iperf3", "-s", "-B", "10.0.1.1", "-p", "5201")
+        lab.wait_port("prx", "10.0.1.1", 5201)
+        url = "http://10.0.3.2/big.bin"
+        for scenario, tunnel in (("absolute-form", False), ("connect", True)):
+            for n in range(1, runs + 1):
+                if not tunnel:
+                    out = lab.exec("cli", "mptcpize", "run", "iperf3", "-c", "10.0.1.1", "-p", "5201",
+                                   "-R", "-t", "3", "-J")
+                    bps = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+                    res.add(scenario, "mptcp_limit", n, "throughput", bps, "bit/s")
+                    size, sec = curl_fetch(lab, [], [], url)
+                    res.add(scenario, "direct_tcp", n, "throughput", size * 8 / sec, "bit/s")
+                for subject, port in (("mptcp-proxy", 3128), ("mptcp-proxy-splice", 3130), ("squid", 3129)):
+                    size, sec = curl_fetch(lab, MPTCP, via_proxy(port, tunnel), url)
+                    if size != size_mib << 20:
+                        raise RuntimeError(f"{subject} delivered {size} bytes")
+                    res.add(scenario, subject, n, "throughput", size * 8 / sec, "bit/s")
+    res.save()
+    print(f"\n(a) bulk throughput, {size_mib} MiB, median of {runs}, Gbit/s and ratios")
+    print(f"{'scenario':<14}{'subject':<20}{'Gbit/s':>8}{'x limit':>9}{'x squid':>9}")
+    limit = res.median("absolute-form", "mptcp_limit", "throughput")
+    for scenario in ("absolute-form", "connect"):
+        squid = res.median(scenario, "squid", "throughput")
+        for subject in ("mptcp_limit", "direct_tcp", "mptcp-proxy", "mptcp-proxy-splice", "squid"):
+            m = res.median(scenario, subject, "throughput")
+            if m == m:
+                print(f"{scenario:<14}{subject:<20}{m / 1e9:>8.2f}{m / limit:>9.2f}{m / squid:>9.2f}")
+    plot_bars(res, "throughput", "Throughput (Gbit/s)", 1e-9)
+    return res
+
+
+def parse_wrk(text):
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    lat = {}
+    for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\b", text, re.M):
+        lat[pct] = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+    return rps, lat.get("50"), lat.get("99")
+
+
+def bench_requests(seconds=10, connections=32, runs=3):
+    res = Results("requests")
+    with Lab("rq") as lab:
+        lab.nginx({"small.txt": 1024})
+        lab.proxy(3128)
+        lab.squid(3129)
+        script = lab.work / "absolute.lua"
+        script.write_text('wrk.path = "http://10.0.3.2/small.txt"\n')
+        subjects = {
+            "mptcp-proxy": ["mptcpize", "run", "wrk", "-s", str(script), "http://10.0.1.1:3128"],
+            "squid": ["mptcpize", "run", "wrk", "-s", str(script), "http://10.0.1.1:3129"],
+            "direct_tcp": ["wrk", "http://10.0.3.2/small.txt"],
+        }
+        for n in range(1, runs + 1):
+            for subject, cmd in subjects.items():
+                prog, rest = cmd[:cmd.index("wrk") + 1], cmd[cmd.index("wrk") + 1:]
+                out = lab.exec("cli", *prog, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", *rest)
+                rps, p50, p99 = parse_wrk(out.stdout)
+                res.add("keep-alive", subject, n, "requests_per_second", rps, "1/s")
+                res.add("keep-alive", subject, n, "latency_p50", p50, "s")
+                res.add("keep-alive", subject, n, "latency_p99", p99, "s")
+    res.save()
+    print(f"\n(b) keep-alive 1 KiB objects, wrk -t2 -c{connections} -d{seconds}s, median of {runs}")
+    squid = {m: res.median("keep-alive", "squid", m) for m in ("requests_per_second", "latency_p50", "latency_p99")}
+    print(f"{'subject':<14}{'req/s':>10}{'x squid':>9}{'p50 ms':>9}{'x squid':>9}{'p99 ms':>9}")
+    for subject in ("mptcp-proxy", "squid", "direct_tcp"):
+        rps = res.median("keep-alive", subject, "requests_per_second")
+        p50 = res.median("keep-alive", subject, "latency_p50")
+        p99 = res.median("keep-alive", subject, "latency_p99")
+        print(f"{subject:<14}{rps:>10.0f}{rps / squid['requests_per_second']:>9.2f}{p50 * 1e3:>9.3f}"
+              f"{p50 / squid['latency_p50']:>9.2f}{p99 * 1e3:>9.3f}")
+    return res
+
+
+def tshark_rows(pcap):
+    out = run(["tshark", "-r", str(pcap), "-T", "fields", "-E", "separator=,", "-e", "frame.time_epoch",
+               "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.srcport", "-e", "tcp.dstport",
+               "-e", "tcp.flags.syn", "-e", "tcp.flags.ack", "-e", "tcp.len"]).stdout
+    rows = []
+    for line in out.splitlines():
+        f = line.split(",")
+        if len(f) < 8 or not f[7]:
+            continue
+        rows.append((float(f[0]), f[1], f[2], int(f[3]), int(f[4]), f[5] in ("1", "True"), f[6] in ("1", "True"), int(f[7])))
+    return rows
+
+
+def conversion_delays(rows, proxy_port):
+    """Pairs each client SYN to the proxy with the proxy's next SYN to the server, and each first server
+    data segment of a connection with the proxy's next data segment to the client."""
+    syn, data = [], []
+    pending_syn = None
+    pending_data = None
+    seen_server_data = set()
+    for t, src, dst, sport, dport, is_syn, is_ack, length in rows:
+        if is_syn and not is_ack and src == "10.0.1.2" and dport == proxy_port:
+            pending_syn = t
+        elif is_syn and not is_ack and src == "10.0.3.1" and dst == "10.0.3.2" and pending_syn is not None:
+            syn.append(t - pending_syn)
+            pending_syn = None
+        elif src == "10.0.3.2" and sport == 80 and length > 0 and (dport not in seen_server_data):
+            seen_server_data.add(dport)
+            pending_data = t
+        elif src in ("10.0.1.1", "10.0.2.1") and sport == proxy_port and length > 0 and pending_data is not None:
+            data.append(t - pending_data)
+            pending_data = None
+    return syn, data
+
+
+def bench_conversion(requests=200):
+    res = Results("conversion")
+    with Lab("cv") as lab:
+        lab.nginx({"small.txt": 1024})
+        lab.proxy(3128)
+        lab.squid(3129, persistent=False)
+        for scenario, tunnel in (("absolute-form", False), ("connect", True)):
+            for subject, port in (("mptcp-proxy", 3128), ("squid", 3129)):
+                pcap = lab.work / f"{subject}-{scenario}.pcap"
+                cap = lab.spawn("prx", "tcpdump", "-i", "any", "-n", "-s", "128", "--time-stamp-precision=nano",
+                                "-w", str(pcap), f"tcp port {port} or tcp port 80")
+                time.sleep(1.0)
+                for _ in range(requests):
+                    curl_fetch(lab, MPTCP, via_proxy(port, tunnel), "http://10.0.3.2/small.txt")
+                time.sleep(0.5)
+                cap.terminate()
+                cap.wait()
+                syn, data = conversion_delays(tshark_rows(pcap), port)
+                for i, d in enumerate(syn, 1):
+                    res.add(scenario, subject, i, "syn_conversion", d, "s")
+                for i, d in enumerate(data, 1):
+                    res.add(scenario, subject, i, "data_conversion", d, "s")
+    res.save()
+    print(f"\n(c) seed 002 Table 1, {requests} sequential requests each (paper: SYN 7.83 ± 0.68 ms, data 15.3 ± 8.1 ms)")
+    print(f"{'scenario':<14}{'subject':<13}{'metric':<16}{'mean ms':>9}{'sd':>8}{'p50':>8}{'p99':>8}{'p50 x squid':>12}")
+    for scenario in ("absolute-form", "connect"):
+        for metric in ("syn_conversion", "data_conversion"):
+            squid = res.median(scenario, "squid", metric)
+            for subject in ("mptcp-proxy", "squid"):
+                v = sorted(res.values(scenario, subject, metric))
+                if len(v) < 2:
+                    continue
+                p = lambda q: v[min(len(v) - 1, int(q * len(v)))]
+                print(f"{scenario:<14}{subject:<13}{metric:<16}{statistics.mean(v) * 1e3:>9.3f}"
+                      f"{statistics.stdev(v) * 1e3:>8.3f}{statistics.median(v) * 1e3:>8.3f}{p(0.99) * 1e3:>8.3f}"
+                      f"{statistics.median(v) / squid:>12.2f}")
+    plot_cdf(res, "syn_conversion")
+    return res
+
+
+def bench_aggregation(seconds=10, runs=3):
+    res = Results("aggregation")
+    scenarios = {
+        "core-limited": dict(rates=(10, 10)),
+        "core-limited 1% loss": dict(rates=(10, 10), losses=(1, 1)),
+        "symmetric": dict(server_rate=10),
+        "symmetric 1% loss": dict(server_rate=10, losses=(1, 1)),
+    }
+    for scenario, kw in scenarios.items():
+        with Lab("ag", **kw) as lab:
+            lab.nginx({"big.bin": 256 << 20})
+            lab.proxy(3128)
+            url = "http://10.0.3.2/big.bin"
+            for n in range(1, runs + 1):
+                for subject, wrapper, options in (
+                    ("tcp_path1", [], ["--interface", "10.0.1.2", "-x", "http://10.0.1.1:3128"]),
+                    ("tcp_path2", [], ["--interface", "10.0.2.2", "-x", "http://10.0.2.1:3128"]),
+                    ("mptcp_via_proxy", MPTCP, via_proxy(3128)),
+                ):
+                    size, sec = curl_fetch(lab, wrapper, options, url, max_time=seconds)
+                    res.add(scenario, subject, n, "throughput", size * 8 / sec, "bit/s")
+    res.save()
+    print(f"\n(d) thesis Table 1: {seconds}s transfers, median of {runs} (thesis: core-limited 98.5% of the sum)")
+    print(f"{'scenario':<22}{'path1':>8}{'path2':>8}{'mptcp':>8}{'% of sum':>10}{'% of best':>10}  (Mbit/s)")
+    for scenario in scenarios:
+        p1, p2, m = (res.median(scenario, s, "throughput") / 1e6 for s in ("tcp_path1", "tcp_path2", "mptcp_via_proxy"))
+        print(f"{scenario:<22}{p1:>8.2f}{p2:>8.2f}{m:>8.2f}{100 * m / (p1 + p2):>10.1f}{100 * m / max(p1, p2):>10.1f}")
+    return res
+
+
+def rss_and_fds(lab, pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    return rss, fds
+
+
+def child_pid(pid, name):
+    """The pid of `name` under `ip netns exec` / prlimit / mptcpize wrappers (they exec, so usually pid)."""
+    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    if comm.startswith(name[:15]):
+        return pid
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        found = child_pid(int(child), name)
+        if found:
+            return found
+    return None
+
+
+IDLE_CLIENT = r"""
+import resource, socket, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+n, port = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    s.connect(("10.0.1.1", port))
+    s.sendall(b"CONNECT 10.0.3.2:80 HTTP/1.1\r\nHost: 10.0.3.2:80\r\n\r\n")
+    socks.append(s)
+for s in socks:
+    if not s.recv(64).startswith(b"HTTP/1.1 200"):
+        sys.exit("tunnel refused")
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def jain(values):
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values)) if values else float("nan")
+
+
+def bench_concurrency(tunnels=10000, downloads=1000, size_mib=4):
+    res = Results("concurrency")
+    with Lab("cc") as lab:
+        lab.nginx({"obj.bin": size_mib << 20})
+        limits = f"[limits]\nmax_connections = {tunnels + 1000}\nmax_connections_per_client = {tunnels + 1000}\n"
+        proxy = lab.proxy(3128, extra=limits)
+        squid = lab.squid(3129)
+        for subject, port, wrapper in (("mptcp-proxy", 3128, proxy), ("squid", 3129, squid)):
+            pid = child_pid(wrapper.pid, "mptcp-proxy" if subject == "mptcp-proxy" else "squid")
+            rss0, fds0 = rss_and_fds(lab, pid)
+            client = lab.spawn("cli", sys.executable, "-c", IDLE_CLIENT, str(tunnels), str(port),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            line = client.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError(f"{subject}: idle client failed ({line!r})")
+            time.sleep(1.0)
+            rss1, fds1 = rss_and_fds(lab, pid)
+            client.stdin.close()
+            client.wait()
+            res.add("idle-tunnels", subject, 1, "rss_per_tunnel", (rss1 - rss0) / tunnels, "byte")
+            res.add("idle-tunnels", subject, 1, "fds_per_tunnel", (fds1 - fds0) / tunnels, "1")
+            res.add("idle-tunnels", subject, 1, "rss_total", rss1, "byte")
+            time.sleep(2.0)
+        urls = lab.work / "urls.txt"
+        urls.write_text("".join(f'url = "http://10.0.3.2/obj.bin"\noutput = "/dev/null"\n' for _ in range(downloads)))
+        for subject, wrapper, options in (
+            ("mptcp-proxy", MPTCP, via_proxy(3128)),
+            ("squid", MPTCP, via_proxy(3129)),
+            ("direct_tcp", [], []),
+        ):
+            started = time.time()
+            out = lab.exec("cli", "prlimit", "--nofile=20000", *wrapper, "curl", *options, "-sS", "--parallel", "--parallel-max",
+                           str(downloads), "-K", str(urls), "-w", "%{size_download} %{speed_download}\n", check=False)
+            wall = time.time() - started
+            rows = [l.split() for l in out.stdout.splitlines() if len(l.split()) == 2]
+            sizes = [int(s) for s, _ in rows]
+            speeds = [float(v) * 8 for _, v in rows]
+            complete = sum(1 for s in sizes if s == size_mib << 20)
+            res.add("active-downloads", subject, 1, "aggregate_throughput", sum(sizes) * 8 / wall, "bit/s")
+            res.add("active-downloads", subject, 1, "jain_fairness", jain(speeds), "1")
+            res.add("active-downloads", subject, 1, "complete", complete, "1")
+    res.save()
+    print(f"\n(f) concurrency: {tunnels} idle CONNECT tunnels; {downloads} parallel {size_mib} MiB downloads")
+    for subject in ("mptcp-proxy", "squid"):
+        print(f"{subject:<13} idle: {res.median('idle-tunnels', subject, 'rss_per_tunnel') / 1024:8.2f} KiB RSS/tunnel "
+              f"{res.median('idle-tunnels', subject, 'fds_per_tunnel'):5.2f} fds/tunnel")
+    for subject in ("mptcp-proxy", "squid", "direct_tcp"):
+        print(f"{subject:<13} active: {res.median('active-downloads', subject, 'aggregate_throughput') / 1e9:6.2f} Gbit/s "
+              f"Jain {res.median('active-downloads', subject, 'jain_fairness'):.3f} "
+              f"complete {res.median('active-downloads', subject, 'complete'):.0f}/{downloads}")
+    return res
+
+
+def gnuplot(script):
+    if shutil.which("gnuplot"):
+        subprocess.run(["gnuplot"], input=script, text=True, check=False)
+
+
+def plot_bars(res, metric, label, scale):
+    data = RESULTS / f"{res.bench}-{STAMP}.bars.dat"
+    subjects = sorted({r["subject"] for r in res.rows if r["metric"] == metric})
+    scenarios = sorted({r["scenario"] for r in res.rows if r["metric"] == metric})
+    with open(data, "w") as f:
+        f.write("subject " + " ".join(f'"{s}"' for s in scenarios) + "\n")
+        for subject in subjects:
+            vals = [res.median(s, subject, metric) * scale for s in scenarios]
+            f.write(f'"{subject}" ' + " ".join("0" if v != v else f"{v:.4f}" for v in vals) + "\n")
+    png = RESULTS / f"{res.bench}-{STAMP}.png"
+    cols = " , ".join(f"'{data}' using {i + 2}:xtic(1) title columnheader" for i in range(len(scenarios)))
+    gnuplot(f"set terminal png size 900,500\nset output '{png}'\nset style data histograms\n"
+            f"set style fill solid 0.8\nset ylabel '{label}'\nset xtics rotate by -20\nplot {cols}\n")
+
+
+def plot_cdf(res, metric):
+    png = RESULTS / f"{res.bench}-{metric}-{STAMP}.png"
+    plots = []
+    for scenario in sorted({r["scenario"] for r in res.rows}):
+        for subject in sorted({r["subject"] for r in res.rows}):
+            v = sorted(res.values(scenario, subject, metric))
+            if not v:
+                continue
+            dat = RESULTS / f"{res.bench}-{STAMP}-{subject}-{scenario}.cdf.dat"
+            dat.write_text("".join(f"{x * 1e3} {(i + 1) / len(v)}\n" for i, x in enumerate(v)))
+            plots.append(f"'{dat}' using 1:2 with lines title '{subject} {scenario}'")
+    if plots:
+        gnuplot(f"set terminal png size 900,500\nset output '{png}'\nset logscale x\n"
+                f"set xlabel '{metric} (ms)'\nset ylabel 'CDF'\nset key bottom right\nplot {', '.join(plots)}\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bench", choices=["throughput", "requests", "conversion", "aggregation", "concurrency", "all"])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--tunnels", type=int, default=9900)
+    parser.add_argument("--downloads", type=int, default=1000)
+    a = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench.py needs root (network namespaces)")
+    run(["cargo", "build", "--release", "-q", "-p", "mptcp-proxy", "--bin", "mptcp-proxy"], cwd=ROOT)
+    todo = ["throughput", "requests", "conversion", "aggregation", "concurrency"] if a.bench == "all" else [a.bench]
+    for name in todo:
+        if name == "throughput":
+            bench_throughput(a.size_mib, a.runs)
+        elif name == "requests":
+            bench_requests(a.seconds)
+        elif name == "conversion":
+            bench_conversion(a.requests)
+        elif name == "aggregation":
+            bench_aggregation(a.seconds, min(a.runs, 3))
+        elif name == "concurrency":
+            bench_concurrency(a.tunnels, a.downloads)
+
+
+if __name__ == "__main__":
+    main()
