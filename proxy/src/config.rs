@@ -72,6 +72,9 @@ pub struct Config {
     /// The admin listener: `/metrics`, `/healthz`, `/readyz`.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Subflow throttling by policy (issue 4); off unless the table or `--throttle` is given.
+    #[serde(default)]
+    pub throttle: Option<mptcp_throttle::ThrottleConfig>,
 }
 
 impl Default for Config {
@@ -85,6 +88,7 @@ impl Default for Config {
             access_log: AccessLogConfig::default(),
             relay: RelayConfig::default(),
             metrics: MetricsConfig::default(),
+            throttle: None,
         }
     }
 }
@@ -429,6 +433,18 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `ADDR:PORT` or `off`, as `--metrics` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddress(pub Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse_optional_address(text).map(OptionalAddress)
+    }
+}
+
 /// Parses `ADDR:PORT` or `off`.
 pub fn parse_optional_address(text: &str) -> Result<Option<SocketAddr>, String> {
     if text == "off" {
@@ -565,6 +581,11 @@ impl Config {
                     &format!("{admin} is also a proxy listener"),
                 ));
             }
+        }
+        if let Some(throttle) = &self.throttle {
+            throttle
+                .validate()
+                .map_err(|error| invalid("throttle", &error.to_string()))?;
         }
         if self.access_log.path.is_empty() {
             return Err(invalid(

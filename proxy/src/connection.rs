@@ -66,6 +66,8 @@ impl Drop for ClientSlot {
 pub struct ClientConnection {
     /// The client's address.
     pub client: SocketAddr,
+    /// The proxy's address of the connection (of its initial subflow).
+    pub local: SocketAddr,
     /// How the connection is carried.
     pub transport: Transport,
     /// Bytes read from the client.
@@ -131,6 +133,9 @@ impl ClientConnection {
             .inc();
         let connection = Self {
             client,
+            local: stream
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
             transport,
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),

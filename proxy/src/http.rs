@@ -51,6 +51,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Local address → interface names, for per-path metrics.
     pub interfaces: Arc<InterfaceMap>,
+    /// The throttle's event channel, when throttling is on.
+    pub throttle_events: Option<mptcp_throttle::EventSender>,
 }
 
 impl Shared {
@@ -63,6 +65,13 @@ impl Shared {
             idle_timeout: self.config.limits.idle_timeout,
             upload,
             download,
+        }
+    }
+
+    /// Tells the throttle where `client`'s request goes (for destination rules).
+    fn attach_destination(&self, client: &ClientConnection, host: &str, server: SocketAddr) {
+        if let Some(events) = &self.throttle_events {
+            crate::throttle::attach_destination(events, client.local, client.client, host, server);
         }
     }
 
@@ -583,6 +592,7 @@ async fn open_upstream(
 ) -> Result<Upstream, ProxyError> {
     let (stream, peer) = connect_upstream(shared, &target.host, target.port).await?;
     client.upstream_connected();
+    shared.attach_destination(client, &target.host, peer);
     let (sender, driver) = match hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -627,6 +637,7 @@ async fn connect(
         .trim_end_matches(']');
     let (upstream, peer) = connect_upstream(shared, host, port).await?;
     connection.client.upstream_connected();
+    shared.attach_destination(&connection.client, host, peer);
     pending.entry.peer = Some(peer.ip());
     pending.entry.result = "TCP_TUNNEL";
     pending.entry.status = 200;

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod sockets;
+pub mod throttle;
 
 pub use config::Config;
 pub use server::{run, Server, ServerError};

@@ -25,8 +25,12 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
     /// Serve /metrics, /healthz and /readyz on ADDR:PORT, or "off" [default: 127.0.0.1:9464].
-    #[arg(long, value_name = "ADDR:PORT", value_parser = mptcp_proxy::config::parse_optional_address)]
-    metrics: Option<Option<SocketAddr>>,
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<mptcp_proxy::config::OptionalAddress>,
+    /// Throttle every subflow arriving on IFACE to RATE (ceil CEIL) once its connection has two or more
+    /// subflows, e.g. `eth1=20mbit` (repeatable; adds to the [throttle] policy).
+    #[arg(long, value_name = "IFACE=RATE[:CEIL]")]
+    throttle: Vec<mptcp_throttle::QuickThrottle>,
     /// Diagnostic log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -58,8 +62,17 @@ fn main() -> anyhow::Result<()> {
             .copied()
             .map(ListenerConfig::forward)
             .collect();
-        config.validate("command line")?;
     }
+    if let Some(metrics) = args.metrics {
+        config.metrics.address = metrics.0;
+    }
+    if !args.throttle.is_empty() {
+        config
+            .throttle
+            .get_or_insert_with(Default::default)
+            .add_quick_throttles(&args.throttle)?;
+    }
+    config.validate("command line")?;
     if args.check_config {
         println!("configuration OK");
         return Ok(());

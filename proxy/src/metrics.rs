@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::sockets::{route_interface, SubflowSample};
+use crate::sockets::SubflowSample;
 
 /// Labels: transport and outcome of a client connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,6 +64,24 @@ pub struct CodeLabel {
     pub code: u16,
 }
 
+/// Labels: a throttle class on an interface, in one direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// The policy's class name.
+    pub class: String,
+    /// The client-facing interface the class shapes.
+    pub interface: String,
+    /// `download` (the interface's egress) or `upload` (its ingress, through an IFB device).
+    pub direction: &'static str,
+}
+
+/// Label: a throttle class.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    /// The policy's class name.
+    pub class: String,
+}
+
 /// Label: an upstream error kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -86,6 +104,15 @@ fn latency_buckets() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
         0.0001, 2.0, 20,
     ))
+}
+
+/// A function that refreshes statistics read from the kernel at scrape time.
+pub struct StatsSource(Box<dyn FnMut(&Metrics) + Send>);
+
+impl std::fmt::Debug for StatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatsSource")
+    }
 }
 
 /// Every metric the proxy exports.
@@ -122,6 +149,24 @@ pub struct Metrics {
     pub upstream_errors: Family<KindLabel, Counter>,
     /// Responses sent to clients by status code.
     pub responses: Family<CodeLabel, Counter>,
+    /// Each throttle class's configured rate, bytes per second.
+    pub class_rate: Family<ClassLabels, Gauge>,
+    /// Each throttle class's configured ceil, bytes per second.
+    pub class_ceil: Family<ClassLabels, Gauge>,
+    /// Bytes sent through each throttle class (tc statistics).
+    pub class_bytes: Family<ClassLabels, Counter>,
+    /// Packets dropped in each throttle class (tc statistics).
+    pub class_drops: Family<ClassLabels, Counter>,
+    /// Overlimit events of each throttle class (tc statistics).
+    pub class_overlimits: Family<ClassLabels, Counter>,
+    /// Subflows placed in each throttle class now.
+    pub class_subflows: Family<ClassLabel, Gauge>,
+    /// From the kernel's subflow event to the classifying rule acknowledged.
+    pub rule_install_duration: Histogram,
+    /// Throttle changes the kernel refused (retried at the next event).
+    pub throttle_change_failures: Counter,
+    /// Refreshes tc statistics at scrape time, when the throttle runs.
+    class_stats_source: Mutex<Option<StatsSource>>,
     process_open_fds: Gauge,
     process_resident_memory: Gauge,
     process_cpu_seconds: Counter<f64, AtomicU64>,
@@ -151,6 +196,16 @@ impl Metrics {
         let first_byte_duration = latency_buckets();
         let upstream_errors = Family::<KindLabel, Counter>::default();
         let responses = Family::<CodeLabel, Counter>::default();
+        let class_rate = Family::<ClassLabels, Gauge>::default();
+        let class_ceil = Family::<ClassLabels, Gauge>::default();
+        let class_bytes = Family::<ClassLabels, Counter>::default();
+        let class_drops = Family::<ClassLabels, Counter>::default();
+        let class_overlimits = Family::<ClassLabels, Counter>::default();
+        let class_subflows = Family::<ClassLabel, Gauge>::default();
+        let rule_install_duration = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
+        );
+        let throttle_change_failures = Counter::default();
         let process_open_fds = Gauge::default();
         let process_resident_memory = Gauge::default();
         let process_cpu_seconds = Counter::<f64, AtomicU64>::default();
@@ -227,6 +282,51 @@ impl Metrics {
             "Responses sent to clients by status code",
             responses.clone(),
         );
+        let throttle = proxy.sub_registry_with_prefix("throttle");
+        throttle.register_with_unit(
+            "class_rate",
+            "Configured rate of each throttle class, bytes per second",
+            Unit::Other("bytes_per_second".into()),
+            class_rate.clone(),
+        );
+        throttle.register_with_unit(
+            "class_ceil",
+            "Configured ceil of each throttle class, bytes per second",
+            Unit::Other("bytes_per_second".into()),
+            class_ceil.clone(),
+        );
+        throttle.register_with_unit(
+            "class",
+            "Bytes sent through each throttle class, from tc statistics",
+            Unit::Bytes,
+            class_bytes.clone(),
+        );
+        throttle.register(
+            "class_drops",
+            "Packets dropped by each throttle class, from tc statistics",
+            class_drops.clone(),
+        );
+        throttle.register(
+            "class_overlimits",
+            "Overlimit events of each throttle class, from tc statistics",
+            class_overlimits.clone(),
+        );
+        throttle.register(
+            "class_subflows",
+            "Subflows placed in each throttle class now",
+            class_subflows.clone(),
+        );
+        throttle.register_with_unit(
+            "rule_install_duration",
+            "Kernel subflow event to classifying rule acknowledged",
+            Unit::Seconds,
+            rule_install_duration.clone(),
+        );
+        throttle.register(
+            "change_failures",
+            "Throttle changes the kernel refused",
+            throttle_change_failures.clone(),
+        );
         let process = registry.sub_registry_with_prefix("process");
         process.register(
             "open_fds",
@@ -278,6 +378,15 @@ impl Metrics {
             .clone();
         Self {
             registry,
+            class_rate,
+            class_ceil,
+            class_bytes,
+            class_drops,
+            class_overlimits,
+            class_subflows,
+            rule_install_duration,
+            throttle_change_failures,
+            class_stats_source: Mutex::new(None),
             relayed_upload,
             relayed_download,
             connections,
@@ -307,9 +416,25 @@ impl Metrics {
             .inc();
     }
 
-    /// Renders the OpenMetrics text, refreshing the process metrics first.
+    /// Installs the function that refreshes tc class statistics at each scrape.
+    pub fn set_class_stats_source(&self, source: Box<dyn FnMut(&Metrics) + Send>) {
+        *self
+            .class_stats_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(StatsSource(source));
+    }
+
+    /// Renders the OpenMetrics text, refreshing the process and throttle statistics first.
     pub fn render(&self) -> String {
         self.refresh_process();
+        if let Some(source) = self
+            .class_stats_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            (source.0)(self);
+        }
         let mut text = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             tracing::warn!(%error, "encoding metrics failed");
@@ -412,9 +537,7 @@ impl InterfaceMap {
                 return name.clone();
             }
         }
-        let name = route_interface(key.1, key.0)
-            .ok()
-            .flatten()
+        let name = mptcp_throttle::kernel::route_interface_name(key.0, key.1)
             .unwrap_or_else(|| "unknown".to_owned());
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
         if routes.len() >= ROUTE_CACHE_ENTRIES {
@@ -606,6 +729,12 @@ mod tests {
         );
         // The initial subflow is not a joined one.
         assert!(!text.contains("mptcp_proxy_subflows_closed_total{interface=\"lo\"}"));
+    }
+
+    #[test]
+    fn loopback_routes_through_lo() {
+        let lo: IpAddr = "127.0.0.1".parse().expect("literal");
+        assert_eq!(InterfaceMap::default().name_of(lo, lo), "lo");
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::http::{connect_upstream, handle, HttpConnection, Shared};
 use crate::metrics::{InterfaceMap, Metrics};
 use crate::relay::relay;
 use crate::sockets::{bind_listener, original_destination, transport_of, Transport};
+use crate::throttle::ThrottleHandle;
 
 /// Errors starting the proxy.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,9 @@ pub enum ServerError {
     /// The credentials file is unusable.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// Subflow throttling could not start or failed.
+    #[error("throttle: {0}")]
+    Throttle(String),
 }
 
 /// A bound listener and what it serves.
@@ -63,6 +67,7 @@ pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<Listener>,
     admin: Option<TcpListener>,
+    throttle: Option<ThrottleHandle>,
 }
 
 impl Server {
@@ -118,6 +123,11 @@ impl Server {
                 Some(listener)
             }
         };
+        let throttle = config
+            .throttle
+            .clone()
+            .filter(|t| t.enabled)
+            .map(ThrottleHandle::new);
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
@@ -126,9 +136,11 @@ impl Server {
                 access_log,
                 metrics: Arc::new(Metrics::new()),
                 interfaces: Arc::new(InterfaceMap::default()),
+                throttle_events: throttle.as_ref().map(|t| t.events.clone()),
             }),
             listeners,
             admin,
+            throttle,
         })
     }
 
@@ -146,8 +158,20 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and tunnels
-    /// finish for at most `limits.drain_timeout`, and returns.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+    /// finish for at most `limits.drain_timeout`, removes what the throttle installed, and returns.
+    /// A throttle that fails stops the proxy with its error.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let (throttle_stop_tx, throttle_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut throttle_task = match self.throttle {
+            Some(handle) => Some(
+                handle
+                    .start(self.shared.metrics.clone(), async move {
+                        let _ = throttle_stop_rx.await;
+                    })
+                    .map_err(|e| ServerError::Throttle(e.to_string()))?,
+            ),
+            None => None,
+        };
         let limits = &self.shared.config.limits;
         let max = limits.max_connections;
         let permits = Arc::new(Semaphore::new(max));
@@ -176,7 +200,23 @@ impl Server {
                 admin_stop_rx,
             ))
         });
-        shutdown.await;
+        let mut throttle_failure = None;
+        match &mut throttle_task {
+            Some(task) => tokio::select! {
+                () = shutdown => {}
+                result = task => {
+                    let error = match result {
+                        Ok(Ok(_)) => "the throttle stopped unexpectedly".to_owned(),
+                        Ok(Err(error)) => error.to_string(),
+                        Err(error) => error.to_string(),
+                    };
+                    tracing::error!(%error, "throttle failed; shutting down");
+                    throttle_failure = Some(error);
+                    throttle_task = None;
+                }
+            },
+            None => shutdown.await,
+        }
         tracing::info!("shutting down: no new connections; draining");
         admin_state
             .ready
@@ -202,13 +242,26 @@ impl Server {
         if let Some(admin) = admin {
             let _ = admin.await;
         }
+        let _ = throttle_stop_tx.send(());
+        if let Some(task) = throttle_task {
+            match task.await {
+                Ok(Ok(summary)) => {
+                    tracing::info!(?summary, "throttle removed its qdiscs, classes and rules")
+                }
+                Ok(Err(error)) => throttle_failure = Some(error.to_string()),
+                Err(error) => throttle_failure = Some(error.to_string()),
+            }
+        }
+        match throttle_failure {
+            Some(error) => Err(ServerError::Throttle(error)),
+            None => Ok(()),
+        }
     }
 }
 
 /// Binds and serves until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    Server::bind(config)?.serve(shutdown).await;
-    Ok(())
+    Server::bind(config)?.serve(shutdown).await
 }
 
 async fn reopen_on_sighup(shared: Arc<Shared>) {

@@ -599,48 +599,6 @@ pub fn conntrack_original_destination(
     }
 }
 
-// rtnetlink constants (linux/rtnetlink.h).
-const RTM_GETROUTE: u16 = 26;
-const RTA_DST: u16 = 1;
-const RTA_SRC: u16 = 2;
-const RTA_OIF: u16 = 4;
-
-/// The interface the kernel routes `remote` through when sending from `local`, like
-/// `ip route get REMOTE from LOCAL`: for a subflow, the path its download leaves by.
-pub fn route_interface(remote: IpAddr, local: IpAddr) -> io::Result<Option<String>> {
-    let (remote, local) = (remote.to_canonical(), local.to_canonical());
-    let (family, bits) = match remote {
-        IpAddr::V4(_) => (libc::AF_INET, 32u8),
-        IpAddr::V6(_) => (libc::AF_INET6, 128u8),
-    };
-    // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags (u32).
-    let mut body = vec![family as u8, bits, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    push_attr(&mut body, RTA_DST, &ip_bytes(remote));
-    if local.is_ipv4() == remote.is_ipv4() {
-        body[2] = bits;
-        push_attr(&mut body, RTA_SRC, &ip_bytes(local));
-    }
-    let reply = netlink_request(libc::NETLINK_ROUTE, RTM_GETROUTE, &body)?;
-    let Some(payload) = reply.get(12..) else {
-        return Ok(None);
-    };
-    for (kind, value) in attrs(payload) {
-        if kind == RTA_OIF && value.len() == 4 {
-            let index = u32::from_ne_bytes([value[0], value[1], value[2], value[3]]);
-            let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
-            // SAFETY: name has IF_NAMESIZE bytes, as if_indextoname requires.
-            let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
-            if found.is_null() {
-                return Ok(None);
-            }
-            // SAFETY: if_indextoname wrote a NUL-terminated name.
-            let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
-            return Ok(Some(name.to_string_lossy().into_owned()));
-        }
-    }
-    Ok(None)
-}
-
 /// Sends one netlink request and returns the payload of the reply (after the 16-byte header), or the
 /// kernel's error.
 fn netlink_request(protocol: libc::c_int, kind: u16, body: &[u8]) -> io::Result<Vec<u8>> {
@@ -753,15 +711,6 @@ mod tests {
         } else {
             assert_eq!(transport_of(accepted.as_fd(), false), Transport::Tcp);
         }
-    }
-
-    #[test]
-    fn loopback_routes_through_lo() {
-        let lo: IpAddr = "127.0.0.1".parse().expect("literal");
-        assert_eq!(
-            route_interface(lo, lo).expect("netlink").as_deref(),
-            Some("lo")
-        );
     }
 
     #[test]

@@ -1,0 +1,632 @@
+//! Operator policy: the `[throttle]` table of the proxy's TOML, its validation,
+//! and the quick `--throttle IFACE=RATE[:CEIL]` command-line form.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::rate::{Rate, Size};
+
+/// Where subflow events come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventSource {
+    /// The kernel's `mptcp_pm` generic-netlink event group (see [`crate::pm_events`]).
+    /// Default: the proxy terminates MPTCP in the kernel, which announces every
+    /// subflow there.
+    #[default]
+    Kernel,
+    /// Events are fed by the embedding program (for example adapted from the
+    /// sniffer crate) through the event channel.
+    Sniffer,
+}
+
+/// What to do when the process lacks `CAP_NET_ADMIN`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingPrivileges {
+    /// Stop with [`crate::ThrottleError::MissingPrivileges`]. Default: an
+    /// operator who configured throttling should learn that it is not applied.
+    #[default]
+    Fail,
+    /// Log a warning and run the proxy without throttling.
+    RunUnthrottled,
+}
+
+/// A traffic direction, seen from the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// Proxy → client: egress of the client-facing interface.
+    Download,
+    /// Client → proxy: ingress of the interface, redirected to an IFB device.
+    Upload,
+}
+
+/// Which directions a class shapes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassDirection {
+    /// Proxy → client only. Default: the seed's mechanism shapes the outgoing
+    /// queue of the interface (§2, §3.4).
+    #[default]
+    Download,
+    /// Client → proxy only.
+    Upload,
+    /// Both directions, each with the same rate.
+    Both,
+}
+
+impl ClassDirection {
+    /// The directions this setting covers.
+    pub fn directions(self) -> &'static [Direction] {
+        match self {
+            ClassDirection::Download => &[Direction::Download],
+            ClassDirection::Upload => &[Direction::Upload],
+            ClassDirection::Both => &[Direction::Download, Direction::Upload],
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Download => "download",
+            Direction::Upload => "upload",
+        })
+    }
+}
+
+/// Whether a subflow opened the MPTCP connection or joined it later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubflowRole {
+    /// The subflow of the MP_CAPABLE handshake.
+    Initial,
+    /// A subflow added with MP_JOIN.
+    Joined,
+}
+
+/// The `[throttle]` table of the proxy's configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleConfig {
+    /// Master switch. Default `true`: a `[throttle]` table with classes and rules
+    /// is meant to act; an empty policy installs nothing anyway.
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+    /// Where subflow events come from. Default `kernel` (issue 4).
+    #[serde(default)]
+    pub event_source: EventSource,
+    /// Behaviour without `CAP_NET_ADMIN`. Default `fail`.
+    #[serde(default)]
+    pub on_missing_privileges: MissingPrivileges,
+    /// Name of the nftables table (family `inet`) owned by the proxy. Default
+    /// `mptcp_proxy` (issue 4 names it).
+    #[serde(default = "default_nft_table")]
+    pub nft_table: String,
+    /// Major number of every HTB qdisc handle installed (written as a number,
+    /// shown by `tc` in hex). Default `0x4d50` ("MP"): unlikely to collide with
+    /// hand-made qdiscs, and how a restart recognises stale qdiscs.
+    #[serde(default = "default_qdisc_major")]
+    pub qdisc_major: u16,
+    /// Prefix of the IFB devices created for upload shaping; the device for
+    /// interface index N is `<prefix>N`. Default `mpifb` (short enough for the
+    /// 15-byte interface name limit).
+    #[serde(default = "default_ifb_prefix")]
+    pub ifb_prefix: String,
+    /// Shaping classes.
+    #[serde(default)]
+    pub classes: Vec<ClassConfig>,
+    /// Ordered rules; the first rule matching a subflow decides its actions.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+fn default_enabled() -> bool {
+    true
+}
+fn default_nft_table() -> String {
+    "mptcp_proxy".to_owned()
+}
+fn default_qdisc_major() -> u16 {
+    0x4d50
+}
+fn default_ifb_prefix() -> String {
+    "mpifb".to_owned()
+}
+fn default_min_subflows() -> u32 {
+    2
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: default_enabled(),
+            event_source: EventSource::default(),
+            on_missing_privileges: MissingPrivileges::default(),
+            nft_table: default_nft_table(),
+            qdisc_major: default_qdisc_major(),
+            ifb_prefix: default_ifb_prefix(),
+            classes: Vec::new(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One HTB class on one interface.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassConfig {
+    /// Name rules refer to; unique in the policy.
+    pub name: String,
+    /// Client-facing interface the class shapes.
+    pub interface: String,
+    /// Guaranteed rate (`tc` units, e.g. `"20mbit"`).
+    pub rate: Rate,
+    /// Upper bound when borrowing. Default: equal to `rate`, a hard limit, as
+    /// the seed's throttling caps the interface (§3.4).
+    #[serde(default)]
+    pub ceil: Option<Rate>,
+    /// Bytes sent at line speed before the rate applies. Default: as `tc`
+    /// computes it (`rate / HZ + mtu`, at least 1600 bytes).
+    #[serde(default)]
+    pub burst: Option<Size>,
+    /// HTB priority, 0 (served first) to 7. Default 0, `tc`'s default.
+    #[serde(default)]
+    pub priority: u8,
+    /// Which directions the class shapes. Default `download`.
+    #[serde(default)]
+    pub direction: ClassDirection,
+}
+
+/// Matching criteria; every criterion given must hold (absent = any).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubflowMatch {
+    /// Interface the subflow arrived on.
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// Client (remote) address range of the subflow; a bare address means /32
+    /// or /128. Also accepted as `remote_addr`.
+    #[serde(default, alias = "remote_addr", deserialize_with = "de_opt_net")]
+    pub client: Option<IpNet>,
+    /// Client (remote) port of the subflow.
+    #[serde(default)]
+    pub remote_port: Option<u16>,
+    /// Proxy (local) address range of the subflow.
+    #[serde(default, deserialize_with = "de_opt_net")]
+    pub local_addr: Option<IpNet>,
+    /// Proxy (local) port of the subflow.
+    #[serde(default)]
+    pub local_port: Option<u16>,
+    /// Initial or joined subflow.
+    #[serde(default)]
+    pub role: Option<SubflowRole>,
+    /// MPTCP address id of the proxy's address (`loc_id`).
+    #[serde(default)]
+    pub local_address_id: Option<u8>,
+    /// MPTCP address id of the client's address (`rem_id`).
+    #[serde(default)]
+    pub remote_address_id: Option<u8>,
+    /// Backup flag of the subflow.
+    #[serde(default)]
+    pub backup: Option<bool>,
+    /// Host name of the proxied request (exact, case-insensitive; `*.example.com`
+    /// matches subdomains).
+    #[serde(default)]
+    pub destination_host: Option<String>,
+    /// Address range of the proxied request's server.
+    #[serde(default, deserialize_with = "de_opt_net")]
+    pub destination: Option<IpNet>,
+    /// Port of the proxied request's server.
+    #[serde(default)]
+    pub destination_port: Option<u16>,
+}
+
+/// A policy rule: when it applies and what it does.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Optional name shown in logs and nftables rule comments.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Which subflows the rule selects.
+    #[serde(default, rename = "match")]
+    pub matches: SubflowMatch,
+    /// The rule applies once the connection has at least this many active
+    /// subflows. Default 2: the seed throttles "as soon as an MPTCP connection
+    /// is established consisting of at least two active TCP subflows" (§2).
+    #[serde(default = "default_min_subflows")]
+    pub min_subflows: u32,
+    /// Class to put the subflow in.
+    #[serde(default)]
+    pub class: Option<String>,
+    /// Firewall mark (`meta mark set`) for `ip rule fwmark` policy routing.
+    #[serde(default)]
+    pub fwmark: Option<u32>,
+    /// Conntrack mark (`ct mark set`).
+    #[serde(default)]
+    pub ct_mark: Option<u32>,
+    /// Ask the kernel path manager to mark the subflow backup (MP_PRIO).
+    /// Default `false`: only on request, and only where the kernel supports it.
+    #[serde(default)]
+    pub set_backup: bool,
+}
+
+fn de_opt_net<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<IpNet>, D::Error> {
+    let text: Option<String> = Option::deserialize(deserializer)?;
+    text.map(|t| parse_net(&t).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// Reads `10.0.0.0/8`, `2001:db8::/32` or a bare address (a host route).
+pub fn parse_net(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{text:?} is not an address or CIDR"))
+}
+
+/// Why a policy was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// The TOML could not be read into [`ThrottleConfig`].
+    #[error("throttle: {0}")]
+    Syntax(String),
+    /// An entry breaks a rule of the policy.
+    #[error("{location}: {reason}")]
+    Invalid {
+        /// Path of the offending entry, e.g. `throttle.rules[2]`.
+        location: String,
+        /// What is wrong with it.
+        reason: PolicyViolation,
+    },
+    /// A `--throttle` flag could not be read.
+    #[error("--throttle {input:?}: {reason} (expected IFACE=RATE[:CEIL], e.g. eth1=20mbit)")]
+    Flag {
+        /// The flag's value.
+        input: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// What is wrong with one policy entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyViolation {
+    /// A rule names a class that is not defined.
+    #[error("unknown class {0:?}")]
+    UnknownClass(String),
+    /// Two classes share a name.
+    #[error("duplicate class name {0:?}")]
+    DuplicateClass(String),
+    /// A name is empty or has characters other than `[A-Za-z0-9_.-]`.
+    #[error("invalid name {0:?} (use letters, digits, '_', '-', '.')")]
+    InvalidName(String),
+    /// An interface name is empty, too long or has `/`, `:` or spaces.
+    #[error("invalid interface name {0:?}")]
+    InvalidInterface(String),
+    /// `ceil` is below `rate`.
+    #[error("ceil {ceil} is below rate {rate}")]
+    CeilBelowRate {
+        /// The class rate.
+        rate: Rate,
+        /// The class ceil.
+        ceil: Rate,
+    },
+    /// HTB priorities go from 0 to 7.
+    #[error("priority {0} is out of range 0..=7")]
+    PriorityOutOfRange(u8),
+    /// A rule neither names a class, nor sets a mark, nor asks for backup.
+    #[error("rule has no action (set class, fwmark, ct_mark or set_backup)")]
+    NoAction,
+    /// `min_subflows` must be at least 1.
+    #[error("min_subflows must be at least 1")]
+    MinSubflowsZero,
+    /// A mark of 0 would not mark anything.
+    #[error("{0} must not be 0")]
+    ZeroMark(&'static str),
+    /// More classes than distinct minor class ids.
+    #[error("too many classes ({0}); at most {max}", max = MAX_CLASSES)]
+    TooManyClasses(usize),
+    /// Major 0 and 0xffff are reserved by the kernel (root/ingress).
+    #[error("qdisc_major {0:#x} is reserved")]
+    ReservedQdiscMajor(u16),
+    /// The IFB prefix leaves no room for an interface index in 15 bytes.
+    #[error("ifb_prefix {0:?} must be 1..=9 characters of [a-z0-9_-]")]
+    InvalidIfbPrefix(String),
+}
+
+/// Classes get minor ids from [`FIRST_CLASS_MINOR`] upward.
+pub const MAX_CLASSES: usize = 0xfff0;
+/// Minor id of the first class (`<major>:10`, like `tc` examples).
+pub const FIRST_CLASS_MINOR: u16 = 0x10;
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Linux interface names: 1..=15 bytes, no '/', ':' or whitespace.
+pub fn valid_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+}
+
+impl ThrottleConfig {
+    /// Reads a `[throttle]` table given as TOML text (the table's contents, not
+    /// the whole proxy file), then validates it.
+    pub fn from_toml_str(text: &str) -> Result<Self, PolicyError> {
+        let config: ThrottleConfig =
+            toml::from_str(text).map_err(|e| PolicyError::Syntax(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every entry; the first problem found is returned with its path.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let invalid = |location: String, reason| Err(PolicyError::Invalid { location, reason });
+        if self.qdisc_major == 0 || self.qdisc_major == 0xffff {
+            return invalid(
+                "throttle.qdisc_major".into(),
+                PolicyViolation::ReservedQdiscMajor(self.qdisc_major),
+            );
+        }
+        if !valid_name(&self.nft_table) {
+            return invalid(
+                "throttle.nft_table".into(),
+                PolicyViolation::InvalidName(self.nft_table.clone()),
+            );
+        }
+        if self.ifb_prefix.is_empty()
+            || self.ifb_prefix.len() > 9
+            || !self
+                .ifb_prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        {
+            return invalid(
+                "throttle.ifb_prefix".into(),
+                PolicyViolation::InvalidIfbPrefix(self.ifb_prefix.clone()),
+            );
+        }
+        if self.classes.len() > MAX_CLASSES {
+            return invalid(
+                "throttle.classes".into(),
+                PolicyViolation::TooManyClasses(self.classes.len()),
+            );
+        }
+        let mut names = BTreeSet::new();
+        for (i, class) in self.classes.iter().enumerate() {
+            let location = format!("throttle.classes[{i}]");
+            if !valid_name(&class.name) {
+                return invalid(location, PolicyViolation::InvalidName(class.name.clone()));
+            }
+            if !names.insert(class.name.as_str()) {
+                return invalid(
+                    location,
+                    PolicyViolation::DuplicateClass(class.name.clone()),
+                );
+            }
+            if !valid_interface_name(&class.interface) {
+                return invalid(
+                    location,
+                    PolicyViolation::InvalidInterface(class.interface.clone()),
+                );
+            }
+            if let Some(ceil) = class.ceil {
+                if ceil < class.rate {
+                    return invalid(
+                        location,
+                        PolicyViolation::CeilBelowRate {
+                            rate: class.rate,
+                            ceil,
+                        },
+                    );
+                }
+            }
+            if class.priority > 7 {
+                return invalid(
+                    location,
+                    PolicyViolation::PriorityOutOfRange(class.priority),
+                );
+            }
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            let location = format!("throttle.rules[{i}]");
+            if let Some(name) = &rule.name {
+                if !valid_name(name) {
+                    return invalid(location, PolicyViolation::InvalidName(name.clone()));
+                }
+            }
+            if let Some(class) = &rule.class {
+                if !names.contains(class.as_str()) {
+                    return invalid(location, PolicyViolation::UnknownClass(class.clone()));
+                }
+            }
+            if let Some(iface) = &rule.matches.interface {
+                if !valid_interface_name(iface) {
+                    return invalid(
+                        format!("{location}.match"),
+                        PolicyViolation::InvalidInterface(iface.clone()),
+                    );
+                }
+            }
+            if rule.class.is_none()
+                && rule.fwmark.is_none()
+                && rule.ct_mark.is_none()
+                && !rule.set_backup
+            {
+                return invalid(location, PolicyViolation::NoAction);
+            }
+            if rule.min_subflows == 0 {
+                return invalid(location, PolicyViolation::MinSubflowsZero);
+            }
+            if rule.fwmark == Some(0) {
+                return invalid(location, PolicyViolation::ZeroMark("fwmark"));
+            }
+            if rule.ct_mark == Some(0) {
+                return invalid(location, PolicyViolation::ZeroMark("ct_mark"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the classes and rules of quick `--throttle` flags, then validates.
+    pub fn add_quick_throttles(&mut self, flags: &[QuickThrottle]) -> Result<(), PolicyError> {
+        for flag in flags {
+            let name = format!("cli-{}", flag.interface);
+            self.classes.push(ClassConfig {
+                name: name.clone(),
+                interface: flag.interface.clone(),
+                rate: flag.rate,
+                ceil: flag.ceil,
+                burst: None,
+                priority: 0,
+                direction: ClassDirection::Download,
+            });
+            self.rules.push(RuleConfig {
+                name: Some(name.clone()),
+                matches: SubflowMatch {
+                    interface: Some(flag.interface.clone()),
+                    ..SubflowMatch::default()
+                },
+                min_subflows: default_min_subflows(),
+                class: Some(name),
+                fwmark: None,
+                ct_mark: None,
+                set_backup: false,
+            });
+        }
+        self.validate()
+    }
+}
+
+/// One `--throttle IFACE=RATE[:CEIL]` flag: every subflow arriving on
+/// `interface` goes into a class of `rate` once its connection has ≥ 2
+/// subflows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuickThrottle {
+    /// Client-facing interface.
+    pub interface: String,
+    /// Class rate.
+    pub rate: Rate,
+    /// Class ceil; `None` means equal to the rate.
+    pub ceil: Option<Rate>,
+}
+
+impl FromStr for QuickThrottle {
+    type Err = PolicyError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let fail = |reason: String| PolicyError::Flag {
+            input: input.to_owned(),
+            reason,
+        };
+        let (interface, rates) = input
+            .split_once('=')
+            .ok_or_else(|| fail("missing '='".into()))?;
+        if !valid_interface_name(interface) {
+            return Err(fail(format!("invalid interface name {interface:?}")));
+        }
+        let (rate, ceil) = match rates.split_once(':') {
+            Some((rate, ceil)) => (rate, Some(ceil)),
+            None => (rates, None),
+        };
+        let rate: Rate = rate.parse().map_err(|e| fail(format!("rate: {e}")))?;
+        let ceil: Option<Rate> = ceil
+            .map(|c| c.parse().map_err(|e| fail(format!("ceil: {e}"))))
+            .transpose()?;
+        if let Some(c) = ceil {
+            if c < rate {
+                return Err(fail(format!("ceil {c} is below rate {rate}")));
+            }
+        }
+        Ok(Self {
+            interface: interface.to_owned(),
+            rate,
+            ceil,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_flag_parses() {
+        let q: QuickThrottle = "eth1=20mbit".parse().unwrap();
+        assert_eq!(q.interface, "eth1");
+        assert_eq!(q.rate.bits_per_second(), 20_000_000);
+        assert_eq!(q.ceil, None);
+        let q: QuickThrottle = "wlan0=1mbit:5mbit".parse().unwrap();
+        assert_eq!(q.ceil.unwrap().bits_per_second(), 5_000_000);
+    }
+
+    #[test]
+    fn quick_flag_rejects_garbage() {
+        for bad in [
+            "eth1",
+            "=20mbit",
+            "eth1=fast",
+            "eth1=20mbit:1mbit",
+            "a/b=1mbit",
+        ] {
+            let err = bad.parse::<QuickThrottle>().unwrap_err();
+            assert!(matches!(err, PolicyError::Flag { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn quick_flags_become_class_and_rule() {
+        let mut config = ThrottleConfig::default();
+        let flags = [
+            "eth1=20mbit".parse().unwrap(),
+            "eth2=5mbit:10mbit".parse().unwrap(),
+        ];
+        config.add_quick_throttles(&flags).unwrap();
+        assert_eq!(config.classes.len(), 2);
+        assert_eq!(config.rules.len(), 2);
+        assert_eq!(config.rules[1].class.as_deref(), Some("cli-eth2"));
+        assert_eq!(config.rules[1].matches.interface.as_deref(), Some("eth2"));
+        assert_eq!(config.rules[1].min_subflows, 2);
+    }
+
+    #[test]
+    fn unknown_class_names_the_rule() {
+        let text = r#"
+            [[classes]]
+            name = "wifi"
+            interface = "eth1"
+            rate = "20mbit"
+            [[rules]]
+            class = "wifi"
+            [[rules]]
+            class = "wifi"
+            [[rules]]
+            class = "lte"
+        "#;
+        let err = ThrottleConfig::from_toml_str(text).unwrap_err();
+        assert_eq!(err.to_string(), r#"throttle.rules[2]: unknown class "lte""#);
+    }
+
+    #[test]
+    fn bare_address_is_a_host_net() {
+        assert_eq!(parse_net("10.1.2.3").unwrap().prefix_len(), 32);
+        assert_eq!(parse_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert!(parse_net("nope").is_err());
+    }
+}

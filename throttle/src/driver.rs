@@ -1,0 +1,450 @@
+//! The tokio owner task: events in, kernel changes out, cleanup on shutdown.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::config::{MissingPrivileges, PolicyError, ThrottleConfig};
+use crate::core::{Change, ThrottleState};
+use crate::event::{ConnectionSelector, Destination, SubflowEvent};
+use crate::kernel::{InterfaceTable, KernelBackend, KernelError, StaleReport};
+use crate::pm_events::{self, EventSourceError};
+
+/// Why the throttle stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ThrottleError {
+    /// The policy is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// A kernel operation failed at start or shutdown, including
+    /// [`KernelError::MissingPrivileges`] when the policy says to fail.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// The kernel event source could not be set up.
+    #[error(transparent)]
+    EventSource(#[from] EventSourceError),
+}
+
+/// Sends events (and request destinations) to the owner task.
+#[derive(Debug, Clone)]
+pub struct EventSender {
+    tx: mpsc::Sender<SubflowEvent>,
+}
+
+/// The owner task is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("throttle task has stopped")]
+pub struct ThrottleStopped;
+
+impl EventSender {
+    /// Sends one event; waits while the channel is full.
+    pub async fn send(&self, event: SubflowEvent) -> Result<(), ThrottleStopped> {
+        self.tx.send(event).await.map_err(|_| ThrottleStopped)
+    }
+
+    /// Sends from a non-async thread.
+    pub fn blocking_send(&self, event: SubflowEvent) -> Result<(), ThrottleStopped> {
+        self.tx.blocking_send(event).map_err(|_| ThrottleStopped)
+    }
+
+    /// Tells the throttle where a connection's request goes, so rules with
+    /// `destination*` criteria can match. Select the connection by token or by
+    /// the accepted socket's (local, peer) addresses.
+    pub async fn attach_destination(
+        &self,
+        connection: ConnectionSelector,
+        destination: Destination,
+    ) -> Result<(), ThrottleStopped> {
+        self.send(SubflowEvent::DestinationAttached {
+            connection,
+            destination,
+        })
+        .await
+    }
+}
+
+/// A channel for [`run`]: give the receiver to `run`, clone the sender freely.
+pub fn event_channel(capacity: usize) -> (EventSender, mpsc::Receiver<SubflowEvent>) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    (EventSender { tx }, rx)
+}
+
+/// The thread reading `mptcp_pm` events; stops when dropped.
+#[derive(Debug)]
+pub struct KernelEventListener {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KernelEventListener {
+    /// Stops the thread and waits for it (at most ~250 ms).
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for KernelEventListener {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Subscribes to the kernel's `mptcp_pm_events` in the calling thread's
+/// network namespace and forwards decoded events to `events` from a
+/// dedicated thread. Needs `CAP_NET_ADMIN`.
+pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, EventSourceError> {
+    let (socket, family_id) = pm_events::open_event_socket()?;
+    socket
+        .set_recv_timeout(Duration::from_millis(250))
+        .map_err(EventSourceError::Socket)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("mptcp-pm-events".into())
+        .spawn(move || {
+            while !stop_flag.load(Ordering::SeqCst) {
+                match socket.recv() {
+                    Ok(messages) => {
+                        for message in messages {
+                            if message.msg_type != family_id {
+                                continue;
+                            }
+                            if let Some(event) = pm_events::decode_event(&message.payload) {
+                                if events.blocking_send(event).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                        tracing::warn!("mptcp_pm event socket overflowed; events were lost");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "mptcp_pm event socket failed");
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(EventSourceError::Socket)?;
+    Ok(KernelEventListener {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// Starts the event source the policy names: the kernel listener for
+/// `event_source = "kernel"`, nothing for `"sniffer"` (the embedding program
+/// sends events itself). Nothing is started for a disabled or empty policy,
+/// and without `CAP_NET_ADMIN` when `on_missing_privileges = "run_unthrottled"`.
+pub fn start_event_source(
+    config: &ThrottleConfig,
+    events: EventSender,
+) -> Result<Option<KernelEventListener>, EventSourceError> {
+    let active = config.enabled && !(config.classes.is_empty() && config.rules.is_empty());
+    if !active || config.event_source != crate::config::EventSource::Kernel {
+        return Ok(None);
+    }
+    if !crate::kernel::has_net_admin()
+        && config.on_missing_privileges == MissingPrivileges::RunUnthrottled
+    {
+        tracing::warn!("no CAP_NET_ADMIN: not listening to mptcp_pm events");
+        return Ok(None);
+    }
+    spawn_kernel_events(events).map(Some)
+}
+
+/// Observers of the owner task (metrics).
+pub trait ThrottleHooks: Send {
+    /// A subflow rule was installed, `latency` after the event that made it
+    /// match was handled (measured to the kernel's batch ack).
+    fn rule_installed(&mut self, latency: Duration) {
+        let _ = latency;
+    }
+
+    /// A change could not be applied; it is retried at the next event.
+    fn change_failed(&mut self, change: &Change, error: &KernelError) {
+        let _ = (change, error);
+    }
+
+    /// Changes were applied; `state.installed()` is what the kernel now holds.
+    fn state_applied(&mut self, state: &ThrottleState) {
+        let _ = state;
+    }
+}
+
+/// Hooks that do nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHooks;
+
+impl ThrottleHooks for NoHooks {}
+
+/// What a kernel-facing backend must do; [`KernelBackend`] is the real one.
+pub trait ThrottleBackend {
+    /// Removes stale state and prepares (idempotent).
+    fn start(&mut self) -> Result<StaleReport, KernelError>;
+    /// Interface names by index and by local address.
+    fn interfaces(&mut self) -> Result<InterfaceTable, KernelError>;
+    /// Applies changes; returns those that failed.
+    fn apply(&mut self, changes: &[Change]) -> Vec<(Change, KernelError)>;
+    /// Removes everything installed.
+    fn shutdown(&mut self) -> Result<StaleReport, KernelError>;
+    /// The interface index the kernel routes `remote` through from `local`, where it can tell.
+    fn route_interface(&mut self, local: IpAddr, remote: IpAddr) -> Option<u32> {
+        let _ = (local, remote);
+        None
+    }
+}
+
+impl ThrottleBackend for KernelBackend {
+    fn start(&mut self) -> Result<StaleReport, KernelError> {
+        KernelBackend::start(self)
+    }
+    fn interfaces(&mut self) -> Result<InterfaceTable, KernelError> {
+        KernelBackend::interfaces(self)
+    }
+    fn apply(&mut self, changes: &[Change]) -> Vec<(Change, KernelError)> {
+        KernelBackend::apply(self, changes)
+    }
+    fn shutdown(&mut self) -> Result<StaleReport, KernelError> {
+        KernelBackend::shutdown(self)
+    }
+    fn route_interface(&mut self, local: IpAddr, remote: IpAddr) -> Option<u32> {
+        KernelBackend::route_interface(self, local, remote)
+            .ok()
+            .flatten()
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Whether kernel throttling was active (false: disabled, empty policy,
+    /// or no privileges with `run_unthrottled`).
+    pub throttled: bool,
+    /// Events handled.
+    pub events: u64,
+    /// Changes applied successfully.
+    pub changes_applied: u64,
+    /// Changes that failed.
+    pub changes_failed: u64,
+    /// Subflow rules installed.
+    pub rules_installed: u64,
+    /// Longest event-to-ack latency of a rule install.
+    pub max_install_latency: Duration,
+    /// Stale state removed at start.
+    pub stale_at_start: StaleReport,
+}
+
+async fn drain_until<F: Future<Output = ()>>(
+    mut events: mpsc::Receiver<SubflowEvent>,
+    shutdown: F,
+) -> u64 {
+    tokio::pin!(shutdown);
+    let mut count = 0;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return count,
+            event = events.recv() => match event {
+                Some(_) => count += 1,
+                None => {
+                    shutdown.await;
+                    return count;
+                }
+            }
+        }
+    }
+}
+
+/// Runs the throttle until `shutdown` completes, then removes everything it
+/// installed. Events come from `events` (see [`event_channel`],
+/// [`spawn_kernel_events`]). Netlink calls are blocking but short; spawn this
+/// on a multi-threaded runtime.
+pub async fn run<F: Future<Output = ()>>(
+    config: ThrottleConfig,
+    events: mpsc::Receiver<SubflowEvent>,
+    shutdown: F,
+) -> Result<RunSummary, ThrottleError> {
+    run_with_hooks(config, events, shutdown, NoHooks).await
+}
+
+/// [`run`] with metrics hooks.
+pub async fn run_with_hooks<F: Future<Output = ()>, H: ThrottleHooks>(
+    config: ThrottleConfig,
+    events: mpsc::Receiver<SubflowEvent>,
+    shutdown: F,
+    hooks: H,
+) -> Result<RunSummary, ThrottleError> {
+    config.validate()?;
+    let active = config.enabled && !(config.classes.is_empty() && config.rules.is_empty());
+    if !active {
+        let events = drain_until(events, shutdown).await;
+        return Ok(RunSummary {
+            events,
+            ..RunSummary::default()
+        });
+    }
+    let backend = match KernelBackend::open(&config) {
+        Ok(backend) => backend,
+        Err(KernelError::MissingPrivileges)
+            if config.on_missing_privileges == MissingPrivileges::RunUnthrottled =>
+        {
+            tracing::warn!("no CAP_NET_ADMIN: running without subflow throttling");
+            let events = drain_until(events, shutdown).await;
+            return Ok(RunSummary {
+                events,
+                ..RunSummary::default()
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    run_with_backend(config, events, shutdown, backend, hooks).await
+}
+
+/// Fills in the interface of a subflow the event source could not name (the kernel's events carry
+/// no `if_idx` for accepted subflows) from the route towards the client.
+fn route_subflow<B: ThrottleBackend>(backend: &mut B, event: &mut SubflowEvent) {
+    let subflow = match event {
+        SubflowEvent::ConnectionCreated { subflow, .. }
+        | SubflowEvent::ConnectionEstablished { subflow, .. }
+        | SubflowEvent::SubflowEstablished { subflow, .. } => subflow,
+        _ => return,
+    };
+    if subflow.interface.name.is_some() || subflow.interface.index.is_some_and(|i| i != 0) {
+        return;
+    }
+    let tuple = subflow.tuple;
+    if let Some(index) = backend.route_interface(tuple.local.ip(), tuple.remote.ip()) {
+        subflow.interface.index = Some(index);
+    }
+}
+
+fn refresh_interfaces<B: ThrottleBackend>(backend: &mut B, state: &mut ThrottleState) {
+    match backend.interfaces() {
+        Ok(table) => {
+            for (index, name) in table.links {
+                state.set_interface_name(index, &name);
+            }
+            for (addr, name) in table.addresses {
+                state.set_interface_address(addr, &name);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not list interfaces"),
+    }
+}
+
+fn apply_pending<B: ThrottleBackend, H: ThrottleHooks>(
+    state: &mut ThrottleState,
+    backend: &mut B,
+    hooks: &mut H,
+    summary: &mut RunSummary,
+) {
+    let changes = state.poll_changes();
+    if changes.is_empty() {
+        return;
+    }
+    let failures = backend.apply(&changes);
+    let acked = Instant::now();
+    summary.changes_failed += failures.len() as u64;
+    summary.changes_applied += (changes.len() - failures.len()) as u64;
+    for change in &changes {
+        if failures.iter().any(|(failed, _)| failed == change) {
+            continue;
+        }
+        if let Change::AddRule { triggered_at, .. } = change {
+            summary.rules_installed += 1;
+            if let Some(at) = triggered_at {
+                let latency = acked.saturating_duration_since(*at);
+                summary.max_install_latency = summary.max_install_latency.max(latency);
+                hooks.rule_installed(latency);
+            }
+        }
+    }
+    for (change, error) in failures {
+        tracing::warn!(?change, error = %error, "throttle change failed");
+        hooks.change_failed(&change, &error);
+        state.change_failed(&change);
+    }
+    hooks.state_applied(state);
+}
+
+/// [`run`] with an explicit backend (tests use a recording one).
+pub async fn run_with_backend<F, B, H>(
+    config: ThrottleConfig,
+    mut events: mpsc::Receiver<SubflowEvent>,
+    shutdown: F,
+    mut backend: B,
+    mut hooks: H,
+) -> Result<RunSummary, ThrottleError>
+where
+    F: Future<Output = ()>,
+    B: ThrottleBackend,
+    H: ThrottleHooks,
+{
+    config.validate()?;
+    let mut summary = RunSummary {
+        throttled: true,
+        stale_at_start: backend.start()?,
+        ..RunSummary::default()
+    };
+    let mut state = ThrottleState::new(config);
+    refresh_interfaces(&mut backend, &mut state);
+    apply_pending(&mut state, &mut backend, &mut hooks, &mut summary);
+    tokio::pin!(shutdown);
+    let mut open = true;
+    while open {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            event = events.recv() => {
+                let Some(first) = event else {
+                    open = false;
+                    continue;
+                };
+                let mut batch = vec![first];
+                while let Ok(more) = events.try_recv() {
+                    batch.push(more);
+                }
+                for event in &mut batch {
+                    route_subflow(&mut backend, event);
+                }
+                let now = Instant::now();
+                let unknown_interface = batch.iter().any(|event| match event {
+                    SubflowEvent::ConnectionCreated { subflow, .. }
+                    | SubflowEvent::ConnectionEstablished { subflow, .. }
+                    | SubflowEvent::SubflowEstablished { subflow, .. } => !state.resolves_interface(subflow),
+                    _ => false,
+                });
+                if unknown_interface {
+                    refresh_interfaces(&mut backend, &mut state);
+                }
+                for event in batch {
+                    summary.events += 1;
+                    state.handle_event(now, event);
+                }
+                apply_pending(&mut state, &mut backend, &mut hooks, &mut summary);
+            }
+        }
+    }
+    if !open {
+        shutdown.await;
+    }
+    backend.shutdown()?;
+    Ok(summary)
+}

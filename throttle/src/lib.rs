@@ -1,0 +1,50 @@
+//! Subflow throttling by operator policy for the MPTCP proxy.
+//!
+//! As soon as an MPTCP connection has enough active subflows (2 by default),
+//! the proxy puts selected subflows into rate-limited HTB classes, so MPTCP's
+//! coupled congestion control shifts data to the preferred paths (seed 002,
+//! §2 and §3.4).
+//!
+//! Layers, from pure to kernel-facing:
+//! - [`config`]: the `[throttle]` policy (TOML) and `--throttle IFACE=RATE[:CEIL]`.
+//! - [`core`]: sans-IO [`ThrottleState`]: events in, [`Change`]s out.
+//! - [`kernel`]: applies changes with tc (HTB, IFB) over rtnetlink and
+//!   nftables (`inet mptcp_proxy`) through libnftnl.
+//! - [`pm_events`]: the kernel's `mptcp_pm` event listener.
+//! - [`driver`]: the tokio owner task, [`run`].
+//! - [`metrics`]: rule-install latency histogram hook.
+//! - [`userspace`]: per-client byte-rate limits for relays, without tc.
+//!
+//! See README.md for what is installed where.
+
+pub mod config;
+pub mod core;
+pub mod driver;
+pub mod event;
+pub mod kernel;
+pub mod metrics;
+pub mod netlink;
+pub mod nft;
+pub mod pm_events;
+pub mod rate;
+pub mod stats;
+pub mod tc;
+pub mod userspace;
+
+pub use crate::config::{
+    ClassConfig, ClassDirection, Direction, EventSource, MissingPrivileges, PolicyError,
+    PolicyViolation, QuickThrottle, RuleConfig, SubflowMatch, SubflowRole, ThrottleConfig,
+};
+pub use crate::core::{Change, ClassId, DesiredState, ThrottleState};
+pub use crate::driver::{
+    event_channel, run, run_with_hooks, spawn_kernel_events, start_event_source, EventSender,
+    KernelEventListener, RunSummary, ThrottleError, ThrottleHooks,
+};
+pub use crate::event::{
+    ConnectionSelector, ConnectionToken, Destination, FourTuple, InterfaceRef, SubflowEvent,
+    SubflowInfo,
+};
+pub use crate::kernel::KernelError;
+pub use crate::metrics::InstallLatencyHistogram;
+pub use crate::rate::{Rate, Size};
+pub use crate::userspace::ClientRateLimiter;

@@ -1,0 +1,213 @@
+//! The owner task with a recording backend (no kernel needed), and the
+//! missing-privilege paths (need root to be able to drop the capability).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use mptcp_throttle::driver::{run_with_backend, NoHooks, ThrottleBackend};
+use mptcp_throttle::kernel::{InterfaceTable, KernelError, StaleReport};
+use mptcp_throttle::{
+    event_channel, run, Change, ConnectionToken, MissingPrivileges, QuickThrottle, SubflowEvent,
+    SubflowInfo, ThrottleConfig, ThrottleError,
+};
+
+#[derive(Clone, Default)]
+struct Recording {
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ThrottleBackend for Recording {
+    fn start(&mut self) -> Result<StaleReport, KernelError> {
+        self.log.lock().unwrap().push("start".into());
+        Ok(StaleReport::default())
+    }
+    fn interfaces(&mut self) -> Result<InterfaceTable, KernelError> {
+        Ok(InterfaceTable {
+            links: vec![(3, "eth1".into())],
+            addresses: vec![("10.1.0.1".parse().unwrap(), "eth1".into())],
+        })
+    }
+    fn apply(&mut self, changes: &[Change]) -> Vec<(Change, KernelError)> {
+        let mut log = self.log.lock().unwrap();
+        for change in changes {
+            log.push(match change {
+                Change::AddInterface(s) => format!("add-interface {}", s.interface),
+                Change::AddClass(c) => format!("add-class {} {}", c.id, c.rate),
+                Change::AddRule { rule, .. } => format!("add-rule {}", rule.tuple.remote),
+                Change::RemoveRule(rule) => format!("remove-rule {}", rule.tuple.remote),
+                other => format!("{other:?}"),
+            });
+        }
+        Vec::new()
+    }
+    fn shutdown(&mut self) -> Result<StaleReport, KernelError> {
+        self.log.lock().unwrap().push("shutdown".into());
+        Ok(StaleReport::default())
+    }
+}
+
+async fn wait_for_log(log: &Arc<Mutex<Vec<String>>>, prefix: &str) {
+    for _ in 0..100_000 {
+        if log.lock().unwrap().iter().any(|l| l.starts_with(prefix)) {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("no {prefix} in {:?}", log.lock().unwrap());
+}
+
+fn quick(flag: &str) -> ThrottleConfig {
+    let mut config = ThrottleConfig::default();
+    config
+        .add_quick_throttles(&[flag.parse::<QuickThrottle>().unwrap()])
+        .unwrap();
+    config
+}
+
+#[tokio::test]
+async fn driver_applies_events_and_cleans_up() {
+    let backend = Recording::default();
+    let log = backend.log.clone();
+    let (events, rx) = event_channel(8);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run_with_backend(
+        quick("eth1=20mbit"),
+        rx,
+        async move {
+            let _ = stop_rx.await;
+        },
+        backend,
+        NoHooks,
+    ));
+    let token = ConnectionToken(9);
+    let info = |local: &str, remote: &str| {
+        SubflowInfo::new(local.parse().unwrap(), remote.parse().unwrap())
+    };
+    events
+        .send(SubflowEvent::ConnectionCreated {
+            token,
+            subflow: info("10.0.0.1:443", "192.0.2.1:1"),
+        })
+        .await
+        .unwrap();
+    // Arrives on eth1: resolved through the local address 10.1.0.1.
+    events
+        .send(SubflowEvent::SubflowEstablished {
+            token,
+            subflow: info("10.1.0.1:443", "192.0.2.1:2"),
+        })
+        .await
+        .unwrap();
+    // Events that arrive together are handled as one batch; wait for the
+    // rule before closing, or the close would cancel it out unseen.
+    wait_for_log(&log, "add-rule").await;
+    events
+        .send(SubflowEvent::ConnectionClosed { token })
+        .await
+        .unwrap();
+    wait_for_log(&log, "remove-rule").await;
+    stop_tx.send(()).unwrap();
+    let summary = task.await.unwrap().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        vec![
+            "start",
+            "add-interface eth1",
+            "add-class 4d50:10 20mbit",
+            "add-rule 192.0.2.1:2",
+            "remove-rule 192.0.2.1:2",
+            "shutdown"
+        ]
+    );
+    assert_eq!(summary.events, 3);
+    assert_eq!(summary.rules_installed, 1);
+}
+
+#[tokio::test]
+async fn empty_policy_needs_nothing_and_just_drains() {
+    let (events, rx) = event_channel(8);
+    events
+        .send(SubflowEvent::ConnectionClosed {
+            token: ConnectionToken(1),
+        })
+        .await
+        .unwrap();
+    drop(events);
+    let summary = run(ThrottleConfig::default(), rx, async {}).await.unwrap();
+    assert!(!summary.throttled);
+}
+
+#[tokio::test]
+async fn invalid_policy_is_rejected_by_run() {
+    let mut config = quick("eth1=20mbit");
+    config.rules[0].class = Some("lte".into());
+    let (_events, rx) = event_channel(1);
+    let err = run(config, rx, async {}).await.unwrap_err();
+    assert_eq!(err.to_string(), r#"throttle.rules[0]: unknown class "lte""#);
+}
+
+/// Drops CAP_NET_ADMIN from the calling thread's effective set.
+fn drop_net_admin() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: header and data match the kernel's v3 capability structs.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+            0
+        );
+        data[0].effective &= !(1 << 12);
+        assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
+    }
+}
+
+#[test]
+fn missing_privileges_is_a_typed_error_or_unthrottled_run() {
+    if !common::require_root("missing_privileges_is_a_typed_error_or_unthrottled_run") {
+        return;
+    }
+    let (fail, unthrottled) = std::thread::spawn(|| {
+        drop_net_admin();
+        assert!(!mptcp_throttle::kernel::has_net_admin());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (_events, rx) = event_channel(1);
+            let fail = run(quick("eth1=20mbit"), rx, async {}).await;
+            let mut config = quick("eth1=20mbit");
+            config.on_missing_privileges = MissingPrivileges::RunUnthrottled;
+            let (_events, rx) = event_channel(1);
+            let unthrottled = run(config, rx, async {}).await;
+            (fail, unthrottled)
+        })
+    })
+    .join()
+    .unwrap();
+    assert!(
+        matches!(
+            fail,
+            Err(ThrottleError::Kernel(KernelError::MissingPrivileges))
+        ),
+        "{fail:?}"
+    );
+    assert!(!unthrottled.unwrap().throttled);
+}
