@@ -75,6 +75,9 @@ pub struct Config {
     /// Subflow throttling by policy (issue 4); off unless the table or `--throttle` is given.
     #[serde(default)]
     pub throttle: Option<mptcp_throttle::ThrottleConfig>,
+    /// The embedded sniffer; off unless interfaces are named.
+    #[serde(default)]
+    pub sniffer: crate::sniffer::SnifferConfig,
 }
 
 impl Default for Config {
@@ -89,6 +92,7 @@ impl Default for Config {
             relay: RelayConfig::default(),
             metrics: MetricsConfig::default(),
             throttle: None,
+            sniffer: crate::sniffer::SnifferConfig::default(),
         }
     }
 }
@@ -586,6 +590,17 @@ impl Config {
             throttle
                 .validate()
                 .map_err(|error| invalid("throttle", &error.to_string()))?;
+            if throttle.event_source == mptcp_throttle::EventSource::Sniffer
+                && self.sniffer.interfaces.is_empty()
+            {
+                return Err(invalid(
+                    "throttle.event_source",
+                    "\"sniffer\" needs [sniffer] interfaces to capture on",
+                ));
+            }
+        }
+        if self.sniffer.multipath_threshold == 0 {
+            return Err(invalid("sniffer.multipath_threshold", "must be at least 1"));
         }
         if self.access_log.path.is_empty() {
             return Err(invalid(

@@ -11,6 +11,7 @@ pub mod http;
 pub mod metrics;
 pub mod relay;
 pub mod server;
+pub mod sniffer;
 pub mod sockets;
 pub mod throttle;
 

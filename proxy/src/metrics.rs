@@ -82,6 +82,29 @@ pub struct ClassLabel {
     pub class: String,
 }
 
+/// Label: an MPTCP option subtype.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubtypeLabel {
+    /// `mp_capable`, `mp_join`, `dss`, ...
+    pub subtype: &'static str,
+}
+
+/// Label: a sniffer anomaly kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnomalyLabel {
+    /// `unknown_token`, `key_change`, `duplicate_address_id`, `hmac_mismatch`, `malformed_option`.
+    pub kind: &'static str,
+}
+
+/// The sniffer's anomaly kinds.
+pub const ANOMALY_KINDS: [&str; 5] = [
+    "unknown_token",
+    "key_change",
+    "duplicate_address_id",
+    "hmac_mismatch",
+    "malformed_option",
+];
+
 /// Label: an upstream error kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -167,6 +190,12 @@ pub struct Metrics {
     pub throttle_change_failures: Counter,
     /// Refreshes tc statistics at scrape time, when the throttle runs.
     class_stats_source: Mutex<Option<StatsSource>>,
+    /// Packets the sniffer's kernel filter passed.
+    pub sniffer_packets: Counter,
+    /// MPTCP options the sniffer decoded, by subtype.
+    pub sniffer_options: Family<SubtypeLabel, Counter>,
+    /// Anomalies the sniffer's tracker reported, by kind.
+    pub sniffer_anomalies: Family<AnomalyLabel, Counter>,
     process_open_fds: Gauge,
     process_resident_memory: Gauge,
     process_cpu_seconds: Counter<f64, AtomicU64>,
@@ -206,6 +235,17 @@ impl Metrics {
             prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
         );
         let throttle_change_failures = Counter::default();
+        let sniffer_packets = Counter::default();
+        let sniffer_options = Family::<SubtypeLabel, Counter>::default();
+        let sniffer_anomalies = Family::<AnomalyLabel, Counter>::default();
+        for subtype in mptcp_sniffer::wire::Subtype::ALL {
+            let _ = sniffer_options.get_or_create(&SubtypeLabel {
+                subtype: subtype.name(),
+            });
+        }
+        for kind in ANOMALY_KINDS {
+            let _ = sniffer_anomalies.get_or_create(&AnomalyLabel { kind });
+        }
         let process_open_fds = Gauge::default();
         let process_resident_memory = Gauge::default();
         let process_cpu_seconds = Counter::<f64, AtomicU64>::default();
@@ -327,6 +367,22 @@ impl Metrics {
             "Throttle changes the kernel refused",
             throttle_change_failures.clone(),
         );
+        let sniffer = proxy.sub_registry_with_prefix("sniffer");
+        sniffer.register(
+            "packets",
+            "Packets the sniffer's kernel filter passed",
+            sniffer_packets.clone(),
+        );
+        sniffer.register(
+            "options",
+            "MPTCP options the sniffer decoded, by subtype",
+            sniffer_options.clone(),
+        );
+        sniffer.register(
+            "anomalies",
+            "Anomalies the sniffer's tracker reported, by kind",
+            sniffer_anomalies.clone(),
+        );
         let process = registry.sub_registry_with_prefix("process");
         process.register(
             "open_fds",
@@ -378,6 +434,9 @@ impl Metrics {
             .clone();
         Self {
             registry,
+            sniffer_packets,
+            sniffer_options,
+            sniffer_anomalies,
             class_rate,
             class_ceil,
             class_bytes,

@@ -48,6 +48,9 @@ pub enum ServerError {
     /// The credentials file is unusable.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// The sniffer could not start capturing.
+    #[error("sniffer: {0}")]
+    Sniffer(String),
     /// Subflow throttling could not start or failed.
     #[error("throttle: {0}")]
     Throttle(String),
@@ -161,6 +164,26 @@ impl Server {
     /// finish for at most `limits.drain_timeout`, removes what the throttle installed, and returns.
     /// A throttle that fails stops the proxy with its error.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let sniffer = if self.shared.config.sniffer.interfaces.is_empty() {
+            None
+        } else {
+            let feeds_throttle = self.shared.config.throttle.as_ref().is_some_and(|t| {
+                t.enabled && t.event_source == mptcp_throttle::EventSource::Sniffer
+            });
+            let events = self
+                .shared
+                .throttle_events
+                .clone()
+                .filter(|_| feeds_throttle);
+            Some(
+                crate::sniffer::start(
+                    &self.shared.config.sniffer,
+                    self.shared.metrics.clone(),
+                    events,
+                )
+                .map_err(|e| ServerError::Sniffer(e.to_string()))?,
+            )
+        };
         let (throttle_stop_tx, throttle_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut throttle_task = match self.throttle {
             Some(handle) => Some(
@@ -241,6 +264,9 @@ impl Server {
         let _ = admin_stop_tx.send(true);
         if let Some(admin) = admin {
             let _ = admin.await;
+        }
+        if let Some(sniffer) = sniffer {
+            sniffer.stop();
         }
         let _ = throttle_stop_tx.send(());
         if let Some(task) = throttle_task {

@@ -3,7 +3,9 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use mptcp_proxy::metrics::{CodeLabel, InterfaceMap, Metrics, PathAccounting};
+use mptcp_proxy::metrics::{
+    ClassLabel, ClassLabels, CodeLabel, InterfaceMap, Metrics, PathAccounting,
+};
 
 fn json_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read dir") {
@@ -50,6 +52,22 @@ fn exported() -> BTreeSet<String> {
         .responses
         .get_or_create(&CodeLabel { code: 200 })
         .inc();
+    let class = ClassLabels {
+        class: "lte".into(),
+        interface: "wwan0".into(),
+        direction: "download",
+    };
+    metrics.class_rate.get_or_create(&class).set(1);
+    metrics.class_ceil.get_or_create(&class).set(1);
+    metrics.class_bytes.get_or_create(&class).inc();
+    metrics.class_drops.get_or_create(&class).inc();
+    metrics.class_overlimits.get_or_create(&class).inc();
+    metrics
+        .class_subflows
+        .get_or_create(&ClassLabel {
+            class: "lte".into(),
+        })
+        .set(1);
     let text = metrics.render_classic();
     let mut names = BTreeSet::new();
     for line in text.lines() {

@@ -121,8 +121,18 @@ fn prometheus_scrapes_the_proxy_and_every_dashboard_expression_has_data() {
         ),
     );
     let proxy_addr: SocketAddr = PROXY.parse().expect("literal");
+    // Throttled far above what the transfers need, so the class and rule metrics have data.
     let _proxy = lab.start_proxy(
-        &["--config", &config.display().to_string(), "--listen", PROXY],
+        &[
+            "--config",
+            &config.display().to_string(),
+            "--listen",
+            PROXY,
+            "--throttle",
+            "p1=2gbit",
+            "--throttle",
+            "p2=2gbit",
+        ],
         proxy_addr,
     );
     let prometheus_config = lab.config(
@@ -150,9 +160,21 @@ fn prometheus_scrapes_the_proxy_and_every_dashboard_expression_has_data() {
         )
         .expect("prometheus listening");
 
+    // Counters must be scraped before the traffic, or the first sample already holds it and rate() is 0.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while values(&prometheus_query(&lab, "up{job=\"mptcp-proxy\"}")) != [1.0] {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped the proxy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // Traffic over a few scrape intervals: downloads (both forms), an upstream error and a denial.
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(6) {
+    let mut rounds = 0;
+    while rounds < 2 || started.elapsed() < Duration::from_secs(6) {
+        rounds += 1;
         for tunnel in [false, true] {
             let mut argv = vec![
                 "mptcpize",
@@ -222,7 +244,7 @@ fn prometheus_scrapes_the_proxy_and_every_dashboard_expression_has_data() {
         assert!(!out.is_empty());
     }
 
-    // Every dashboard expression returns data once Prometheus has scraped the traffic.
+    // Every dashboard expression returns a finite value once Prometheus has scraped the traffic.
     let exprs = dashboard_exprs();
     assert!(exprs.len() >= 15);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -233,7 +255,10 @@ fn prometheus_scrapes_the_proxy_and_every_dashboard_expression_has_data() {
             let query = expr
                 .replace("$__rate_interval", "1m")
                 .replace("$instance", ".*");
-            values(&prometheus_query(&lab, &query)).is_empty()
+            // NaN (e.g. a quantile of a histogram that saw nothing) is not data.
+            !values(&prometheus_query(&lab, &query))
+                .iter()
+                .any(|v| v.is_finite())
         });
     }
     assert!(missing.is_empty(), "expressions without data: {missing:#?}");
