@@ -11,6 +11,8 @@ direct routed path without a proxy. The client is always MPTCP (`mptcpize run cu
   bench.py concurrency [--tunnels 9900] [--downloads 1000]    (f) idle tunnels, fairness
       (9900, not 10000: a tunnel holds two fds in the proxy, and where RLIMIT_NOFILE's hard limit is
       20000 and cannot be raised, as on the sandbox these numbers come from, 10000 do not fit)
+  bench.py throttle   [--connections 500]             (e) seed 002 Figs. 6/7 per-path time series;
+                                                     rule-install latency; cost of the nft rules
   bench.py all
 
 Each run writes bench/results/<bench>-<UTC time>.csv (bench,scenario,subject,run,metric,value,unit),
@@ -472,6 +474,104 @@ def bench_concurrency(tunnels=10000, downloads=1000, size_mib=4):
     return res
 
 
+def interface_tx(lab, dev):
+    return int(lab.exec("prx", "cat", f"/sys/class/net/{dev}/statistics/tx_bytes").stdout)
+
+
+def histogram_quantiles(text, name, quantiles):
+    """Quantiles (upper bucket bounds) of a classic-text Prometheus histogram."""
+    buckets = []
+    for line in text.splitlines():
+        m = re.match(rf'{name}_bucket{{le="([^"]+)"}} (\S+)', line)
+        if m:
+            buckets.append((float("inf") if m.group(1) == "+Inf" else float(m.group(1)), float(m.group(2))))
+    if not buckets or buckets[-1][1] == 0:
+        return [float("nan")] * len(quantiles)
+    total = buckets[-1][1]
+    return [next(le for le, count in buckets if count >= q * total) for q in quantiles]
+
+
+def bench_throttle(connections=500, size_mb=200):
+    res = Results("throttle")
+    with Lab("th") as lab:
+        lab.nginx({"big.bin": size_mb * 1000 * 1000, "small.txt": 1024})
+        # (e) Figs. 6/7: path 1 throttled to 20 Mbit/s once the second subflow joins.
+        proxy = lab.proxy(3128, extra='[throttle]\n[[throttle.classes]]\nname = "path1"\ninterface = "p1"\n'
+                                       'rate = "20mbit"\n[[throttle.rules]]\nclass = "path1"\n'
+                                       'match = { interface = "p1" }\n')
+        series = lab.work / "series.csv"
+        curl = subprocess.Popen(["ip", "netns", "exec", lab.ns["cli"], *MPTCP, "curl", "-sS", "-o", "/dev/null",
+                                 *via_proxy(3128), "http://10.0.3.2/big.bin"])
+        start = time.time()
+        last = (interface_tx(lab, "p1"), interface_tx(lab, "p2"), start)
+        with open(series, "w") as f:
+            while curl.poll() is None:
+                time.sleep(0.1)
+                now = time.time()
+                p1, p2 = interface_tx(lab, "p1"), interface_tx(lab, "p2")
+                dt = now - last[2]
+                r1, r2 = (p1 - last[0]) * 8 / dt / 1e6, (p2 - last[1]) * 8 / dt / 1e6
+                f.write(f"{now - start:.2f} {r1:.2f} {r2:.2f}\n")
+                res.add("time-series", "path1", round((now - start) * 10), "throughput", r1 * 1e6, "bit/s")
+                res.add("time-series", "path2", round((now - start) * 10), "throughput", r2 * 1e6, "bit/s")
+                last = (p1, p2, now)
+        png = RESULTS / f"throttle-timeseries-{STAMP}.png"
+        shutil.copy(series, RESULTS / f"throttle-timeseries-{STAMP}.dat")
+        gnuplot(f"set terminal png size 900,450\nset output '{png}'\nset xlabel 'time (s)'\n"
+                f"set ylabel 'Mbit/s (100 ms samples)'\nset key top right\n"
+                f"plot '{series}' using 1:2 with lines title 'path 1 (throttled to 20 Mbit/s)', "
+                f"'' using 1:3 with lines title 'path 2'\n")
+        proxy.terminate()
+        proxy.wait()
+        # Rule-install latency over many subflows: the proxy's own histogram (kernel event → nft ack).
+        conf = lab.work / "latency.toml"
+        conf.write_text('[[listener]]\naddress = "0.0.0.0:3131"\n[access_log]\npath = "off"\n'
+                        '[throttle]\n[[throttle.classes]]\nname = "path2"\ninterface = "p2"\nrate = "10gbit"\n'
+                        '[[throttle.rules]]\nclass = "path2"\nmatch = { interface = "p2" }\n')
+        lab.spawn("prx", str(PROXY_BIN), "--config", str(conf))
+        lab.wait_port("prx", "10.0.1.1", 3131)
+        urls = lab.work / "small-urls.txt"
+        urls.write_text("".join('url = "http://10.0.3.2/small.txt"\noutput = "/dev/null"\n' for _ in range(connections)))
+        lab.exec("cli", *MPTCP, "curl", "-sS", "--parallel", "--parallel-max", "50", *via_proxy(3131), "-K", str(urls),
+                 "-H", "Connection: close", check=False)
+        time.sleep(1.0)
+        text = lab.exec("prx", "curl", "-s", "http://127.0.0.1:9464/metrics").stdout
+        count = re.search(r"mptcp_proxy_throttle_rule_install_duration_seconds_count (\S+)", text)
+        p50, p99 = histogram_quantiles(text, "mptcp_proxy_throttle_rule_install_duration_seconds", [0.5, 0.99])
+        res.add("rule-install", "mptcp-proxy", 1, "installs", float(count.group(1)) if count else 0, "1")
+        res.add("rule-install", "mptcp-proxy", 1, "latency_p50_bound", p50, "s")
+        res.add("rule-install", "mptcp-proxy", 1, "latency_p99_bound", p99, "s")
+        # Throughput cost of the nftables rules: the same download with rules (a class far above the
+        # link rate) and without throttling.
+        for subject, extra in (("no-throttle", ""),
+                               ("nft-rules", '[throttle]\n[[throttle.classes]]\nname = "fast"\ninterface = "p1"\n'
+                                             'rate = "40gbit"\n[[throttle.classes]]\nname = "fast2"\n'
+                                             'interface = "p2"\nrate = "40gbit"\n[[throttle.rules]]\n'
+                                             'class = "fast"\nmatch = { interface = "p1" }\n[[throttle.rules]]\n'
+                                             'class = "fast2"\nmatch = { interface = "p2" }\n')):
+            port = 3132 if subject == "no-throttle" else 3133
+            p = lab.proxy(port, extra=extra)
+            for n in range(1, 4):
+                size, sec = curl_fetch(lab, MPTCP, via_proxy(port), "http://10.0.3.2/big.bin")
+                res.add("nft-cost", subject, n, "throughput", size * 8 / sec, "bit/s")
+            p.terminate()
+            p.wait()
+    res.save()
+    print("\n(e) per-path time series: bench/results/throttle-timeseries-*.png")
+    p1 = [r["value"] for r in res.rows if r["scenario"] == "time-series" and r["subject"] == "path1"]
+    p2 = [r["value"] for r in res.rows if r["scenario"] == "time-series" and r["subject"] == "path2"]
+    if p1:
+        tail = lambda v: v[len(v) // 5:]
+        print(f"path 1 median {statistics.median(tail(p1)) / 1e6:.1f} Mbit/s, path 2 median "
+              f"{statistics.median(tail(p2)) / 1e6:.1f} Mbit/s (after the first fifth)")
+    print(f"rule install, {res.median('rule-install', 'mptcp-proxy', 'installs'):.0f} rules: p50 <= "
+          f"{res.median('rule-install', 'mptcp-proxy', 'latency_p50_bound') * 1e3:.3f} ms, p99 <= "
+          f"{res.median('rule-install', 'mptcp-proxy', 'latency_p99_bound') * 1e3:.3f} ms (histogram bucket bounds)")
+    a, b = res.median("nft-cost", "no-throttle", "throughput"), res.median("nft-cost", "nft-rules", "throughput")
+    print(f"nft rules cost: {a / 1e9:.2f} Gbit/s without, {b / 1e9:.2f} Gbit/s with ({b / a:.2f}x)")
+    return res
+
+
 def gnuplot(script):
     if shutil.which("gnuplot"):
         subprocess.run(["gnuplot"], input=script, text=True, check=False)
@@ -510,7 +610,9 @@ def plot_cdf(res, metric):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["throughput", "requests", "conversion", "aggregation", "concurrency", "all"])
+    parser.add_argument("bench", choices=["throughput", "requests", "conversion", "aggregation", "concurrency",
+                                          "throttle", "all"])
+    parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=10)
@@ -521,7 +623,8 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench.py needs root (network namespaces)")
     run(["cargo", "build", "--release", "-q", "-p", "mptcp-proxy", "--bin", "mptcp-proxy"], cwd=ROOT)
-    todo = ["throughput", "requests", "conversion", "aggregation", "concurrency"] if a.bench == "all" else [a.bench]
+    todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle"]
+            if a.bench == "all" else [a.bench])
     for name in todo:
         if name == "throughput":
             bench_throughput(a.size_mib, a.runs)
@@ -533,6 +636,8 @@ def main():
             bench_aggregation(a.seconds, min(a.runs, 3))
         elif name == "concurrency":
             bench_concurrency(a.tunnels, a.downloads)
+        elif name == "throttle":
+            bench_throttle(a.connections)
 
 
 if __name__ == "__main__":
