@@ -217,6 +217,14 @@ pub struct Limits {
         deserialize_with = "duration"
     )]
     pub drain_timeout: Duration,
+    /// Per-client byte rate in each direction, enforced in user space with governor (the fallback where
+    /// tc cannot be used), e.g. "20mbit"; default none.
+    #[serde(default)]
+    pub client_rate: Option<mptcp_throttle::Rate>,
+    /// Bytes a client may send or receive at once under `client_rate`; default a tenth of a second at
+    /// the rate, at least 64 KiB.
+    #[serde(default)]
+    pub client_burst: Option<mptcp_throttle::Size>,
 }
 
 impl Limits {
@@ -249,6 +257,8 @@ impl Default for Limits {
             header_read_timeout: Self::default_header_read_timeout(),
             idle_timeout: Self::default_idle_timeout(),
             drain_timeout: Self::default_drain_timeout(),
+            client_rate: None,
+            client_burst: None,
         }
     }
 }
@@ -577,6 +587,10 @@ impl Config {
                 "relay.buffer_bytes",
                 "must be between 4096 and 67108864",
             ));
+        }
+        if let Some(rate) = self.limits.client_rate {
+            mptcp_throttle::ClientRateLimiter::new(rate, self.limits.client_burst)
+                .map_err(|error| invalid("limits.client_rate", &error.to_string()))?;
         }
         if let Some(admin) = self.metrics.address {
             if self.listeners.iter().any(|l| l.address == admin) {

@@ -27,8 +27,9 @@ use crate::auth::Credentials;
 use crate::config::Config;
 use crate::connection::{ClientConnection, ClientIo, HeadProblem};
 use crate::metrics::{CodeLabel, InterfaceMap, KindLabel, Metrics};
-use crate::relay::{relay, RelaySettings};
+use crate::relay::{relay, ClientLimits, RelaySettings};
 use crate::sockets::upstream_socket;
+use mptcp_throttle::ClientRateLimiter;
 
 /// The body type the proxy answers with.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -53,11 +54,13 @@ pub struct Shared {
     pub interfaces: Arc<InterfaceMap>,
     /// The throttle's event channel, when throttling is on.
     pub throttle_events: Option<mptcp_throttle::EventSender>,
+    /// User-space per-client rate limits (upload, download), when `limits.client_rate` is set.
+    pub client_limiters: Option<(Arc<ClientRateLimiter>, Arc<ClientRateLimiter>)>,
 }
 
 impl Shared {
     /// Relay settings for a tunnel of `client`.
-    pub fn relay_settings<'a>(&self, client: &'a ClientConnection) -> RelaySettings<'a> {
+    pub fn relay_settings<'a>(&'a self, client: &'a ClientConnection) -> RelaySettings<'a> {
         let (upload, download) = client.relay_counters();
         RelaySettings {
             mode: self.config.relay.mode,
@@ -65,6 +68,14 @@ impl Shared {
             idle_timeout: self.config.limits.idle_timeout,
             upload,
             download,
+            limits: self
+                .client_limiters
+                .as_ref()
+                .map(|(up, down)| ClientLimits {
+                    client: client.client.ip(),
+                    upload: up,
+                    download: down,
+                }),
         }
     }
 
@@ -497,6 +508,11 @@ pub async fn handle(
     let body = std::mem::replace(response.body_mut(), empty());
     *response.body_mut() = LoggedBody {
         inner: body,
+        limit: shared
+            .client_limiters
+            .as_ref()
+            .map(|(_, download)| (download.clone(), client.client.ip())),
+        held: None,
         body_bytes: 0,
         head_bytes,
         pending: Some(pending),
@@ -693,9 +709,18 @@ fn head_len(response: &Response<ProxyBody>) -> u64 {
     (status_line + fields + 2) as u64
 }
 
-/// A response body that counts what it passes and writes the access-log line when it ends.
+/// A data frame waiting for the client's rate-limit budget.
+type HeldFrame = (
+    Frame<Bytes>,
+    std::sync::Mutex<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+);
+
+/// A response body that counts what it passes, keeps the client's user-space rate limit, and writes
+/// the access-log line when it ends.
 struct LoggedBody {
     inner: ProxyBody,
+    limit: Option<(Arc<ClientRateLimiter>, IpAddr)>,
+    held: Option<HeldFrame>,
     body_bytes: u64,
     head_bytes: u64,
     pending: Option<Pending>,
@@ -711,17 +736,37 @@ impl Body for LoggedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some((_, wait)) = &mut self.held {
+            let wait = wait.get_mut().unwrap_or_else(|p| p.into_inner());
+            if wait.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if let Some((frame, _)) = self.held.take() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                self.body_bytes += data.len() as u64;
+                let len = data.len();
+                self.body_bytes += len as u64;
+                if let Some((limiter, client)) = self.limit.clone() {
+                    let Poll::Ready(Some(Ok(frame))) = polled else {
+                        unreachable!("matched above")
+                    };
+                    let bytes = u32::try_from(len).unwrap_or(u32::MAX);
+                    let wait: Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                        Box::pin(async move { limiter.until_ready(client, bytes).await });
+                    self.held = Some((frame, std::sync::Mutex::new(wait)));
+                    return self.poll_frame(cx);
+                }
             }
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.held.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

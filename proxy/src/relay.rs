@@ -89,6 +89,19 @@ pub struct RelaySettings<'a> {
     pub upload: &'a Counter,
     /// Counts server → client bytes as they move.
     pub download: &'a Counter,
+    /// User-space rate limits (upload, download) for this client, if configured.
+    pub limits: Option<ClientLimits<'a>>,
+}
+
+/// A client's user-space rate limits, one limiter per direction.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits<'a> {
+    /// The client.
+    pub client: std::net::IpAddr,
+    /// Client → server.
+    pub upload: &'a mptcp_throttle::ClientRateLimiter,
+    /// Server → client.
+    pub download: &'a mptcp_throttle::ClientRateLimiter,
 }
 
 /// Relays until both directions finish or nothing moves for `settings.idle_timeout`.
@@ -108,11 +121,30 @@ pub async fn relay(
         idle_timeout,
         upload,
         download,
+        limits,
     } = settings;
     write_all(server, client_prefix).await?;
     upload.inc_by(client_prefix.len() as u64);
-    let upload = pump(client, server, mode, buffer_bytes, &activity, upload);
-    let download = pump(server, client, mode, buffer_bytes, &activity, download);
+    let limit_up = limits.map(|l| (l.upload, l.client));
+    let limit_down = limits.map(|l| (l.download, l.client));
+    let upload = pump(
+        client,
+        server,
+        mode,
+        buffer_bytes,
+        &activity,
+        upload,
+        limit_up,
+    );
+    let download = pump(
+        server,
+        client,
+        mode,
+        buffer_bytes,
+        &activity,
+        download,
+        limit_down,
+    );
     tokio::select! {
         result = async { tokio::try_join!(upload, download) } => {
             let (up, down) = result?;
@@ -126,6 +158,17 @@ pub async fn relay(
     }
 }
 
+/// A direction's limiter and the client it limits.
+type Limit<'a> = Option<(&'a mptcp_throttle::ClientRateLimiter, std::net::IpAddr)>;
+
+async fn wait_for_budget(limit: Limit<'_>, bytes: usize) {
+    if let Some((limiter, client)) = limit {
+        limiter
+            .until_ready(client, u32::try_from(bytes).unwrap_or(u32::MAX))
+            .await;
+    }
+}
+
 async fn pump(
     source: &TcpStream,
     sink: &TcpStream,
@@ -133,10 +176,13 @@ async fn pump(
     buffer_bytes: usize,
     activity: &Activity,
     counter: &Counter,
+    limit: Limit<'_>,
 ) -> io::Result<u64> {
     let result = match mode {
-        RelayMode::Copy => pump_copy(source, sink, buffer_bytes, activity, counter).await,
-        RelayMode::Splice => pump_splice(source, sink, buffer_bytes, activity, counter).await,
+        RelayMode::Copy => pump_copy(source, sink, buffer_bytes, activity, counter, limit).await,
+        RelayMode::Splice => {
+            pump_splice(source, sink, buffer_bytes, activity, counter, limit).await
+        }
     };
     // EOF or error: tell the other side no more data comes this way.
     let _ = SockRef::from(sink).shutdown(std::net::Shutdown::Write);
@@ -149,6 +195,7 @@ async fn pump_copy(
     buffer_bytes: usize,
     activity: &Activity,
     counter: &Counter,
+    limit: Limit<'_>,
 ) -> io::Result<u64> {
     // Allocated on the first readable event: an idle tunnel holds no buffer.
     let mut buffer = Vec::new();
@@ -165,6 +212,7 @@ async fn pump_copy(
             Err(e) => return Err(e),
         };
         activity.touch();
+        wait_for_budget(limit, n).await;
         write_all(sink, &buffer[..n]).await?;
         total += n as u64;
         counter.inc_by(n as u64);
@@ -238,6 +286,7 @@ async fn pump_splice(
     pipe_bytes: usize,
     activity: &Activity,
     counter: &Counter,
+    limit: Limit<'_>,
 ) -> io::Result<u64> {
     // Created on the first readable event: an idle tunnel holds no pipe.
     let mut pipe: Option<Pipe> = None;
@@ -259,6 +308,7 @@ async fn pump_splice(
             return Ok(total);
         }
         activity.touch();
+        wait_for_budget(limit, n).await;
         let mut pending = n;
         while pending > 0 {
             let moved = sink
@@ -299,6 +349,7 @@ mod tests {
                 idle_timeout: Duration::from_secs(10),
                 upload: &up,
                 download: &down,
+                limits: None,
             };
             relay(&proxy_client_side, &proxy_server_side, b"pre", settings).await
         });
@@ -349,6 +400,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             upload: &counter,
             download: &counter,
+            limits: None,
         };
         let stats = relay(&a, &b, b"", settings).await.expect("relay");
         assert!(stats.idle_timeout);

@@ -126,6 +126,17 @@ impl Server {
                 Some(listener)
             }
         };
+        let client_limiters = match config.limits.client_rate {
+            None => None,
+            Some(rate) => {
+                let limiter = || {
+                    mptcp_throttle::ClientRateLimiter::new(rate, config.limits.client_burst)
+                        .map(Arc::new)
+                        .map_err(|e| ServerError::Throttle(format!("limits.client_rate: {e}")))
+                };
+                Some((limiter()?, limiter()?))
+            }
+        };
         let throttle = config
             .throttle
             .clone()
@@ -140,6 +151,7 @@ impl Server {
                 metrics: Arc::new(Metrics::new()),
                 interfaces: Arc::new(InterfaceMap::default()),
                 throttle_events: throttle.as_ref().map(|t| t.events.clone()),
+                client_limiters,
             }),
             listeners,
             admin,

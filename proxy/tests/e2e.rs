@@ -473,3 +473,141 @@ fn no_arguments_serves_on_0_0_0_0_port_3128() {
     ]);
     curl_ok(&out);
 }
+
+#[test]
+fn http_details_keep_alive_http10_chunked_via_and_upstream_mptcp() {
+    let Some(lab) = Lab::new() else { return };
+    let sink = start_upload_sink(&lab.tb, "10.0.3.2:8080".parse().expect("literal"));
+    let config = json_log_config(&lab, "[upstream]\nmptcp = true\n");
+    let _proxy = lab.start_proxy(&["--config", &config, "--listen", PROXY], proxy_addr());
+    let proxy = "http://10.0.1.1:3128";
+    // HTTP/1.0 client; Via added to the response.
+    let out = lab.client(&[
+        "curl",
+        "-sS",
+        "--fail",
+        "-i",
+        "--http1.0",
+        "-x",
+        proxy,
+        "http://10.0.3.2/small.txt",
+    ]);
+    curl_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(text.starts_with("http/1."), "{text}");
+    assert!(text.contains("via: 1.1 mptcp-proxy"), "{text}");
+    assert!(text.ends_with("hello through mptcp-proxy\n"), "{text}");
+    // Two requests on one client connection (keep-alive).
+    let out = lab.client(&[
+        "mptcpize",
+        "run",
+        "curl",
+        "-sS",
+        "--fail",
+        "-x",
+        proxy,
+        "http://10.0.3.2/small.txt",
+        "http://10.0.3.2/small.txt",
+    ]);
+    curl_ok(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("hello")
+            .count(),
+        2
+    );
+    let metrics = lab
+        .tb
+        .exec(
+            lab.tb.proxy_ns(),
+            &["curl", "-s", "http://127.0.0.1:9464/metrics"],
+        )
+        .expect("metrics");
+    let accepted = |transport: &str| -> f64 {
+        let series = format!("mptcp_proxy_client_connections_total{{transport=\"{transport}\",outcome=\"accepted\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        accepted("mptcp"),
+        1.0,
+        "two requests must share one MPTCP client connection"
+    );
+    // A chunked upload arrives intact, re-framed by the proxy.
+    let upload = pseudo_random(3 << 20, 99);
+    let upload_path = lab.path("chunked.bin");
+    std::fs::write(&upload_path, &upload).expect("write");
+    let out = lab.client(&[
+        "mptcpize",
+        "run",
+        "curl",
+        "-sS",
+        "--fail",
+        "-x",
+        proxy,
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &format!("@{}", upload_path.display()),
+        &format!("http://{sink}/chunked"),
+    ]);
+    curl_ok(&out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), sha256_hex(&upload));
+    // upstream.mptcp = true: the proxy's connections to servers start as MPTCP (and fall back, nginx
+    // speaks TCP).
+    let syns = lab
+        .tb
+        .nstat(lab.tb.proxy_ns(), "MPTcpExtMPCapableSYNTX")
+        .expect("nstat");
+    assert!(
+        syns >= 3,
+        "upstream connections did not try MPTCP ({syns} MP_CAPABLE SYNs sent)"
+    );
+}
+
+#[test]
+fn without_kernel_mptcp_the_proxy_warns_once_and_serves_tcp() {
+    let Some(lab) = Lab::new() else { return };
+    lab.tb
+        .exec(lab.tb.proxy_ns(), &["sysctl", "-qw", "net.mptcp.enabled=0"])
+        .expect("sysctl");
+    let stderr_path = lab.path("proxy.stderr");
+    let config = json_log_config(&lab, "");
+    let mut cmd = lab
+        .tb
+        .command(lab.tb.proxy_ns(), env!("CARGO_BIN_EXE_mptcp-proxy"));
+    cmd.args([
+        "--config",
+        &config,
+        "--listen",
+        PROXY,
+        "--listen",
+        "10.0.2.1:3128",
+    ])
+    .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+    let _proxy = testbed::Background::start(cmd).expect("start");
+    lab.tb
+        .wait_for_tcp(lab.tb.proxy_ns(), proxy_addr(), Duration::from_secs(20))
+        .expect("listening");
+    let out = lab.client(&[
+        "mptcpize",
+        "run",
+        "curl",
+        "-sS",
+        "--fail",
+        "-x",
+        "http://10.0.1.1:3128",
+        "http://10.0.3.2/small.txt",
+    ]);
+    curl_ok(&out);
+    let stderr = std::fs::read_to_string(&stderr_path).expect("stderr");
+    assert_eq!(
+        stderr.matches("the kernel has no MPTCP").count(),
+        1,
+        "{stderr}"
+    );
+    let log = lab.access_log_lines("proxy-access.log");
+    assert_eq!(log.last().expect("log line")["transport"], "tcp");
+}

@@ -282,3 +282,114 @@ fn invalid_policy_refuses_to_start_naming_the_entry() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--throttle"));
 }
+
+#[test]
+fn sniffer_events_drive_the_throttle() {
+    let Some(lab) = Lab::new() else { return };
+    let config = lab.config(
+        "sniffer.toml",
+        "[metrics]\naddress = \"off\"\n[sniffer]\ninterfaces = [\"p1\", \"p2\"]\n[throttle]\nevent_source = \"sniffer\"\n",
+    );
+    let mut proxy = lab.start_proxy(
+        &[
+            "--config",
+            &config.display().to_string(),
+            "--listen",
+            PROXY,
+            "--throttle",
+            "p1=20mbit",
+            "--throttle",
+            "p2=100mbit",
+        ],
+        proxy_addr(),
+    );
+    wait_for_installed(&lab);
+    let before = (lab.proxy_tx("p1"), lab.proxy_tx("p2"));
+    let output = lab.path("big.out");
+    let started = Instant::now();
+    let out = lab.client(&[
+        "mptcpize",
+        "run",
+        "curl",
+        "-sS",
+        "--fail",
+        "-x",
+        "http://10.0.1.1:3128",
+        "-o",
+        &output.display().to_string(),
+        "http://10.0.3.2/big.bin",
+    ]);
+    let seconds = started.elapsed().as_secs_f64();
+    curl_ok(&out);
+    assert_eq!(file_sha(&output), lab.big_sha, "download corrupted");
+    let p1 = (lab.proxy_tx("p1") - before.0) as f64;
+    let p2 = (lab.proxy_tx("p2") - before.1) as f64;
+    let p1_mbit = p1 * 8.0 / seconds / 1e6;
+    eprintln!(
+        "sniffer-driven download: {seconds:.2}s, p1 {p1_mbit:.1} Mbit/s, p2 {:.1} Mbit/s",
+        p2 * 8.0 / seconds / 1e6
+    );
+    assert!(
+        p1_mbit <= 22.0,
+        "path 1 carried {p1_mbit:.1} Mbit/s, more than 20 Mbit/s + 10%"
+    );
+    assert!(
+        p2 > 3.0 * p1,
+        "MPTCP did not move the bulk to path 2: p1 {p1} bytes, p2 {p2} bytes"
+    );
+    proxy.signal(libc::SIGTERM).expect("SIGTERM");
+    let status = proxy.wait_timeout(Duration::from_secs(40)).expect("exit");
+    assert!(status.success(), "proxy exited with {status}");
+    assert_eq!(
+        installed_state(&lab),
+        Vec::<String>::new(),
+        "left behind after SIGTERM"
+    );
+}
+
+#[test]
+fn userspace_client_rate_limits_both_forms_without_tc() {
+    let Some(lab) = Lab::new() else { return };
+    let config = lab.config(
+        "limit.toml",
+        "[metrics]\naddress = \"off\"\n[limits]\nclient_rate = \"20mbit\"\n",
+    );
+    let _proxy = lab.start_proxy(
+        &["--config", &config.display().to_string(), "--listen", PROXY],
+        proxy_addr(),
+    );
+    let range = 8usize << 20;
+    let expected = sha256_hex(&pseudo_random(range, BIG_SEED));
+    for tunnel in [false, true] {
+        let output = lab.path("range.out");
+        let mut argv = vec![
+            "mptcpize",
+            "run",
+            "curl",
+            "-sS",
+            "--fail",
+            "-x",
+            "http://10.0.1.1:3128",
+            "-r",
+        ];
+        let last = format!("0-{}", range - 1);
+        argv.push(&last);
+        let output_str = output.display().to_string();
+        argv.extend(["-o", &output_str]);
+        if tunnel {
+            argv.push("-p");
+        }
+        argv.push("http://10.0.3.2/big.bin");
+        let started = Instant::now();
+        curl_ok(&lab.client(&argv));
+        let mbit = range as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6;
+        eprintln!("user-space limit, tunnel {tunnel}: {mbit:.1} Mbit/s");
+        assert_eq!(file_sha(&output), expected, "limited download corrupted");
+        assert!(
+            (10.0..=22.0).contains(&mbit),
+            "client rate {mbit:.1} Mbit/s, limit 20 Mbit/s"
+        );
+    }
+    // No qdisc or nft table was needed.
+    assert_eq!(installed_state(&lab), Vec::<String>::new());
+}

@@ -13,6 +13,8 @@ use testbed::{Background, Options, Testbed};
 
 /// Size of the big download (issue 2, test a).
 pub const BIG: usize = 64 << 20;
+/// The seed of the big download's bytes; any prefix can be regenerated with [`pseudo_random`].
+pub const BIG_SEED: u64 = 0x006d_7074_6370;
 
 /// A testbed with nginx in the server namespace and a scratch directory.
 pub struct Lab {
@@ -63,7 +65,7 @@ impl Lab {
         let dir = tempfile::tempdir().expect("tempdir");
         let www = dir.path().join("www");
         std::fs::create_dir(&www).expect("www");
-        let big = pseudo_random(BIG, 0x006d_7074_6370);
+        let big = pseudo_random(BIG, BIG_SEED);
         std::fs::write(www.join("big.bin"), &big).expect("write big");
         std::fs::write(www.join("small.txt"), b"hello through mptcp-proxy\n").expect("write small");
         let big_sha = sha256_hex(&big);
@@ -125,8 +127,32 @@ impl Lab {
     }
 }
 
+/// Reads a chunked body (RFC 9112 §7.1), trailers ignored.
+fn read_chunked(reader: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let size = usize::from_str_radix(line.trim().split(';').next()?, 16).ok()?;
+        if size == 0 {
+            loop {
+                let mut trailer = String::new();
+                reader.read_line(&mut trailer).ok()?;
+                if trailer.trim().is_empty() {
+                    return Some(body);
+                }
+            }
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..]).ok()?;
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf).ok()?;
+    }
+}
+
 /// A tiny HTTP/1.1 upload sink in the server namespace: answers each request with the SHA-256 of its
-/// Content-Length body. Returns its address.
+/// body (Content-Length or chunked). Returns its address.
 pub fn start_upload_sink(tb: &Testbed, addr: SocketAddr) -> SocketAddr {
     let listener = tb
         .in_ns(tb.server_ns(), || TcpListener::bind(addr))
@@ -139,6 +165,7 @@ pub fn start_upload_sink(tb: &Testbed, addr: SocketAddr) -> SocketAddr {
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream.try_clone().expect("clone"));
                 let mut length = 0usize;
+                let mut chunked = false;
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -152,12 +179,23 @@ pub fn start_upload_sink(tb: &Testbed, addr: SocketAddr) -> SocketAddr {
                         if name.eq_ignore_ascii_case("content-length") {
                             length = value.trim().parse().unwrap_or(0);
                         }
+                        if name.eq_ignore_ascii_case("transfer-encoding") {
+                            chunked = value.to_ascii_lowercase().contains("chunked");
+                        }
                     }
                 }
-                let mut body = vec![0u8; length];
-                if reader.read_exact(&mut body).is_err() {
-                    return;
-                }
+                let body = if chunked {
+                    match read_chunked(&mut reader) {
+                        Some(body) => body,
+                        None => return,
+                    }
+                } else {
+                    let mut body = vec![0u8; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    body
+                };
                 let digest = sha256_hex(&body);
                 let mut stream = stream;
                 let _ = write!(
