@@ -78,6 +78,19 @@ pub struct Config {
     /// The embedded sniffer; off unless interfaces are named.
     #[serde(default)]
     pub sniffer: crate::sniffer::SnifferConfig,
+    /// The async runtime.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// The async runtime's shape.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads; default 0, one per CPU (tokio's default). 1 avoids cross-thread wakeups between
+    /// a request's client and upstream tasks, which bench/README.md shows dominates small requests.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 impl Default for Config {
@@ -93,6 +106,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             throttle: None,
             sniffer: crate::sniffer::SnifferConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }

@@ -60,21 +60,21 @@ pub struct Shared {
 
 impl Shared {
     /// Relay settings for a tunnel of `client`.
-    pub fn relay_settings<'a>(&'a self, client: &'a ClientConnection) -> RelaySettings<'a> {
+    pub fn relay_settings(&self, client: &ClientConnection) -> RelaySettings {
         let (upload, download) = client.relay_counters();
         RelaySettings {
             mode: self.config.relay.mode,
             buffer_bytes: self.config.relay.buffer_bytes,
             idle_timeout: self.config.limits.idle_timeout,
-            upload,
-            download,
+            upload: upload.clone(),
+            download: download.clone(),
             limits: self
                 .client_limiters
                 .as_ref()
                 .map(|(up, down)| ClientLimits {
                     client: client.client.ip(),
-                    upload: up,
-                    download: down,
+                    upload: up.clone(),
+                    download: down.clone(),
                 }),
         }
     }
@@ -674,12 +674,18 @@ async fn connect(
             tracing::error!("CONNECT upgrade returned an unexpected stream type");
             return;
         };
-        let Some(stream) = parts.io.into_inner().into_stream() else {
+        // Keep only the bytes the client sent past the CONNECT head: `read_buf` can hold on to hyper's
+        // whole read buffer, which would stay allocated for the tunnel's lifetime.
+        let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+        let prefix = read_buf.to_vec();
+        drop(read_buf);
+        let Some(stream) = io.into_inner().into_stream() else {
             return;
         };
+        let (stream, upstream) = (Arc::new(stream), Arc::new(upstream));
         let settings = shared.relay_settings(&client);
         let result = client
-            .sampling_subflows(relay(&stream, &upstream, &parts.read_buf, settings))
+            .sampling_subflows(relay(&stream, &upstream, &prefix, settings))
             .await;
         let stats = result.unwrap_or_else(|error| {
             tracing::debug!(%error, "tunnel ended with an error");

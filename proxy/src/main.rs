@@ -78,7 +78,14 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime.worker_threads > 0 {
+        builder.worker_threads(config.runtime.worker_threads);
+    }
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     runtime.block_on(async {
         mptcp_proxy::run(config, shutdown_signal()).await?;
         anyhow::Ok(())

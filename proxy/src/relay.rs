@@ -8,6 +8,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -77,8 +78,8 @@ impl Default for Activity {
 }
 
 /// How a relay runs, and where it counts bytes live.
-#[derive(Debug, Clone, Copy)]
-pub struct RelaySettings<'a> {
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
     /// copy or splice.
     pub mode: RelayMode,
     /// Buffer or pipe size per direction.
@@ -86,22 +87,33 @@ pub struct RelaySettings<'a> {
     /// Stop when nothing moved either way for this long.
     pub idle_timeout: Duration,
     /// Counts client → server bytes as they move.
-    pub upload: &'a Counter,
+    pub upload: Counter,
     /// Counts server → client bytes as they move.
-    pub download: &'a Counter,
-    /// User-space rate limits (upload, download) for this client, if configured.
-    pub limits: Option<ClientLimits<'a>>,
+    pub download: Counter,
+    /// User-space rate limits for this client, if configured.
+    pub limits: Option<ClientLimits>,
 }
 
 /// A client's user-space rate limits, one limiter per direction.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientLimits<'a> {
+#[derive(Debug, Clone)]
+pub struct ClientLimits {
     /// The client.
     pub client: std::net::IpAddr,
     /// Client → server.
-    pub upload: &'a mptcp_throttle::ClientRateLimiter,
+    pub upload: Arc<mptcp_throttle::ClientRateLimiter>,
     /// Server → client.
-    pub download: &'a mptcp_throttle::ClientRateLimiter,
+    pub download: Arc<mptcp_throttle::ClientRateLimiter>,
+}
+
+/// One direction of a relay: where bytes come from and go, how they are counted and limited.
+#[derive(Clone)]
+struct Direction {
+    source: Arc<TcpStream>,
+    sink: Arc<TcpStream>,
+    counter: Counter,
+    limit: Option<(Arc<mptcp_throttle::ClientRateLimiter>, std::net::IpAddr)>,
+    activity: Arc<Activity>,
+    buffer_bytes: usize,
 }
 
 /// Relays until both directions finish or nothing moves for `settings.idle_timeout`.
@@ -109,41 +121,36 @@ pub struct ClientLimits<'a> {
 /// `client_prefix` is data the client already sent that must reach the server first (bytes hyper read
 /// past a CONNECT head).
 pub async fn relay(
-    client: &TcpStream,
-    server: &TcpStream,
+    client: &Arc<TcpStream>,
+    server: &Arc<TcpStream>,
     client_prefix: &[u8],
-    settings: RelaySettings<'_>,
+    settings: RelaySettings,
 ) -> io::Result<RelayStats> {
-    let activity = Activity::new();
-    let RelaySettings {
-        mode,
-        buffer_bytes,
-        idle_timeout,
-        upload,
-        download,
-        limits,
-    } = settings;
+    let activity = Arc::new(Activity::new());
     write_all(server, client_prefix).await?;
-    upload.inc_by(client_prefix.len() as u64);
-    let limit_up = limits.map(|l| (l.upload, l.client));
-    let limit_down = limits.map(|l| (l.download, l.client));
+    settings.upload.inc_by(client_prefix.len() as u64);
+    let limits = settings.limits.clone();
+    let direction = |source: &Arc<TcpStream>,
+                     sink: &Arc<TcpStream>,
+                     counter: &Counter,
+                     upload: bool| Direction {
+        source: source.clone(),
+        sink: sink.clone(),
+        counter: counter.clone(),
+        limit: limits.as_ref().map(|l| {
+            let limiter = if upload { &l.upload } else { &l.download };
+            (limiter.clone(), l.client)
+        }),
+        activity: activity.clone(),
+        buffer_bytes: settings.buffer_bytes,
+    };
     let upload = pump(
-        client,
-        server,
-        mode,
-        buffer_bytes,
-        &activity,
-        upload,
-        limit_up,
+        direction(client, server, &settings.upload, true),
+        settings.mode,
     );
     let download = pump(
-        server,
-        client,
-        mode,
-        buffer_bytes,
-        &activity,
-        download,
-        limit_down,
+        direction(server, client, &settings.download, false),
+        settings.mode,
     );
     tokio::select! {
         result = async { tokio::try_join!(upload, download) } => {
@@ -154,69 +161,98 @@ pub async fn relay(
                 idle_timeout: false,
             })
         }
-        () = activity.idle(idle_timeout) => Ok(RelayStats { idle_timeout: true, ..RelayStats::default() }),
+        () = activity.idle(settings.idle_timeout) => Ok(RelayStats { idle_timeout: true, ..RelayStats::default() }),
     }
 }
 
-/// A direction's limiter and the client it limits.
-type Limit<'a> = Option<(&'a mptcp_throttle::ClientRateLimiter, std::net::IpAddr)>;
-
-async fn wait_for_budget(limit: Limit<'_>, bytes: usize) {
+async fn wait_for_budget(
+    limit: &Option<(Arc<mptcp_throttle::ClientRateLimiter>, std::net::IpAddr)>,
+    bytes: usize,
+) {
     if let Some((limiter, client)) = limit {
         limiter
-            .until_ready(client, u32::try_from(bytes).unwrap_or(u32::MAX))
+            .until_ready(*client, u32::try_from(bytes).unwrap_or(u32::MAX))
             .await;
     }
 }
 
-async fn pump(
-    source: &TcpStream,
-    sink: &TcpStream,
-    mode: RelayMode,
-    buffer_bytes: usize,
-    activity: &Activity,
-    counter: &Counter,
-    limit: Limit<'_>,
-) -> io::Result<u64> {
+async fn pump(direction: Direction, mode: RelayMode) -> io::Result<u64> {
+    let sink = direction.sink.clone();
     let result = match mode {
-        RelayMode::Copy => pump_copy(source, sink, buffer_bytes, activity, counter, limit).await,
-        RelayMode::Splice => {
-            pump_splice(source, sink, buffer_bytes, activity, counter, limit).await
-        }
+        RelayMode::Copy => pump_copy(direction).await,
+        RelayMode::Splice => pump_splice(&direction).await,
     };
     // EOF or error: tell the other side no more data comes this way.
-    let _ = SockRef::from(sink).shutdown(std::net::Shutdown::Write);
+    let _ = SockRef::from(&*sink).shutdown(std::net::Shutdown::Write);
     result
 }
 
-async fn pump_copy(
-    source: &TcpStream,
-    sink: &TcpStream,
-    buffer_bytes: usize,
-    activity: &Activity,
-    counter: &Counter,
-    limit: Limit<'_>,
-) -> io::Result<u64> {
-    // Allocated on the first readable event: an idle tunnel holds no buffer.
-    let mut buffer = Vec::new();
-    let mut total = 0u64;
-    loop {
-        source.readable().await?;
-        if buffer.is_empty() {
-            buffer = vec![0u8; buffer_bytes];
+/// Buffers in flight per direction: one being read into while another is written out.
+const COPY_BUFFERS: usize = 2;
+
+/// Copies with the read and the write of a direction in separate tasks, so they overlap (on different
+/// cores) the way hyper's connection tasks do for absolute-form bodies. The reader task and the buffers
+/// appear on the first data, and buffers are recycled: an idle tunnel holds neither.
+async fn pump_copy(direction: Direction) -> io::Result<u64> {
+    // An idle tunnel waits here, holding no buffer and no task.
+    direction.source.readable().await?;
+    let (filled_tx, mut filled_rx) = tokio::sync::mpsc::channel::<(Vec<u8>, usize)>(COPY_BUFFERS);
+    let (empty_tx, mut empty_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(COPY_BUFFERS);
+    let reader = {
+        let direction = direction.clone();
+        tokio::spawn(async move {
+            let mut allocated = 0;
+            let mut buffer: Option<Vec<u8>> = None;
+            loop {
+                direction.source.readable().await?;
+                let mut buf = match buffer.take() {
+                    Some(buf) => buf,
+                    None => match empty_rx.try_recv() {
+                        Ok(buf) => buf,
+                        Err(_) if allocated < COPY_BUFFERS => {
+                            allocated += 1;
+                            vec![0u8; direction.buffer_bytes]
+                        }
+                        Err(_) => match empty_rx.recv().await {
+                            Some(buf) => buf,
+                            None => return Ok::<(), io::Error>(()),
+                        },
+                    },
+                };
+                match direction.source.try_read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => {
+                        direction.activity.touch();
+                        wait_for_budget(&direction.limit, n).await;
+                        if filled_tx.send((buf, n)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = Some(buf),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    };
+    // Aborts the reader if the writer stops first (error, idle timeout, relay dropped).
+    struct AbortOnDrop(tokio::task::JoinHandle<io::Result<()>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
         }
-        let n = match source.try_read(&mut buffer) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        activity.touch();
-        wait_for_budget(limit, n).await;
-        write_all(sink, &buffer[..n]).await?;
+    }
+    let mut reader = AbortOnDrop(reader);
+    let mut total = 0u64;
+    while let Some((buf, n)) = filled_rx.recv().await {
+        write_all(&direction.sink, &buf[..n]).await?;
         total += n as u64;
-        counter.inc_by(n as u64);
-        activity.touch();
+        direction.counter.inc_by(n as u64);
+        direction.activity.touch();
+        let _ = empty_tx.send(buf).await;
+    }
+    match (&mut reader.0).await {
+        Ok(result) => result.map(|()| total),
+        Err(join) => Err(io::Error::other(join)),
     }
 }
 
@@ -280,14 +316,8 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-async fn pump_splice(
-    source: &TcpStream,
-    sink: &TcpStream,
-    pipe_bytes: usize,
-    activity: &Activity,
-    counter: &Counter,
-    limit: Limit<'_>,
-) -> io::Result<u64> {
+async fn pump_splice(direction: &Direction) -> io::Result<u64> {
+    let (source, sink, pipe_bytes) = (&direction.source, &direction.sink, direction.buffer_bytes);
     // Created on the first readable event: an idle tunnel holds no pipe.
     let mut pipe: Option<Pipe> = None;
     let mut total = 0u64;
@@ -307,8 +337,8 @@ async fn pump_splice(
         if n == 0 {
             return Ok(total);
         }
-        activity.touch();
-        wait_for_budget(limit, n).await;
+        direction.activity.touch();
+        wait_for_budget(&direction.limit, n).await;
         let mut pending = n;
         while pending > 0 {
             let moved = sink
@@ -319,8 +349,8 @@ async fn pump_splice(
             pending -= moved;
         }
         total += n as u64;
-        counter.inc_by(n as u64);
-        activity.touch();
+        direction.counter.inc_by(n as u64);
+        direction.activity.touch();
     }
 }
 
@@ -347,11 +377,12 @@ mod tests {
                 mode,
                 buffer_bytes: 4096,
                 idle_timeout: Duration::from_secs(10),
-                upload: &up,
-                download: &down,
+                upload: up,
+                download: down,
                 limits: None,
             };
-            relay(&proxy_client_side, &proxy_server_side, b"pre", settings).await
+            let (client, server) = (Arc::new(proxy_client_side), Arc::new(proxy_server_side));
+            relay(&client, &server, b"pre", settings).await
         });
         // Client uploads and half-closes; the server still answers with a large download afterwards.
         client.write_all(b"fix").await.expect("write");
@@ -393,16 +424,17 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let (_client, a) = pair(&listener).await;
         let (b, _server) = pair(&listener).await;
-        let counter = Counter::default();
         let settings = RelaySettings {
             mode: RelayMode::Copy,
             buffer_bytes: 4096,
             idle_timeout: Duration::from_secs(60),
-            upload: &counter,
-            download: &counter,
+            upload: Counter::default(),
+            download: Counter::default(),
             limits: None,
         };
-        let stats = relay(&a, &b, b"", settings).await.expect("relay");
+        let stats = relay(&Arc::new(a), &Arc::new(b), b"", settings)
+            .await
+            .expect("relay");
         assert!(stats.idle_timeout);
     }
 }

@@ -539,10 +539,12 @@ async fn serve_transparent(
         }
     };
     entry.url = destination.to_string();
+    let stream = Arc::new(stream);
     let host = destination.ip().to_string();
     match connect_upstream(&shared, &host, destination.port()).await {
         Ok((upstream, peer)) => {
             entry.peer = Some(peer.ip());
+            let upstream = Arc::new(upstream);
             client.upstream_connected();
             let settings = shared.relay_settings(&client);
             let stats = client
