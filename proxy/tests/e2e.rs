@@ -121,19 +121,8 @@ fn c_plain_tcp_client_falls_back_and_ipv6_works() {
         ],
         proxy_addr(),
     );
-    let out = lab.client(&[
-        "curl",
-        "-sS",
-        "--fail",
-        "-x",
-        "http://10.0.1.1:3128",
-        "http://10.0.3.2/small.txt",
-    ]);
-    curl_ok(&out);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello through mptcp-proxy\n"
-    );
+    let out = lab.curl_via_proxy(false, &["http://10.0.3.2/small.txt"]);
+    assert_eq!(out, "hello through mptcp-proxy\n");
     let out = lab.client(&[
         "mptcpize",
         "run",
@@ -299,21 +288,8 @@ fn d_errors_have_their_status_and_the_proxy_keeps_serving() {
     drop(held);
     std::thread::sleep(Duration::from_millis(300));
     // And the proxy still serves.
-    let out = lab.client(&[
-        "mptcpize",
-        "run",
-        "curl",
-        "-sS",
-        "--fail",
-        "-x",
-        "http://10.0.1.1:3128",
-        "http://10.0.3.2/small.txt",
-    ]);
-    curl_ok(&out);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello through mptcp-proxy\n"
-    );
+    let out = lab.curl_via_proxy(true, &["http://10.0.3.2/small.txt"]);
+    assert_eq!(out, "hello through mptcp-proxy\n");
 }
 
 #[test]
@@ -377,22 +353,17 @@ fn f_upload_of_16_mib_arrives_intact() {
     std::fs::write(&upload_path, &upload).expect("write upload");
     let data = format!("@{}", upload_path.display());
     let url = format!("http://{sink}/upload");
-    let out = lab.client(&[
-        "mptcpize",
-        "run",
-        "curl",
-        "-sS",
-        "--fail",
-        "-x",
-        "http://10.0.1.1:3128",
-        "-H",
-        "Content-Type: application/octet-stream",
-        "--data-binary",
-        &data,
-        &url,
-    ]);
-    curl_ok(&out);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), sha256_hex(&upload));
+    let out = lab.curl_via_proxy(
+        true,
+        &[
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &data,
+            &url,
+        ],
+    );
+    assert_eq!(out, sha256_hex(&upload));
     let log = lab.access_log_lines("proxy-access.log");
     assert_eq!(log.last().expect("log line")["method"], "POST");
 }
@@ -447,21 +418,8 @@ fn transparent_redirect_of_an_mptcp_client_reaches_the_original_destination() {
 fn no_arguments_serves_on_0_0_0_0_port_3128() {
     let Some(lab) = Lab::new() else { return };
     let _proxy = lab.start_proxy(&[], proxy_addr());
-    let out = lab.client(&[
-        "mptcpize",
-        "run",
-        "curl",
-        "-sS",
-        "--fail",
-        "-x",
-        "http://10.0.1.1:3128",
-        "http://10.0.3.2/small.txt",
-    ]);
-    curl_ok(&out);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello through mptcp-proxy\n"
-    );
+    let out = lab.curl_via_proxy(true, &["http://10.0.3.2/small.txt"]);
+    assert_eq!(out, "hello through mptcp-proxy\n");
     // Also on path 2's address: the wildcard listener covers every interface.
     let out = lab.client(&[
         "curl",
@@ -591,17 +549,7 @@ fn without_kernel_mptcp_the_proxy_warns_once_and_serves_tcp() {
     lab.tb
         .wait_for_tcp(lab.tb.proxy_ns(), proxy_addr(), Duration::from_secs(20))
         .expect("listening");
-    let out = lab.client(&[
-        "mptcpize",
-        "run",
-        "curl",
-        "-sS",
-        "--fail",
-        "-x",
-        "http://10.0.1.1:3128",
-        "http://10.0.3.2/small.txt",
-    ]);
-    curl_ok(&out);
+    lab.curl_via_proxy(true, &["http://10.0.3.2/small.txt"]);
     let stderr = std::fs::read_to_string(&stderr_path).expect("stderr");
     assert_eq!(
         stderr.matches("the kernel has no MPTCP").count(),

@@ -69,36 +69,27 @@ fn wait_for_installed(lab: &Lab) {
     }
 }
 
-#[test]
-fn throttled_path_carries_at_most_its_rate_and_the_host_is_left_clean() {
-    let Some(lab) = Lab::new() else { return };
-    let mut proxy = start_throttled(&lab);
-    wait_for_installed(&lab);
-
-    // Download: path 1 is held to 20 Mbit/s once the second subflow joins; MPTCP moves the rest to path 2.
+/// Downloads the big file through the proxy and checks the per-path split: path 1 at most its 20 Mbit/s
+/// class + 10%, and MPTCP moving the bulk to path 2. `what` names the case in the output.
+fn assert_path1_throttled_download(lab: &Lab, what: &str) {
     let before = (lab.proxy_tx("p1"), lab.proxy_tx("p2"));
     let output = lab.path("big.out");
     let started = Instant::now();
-    let out = lab.client(&[
-        "mptcpize",
-        "run",
-        "curl",
-        "-sS",
-        "--fail",
-        "-x",
-        "http://10.0.1.1:3128",
-        "-o",
-        &output.display().to_string(),
-        "http://10.0.3.2/big.bin",
-    ]);
+    lab.curl_via_proxy(
+        true,
+        &[
+            "-o",
+            &output.display().to_string(),
+            "http://10.0.3.2/big.bin",
+        ],
+    );
     let seconds = started.elapsed().as_secs_f64();
-    curl_ok(&out);
     assert_eq!(file_sha(&output), lab.big_sha, "download corrupted");
     let p1 = (lab.proxy_tx("p1") - before.0) as f64;
     let p2 = (lab.proxy_tx("p2") - before.1) as f64;
     let p1_mbit = p1 * 8.0 / seconds / 1e6;
     eprintln!(
-        "download: {seconds:.2}s, p1 {p1_mbit:.1} Mbit/s, p2 {:.1} Mbit/s",
+        "{what}: {seconds:.2}s, p1 {p1_mbit:.1} Mbit/s, p2 {:.1} Mbit/s",
         p2 * 8.0 / seconds / 1e6
     );
     assert!(
@@ -109,6 +100,16 @@ fn throttled_path_carries_at_most_its_rate_and_the_host_is_left_clean() {
         p2 > 3.0 * p1,
         "MPTCP did not move the bulk to path 2: p1 {p1} bytes, p2 {p2} bytes"
     );
+}
+
+#[test]
+fn throttled_path_carries_at_most_its_rate_and_the_host_is_left_clean() {
+    let Some(lab) = Lab::new() else { return };
+    let mut proxy = start_throttled(&lab);
+    wait_for_installed(&lab);
+
+    // Download: path 1 is held to 20 Mbit/s once the second subflow joins; MPTCP moves the rest to path 2.
+    assert_path1_throttled_download(&lab, "download");
 
     // SIGTERM: everything the proxy installed is gone.
     proxy.signal(libc::SIGTERM).expect("SIGTERM");
@@ -131,17 +132,7 @@ fn throttled_path_carries_at_most_its_rate_and_the_host_is_left_clean() {
     );
     let mut restarted = start_throttled(&lab);
     wait_for_installed(&lab);
-    let out = lab.client(&[
-        "mptcpize",
-        "run",
-        "curl",
-        "-sS",
-        "--fail",
-        "-x",
-        "http://10.0.1.1:3128",
-        "http://10.0.3.2/small.txt",
-    ]);
-    curl_ok(&out);
+    lab.curl_via_proxy(true, &["http://10.0.3.2/small.txt"]);
     restarted.signal(libc::SIGTERM).expect("SIGTERM");
     let status = restarted
         .wait_timeout(Duration::from_secs(40))
@@ -304,39 +295,7 @@ fn sniffer_events_drive_the_throttle() {
         proxy_addr(),
     );
     wait_for_installed(&lab);
-    let before = (lab.proxy_tx("p1"), lab.proxy_tx("p2"));
-    let output = lab.path("big.out");
-    let started = Instant::now();
-    let out = lab.client(&[
-        "mptcpize",
-        "run",
-        "curl",
-        "-sS",
-        "--fail",
-        "-x",
-        "http://10.0.1.1:3128",
-        "-o",
-        &output.display().to_string(),
-        "http://10.0.3.2/big.bin",
-    ]);
-    let seconds = started.elapsed().as_secs_f64();
-    curl_ok(&out);
-    assert_eq!(file_sha(&output), lab.big_sha, "download corrupted");
-    let p1 = (lab.proxy_tx("p1") - before.0) as f64;
-    let p2 = (lab.proxy_tx("p2") - before.1) as f64;
-    let p1_mbit = p1 * 8.0 / seconds / 1e6;
-    eprintln!(
-        "sniffer-driven download: {seconds:.2}s, p1 {p1_mbit:.1} Mbit/s, p2 {:.1} Mbit/s",
-        p2 * 8.0 / seconds / 1e6
-    );
-    assert!(
-        p1_mbit <= 22.0,
-        "path 1 carried {p1_mbit:.1} Mbit/s, more than 20 Mbit/s + 10%"
-    );
-    assert!(
-        p2 > 3.0 * p1,
-        "MPTCP did not move the bulk to path 2: p1 {p1} bytes, p2 {p2} bytes"
-    );
+    assert_path1_throttled_download(&lab, "sniffer-driven download");
     proxy.signal(libc::SIGTERM).expect("SIGTERM");
     let status = proxy.wait_timeout(Duration::from_secs(40)).expect("exit");
     assert!(status.success(), "proxy exited with {status}");

@@ -111,6 +111,21 @@ impl Lab {
             .expect("client command")
     }
 
+    /// `[mptcpize run] curl -sS --fail ARGS...` in the client namespace through the proxy at
+    /// 10.0.1.1:3128; panics unless curl succeeds. Returns what curl printed.
+    pub fn curl_via_proxy(&self, mptcp: bool, args: &[&str]) -> String {
+        let mut argv = if mptcp {
+            vec!["mptcpize", "run"]
+        } else {
+            Vec::new()
+        };
+        argv.extend(["curl", "-sS", "--fail", "-x", "http://10.0.1.1:3128"]);
+        argv.extend_from_slice(args);
+        let out = self.client(&argv);
+        curl_ok(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn proxy_tx(&self, interface: &str) -> u64 {
         self.tb
             .interface_bytes(self.tb.proxy_ns(), interface)
