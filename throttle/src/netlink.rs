@@ -434,41 +434,7 @@ impl NetlinkSocket {
         builder: MessageBuilder,
         operation: &str,
     ) -> Result<Vec<Message>, NetlinkError> {
-        let seq = self.next_seq();
-        let mut bytes = builder.finish(seq);
-        let flags = u16::from_ne_bytes([bytes[6], bytes[7]]) | NLM_F_ACK;
-        bytes[6..8].copy_from_slice(&flags.to_ne_bytes());
-        self.send(&bytes).map_err(|source| NetlinkError::Socket {
-            operation: operation.to_owned(),
-            source,
-        })?;
-        let mut replies = Vec::new();
-        loop {
-            let messages = self.recv().map_err(|source| NetlinkError::Socket {
-                operation: operation.to_owned(),
-                source,
-            })?;
-            for msg in messages {
-                if msg.seq != seq {
-                    continue;
-                }
-                if msg.msg_type == NLMSG_ERROR {
-                    let (errno, message) = parse_error(&msg);
-                    if errno == 0 {
-                        return Ok(replies);
-                    }
-                    return Err(NetlinkError::Kernel {
-                        operation: operation.to_owned(),
-                        source: io::Error::from_raw_os_error(-errno),
-                        message,
-                    });
-                }
-                if msg.msg_type == NLMSG_DONE {
-                    return Ok(replies);
-                }
-                replies.push(msg);
-            }
-        }
+        self.exchange(builder, NLM_F_ACK, operation)
     }
 
     /// Sends a dump request and collects every reply until `NLMSG_DONE`.
@@ -477,21 +443,29 @@ impl NetlinkSocket {
         builder: MessageBuilder,
         operation: &str,
     ) -> Result<Vec<Message>, NetlinkError> {
-        let seq = self.next_seq();
-        let mut bytes = builder.finish(seq);
-        let flags = u16::from_ne_bytes([bytes[6], bytes[7]]) | NLM_F_DUMP;
-        bytes[6..8].copy_from_slice(&flags.to_ne_bytes());
-        self.send(&bytes).map_err(|source| NetlinkError::Socket {
+        self.exchange(builder, NLM_F_DUMP, operation)
+    }
+
+    /// Sends `builder` with `extra_flags` added and collects the replies to its
+    /// sequence number until `NLMSG_DONE`, an ack, or an error.
+    fn exchange(
+        &mut self,
+        builder: MessageBuilder,
+        extra_flags: u16,
+        operation: &str,
+    ) -> Result<Vec<Message>, NetlinkError> {
+        let socket_error = |source| NetlinkError::Socket {
             operation: operation.to_owned(),
             source,
-        })?;
+        };
+        let seq = self.next_seq();
+        let mut bytes = builder.finish(seq);
+        let flags = u16::from_ne_bytes([bytes[6], bytes[7]]) | extra_flags;
+        bytes[6..8].copy_from_slice(&flags.to_ne_bytes());
+        self.send(&bytes).map_err(socket_error)?;
         let mut replies = Vec::new();
         loop {
-            let messages = self.recv().map_err(|source| NetlinkError::Socket {
-                operation: operation.to_owned(),
-                source,
-            })?;
-            for msg in messages {
+            for msg in self.recv().map_err(socket_error)? {
                 if msg.seq != seq {
                     continue;
                 }
