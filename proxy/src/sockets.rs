@@ -4,7 +4,7 @@
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -457,7 +457,6 @@ fn so_original_dst(socket: SockRef<'_>, ipv6: bool) -> io::Result<SocketAddr> {
 }
 
 // ctnetlink constants (linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h).
-const NETLINK_NETFILTER: libc::c_int = 12;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -471,16 +470,6 @@ const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-
-fn push_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
 
 fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     match ip {
@@ -489,101 +478,65 @@ fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-/// Walks netlink attributes in `buf`, yielding (type, payload).
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
-        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let payload = &buf[4..len];
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-        Some((kind, payload))
-    })
-}
-
 /// Asks conntrack for the connection whose reply tuple is `local → peer`; returns its original
 /// destination if it differs from `local` (the connection was NATed), `None` if it was not.
 pub fn conntrack_original_destination(
     local: SocketAddr,
     peer: SocketAddr,
 ) -> io::Result<Option<SocketAddr>> {
+    use mptcp_throttle::netlink::{parse_attrs, MessageBuilder, NetlinkSocket};
+
     let (local, peer) = (
         SocketAddr::new(local.ip().to_canonical(), local.port()),
         SocketAddr::new(peer.ip().to_canonical(), peer.port()),
     );
-    let family = if local.is_ipv4() {
-        libc::AF_INET
+    let (family, src_attr, dst_attr) = if local.is_ipv4() {
+        (libc::AF_INET, CTA_IP_V4_SRC, CTA_IP_V4_DST)
     } else {
-        libc::AF_INET6
+        (libc::AF_INET6, CTA_IP_V6_SRC, CTA_IP_V6_DST)
     };
-    let (src_attr, dst_attr) = if local.is_ipv4() {
-        (CTA_IP_V4_SRC, CTA_IP_V4_DST)
-    } else {
-        (CTA_IP_V6_SRC, CTA_IP_V6_DST)
+    let request = MessageBuilder::new((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, 0)
+        // struct nfgenmsg: family, version 0, res_id 0.
+        .header(&[family as u8, 0, 0, 0])
+        .begin_nest(CTA_TUPLE_REPLY)
+        .begin_nest(CTA_TUPLE_IP)
+        .attr(src_attr, &ip_bytes(local.ip()))
+        .attr(dst_attr, &ip_bytes(peer.ip()))
+        .end_nest()
+        .begin_nest(CTA_TUPLE_PROTO)
+        .attr_u8(CTA_PROTO_NUM, libc::IPPROTO_TCP as u8)
+        .attr(CTA_PROTO_SRC_PORT, &local.port().to_be_bytes())
+        .attr(CTA_PROTO_DST_PORT, &peer.port().to_be_bytes())
+        .end_nest()
+        .end_nest();
+    let mut socket = NetlinkSocket::open(libc::NETLINK_NETFILTER)?;
+    socket.set_recv_timeout(std::time::Duration::from_millis(500))?;
+    let replies = match socket.request(request, "conntrack lookup") {
+        Ok(replies) => replies,
+        Err(err) if err.errno() == Some(libc::ENOENT) => return Ok(None),
+        Err(err) => return Err(io::Error::other(err)),
     };
-    let mut ip = Vec::new();
-    push_attr(&mut ip, src_attr, &ip_bytes(local.ip()));
-    push_attr(&mut ip, dst_attr, &ip_bytes(peer.ip()));
-    let mut proto = Vec::new();
-    push_attr(&mut proto, CTA_PROTO_NUM, &[libc::IPPROTO_TCP as u8]);
-    push_attr(&mut proto, CTA_PROTO_SRC_PORT, &local.port().to_be_bytes());
-    push_attr(&mut proto, CTA_PROTO_DST_PORT, &peer.port().to_be_bytes());
-    let mut tuple = Vec::new();
-    push_attr(&mut tuple, CTA_TUPLE_IP | NLA_F_NESTED, &ip);
-    push_attr(&mut tuple, CTA_TUPLE_PROTO | NLA_F_NESTED, &proto);
-    let mut body = vec![family as u8, 0, 0, 0]; // struct nfgenmsg: family, version 0, res_id 0
-    push_attr(&mut body, CTA_TUPLE_REPLY | NLA_F_NESTED, &tuple);
-
-    let reply = match netlink_request(
-        NETLINK_NETFILTER,
-        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
-        &body,
-    ) {
-        Ok(reply) => reply,
-        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-        Err(err) => return Err(err),
-    };
-    // After struct nfgenmsg (4 bytes) come the attributes.
-    let Some(payload) = reply.get(4..) else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "short conntrack entry",
-        ));
-    };
-    let mut ip = None;
-    let mut port = None;
-    for (kind, value) in attrs(payload) {
+    let (mut ip, mut port) = (None, None);
+    // Each reply is a struct nfgenmsg (4 bytes) followed by attributes.
+    let entries = replies.iter().filter_map(|reply| reply.payload.get(4..));
+    for (kind, tuple) in entries.flat_map(parse_attrs) {
         if kind != CTA_TUPLE_ORIG {
             continue;
         }
-        for (kind, value) in attrs(value) {
-            match kind {
-                CTA_TUPLE_IP => {
-                    for (kind, value) in attrs(value) {
-                        ip = match (kind, value.len()) {
-                            (CTA_IP_V4_DST, 4) => {
-                                Some(IpAddr::from(<[u8; 4]>::try_from(value).map_err(invalid)?))
-                            }
-                            (CTA_IP_V6_DST, 16) => {
-                                Some(IpAddr::from(<[u8; 16]>::try_from(value).map_err(invalid)?))
-                            }
-                            _ => ip,
+        for (kind, value) in parse_attrs(tuple) {
+            for (field, bytes) in parse_attrs(value) {
+                match (kind, field, bytes.len()) {
+                    (CTA_TUPLE_IP, CTA_IP_V4_DST, 4) | (CTA_TUPLE_IP, CTA_IP_V6_DST, 16) => {
+                        ip = match bytes.len() {
+                            4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+                            _ => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
                         };
                     }
-                }
-                CTA_TUPLE_PROTO => {
-                    for (kind, value) in attrs(value) {
-                        if kind == CTA_PROTO_DST_PORT && value.len() == 2 {
-                            port = Some(u16::from_be_bytes([value[0], value[1]]));
-                        }
+                    (CTA_TUPLE_PROTO, CTA_PROTO_DST_PORT, 2) => {
+                        port = Some(u16::from_be_bytes([bytes[0], bytes[1]]));
                     }
+                    _ => {}
                 }
-                _ => {}
             }
         }
     }
@@ -597,82 +550,6 @@ pub fn conntrack_original_destination(
             "conntrack entry without an original tuple",
         )),
     }
-}
-
-/// Sends one netlink request and returns the payload of the reply (after the 16-byte header), or the
-/// kernel's error.
-fn netlink_request(protocol: libc::c_int, kind: u16, body: &[u8]) -> io::Result<Vec<u8>> {
-    let mut msg = Vec::with_capacity(16 + body.len());
-    msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-    msg.extend_from_slice(&kind.to_ne_bytes());
-    msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel assigns ours
-    msg.extend_from_slice(body);
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            protocol,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket we own.
-    let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    socket.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
-    // SAFETY: a zeroed sockaddr_nl addresses the kernel.
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: msg and kernel are valid for the given lengths.
-    let sent = unsafe {
-        libc::sendto(
-            socket.as_raw_fd(),
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut reply = vec![0u8; 8192];
-    // SAFETY: reply is writable for its length.
-    let n = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            reply.as_mut_ptr().cast(),
-            reply.len(),
-            0,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let reply = &reply[..n as usize];
-    if reply.len() < 16 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "short netlink reply",
-        ));
-    }
-    if u16::from_ne_bytes([reply[4], reply[5]]) == libc::NLMSG_ERROR as u16 {
-        let errno = reply
-            .get(16..20)
-            .map_or(libc::EIO, |e| -i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
-        return Err(io::Error::from_raw_os_error(errno));
-    }
-    let total =
-        (u32::from_ne_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize).min(reply.len());
-    Ok(reply[16..total].to_vec())
-}
-
-fn invalid(err: impl std::error::Error + Send + Sync + 'static) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, err)
 }
 
 #[cfg(test)]
@@ -711,18 +588,5 @@ mod tests {
         } else {
             assert_eq!(transport_of(accepted.as_fd(), false), Transport::Tcp);
         }
-    }
-
-    #[test]
-    fn netlink_attribute_walker_stops_on_truncation() {
-        let mut buf = Vec::new();
-        push_attr(&mut buf, 7, &[1, 2, 3]);
-        push_attr(&mut buf, 9, &[4]);
-        let parsed: Vec<_> = attrs(&buf).collect();
-        assert_eq!(parsed, vec![(7, &[1u8, 2, 3][..]), (9, &[4u8][..])]);
-        let truncated: Vec<_> = attrs(&buf[..6]).collect();
-        assert!(truncated.is_empty());
-        buf[0] = 200; // a length past the end
-        assert_eq!(attrs(&buf).count(), 0);
     }
 }

@@ -511,3 +511,24 @@ impl NetlinkSocket {
         Ok((others, errors))
     }
 }
+
+#[cfg(test)]
+mod walker_tests {
+    use super::*;
+
+    #[test]
+    fn attribute_walker_stops_on_truncation() {
+        let buf = MessageBuilder::new(0, 0)
+            .attr(7, &[1, 2, 3])
+            .attr(9, &[4])
+            .finish(0);
+        let mut attrs = buf[NLMSG_HDRLEN..].to_vec();
+        assert_eq!(
+            parse_attrs(&attrs),
+            vec![(7, &[1u8, 2, 3][..]), (9, &[4u8][..])]
+        );
+        assert!(parse_attrs(&attrs[..6]).is_empty());
+        attrs[0] = 200; // a length past the end
+        assert!(parse_attrs(&attrs).is_empty());
+    }
+}

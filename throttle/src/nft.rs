@@ -68,56 +68,57 @@ impl Expression for PayloadLoad {
     }
 }
 
-/// `meta <key>` load into register 1.
-struct MetaLoad(u32);
+/// A `meta` or `ct` expression that moves one key between the packet and register 1: `meta <key>`
+/// (a load), `meta <key> set` and `ct <key> set` (stores). nftnl only offers `meta mark set`; HTB
+/// needs `meta priority set`.
+pub struct RegisterExpr {
+    name: &'static std::ffi::CStr,
+    key_attr: u32,
+    key: u32,
+    register_attr: u32,
+}
 
-impl Expression for MetaLoad {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = alloc_expr(c"meta");
-        // SAFETY: expr is a live meta expression; the attributes are u32.
-        unsafe {
-            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_META_KEY as u16, self.0);
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_META_DREG as u16,
-                libc::NFT_REG_1 as u32,
-            );
+impl RegisterExpr {
+    /// `meta <key>` into register 1.
+    fn meta_load(key: u32) -> Self {
+        Self {
+            name: c"meta",
+            key_attr: sys::NFTNL_EXPR_META_KEY,
+            key,
+            register_attr: sys::NFTNL_EXPR_META_DREG,
         }
-        expr
+    }
+
+    /// `meta <key> set` from register 1 (`priority` selects the HTB class, `mark` the fwmark).
+    pub fn meta_set(key: u32) -> Self {
+        Self {
+            name: c"meta",
+            key_attr: sys::NFTNL_EXPR_META_KEY,
+            key,
+            register_attr: sys::NFTNL_EXPR_META_SREG,
+        }
+    }
+
+    /// `ct <key> set` from register 1.
+    pub fn ct_set(key: u32) -> Self {
+        Self {
+            name: c"ct",
+            key_attr: sys::NFTNL_EXPR_CT_KEY,
+            key,
+            register_attr: sys::NFTNL_EXPR_CT_SREG,
+        }
     }
 }
 
-/// `meta <key> set` from register 1 (nftnl only offers `meta mark set`).
-pub struct MetaSet(pub u32);
-
-impl Expression for MetaSet {
+impl Expression for RegisterExpr {
     fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = alloc_expr(c"meta");
-        // SAFETY: expr is a live meta expression; the attributes are u32.
+        let expr = alloc_expr(self.name);
+        // SAFETY: expr is a live expression of this kind; both attributes are u32.
         unsafe {
-            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_META_KEY as u16, self.0);
+            sys::nftnl_expr_set_u32(expr.as_ptr(), self.key_attr as u16, self.key);
             sys::nftnl_expr_set_u32(
                 expr.as_ptr(),
-                sys::NFTNL_EXPR_META_SREG as u16,
-                libc::NFT_REG_1 as u32,
-            );
-        }
-        expr
-    }
-}
-
-/// `ct <key> set` from register 1.
-pub struct CtSet(pub u32);
-
-impl Expression for CtSet {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = alloc_expr(c"ct");
-        // SAFETY: expr is a live ct expression; the attributes are u32.
-        unsafe {
-            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_CT_KEY as u16, self.0);
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_CT_SREG as u16,
+                self.register_attr as u16,
                 libc::NFT_REG_1 as u32,
             );
         }
@@ -179,9 +180,9 @@ fn add_tuple_match(rule: &mut Rule, tuple: &FourTuple) {
         IpAddr::V4(_) => (libc::NFPROTO_IPV4 as u8, 12, 16, 4),
         IpAddr::V6(_) => (libc::NFPROTO_IPV6 as u8, 8, 24, 16),
     };
-    rule.add_expr(&MetaLoad(libc::NFT_META_NFPROTO as u32));
+    rule.add_expr(&RegisterExpr::meta_load(libc::NFT_META_NFPROTO as u32));
     rule.add_expr(&Cmp::new(CmpOp::Eq, nfproto));
-    rule.add_expr(&MetaLoad(libc::NFT_META_L4PROTO as u32));
+    rule.add_expr(&RegisterExpr::meta_load(libc::NFT_META_L4PROTO as u32));
     rule.add_expr(&Cmp::new(CmpOp::Eq, libc::IPPROTO_TCP as u8));
     let addr_bytes = |ip: IpAddr| match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
@@ -255,7 +256,7 @@ pub fn add_subflow_rules(
         add_tuple_match(&mut rule, &subflow.tuple);
         rule.add_expr(&Counter);
         rule.add_expr(&Immediate::new(class.id.handle(), Register::Reg1));
-        rule.add_expr(&MetaSet(libc::NFT_META_PRIORITY as u32));
+        rule.add_expr(&RegisterExpr::meta_set(libc::NFT_META_PRIORITY as u32));
         let _ = rule.set_comment(comment(subflow));
         batch.add(&rule, MsgType::Add);
         used.push(RuleChain::Postrouting);
@@ -267,11 +268,11 @@ pub fn add_subflow_rules(
         rule.add_expr(&Counter);
         if let Some(mark) = subflow.fwmark {
             rule.add_expr(&Immediate::new(mark, Register::Reg1));
-            rule.add_expr(&MetaSet(libc::NFT_META_MARK as u32));
+            rule.add_expr(&RegisterExpr::meta_set(libc::NFT_META_MARK as u32));
         }
         if let Some(mark) = subflow.ct_mark {
             rule.add_expr(&Immediate::new(mark, Register::Reg1));
-            rule.add_expr(&CtSet(libc::NFT_CT_MARK as u32));
+            rule.add_expr(&RegisterExpr::ct_set(libc::NFT_CT_MARK as u32));
         }
         let _ = rule.set_comment(comment(subflow));
         batch.add(&rule, MsgType::Add);
