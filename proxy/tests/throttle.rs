@@ -69,37 +69,103 @@ fn wait_for_installed(lab: &Lab) {
     }
 }
 
-/// Downloads the big file through the proxy and checks the per-path split: path 1 at most its 20 Mbit/s
-/// class + 10%, and MPTCP moving the bulk to path 2. `what` names the case in the output.
-fn assert_path1_throttled_download(lab: &Lab, what: &str) {
-    let before = (lab.proxy_tx("p1"), lab.proxy_tx("p2"));
-    let output = lab.path("big.out");
+/// SIGTERM: the proxy exits 0 and leaves none of its qdiscs, IFB devices or nft table behind.
+fn stop_and_assert_clean(lab: &Lab, proxy: &mut Background, when: &str) {
+    proxy.signal(libc::SIGTERM).expect("SIGTERM");
+    let status = proxy.wait_timeout(Duration::from_secs(40)).expect("exit");
+    assert!(status.success(), "proxy exited with {status} ({when})");
+    assert_eq!(installed_state(lab), Vec::<String>::new(), "{when}");
+}
+
+/// Whether the throttle's nft table holds a classifying rule (`meta priority set`) for some subflow.
+fn subflow_rule_installed(lab: &Lab) -> bool {
+    lab.tb
+        .exec(
+            lab.tb.proxy_ns(),
+            &["nft", "list", "table", "inet", "mptcp_proxy"],
+        )
+        .is_ok_and(|table| table.contains("priority set"))
+}
+
+/// What the proxy's two paths carried during a transfer, from the first classified subflow to the end.
+struct PathSplit {
+    seconds: f64,
+    path1_bytes: f64,
+    path2_bytes: f64,
+    /// What curl printed.
+    output: String,
+}
+
+/// Runs `mptcpize run curl -sS --fail -x PROXY ARGS...` and measures the bytes the proxy's path 1 and
+/// path 2 carried towards the client (`upload` false: interface tx) or from it (`upload` true: rx),
+/// from the moment a subflow is classified: before that rule exists path 1 is unthrottled by design.
+fn transfer_after_classification(lab: &Lab, args: &[&str], upload: bool) -> PathSplit {
+    let counters = |interface| {
+        let (rx, tx) = lab
+            .tb
+            .interface_bytes(lab.tb.proxy_ns(), interface)
+            .expect("counters");
+        if upload {
+            rx
+        } else {
+            tx
+        }
+    };
+    let printed = lab.path("curl.out");
+    let mut curl = lab.tb.command(lab.tb.client_ns(), "mptcpize");
+    curl.args(["run", "curl", "-sS", "--fail", "-x", "http://10.0.1.1:3128"])
+        .args(args)
+        .stdout(std::fs::File::create(&printed).expect("curl output file"));
+    let mut transfer = Background::start(curl).expect("start curl");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !subflow_rule_installed(lab) {
+        assert!(Instant::now() < deadline, "no subflow was classified");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = (counters("p1"), counters("p2"));
     let started = Instant::now();
-    lab.curl_via_proxy(
-        true,
-        &[
-            "-o",
-            &output.display().to_string(),
-            "http://10.0.3.2/big.bin",
-        ],
-    );
+    let status = transfer
+        .wait_timeout(Duration::from_secs(120))
+        .expect("curl finishes");
     let seconds = started.elapsed().as_secs_f64();
-    assert_eq!(file_sha(&output), lab.big_sha, "download corrupted");
-    let p1 = (lab.proxy_tx("p1") - before.0) as f64;
-    let p2 = (lab.proxy_tx("p2") - before.1) as f64;
-    let p1_mbit = p1 * 8.0 / seconds / 1e6;
+    assert!(status.success(), "curl failed: {status}");
+    PathSplit {
+        seconds,
+        path1_bytes: (counters("p1") - before.0) as f64,
+        path2_bytes: (counters("p2") - before.1) as f64,
+        output: std::fs::read_to_string(&printed).expect("curl output"),
+    }
+}
+
+/// Path 1 at most its 20 Mbit/s class + 10%, and MPTCP moving the bulk to path 2.
+fn assert_path1_held(split: &PathSplit, what: &str) {
+    let mbit = |bytes: f64| bytes * 8.0 / split.seconds / 1e6;
+    let (p1, p2) = (split.path1_bytes, split.path2_bytes);
     eprintln!(
-        "{what}: {seconds:.2}s, p1 {p1_mbit:.1} Mbit/s, p2 {:.1} Mbit/s",
-        p2 * 8.0 / seconds / 1e6
+        "{what}: {:.2}s, p1 {:.1} Mbit/s, p2 {:.1} Mbit/s",
+        split.seconds,
+        mbit(p1),
+        mbit(p2)
     );
     assert!(
-        p1_mbit <= 22.0,
-        "path 1 carried {p1_mbit:.1} Mbit/s, more than 20 Mbit/s + 10%"
+        mbit(p1) <= 22.0,
+        "{what}: path 1 carried {:.1} Mbit/s, more than 20 Mbit/s + 10%",
+        mbit(p1)
     );
     assert!(
         p2 > 3.0 * p1,
-        "MPTCP did not move the bulk to path 2: p1 {p1} bytes, p2 {p2} bytes"
+        "{what}: MPTCP did not move the bulk to path 2: p1 {p1} bytes, p2 {p2} bytes"
     );
+}
+
+/// Downloads the big file through the throttled proxy: intact, and path 1 held to its class.
+fn assert_path1_throttled_download(lab: &Lab, what: &str) {
+    let output = lab.path("big.out");
+    let output = output.display().to_string();
+    let split =
+        transfer_after_classification(lab, &["-o", &output, "http://10.0.3.2/big.bin"], false);
+    assert_eq!(file_sha(output.as_ref()), lab.big_sha, "download corrupted");
+    assert_path1_held(&split, what);
 }
 
 #[test]
@@ -112,14 +178,7 @@ fn throttled_path_carries_at_most_its_rate_and_the_host_is_left_clean() {
     assert_path1_throttled_download(&lab, "download");
 
     // SIGTERM: everything the proxy installed is gone.
-    proxy.signal(libc::SIGTERM).expect("SIGTERM");
-    let status = proxy.wait_timeout(Duration::from_secs(40)).expect("exit");
-    assert!(status.success(), "proxy exited with {status}");
-    assert_eq!(
-        installed_state(&lab),
-        Vec::<String>::new(),
-        "left behind after SIGTERM"
-    );
+    stop_and_assert_clean(&lab, &mut proxy, "left behind after SIGTERM");
 
     // SIGKILL leaves state behind; the next start reconciles it, and its SIGTERM cleans up.
     let mut killed = start_throttled(&lab);
@@ -133,16 +192,7 @@ fn throttled_path_carries_at_most_its_rate_and_the_host_is_left_clean() {
     let mut restarted = start_throttled(&lab);
     wait_for_installed(&lab);
     lab.curl_via_proxy(true, &["http://10.0.3.2/small.txt"]);
-    restarted.signal(libc::SIGTERM).expect("SIGTERM");
-    let status = restarted
-        .wait_timeout(Duration::from_secs(40))
-        .expect("exit");
-    assert!(status.success(), "restarted proxy exited with {status}");
-    assert_eq!(
-        installed_state(&lab),
-        Vec::<String>::new(),
-        "left behind after restart + SIGTERM"
-    );
+    stop_and_assert_clean(&lab, &mut restarted, "left behind after restart + SIGTERM");
 }
 
 /// The quick form shapes downloads only (seed 002 throttles the download direction); a policy class
@@ -181,69 +231,12 @@ fn upload_is_shaped_through_ifb_by_policy() {
     let upload = pseudo_random(32 << 20, 7);
     let upload_path = lab.path("upload.bin");
     std::fs::write(&upload_path, &upload).expect("write upload");
-    let before = (
-        lab.tb
-            .interface_bytes(lab.tb.proxy_ns(), "p1")
-            .expect("counters")
-            .0,
-        lab.tb
-            .interface_bytes(lab.tb.proxy_ns(), "p2")
-            .expect("counters")
-            .0,
-    );
-    let started = Instant::now();
-    let out = lab.client(&[
-        "mptcpize",
-        "run",
-        "curl",
-        "-sS",
-        "--fail",
-        "-x",
-        "http://10.0.1.1:3128",
-        "--data-binary",
-        &format!("@{}", upload_path.display()),
-        &format!("http://{sink}/upload"),
-    ]);
-    let seconds = started.elapsed().as_secs_f64();
-    curl_ok(&out);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        sha256_hex(&upload),
-        "upload corrupted"
-    );
-    let p1 = (lab
-        .tb
-        .interface_bytes(lab.tb.proxy_ns(), "p1")
-        .expect("counters")
-        .0
-        - before.0) as f64;
-    let p2 = (lab
-        .tb
-        .interface_bytes(lab.tb.proxy_ns(), "p2")
-        .expect("counters")
-        .0
-        - before.1) as f64;
-    let p1_mbit = p1 * 8.0 / seconds / 1e6;
-    eprintln!(
-        "upload: {seconds:.2}s, p1 {p1_mbit:.1} Mbit/s, p2 {:.1} Mbit/s",
-        p2 * 8.0 / seconds / 1e6
-    );
-    assert!(
-        p1_mbit <= 22.0,
-        "path 1 received {p1_mbit:.1} Mbit/s of upload, more than 20 Mbit/s + 10%"
-    );
-    assert!(
-        p2 > 3.0 * p1,
-        "MPTCP did not move the upload to path 2: p1 {p1} bytes, p2 {p2} bytes"
-    );
-    proxy.signal(libc::SIGTERM).expect("SIGTERM");
-    let status = proxy.wait_timeout(Duration::from_secs(40)).expect("exit");
-    assert!(status.success(), "proxy exited with {status}");
-    assert_eq!(
-        installed_state(&lab),
-        Vec::<String>::new(),
-        "left behind after SIGTERM"
-    );
+    let data = format!("@{}", upload_path.display());
+    let url = format!("http://{sink}/upload");
+    let split = transfer_after_classification(&lab, &["--data-binary", &data, &url], true);
+    assert_eq!(split.output, sha256_hex(&upload), "upload corrupted");
+    assert_path1_held(&split, "upload");
+    stop_and_assert_clean(&lab, &mut proxy, "left behind after SIGTERM");
 }
 
 #[test]
@@ -296,14 +289,7 @@ fn sniffer_events_drive_the_throttle() {
     );
     wait_for_installed(&lab);
     assert_path1_throttled_download(&lab, "sniffer-driven download");
-    proxy.signal(libc::SIGTERM).expect("SIGTERM");
-    let status = proxy.wait_timeout(Duration::from_secs(40)).expect("exit");
-    assert!(status.success(), "proxy exited with {status}");
-    assert_eq!(
-        installed_state(&lab),
-        Vec::<String>::new(),
-        "left behind after SIGTERM"
-    );
+    stop_and_assert_clean(&lab, &mut proxy, "left behind after SIGTERM");
 }
 
 #[test]
@@ -321,26 +307,15 @@ fn userspace_client_rate_limits_both_forms_without_tc() {
     let expected = sha256_hex(&pseudo_random(range, BIG_SEED));
     for tunnel in [false, true] {
         let output = lab.path("range.out");
-        let mut argv = vec![
-            "mptcpize",
-            "run",
-            "curl",
-            "-sS",
-            "--fail",
-            "-x",
-            "http://10.0.1.1:3128",
-            "-r",
-        ];
-        let last = format!("0-{}", range - 1);
-        argv.push(&last);
         let output_str = output.display().to_string();
-        argv.extend(["-o", &output_str]);
+        let last = format!("0-{}", range - 1);
+        let mut args = vec!["-r", &last, "-o", &output_str];
         if tunnel {
-            argv.push("-p");
+            args.push("-p");
         }
-        argv.push("http://10.0.3.2/big.bin");
+        args.push("http://10.0.3.2/big.bin");
         let started = Instant::now();
-        curl_ok(&lab.client(&argv));
+        lab.curl_via_proxy(true, &args);
         let mbit = range as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6;
         eprintln!("user-space limit, tunnel {tunnel}: {mbit:.1} Mbit/s");
         assert_eq!(file_sha(&output), expected, "limited download corrupted");

@@ -847,3 +847,93 @@ fn missing_syn_ack_still_establishes() {
         "{events:#?}"
     );
 }
+
+/// Live capture reads each interface in its own thread, so a join SYN captured on one interface can
+/// reach the tracker before the handshake packets captured on another. Replays a real kernel capture
+/// with the first MP_JOIN SYN moved before the MP_CAPABLE third ACK (the token is then known from
+/// the SYN-ACK: no anomaly), and before the SYN-ACK (nothing names the token yet: an anomaly, but the
+/// subflow still attaches once the connection is established).
+#[test]
+fn join_seen_before_the_handshake_still_attaches() {
+    use mptcp_sniffer::capture::{self, CaptureFile};
+    use mptcp_sniffer::wire::{MptcpPacket, Subtype, TcpOptionIter};
+
+    let data = std::fs::read(common::fixture("testbed/linux-6.18-sll2.pcap")).unwrap();
+    let mut file = CaptureFile::parse(&data).unwrap();
+    let mut frames = Vec::new();
+    while let Some(frame) = file.next_frame().unwrap() {
+        frames.push((frame.link, frame.timestamp, frame.data.to_vec()));
+    }
+    // (SYN, ACK flags, MPTCP subtypes) of a frame.
+    let describe = |link, bytes: &[u8]| -> (bool, bool, Vec<Subtype>) {
+        let Ok(Some(segment)) = capture::decode_frame(link, bytes) else {
+            return (false, false, Vec::new());
+        };
+        let subtypes = TcpOptionIter::new(segment.options)
+            .flatten()
+            .filter(|o| o.kind == 30)
+            .filter_map(|o| MptcpPacket::new_checked(o.bytes).ok()?.subtype().ok())
+            .collect();
+        (segment.flags.syn(), segment.flags.ack(), subtypes)
+    };
+    let join = frames
+        .iter()
+        .position(|(link, _, d)| {
+            let (syn, _, s) = describe(*link, d);
+            syn && s.contains(&Subtype::MpJoin)
+        })
+        .expect("an MP_JOIN SYN");
+    let syn_ack = frames[..join]
+        .iter()
+        .position(|(link, _, d)| {
+            let (syn, ack, s) = describe(*link, d);
+            syn && ack && s.contains(&Subtype::MpCapable)
+        })
+        .expect("an MP_CAPABLE SYN-ACK before the join");
+    let third_ack = frames[..join]
+        .iter()
+        .position(|(link, _, d)| {
+            let (syn, _, s) = describe(*link, d);
+            !syn && s.contains(&Subtype::MpCapable)
+        })
+        .expect("an MP_CAPABLE third ACK before the join");
+
+    for (before, anomaly_expected) in [(third_ack, false), (syn_ack, true)] {
+        let mut reordered = frames.clone();
+        let moved = reordered.remove(join);
+        reordered.insert(before, moved);
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut events = Vec::new();
+        for (link, timestamp, bytes) in &reordered {
+            if let Ok(Some(segment)) = capture::decode_frame(*link, bytes) {
+                tracker.handle_segment(*timestamp, &segment);
+            }
+            while let Some(event) = tracker.poll_event() {
+                events.push(event);
+            }
+        }
+        let anomaly = events.iter().any(|e| {
+            matches!(
+                e,
+                Event::Anomaly {
+                    kind: AnomalyKind::UnknownToken { .. },
+                    ..
+                }
+            )
+        });
+        assert_eq!(
+            anomaly, anomaly_expected,
+            "join before frame {before}: {events:#?}"
+        );
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                Event::SubflowAdded {
+                    active_subflows: 2,
+                    ..
+                }
+            )),
+            "join before frame {before}: {events:#?}"
+        );
+    }
+}

@@ -169,6 +169,15 @@ impl Subflow {
         self.handshake == Handshake::Established
     }
 
+    /// A join kept while its connection is unknown (see `Tracker::orphan_joins`).
+    fn is_orphan(&self) -> bool {
+        self.connection.is_none()
+            && matches!(
+                self.handshake,
+                Handshake::JoinSyn { .. } | Handshake::JoinSynAck { .. } | Handshake::Established
+            )
+    }
+
     /// Which host of the connection sent a segment from `source`.
     fn sender_side(&self, source: SocketAddr) -> Side {
         if source == self.tuple.initiator {
@@ -212,6 +221,16 @@ pub struct Tracker {
     connections: FastMap<u64, Connection>,
     tokens: FastMap<u32, u64>,
     next_connection: u64,
+    /// Server-key tokens of MP_CAPABLE handshakes past their SYN-ACK, to their subflow. A client's
+    /// MP_JOIN carries this token, and when subflows are captured on several interfaces, the join SYN
+    /// can be seen before the third ACK that establishes the connection.
+    handshake_tokens: FastMap<u32, FlowKey>,
+    /// MP_JOIN subflows whose token was unknown when seen (bounded with `unknown_joins`), by token:
+    /// adopted if a connection with that token is established later, since joins captured on one
+    /// interface can reach the tracker before the handshake captured on another.
+    /// They are kept in `subflows` (so their SYN-ACK and ACK still advance them) but not in
+    /// `handshakes`: a flood of unknown joins must not evict real handshakes.
+    orphan_joins: FastMap<u32, Vec<FlowKey>>,
     unknown_joins: HashSet<(FlowKey, u32), BuildHasherDefault<FnvHasher>>,
     unknown_join_order: VecDeque<(FlowKey, u32)>,
     events: VecDeque<Event>,
@@ -242,6 +261,8 @@ impl Tracker {
             connections: FastMap::default(),
             tokens: FastMap::default(),
             next_connection: 0,
+            handshake_tokens: FastMap::default(),
+            orphan_joins: FastMap::default(),
             unknown_joins: HashSet::default(),
             unknown_join_order: VecDeque::new(),
             events: VecDeque::new(),
@@ -269,7 +290,7 @@ impl Tracker {
 
     /// Subflows currently tracked (in handshake or established).
     pub fn subflow_count(&self) -> usize {
-        self.subflows.len()
+        self.subflows.values().filter(|s| !s.is_orphan()).count()
     }
 
     /// Unknown MP_JOIN tokens currently remembered.
@@ -369,7 +390,7 @@ impl Tracker {
             .subflows
             .iter()
             .filter_map(|(key, subflow)| {
-                if subflow.is_established() {
+                if subflow.is_established() && subflow.connection.is_some() {
                     (now.saturating_sub(subflow.last_seen) >= idle).then_some((*key, true))
                 } else {
                     (now.saturating_sub(subflow.started) >= handshake).then_some((*key, false))
@@ -482,6 +503,17 @@ impl Tracker {
     /// Removes a subflow that never completed its handshake, without events.
     fn forget_subflow(&mut self, key: FlowKey) {
         if let Some(subflow) = self.subflows.remove(&key) {
+            if let Handshake::CapableSynAck {
+                version,
+                server_key,
+                ..
+            } = subflow.handshake
+            {
+                let token = crypto::token(crypto::MptcpVersion::from_wire(version), server_key);
+                if self.handshake_tokens.get(&token) == Some(&key) {
+                    self.handshake_tokens.remove(&token);
+                }
+            }
             if let Some(id) = subflow.connection {
                 if let Some(connection) = self.connections.get_mut(&id) {
                     connection.subflows.retain(|k| *k != key);
@@ -545,7 +577,13 @@ impl Tracker {
                     nonce,
                 }) => {
                     let Some(&id) = self.tokens.get(token) else {
-                        self.unknown_join(segment, key, *token);
+                        let handshake = Handshake::JoinSyn {
+                            token: *token,
+                            nonce: *nonce,
+                        };
+                        let orphan =
+                            new_subflow(handshake, None, Side::Client, Some(*address_id), *backup);
+                        self.unknown_join(segment, key, *token, orphan);
                         return;
                     };
                     if self
@@ -597,26 +635,71 @@ impl Tracker {
         }
     }
 
-    fn unknown_join(&mut self, segment: &Segment<'_>, key: FlowKey, token: u32) {
+    /// Remembers a join whose token is not (yet) a connection's. It is reported as an anomaly unless the
+    /// token belongs to a handshake in progress, and adopted if that connection is established.
+    fn unknown_join(&mut self, segment: &Segment<'_>, key: FlowKey, token: u32, orphan: Subflow) {
         if self.unknown_joins.contains(&(key, token)) {
             return;
         }
-        if self.config.max_unknown_joins == 0 {
-            self.anomaly(AnomalyKind::UnknownToken { token }, segment, None);
-            return;
-        }
-        while self.unknown_joins.len() >= self.config.max_unknown_joins {
-            match self.unknown_join_order.pop_front() {
-                Some(oldest) => {
-                    self.unknown_joins.remove(&oldest);
-                    self.stats.evicted_unknown_joins += 1;
+        let expected = self.handshake_tokens.contains_key(&token);
+        if self.config.max_unknown_joins > 0 && !self.subflows.contains_key(&key) {
+            while self.unknown_joins.len() >= self.config.max_unknown_joins {
+                let Some((oldest, oldest_token)) = self.unknown_join_order.pop_front() else {
+                    break;
+                };
+                if !self.unknown_joins.remove(&(oldest, oldest_token)) {
+                    continue; // adopted meanwhile
                 }
-                None => break,
+                if self
+                    .subflows
+                    .get(&oldest)
+                    .is_some_and(|s| s.connection.is_none())
+                {
+                    self.subflows.remove(&oldest);
+                }
+                if let Some(orphans) = self.orphan_joins.get_mut(&oldest_token) {
+                    orphans.retain(|k| *k != oldest);
+                    if orphans.is_empty() {
+                        self.orphan_joins.remove(&oldest_token);
+                    }
+                }
+                self.stats.evicted_unknown_joins += 1;
+            }
+            self.unknown_joins.insert((key, token));
+            self.unknown_join_order.push_back((key, token));
+            self.subflows.insert(key, orphan);
+            self.orphan_joins.entry(token).or_default().push(key);
+        }
+        if !expected {
+            self.anomaly(AnomalyKind::UnknownToken { token }, segment, None);
+        }
+    }
+
+    /// Attaches the joins that named one of a new connection's tokens before it was established.
+    fn adopt_orphan_joins(&mut self, id: u64, tokens: [u32; 2]) {
+        // A join carries the token of the host it is sent to; the other host initiated it.
+        for (side, token) in [(Side::Server, tokens[0]), (Side::Client, tokens[1])] {
+            for join in self.orphan_joins.remove(&token).unwrap_or_default() {
+                self.unknown_joins.remove(&(join, token));
+                let Some(subflow) = self.subflows.get_mut(&join) else {
+                    continue;
+                };
+                if subflow.connection.is_some() {
+                    continue;
+                }
+                subflow.connection = Some(id);
+                subflow.initiator_side = side;
+                let established = subflow.is_established();
+                if let Some(connection) = self.connections.get_mut(&id) {
+                    connection.subflows.push(join);
+                }
+                if established {
+                    self.subflow_added(join, id);
+                } else {
+                    self.handshakes.push_back(join);
+                }
             }
         }
-        self.unknown_joins.insert((key, token));
-        self.unknown_join_order.push_back((key, token));
-        self.anomaly(AnomalyKind::UnknownToken { token }, segment, None);
     }
 
     fn handle_syn_ack(
@@ -650,11 +733,15 @@ impl Tracker {
                 });
                 match capable {
                     Some(capable) => {
+                        let server_key = capable.sender_key.unwrap_or(0);
                         subflow.handshake = Handshake::CapableSynAck {
                             version,
                             client_key,
-                            server_key: capable.sender_key.unwrap_or(0),
+                            server_key,
                         };
+                        let token =
+                            crypto::token(crypto::MptcpVersion::from_wire(version), server_key);
+                        self.handshake_tokens.insert(token, key);
                     }
                     None => {
                         let tuple = subflow.tuple;
@@ -904,6 +991,7 @@ impl Tracker {
         for token in tokens {
             self.tokens.insert(token, id);
         }
+        self.handshake_tokens.remove(&tokens[1]);
         let Some(subflow) = self.subflows.get_mut(&key) else {
             return;
         };
@@ -917,6 +1005,7 @@ impl Tracker {
             subflow: info,
         });
         self.subflow_added(key, id);
+        self.adopt_orphan_joins(id, tokens);
     }
 
     fn subflow_added(&mut self, key: FlowKey, id: u64) {
