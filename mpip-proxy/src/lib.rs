@@ -47,6 +47,7 @@ pub mod path_manager;
 pub mod resequencer;
 pub mod routing;
 pub mod scheduler;
+pub mod sys;
 pub mod table;
 pub mod time;
 pub mod wire;

@@ -1,0 +1,3 @@
+//! Operating-system side of the MPIP shell: TUN devices, interface scanning,
+//! path sockets and the gateway's nftables masquerade. Everything here talks to
+//! the kernel; the protocol state lives in the sans-IO modules.
