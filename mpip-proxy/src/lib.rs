@@ -42,6 +42,7 @@
 //!   simulated links with a simulated clock.
 
 pub mod mss;
+pub mod node;
 pub mod packet;
 pub mod path_manager;
 pub mod resequencer;

@@ -33,6 +33,11 @@ pub enum Priority {
 }
 
 /// One row of Table IV. A field left out matches anything (`*` in the paper).
+///
+/// `ip` and `port` name the session's far end, so one rule covers both
+/// directions: they match a packet whose destination *or* source is that
+/// address or port (a client sends to the server's port; the proxy end sends
+/// back from it).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingRule {
@@ -52,14 +57,23 @@ pub struct RoutingRule {
     #[serde(default)]
     pub end_size: Option<usize>,
     /// Priority of matching packets.
+    #[serde(default)]
     pub priority: Priority,
+    /// Coordinated routing (Fig. 9): pins matching sessions to the path that
+    /// leaves from this local interface while it is live.
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// What a rule is matched against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PacketClass {
+    /// Source IP address.
+    pub source: IpAddr,
     /// Destination IP address.
     pub destination: IpAddr,
+    /// Source port, if the protocol has ports.
+    pub source_port: Option<u16>,
     /// Destination port, if the protocol has ports.
     pub port: Option<u16>,
     /// Transport protocol.
@@ -71,7 +85,9 @@ pub struct PacketClass {
 impl From<&InnerPacket> for PacketClass {
     fn from(packet: &InnerPacket) -> Self {
         PacketClass {
+            source: packet.source,
             destination: packet.destination,
+            source_port: packet.source_port,
             port: packet.destination_port,
             protocol: packet.protocol,
             length: packet.total_len,
@@ -82,8 +98,11 @@ impl From<&InnerPacket> for PacketClass {
 impl RoutingRule {
     /// Whether the rule matches `class`.
     pub fn matches(&self, class: &PacketClass) -> bool {
-        self.ip.is_none_or(|ip| ip == class.destination)
-            && self.port.is_none_or(|port| Some(port) == class.port)
+        self.ip
+            .is_none_or(|ip| ip == class.destination || ip == class.source)
+            && self
+                .port
+                .is_none_or(|port| Some(port) == class.port || Some(port) == class.source_port)
             && self.protocol.is_none_or(|p| p == class.protocol)
             && class.length >= self.start_size
             && self.end_size.is_none_or(|end| class.length < end)
@@ -136,10 +155,12 @@ impl RoutingTable {
 
     /// The priority of `class`: the first matching rule's, else the default.
     pub fn classify(&self, class: &PacketClass) -> Priority {
-        self.rules
-            .iter()
-            .find(|rule| rule.matches(class))
-            .map_or(self.default, |rule| rule.priority)
+        self.rule_for(class).map_or(self.default, |rule| rule.priority)
+    }
+
+    /// The first rule matching `class`.
+    pub fn rule_for(&self, class: &PacketClass) -> Option<&RoutingRule> {
+        self.rules.iter().find(|rule| rule.matches(class))
     }
 }
 
@@ -175,7 +196,9 @@ mod tests {
 
     fn class(ip: &str, port: u16, protocol: Protocol, length: usize) -> PacketClass {
         PacketClass {
+            source: "10.200.0.2".parse().unwrap(),
             destination: ip.parse().unwrap(),
+            source_port: Some(40000),
             port: Some(port),
             protocol,
             length,
@@ -239,5 +262,26 @@ mod tests {
         let table: RoutingTable = toml::from_str(TABLE_IV).unwrap();
         let json = serde_json::to_string(&table).unwrap();
         assert_eq!(serde_json::from_str::<RoutingTable>(&json).unwrap(), table);
+    }
+
+    #[test]
+    fn a_rule_matches_both_directions_and_may_pin_a_path() {
+        let table: RoutingTable = toml::from_str(
+            "[[rule]]\nport = 8080\nprotocol = \"tcp\"\npath = \"c2\"\n",
+        )
+        .unwrap();
+        let request = class("10.0.3.2", 8080, Protocol::Tcp, 60);
+        let reply = PacketClass {
+            source: request.destination,
+            destination: request.source,
+            source_port: request.port,
+            port: request.source_port,
+            ..request
+        };
+        let rule = table.rule_for(&request).unwrap();
+        assert_eq!(rule.path.as_deref(), Some("c2"));
+        assert_eq!(rule.priority, Priority::ThroughputFirst);
+        assert_eq!(table.rule_for(&reply), Some(rule));
+        assert_eq!(table.rule_for(&class("10.0.3.2", 80, Protocol::Tcp, 60)), None);
     }
 }

@@ -461,7 +461,9 @@ mod tests {
         };
         let s = Scheduler::new(SchedulerConfig::default(), routing, SplitMix64::new(0));
         let class = |port| PacketClass {
+            source: "10.200.0.2".parse().unwrap(),
             destination: "192.168.1.2".parse().unwrap(),
+            source_port: Some(40000),
             port: Some(port),
             protocol: crate::table::session::Protocol::Udp,
             length: 300,

@@ -170,8 +170,11 @@ impl CmFlags {
     pub const FEEDBACK: CmFlags = CmFlags(0x10);
     /// Protected-path copy: the receiver keeps the first copy of a sequence number.
     pub const DUPLICATE: CmFlags = CmFlags(0x20);
+    /// The payload after the CM block is an [`AssignmentPacket`] (tunnel address
+    /// given by the proxy end with its `CONFIRM`), not an inner IP packet.
+    pub const ASSIGN: CmFlags = CmFlags(0x40);
     /// Every defined flag.
-    pub const ALL: CmFlags = CmFlags(0x3f);
+    pub const ALL: CmFlags = CmFlags(0x7f);
 
     /// Flags from raw bits; `None` if a reserved bit is set.
     pub const fn from_bits(bits: u8) -> Option<CmFlags> {
@@ -220,13 +223,14 @@ impl CmFlags {
 
 impl fmt::Debug for CmFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(CmFlags, &str); 6] = [
+        const NAMES: [(CmFlags, &str); 7] = [
             (CmFlags::ENABLE, "ENABLE"),
             (CmFlags::CONFIRM, "CONFIRM"),
             (CmFlags::IP_CHANGE, "IP_CHANGE"),
             (CmFlags::HEARTBEAT, "HEARTBEAT"),
             (CmFlags::FEEDBACK, "FEEDBACK"),
             (CmFlags::DUPLICATE, "DUPLICATE"),
+            (CmFlags::ASSIGN, "ASSIGN"),
         ];
         let mut first = true;
         write!(f, "CmFlags(")?;
@@ -620,6 +624,133 @@ impl CmRepr {
     }
 }
 
+/// Byte offsets of the Address Assignment payload (`PROTOCOL.md` §4.3).
+pub mod assignment_field {
+    use super::field::Field;
+
+    /// Address family of the assignment: `4` (the only one defined).
+    pub const KIND: usize = 0;
+    /// Prefix length of the tunnel network.
+    pub const PREFIX_LEN: usize = 1;
+    /// The client's tunnel address.
+    pub const CLIENT: Field = 2..6;
+    /// The proxy end's tunnel address (the HTTP proxy and the gateway).
+    pub const PROXY: Field = 6..10;
+}
+
+/// Length of an IPv4 Address Assignment payload.
+pub const ASSIGNMENT_LEN: usize = 10;
+
+/// Errors of an Address Assignment payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AssignmentError {
+    /// Shorter than [`ASSIGNMENT_LEN`].
+    #[error("address assignment truncated: {0} bytes")]
+    Truncated(usize),
+    /// An address family other than 4.
+    #[error("address assignment of unknown kind {0}")]
+    BadKind(u8),
+    /// A prefix length above 30 leaves no room for two hosts.
+    #[error("address assignment prefix length {0} is not in 1..=30")]
+    BadPrefixLen(u8),
+    /// The two addresses are not in one network of that prefix length.
+    #[error("client {client} and proxy {proxy} are not in one /{prefix_len}")]
+    NotOneNetwork {
+        /// Client tunnel address.
+        client: Ipv4Addr,
+        /// Proxy tunnel address.
+        proxy: Ipv4Addr,
+        /// Prefix length.
+        prefix_len: u8,
+    },
+}
+
+/// Zero-copy view of an Address Assignment, the payload of a `CONFIRM | ASSIGN`.
+#[derive(Debug, Clone, Copy)]
+pub struct AssignmentPacket<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> AssignmentPacket<T> {
+    /// Checks length, kind, prefix length and that both addresses share the
+    /// network; the only entry for received bytes.
+    pub fn new_checked(buffer: T) -> Result<Self, AssignmentError> {
+        let bytes = buffer.as_ref();
+        if bytes.len() < ASSIGNMENT_LEN {
+            return Err(AssignmentError::Truncated(bytes.len()));
+        }
+        if bytes[assignment_field::KIND] != ADDRESS_KIND_V4 {
+            return Err(AssignmentError::BadKind(bytes[assignment_field::KIND]));
+        }
+        let packet = AssignmentPacket { buffer };
+        let prefix_len = packet.prefix_len();
+        if !(1..=30).contains(&prefix_len) {
+            return Err(AssignmentError::BadPrefixLen(prefix_len));
+        }
+        let mask = u32::MAX << (32 - u32::from(prefix_len));
+        let (client, proxy) = (packet.client(), packet.proxy());
+        if u32::from(client) & mask != u32::from(proxy) & mask || client == proxy {
+            return Err(AssignmentError::NotOneNetwork {
+                client,
+                proxy,
+                prefix_len,
+            });
+        }
+        Ok(packet)
+    }
+
+    /// Prefix length of the tunnel network.
+    pub fn prefix_len(&self) -> u8 {
+        self.buffer.as_ref()[assignment_field::PREFIX_LEN]
+    }
+
+    /// The client's tunnel address.
+    pub fn client(&self) -> Ipv4Addr {
+        ipv4_at(&self.buffer.as_ref()[assignment_field::CLIENT])
+    }
+
+    /// The proxy end's tunnel address.
+    pub fn proxy(&self) -> Ipv4Addr {
+        ipv4_at(&self.buffer.as_ref()[assignment_field::PROXY])
+    }
+}
+
+fn ipv4_at(bytes: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
+}
+
+/// An Address Assignment: the client's tunnel address and the proxy's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AssignmentRepr {
+    /// The client's tunnel address.
+    pub client: Ipv4Addr,
+    /// The proxy end's tunnel address.
+    pub proxy: Ipv4Addr,
+    /// Prefix length of the tunnel network.
+    pub prefix_len: u8,
+}
+
+impl AssignmentRepr {
+    /// Reads a checked packet.
+    pub fn parse<T: AsRef<[u8]>>(packet: &AssignmentPacket<T>) -> AssignmentRepr {
+        AssignmentRepr {
+            client: packet.client(),
+            proxy: packet.proxy(),
+            prefix_len: packet.prefix_len(),
+        }
+    }
+
+    /// The payload bytes.
+    pub fn to_bytes(&self) -> [u8; ASSIGNMENT_LEN] {
+        let mut out = [0u8; ASSIGNMENT_LEN];
+        out[assignment_field::KIND] = ADDRESS_KIND_V4;
+        out[assignment_field::PREFIX_LEN] = self.prefix_len;
+        out[assignment_field::CLIENT].copy_from_slice(&self.client.octets());
+        out[assignment_field::PROXY].copy_from_slice(&self.proxy.octets());
+        out
+    }
+}
+
 fn read_u16(bytes: &[u8]) -> u16 {
     u16::from_be_bytes([bytes[0], bytes[1]])
 }
@@ -748,7 +879,7 @@ mod tests {
             CmPacket::new_checked(&bytes[..]).unwrap_err(),
             WireError::ReservedFlags(0x80)
         );
-        bytes[1] &= 0x3f;
+        bytes[1] &= 0x7f;
         bytes[field::ADDRESS_COUNT] = (MAX_ADDRESSES + 1) as u8;
         assert_eq!(
             CmPacket::new_checked(&bytes[..]).unwrap_err(),
@@ -800,7 +931,7 @@ mod tests {
     fn flags_debug_names_bits() {
         let flags = CmFlags::ENABLE.union(CmFlags::DUPLICATE);
         assert_eq!(format!("{flags:?}"), "CmFlags(ENABLE|DUPLICATE)");
-        assert_eq!(CmFlags::from_bits(0x40), None);
+        assert_eq!(CmFlags::from_bits(0x80), None);
     }
 
     fn arb_socket_addr() -> impl Strategy<Value = SocketAddr> {
@@ -875,6 +1006,48 @@ mod tests {
             match frame(&bytes[..len]).unwrap() {
                 Framing::NeedMore { needed } => prop_assert!(needed > len && needed <= bytes.len()),
                 Framing::Complete { .. } => prop_assert!(false, "prefix {len} of {} framed complete", bytes.len()),
+            }
+        }
+    }
+
+    #[test]
+    fn assignment_round_trip_and_checks() {
+        let repr = AssignmentRepr {
+            client: Ipv4Addr::new(10, 200, 0, 2),
+            proxy: Ipv4Addr::new(10, 200, 0, 1),
+            prefix_len: 24,
+        };
+        let bytes = repr.to_bytes();
+        assert_eq!(bytes, [4, 24, 10, 200, 0, 2, 10, 200, 0, 1]);
+        let packet = AssignmentPacket::new_checked(&bytes[..]).unwrap();
+        assert_eq!(AssignmentRepr::parse(&packet), repr);
+        assert_eq!(
+            AssignmentPacket::new_checked(&bytes[..9]).unwrap_err(),
+            AssignmentError::Truncated(9)
+        );
+        let mut bad = bytes;
+        bad[0] = 6;
+        assert_eq!(
+            AssignmentPacket::new_checked(&bad[..]).unwrap_err(),
+            AssignmentError::BadKind(6)
+        );
+        let mut bad = bytes;
+        bad[1] = 31;
+        assert!(AssignmentPacket::new_checked(&bad[..]).is_err());
+        let mut bad = bytes;
+        bad[6] = 11;
+        assert!(matches!(
+            AssignmentPacket::new_checked(&bad[..]),
+            Err(AssignmentError::NotOneNetwork { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn assignment_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..16)) {
+            if let Ok(packet) = AssignmentPacket::new_checked(&bytes[..]) {
+                let repr = AssignmentRepr::parse(&packet);
+                prop_assert_eq!(&repr.to_bytes()[..], &bytes[..ASSIGNMENT_LEN]);
             }
         }
     }

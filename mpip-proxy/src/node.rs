@@ -1,0 +1,974 @@
+//! One MPIP node, sans-IO: the cores of this crate composed into the data path
+//! (`PROTOCOL.md` §4–9).
+//!
+//! The I/O shell ([`crate::shell`]) feeds it packets read from the TUN device
+//! ([`Node::handle_tun_packet`]), datagrams received on path sockets
+//! ([`Node::handle_datagram`]), interface changes and timer expiries, each with
+//! the current [`Timestamp`]; it then drains [`Node::poll_transmit`] (datagrams
+//! to send), [`Node::poll_tun`] (packets to write to the TUN device),
+//! [`Node::poll_event`] and [`Node::poll_timeout`]. No sockets, no clocks.
+//!
+//! A node is either the client (`mpipd`), which handshakes with the proxy end
+//! and is given a tunnel address, or the proxy end, which hands out addresses
+//! from a pool and routes packets from its TUN device to the client node that
+//! owns the destination address.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+
+use crate::mss::{clamp_for_path, clamp_syn, IpVersion};
+use crate::packet::{InnerPacket, TCP_SYN};
+use crate::path_manager::{InterfaceId, PathConfig, PathEvent, PathManager, PathState, Transmit};
+use crate::resequencer::{Resequencer, ResequencerConfig};
+use crate::routing::{PacketClass, RoutingTable};
+use crate::scheduler::{
+    DedupWindow, Mode, RandomSource, Scheduler, SchedulerConfig, Selection,
+};
+use crate::table::availability::{AvailabilityTable, HandshakeConfig};
+use crate::table::path::{DelayMetrics, PathTable};
+use crate::table::session::{Protocol, SessionTable, DEFAULT_SESSION_IDLE};
+use crate::time::Timestamp;
+use crate::wire::{
+    AssignmentPacket, AssignmentRepr, CmFlags, CmPacket, CmRepr, NodeId, PathId, SessionId,
+    FIXED_LEN,
+};
+
+/// Bytes the shell reserves in front of a packet read from the TUN device, so
+/// the data CM block is written in place ([`Node::handle_tun_packet`]).
+pub const HEADROOM: usize = FIXED_LEN;
+
+/// How often sessions and address assignments are expired.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Which end of MPIP this node is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The client daemon: handshakes with the proxy end at these UDP endpoints.
+    Client {
+        /// The proxy end's encapsulation endpoints to send the handshake to.
+        proxy_endpoints: Vec<SocketAddr>,
+    },
+    /// The proxy end: its tunnel address is the pool's first host; clients get
+    /// the others.
+    Proxy {
+        /// The tunnel network.
+        pool: Ipv4Net,
+    },
+}
+
+/// Everything a [`Node`] is configured with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's ID.
+    pub node_id: NodeId,
+    /// Client or proxy end.
+    pub role: Role,
+    /// Path manager timing.
+    pub paths: PathConfig,
+    /// Handshake timing (client).
+    pub handshake: HandshakeConfig,
+    /// Algorithm 1 period and step.
+    pub scheduler: SchedulerConfig,
+    /// TCP re-sequencing buffer.
+    pub resequencer: ResequencerConfig,
+    /// Sessions idle this long are forgotten.
+    pub session_idle: Duration,
+    /// Table IV and coordinated-routing pins.
+    pub routing: RoutingTable,
+    /// MTU of the paths; inner TCP MSS is clamped to fit it.
+    pub path_mtu: u16,
+}
+
+impl NodeConfig {
+    /// Defaults of `PROTOCOL.md` for `node_id` in `role`.
+    pub fn new(node_id: NodeId, role: Role) -> Self {
+        NodeConfig {
+            node_id,
+            role,
+            paths: PathConfig::default(),
+            handshake: HandshakeConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            resequencer: ResequencerConfig::default(),
+            session_idle: DEFAULT_SESSION_IDLE,
+            routing: RoutingTable::default(),
+            path_mtu: 1500,
+        }
+    }
+}
+
+/// A UDP datagram to send on a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    /// Local interface to send from.
+    pub interface: InterfaceId,
+    /// Destination UDP endpoint.
+    pub remote: SocketAddr,
+    /// The path (`PathId(0)` for a handshake query).
+    pub path: PathId,
+    /// CM block and payload.
+    pub bytes: Vec<u8>,
+}
+
+/// A packet to write to the TUN device: `bytes[start..]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunPacket {
+    /// The received datagram.
+    pub bytes: Vec<u8>,
+    /// Where the inner IP packet starts.
+    pub start: usize,
+}
+
+impl TunPacket {
+    /// The inner IP packet.
+    pub fn packet(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
+/// Something the shell acts on or logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// Client: the proxy end assigned the tunnel address; configure the TUN device.
+    Assigned(AssignmentRepr),
+    /// Proxy end: a client node was given a tunnel address.
+    ClientAssigned {
+        /// The client node.
+        node: NodeId,
+        /// Its tunnel address.
+        address: Ipv4Addr,
+    },
+    /// Proxy end: the pool has no free address for a client's handshake.
+    PoolExhausted {
+        /// The client node refused.
+        node: NodeId,
+    },
+    /// A path changed state.
+    Path {
+        /// The path.
+        path: PathId,
+        /// The peer node.
+        node: NodeId,
+        /// The new state (`None`: removed).
+        state: Option<PathState>,
+    },
+}
+
+/// Packets and bytes one path carried (UDP payload bytes: CM block included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathCounters {
+    /// Datagrams sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Datagrams received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+}
+
+/// Why packets were dropped, and other node-wide counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// Datagrams whose CM block failed the checks.
+    pub malformed_datagrams: u64,
+    /// Inner packets that are not IPv4/IPv6 TCP/UDP/other with valid headers.
+    pub malformed_packets: u64,
+    /// TUN packets with no peer to send to (no assignment or unknown destination).
+    pub no_route: u64,
+    /// Packets with a peer but no live path.
+    pub no_path: u64,
+    /// Protected-path copies dropped as duplicates.
+    pub duplicates: u64,
+    /// Inner packets whose addresses do not belong to the sending node.
+    pub spoofed: u64,
+    /// Datagrams sent with more than one copy (protected-path).
+    pub protected_copies: u64,
+    /// TCP SYNs whose MSS was lowered.
+    pub mss_clamped: u64,
+}
+
+/// One path, for metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathSnapshot {
+    /// This node's ID of the path.
+    pub path: PathId,
+    /// The peer node.
+    pub node: NodeId,
+    /// The local interface's name.
+    pub interface: String,
+    /// Local UDP endpoint.
+    pub local: SocketAddr,
+    /// Remote UDP endpoint.
+    pub remote: SocketAddr,
+    /// Liveness.
+    pub state: PathState,
+    /// Traffic.
+    pub counters: PathCounters,
+    /// Delay metrics from every delay sample the peer returned for the path.
+    pub delay: DelayMetrics,
+    /// Mean Algorithm 1 weight over the sessions using the path, if any.
+    pub weight: Option<f64>,
+}
+
+/// One session's sender and receiver state (Table II entry plus Table III).
+#[derive(Debug)]
+struct Session {
+    paths: PathTable,
+    next_sequence: u32,
+    dedup: DedupWindow,
+    resequencer: Option<Resequencer<TunPacket>>,
+}
+
+/// Proxy end: tunnel addresses handed to client nodes.
+#[derive(Debug)]
+struct AddressPool {
+    network: Ipv4Net,
+    proxy: Ipv4Addr,
+    by_node: HashMap<NodeId, Ipv4Addr>,
+    by_address: HashMap<Ipv4Addr, NodeId>,
+}
+
+impl AddressPool {
+    fn new(network: Ipv4Net) -> Self {
+        let proxy = network.hosts().next().unwrap_or(network.addr());
+        AddressPool {
+            network,
+            proxy,
+            by_node: HashMap::new(),
+            by_address: HashMap::new(),
+        }
+    }
+
+    fn assign(&mut self, node: NodeId) -> Option<Ipv4Addr> {
+        if let Some(address) = self.by_node.get(&node) {
+            return Some(*address);
+        }
+        let free = self
+            .network
+            .hosts()
+            .find(|a| *a != self.proxy && !self.by_address.contains_key(a))?;
+        self.bind(node, free);
+        Some(free)
+    }
+
+    /// Re-adopts `address` for `node` (the proxy end restarted and lost its
+    /// table, the client kept its address) if it is in the pool and free.
+    fn adopt(&mut self, node: NodeId, address: Ipv4Addr) -> bool {
+        let usable = self.network.contains(&address)
+            && address != self.proxy
+            && address != self.network.network()
+            && address != self.network.broadcast()
+            && !self.by_address.contains_key(&address)
+            && !self.by_node.contains_key(&node);
+        if usable {
+            self.bind(node, address);
+        }
+        usable
+    }
+
+    fn bind(&mut self, node: NodeId, address: Ipv4Addr) {
+        self.by_node.insert(node, address);
+        self.by_address.insert(address, node);
+    }
+
+    fn release(&mut self, node: NodeId) {
+        if let Some(address) = self.by_node.remove(&node) {
+            self.by_address.remove(&address);
+        }
+    }
+
+    fn assignment(&self, node: NodeId) -> Option<AssignmentRepr> {
+        self.by_node.get(&node).map(|client| AssignmentRepr {
+            client: *client,
+            proxy: self.proxy,
+            prefix_len: self.network.prefix_len(),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Interface {
+    name: String,
+    address: SocketAddr,
+    up: bool,
+}
+
+/// One MPIP node. `R` is the scheduler's random source.
+#[derive(Debug)]
+pub struct Node<R: RandomSource> {
+    config: NodeConfig,
+    paths: PathManager,
+    sessions: SessionTable,
+    states: HashMap<(NodeId, SessionId), Session>,
+    scheduler: Scheduler<R>,
+    availability: AvailabilityTable,
+    interfaces: BTreeMap<InterfaceId, Interface>,
+    /// Client: the assignment and the proxy end's node ID.
+    assignment: Option<(AssignmentRepr, NodeId)>,
+    pool: Option<AddressPool>,
+    /// Per peer node: every delay sample for our paths, whatever the session.
+    node_delays: HashMap<NodeId, PathTable>,
+    counters: NodeCounters,
+    path_counters: BTreeMap<PathId, PathCounters>,
+    transmits: VecDeque<Datagram>,
+    tun: VecDeque<TunPacket>,
+    events: VecDeque<NodeEvent>,
+    next_housekeeping: Option<Timestamp>,
+}
+
+impl<R: RandomSource> Node<R> {
+    /// A node with no interface yet; `rng` drives equation 1.
+    pub fn new(config: NodeConfig, rng: R) -> Self {
+        let pool = match &config.role {
+            Role::Proxy { pool } => Some(AddressPool::new(*pool)),
+            Role::Client { .. } => None,
+        };
+        Node {
+            paths: PathManager::new(config.paths, config.node_id),
+            sessions: SessionTable::new(config.node_id),
+            states: HashMap::new(),
+            scheduler: Scheduler::new(config.scheduler, config.routing.clone(), rng),
+            availability: AvailabilityTable::new(config.handshake),
+            interfaces: BTreeMap::new(),
+            assignment: None,
+            pool,
+            node_delays: HashMap::new(),
+            counters: NodeCounters::default(),
+            path_counters: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            tun: VecDeque::new(),
+            events: VecDeque::new(),
+            next_housekeeping: None,
+            config,
+        }
+    }
+
+    /// This node's ID.
+    pub fn node_id(&self) -> NodeId {
+        self.config.node_id
+    }
+
+    /// Client: the tunnel address assignment, once the handshake is done.
+    pub fn assignment(&self) -> Option<AssignmentRepr> {
+        self.assignment.map(|(a, _)| a)
+    }
+
+    /// Proxy end: this node's tunnel address and network.
+    pub fn proxy_tunnel(&self) -> Option<(Ipv4Addr, u8)> {
+        self.pool
+            .as_ref()
+            .map(|p| (p.proxy, p.network.prefix_len()))
+    }
+
+    /// Proxy end: client nodes and their tunnel addresses.
+    pub fn clients(&self) -> Vec<(NodeId, Ipv4Addr)> {
+        let mut clients: Vec<_> = self
+            .pool
+            .iter()
+            .flat_map(|p| p.by_node.iter().map(|(n, a)| (*n, *a)))
+            .collect();
+        clients.sort();
+        clients
+    }
+
+    /// The largest TUN MTU whose packets fit a path after encapsulation.
+    pub fn tun_mtu(&self) -> u16 {
+        let outer = self.outer_version();
+        self.config
+            .path_mtu
+            .saturating_sub(crate::mss::encapsulation_overhead(outer) as u16)
+    }
+
+    /// Drop and traffic counters.
+    pub fn counters(&self) -> NodeCounters {
+        self.counters
+    }
+
+    /// Number of sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Number of peer nodes known to the path manager.
+    pub fn peer_count(&self) -> usize {
+        self.paths.nodes().nodes().count()
+    }
+
+    /// Every path with its state, traffic, delay and weight.
+    pub fn path_snapshots(&self) -> Vec<PathSnapshot> {
+        self.paths
+            .paths()
+            .map(|path| {
+                let weights: Vec<f64> = self
+                    .states
+                    .iter()
+                    .filter(|((node, _), _)| *node == path.node)
+                    .filter_map(|(_, s)| s.paths.get(path.id))
+                    .filter(|e| e.live)
+                    .map(|e| f64::from(e.weight))
+                    .collect();
+                PathSnapshot {
+                    path: path.id,
+                    node: path.node,
+                    interface: self
+                        .interfaces
+                        .get(&path.interface)
+                        .map_or_else(String::new, |i| i.name.clone()),
+                    local: path.local,
+                    remote: path.remote,
+                    state: path.state,
+                    counters: self.path_counters.get(&path.id).copied().unwrap_or_default(),
+                    delay: self
+                        .node_delays
+                        .get(&path.node)
+                        .and_then(|t| t.get(path.id))
+                        .map(|e| e.delay.clone())
+                        .unwrap_or_default(),
+                    weight: (!weights.is_empty())
+                        .then(|| weights.iter().sum::<f64>() / weights.len() as f64),
+                }
+            })
+            .collect()
+    }
+
+    /// An interface came up, was added, or changed address. `address` is the
+    /// UDP endpoint bound on it.
+    pub fn handle_interface_up(
+        &mut self,
+        now: Timestamp,
+        interface: InterfaceId,
+        name: &str,
+        address: SocketAddr,
+    ) {
+        self.interfaces.insert(
+            interface,
+            Interface {
+                name: name.to_owned(),
+                address,
+                up: true,
+            },
+        );
+        self.paths.handle_interface_up(now, interface, address);
+        if let Role::Client { proxy_endpoints } = &self.config.role {
+            if self.assignment.is_none() {
+                for remote in proxy_endpoints.clone() {
+                    self.availability.start(now, remote);
+                }
+            }
+        }
+        self.drain_path_events();
+    }
+
+    /// An interface went down (or lost its address).
+    pub fn handle_interface_down(&mut self, now: Timestamp, interface: InterfaceId) {
+        if let Some(entry) = self.interfaces.get_mut(&interface) {
+            entry.up = false;
+        }
+        self.paths.handle_interface_down(now, interface);
+        self.drain_path_events();
+    }
+
+    /// A packet the local stack wrote into the TUN device, at
+    /// `buffer[HEADROOM..]`; the front is overwritten with the CM block.
+    pub fn handle_tun_packet(&mut self, now: Timestamp, mut buffer: Vec<u8>) {
+        if buffer.len() <= HEADROOM {
+            self.counters.malformed_packets += 1;
+            return;
+        }
+        let Ok(info) = InnerPacket::parse(&buffer[HEADROOM..]) else {
+            self.counters.malformed_packets += 1;
+            return;
+        };
+        let Some(node) = self.peer_for(&info) else {
+            self.counters.no_route += 1;
+            return;
+        };
+        let Ok(session) = self.sessions.outbound(now, node, info.outbound_tuple()) else {
+            self.counters.no_route += 1;
+            return;
+        };
+        if info.tcp.is_some_and(|tcp| tcp.flags & TCP_SYN != 0) {
+            self.clamp_mss(&mut buffer[HEADROOM..], &info);
+        }
+        let class = PacketClass::from(&info);
+        let rule = self.config.routing.rule_for(&class);
+        let mode = Mode::from(rule.map_or(self.config.routing.default, |r| r.priority));
+        let pin = rule.and_then(|r| r.path.clone());
+        let pin_address = pin
+            .as_deref()
+            .and_then(|name| self.interfaces.values().find(|i| i.name == name))
+            .map(|i| i.address);
+        let paths = &self.paths;
+        let state = self
+            .states
+            .entry((node, session))
+            .or_insert_with(|| Session::new(paths.path_table_for(node), &info, self.config.resequencer));
+        let sequence = state.next_sequence;
+        state.next_sequence = sequence.wrapping_add(1);
+        let pinned = pin_address.and_then(|local| {
+            state
+                .paths
+                .live()
+                .find(|e| e.local == local)
+                .map(|e| e.path_id)
+        });
+        let selection = match pinned {
+            Some(path) if mode != Mode::ProtectedPath => Selection::One(path),
+            _ => self.scheduler.select(node, session, &state.paths, &mode),
+        };
+        match selection {
+            Selection::NoPath => self.counters.no_path += 1,
+            Selection::One(path) => self.send_data(now, session, path, sequence, CmFlags::NONE, buffer),
+            Selection::Copies(copies) => {
+                self.counters.protected_copies += 1;
+                let last = copies.len() - 1;
+                for (i, path) in copies.iter().enumerate() {
+                    let bytes = if i == last {
+                        std::mem::take(&mut buffer)
+                    } else {
+                        buffer.clone()
+                    };
+                    self.send_data(now, session, *path, sequence, CmFlags::DUPLICATE, bytes);
+                }
+            }
+        }
+    }
+
+    fn send_data(
+        &mut self,
+        now: Timestamp,
+        session: SessionId,
+        path: PathId,
+        sequence: u32,
+        flags: CmFlags,
+        mut bytes: Vec<u8>,
+    ) {
+        let Some(interface) = self.paths.path(path).map(|p| (p.interface, p.remote)) else {
+            self.counters.no_path += 1;
+            return;
+        };
+        let Ok(mut repr) = self.paths.data_cm(now, session, path, sequence) else {
+            self.counters.no_path += 1;
+            return;
+        };
+        repr.flags.insert(flags);
+        // A data CM block has no address list: exactly HEADROOM bytes.
+        if repr.emit(&mut bytes[..HEADROOM]).is_err() {
+            self.counters.no_path += 1;
+            return;
+        }
+        self.count_tx(path, bytes.len());
+        self.transmits.push_back(Datagram {
+            interface: interface.0,
+            remote: interface.1,
+            path,
+            bytes,
+        });
+    }
+
+    fn count_tx(&mut self, path: PathId, len: usize) {
+        let counters = self.path_counters.entry(path).or_default();
+        counters.tx_packets += 1;
+        counters.tx_bytes += len as u64;
+    }
+
+    /// The peer a TUN packet goes to: the proxy end for a client; the client
+    /// owning the destination address for the proxy end.
+    fn peer_for(&self, info: &InnerPacket) -> Option<NodeId> {
+        match (&self.pool, self.assignment) {
+            (Some(pool), _) => match info.destination {
+                IpAddr::V4(destination) => pool.by_address.get(&destination).copied(),
+                IpAddr::V6(_) => None,
+            },
+            (None, Some((assignment, proxy))) => {
+                (info.source == IpAddr::V4(assignment.client)).then_some(proxy)
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn outer_version(&self) -> IpVersion {
+        if self.interfaces.values().any(|i| i.address.is_ipv6()) {
+            IpVersion::V6
+        } else {
+            IpVersion::V4
+        }
+    }
+
+    fn clamp_mss(&mut self, packet: &mut [u8], info: &InnerPacket) {
+        let inner = if info.source.is_ipv6() {
+            IpVersion::V6
+        } else {
+            IpVersion::V4
+        };
+        let Ok(max) = clamp_for_path(self.config.path_mtu, self.outer_version(), inner) else {
+            return;
+        };
+        if let Ok(crate::mss::MssRewrite::Clamped { .. }) = clamp_syn(packet, max) {
+            self.counters.mss_clamped += 1;
+        }
+    }
+
+    /// A datagram received on `interface` from outer source `remote`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Timestamp,
+        interface: InterfaceId,
+        remote: SocketAddr,
+        bytes: Vec<u8>,
+    ) {
+        let (repr, cm_len) = match CmPacket::new_checked(&bytes[..]) {
+            Ok(packet) => match CmRepr::parse(&packet) {
+                Ok(repr) => (repr, packet.cm_len()),
+                Err(_) => {
+                    self.counters.malformed_datagrams += 1;
+                    return;
+                }
+            },
+            Err(_) => {
+                self.counters.malformed_datagrams += 1;
+                return;
+            }
+        };
+        let node = repr.node_id;
+        if node == self.config.node_id {
+            return;
+        }
+        if !self.handle_handshake(now, remote, &repr, &bytes[cm_len..]) {
+            return;
+        }
+        self.paths.handle_received(now, interface, remote, &repr);
+        self.drain_path_events();
+        if let Some(path) = self.paths.path_between(interface, remote).map(|p| p.id) {
+            let counters = self.path_counters.entry(path).or_default();
+            counters.rx_packets += 1;
+            counters.rx_bytes += bytes.len() as u64;
+        }
+        let control = CmFlags::ENABLE
+            .union(CmFlags::CONFIRM)
+            .union(CmFlags::HEARTBEAT)
+            .union(CmFlags::ASSIGN);
+        if bytes.len() == cm_len
+            || repr.flags.bits() & control.bits() != 0
+            || repr.session_id == SessionId::CONTROL
+        {
+            return;
+        }
+        let Ok(info) = InnerPacket::parse(&bytes[cm_len..]) else {
+            self.counters.malformed_packets += 1;
+            return;
+        };
+        if !self.sender_owns(node, &info) {
+            self.counters.spoofed += 1;
+            return;
+        }
+        if self
+            .sessions
+            .inbound(now, node, repr.session_id, info.inbound_tuple())
+            .is_err()
+        {
+            return;
+        }
+        let paths = &self.paths;
+        let resequencer = self.config.resequencer;
+        let state = self
+            .states
+            .entry((node, repr.session_id))
+            .or_insert_with(|| Session::new(paths.path_table_for(node), &info, resequencer));
+        if repr.flags.contains(CmFlags::DUPLICATE) && !state.dedup.accept(repr.sequence) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        let packet = TunPacket {
+            bytes,
+            start: cm_len,
+        };
+        match (&mut state.resequencer, info.tcp) {
+            (Some(resequencer), Some(tcp)) => {
+                resequencer.handle_segment(now, tcp.sequence, tcp.sequence_len(), packet);
+                while let Some(ready) = resequencer.poll_deliver() {
+                    self.tun.push_back(ready);
+                }
+            }
+            _ => self.tun.push_back(packet),
+        }
+    }
+
+    /// Whether an inner packet from `node` carries that node's addresses: a
+    /// client's packets come from its tunnel address; the proxy end's go to ours.
+    fn sender_owns(&mut self, node: NodeId, info: &InnerPacket) -> bool {
+        match (&mut self.pool, self.assignment) {
+            (Some(pool), _) => {
+                let IpAddr::V4(source) = info.source else {
+                    return false;
+                };
+                match pool.by_node.get(&node) {
+                    Some(address) => *address == source,
+                    None => {
+                        let adopted = pool.adopt(node, source);
+                        if adopted {
+                            self.events.push_back(NodeEvent::ClientAssigned {
+                                node,
+                                address: source,
+                            });
+                        }
+                        adopted
+                    }
+                }
+            }
+            (None, Some((assignment, proxy))) => {
+                node == proxy && info.destination == IpAddr::V4(assignment.client)
+            }
+            (None, None) => false,
+        }
+    }
+
+    /// Handles the handshake part of a CM block; returns whether the datagram
+    /// goes on to the path manager (the proxy end ignores a node it could not
+    /// give an address).
+    fn handle_handshake(
+        &mut self,
+        now: Timestamp,
+        remote: SocketAddr,
+        repr: &CmRepr,
+        payload: &[u8],
+    ) -> bool {
+        let node = repr.node_id;
+        if let Some(pool) = &mut self.pool {
+            if repr.flags.contains(CmFlags::ENABLE) {
+                let known = pool.by_node.contains_key(&node);
+                match pool.assign(node) {
+                    Some(address) if !known => self
+                        .events
+                        .push_back(NodeEvent::ClientAssigned { node, address }),
+                    Some(_) => {}
+                    None => {
+                        self.events.push_back(NodeEvent::PoolExhausted { node });
+                        return false;
+                    }
+                }
+            }
+            return true;
+        }
+        if !repr.flags.contains(CmFlags::CONFIRM.union(CmFlags::ASSIGN)) {
+            return true;
+        }
+        let Ok(packet) = AssignmentPacket::new_checked(payload) else {
+            self.counters.malformed_datagrams += 1;
+            return false;
+        };
+        let assignment = AssignmentRepr::parse(&packet);
+        self.availability.handle_received(now, remote, repr);
+        if self.assignment != Some((assignment, node)) {
+            self.assignment = Some((assignment, node));
+            self.events.push_back(NodeEvent::Assigned(assignment));
+        }
+        true
+    }
+
+    fn drain_path_events(&mut self) {
+        while let Some(event) = self.paths.poll_event() {
+            let (node, path, state) = match event {
+                PathEvent::Added { .. } => continue,
+                PathEvent::Up { node, path } => (node, path, Some(PathState::Active)),
+                PathEvent::Down { node, path } => (node, path, Some(PathState::Dead)),
+                PathEvent::Removed { node, path } => (node, path, None),
+                PathEvent::DelayFeedback {
+                    node,
+                    path,
+                    delay_us,
+                    ..
+                } => {
+                    let table = self.node_delays.entry(node).or_default();
+                    if table.get(path).is_none() {
+                        if let Some(p) = self.paths.path(path) {
+                            table.insert(path, p.local, p.remote);
+                        }
+                    }
+                    table.record_delay(path, delay_us);
+                    for ((n, s), state) in &mut self.states {
+                        if *n == node {
+                            self.paths.apply_event(node, *s, &event, &mut state.paths);
+                        }
+                    }
+                    continue;
+                }
+            };
+            for ((n, s), state) in &mut self.states {
+                if *n == node {
+                    self.paths.apply_event(node, *s, &event, &mut state.paths);
+                }
+            }
+            if let Some(table) = self.node_delays.get_mut(&node) {
+                self.paths.apply_event(node, SessionId::CONTROL, &event, table);
+            }
+            if state.is_none() {
+                self.path_counters.remove(&path);
+            }
+            self.events.push_back(NodeEvent::Path { path, node, state });
+        }
+    }
+
+    /// Runs the timers due at `now`: handshake probes, Algorithm 1, re-sequencing
+    /// timeouts, and session and assignment expiry.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if self.assignment.is_none() {
+            while let Some(remote) = self.availability.poll_probe(now) {
+                let up: Vec<InterfaceId> = self
+                    .interfaces
+                    .iter()
+                    .filter(|(_, i)| i.up)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for interface in up {
+                    if let Ok(transmit) = self.paths.enable_packet(now, interface, remote) {
+                        self.push_control(transmit, None);
+                    }
+                }
+            }
+        }
+        self.scheduler
+            .handle_timeout(now, self.states.values_mut().map(|s| &mut s.paths));
+        for state in self.states.values_mut() {
+            if let Some(resequencer) = &mut state.resequencer {
+                resequencer.handle_timeout(now);
+                while let Some(ready) = resequencer.poll_deliver() {
+                    self.tun.push_back(ready);
+                }
+            }
+        }
+        match self.next_housekeeping {
+            Some(due) if due > now => {}
+            _ => {
+                self.next_housekeeping = Some(now + HOUSEKEEPING_INTERVAL);
+                self.housekeeping(now);
+            }
+        }
+    }
+
+    fn housekeeping(&mut self, now: Timestamp) {
+        for entry in self.sessions.expire(now, self.config.session_idle) {
+            if let Some(mut state) = self.states.remove(&(entry.node, entry.session)) {
+                if let Some(resequencer) = &mut state.resequencer {
+                    resequencer.handle_timeout(Timestamp::from_micros(u64::MAX));
+                    while let Some(ready) = resequencer.poll_deliver() {
+                        self.tun.push_back(ready);
+                    }
+                }
+            }
+        }
+        let known: Vec<NodeId> = self.paths.nodes().nodes().collect();
+        self.node_delays.retain(|node, _| known.contains(node));
+        if let Some(pool) = &mut self.pool {
+            let gone: Vec<NodeId> = pool
+                .by_node
+                .keys()
+                .filter(|n| !known.contains(n) && self.sessions.sessions_of(**n).next().is_none())
+                .copied()
+                .collect();
+            for node in gone {
+                pool.release(node);
+            }
+        }
+    }
+
+    /// The next datagram to send, if any: data first, then control packets
+    /// (handshake replies, probes, heartbeats) due at `now`. Call until `None`.
+    pub fn poll_transmit(&mut self, now: Timestamp) -> Option<Datagram> {
+        if let Some(datagram) = self.transmits.pop_front() {
+            return Some(datagram);
+        }
+        while let Some(transmit) = self.paths.poll_transmit(now) {
+            self.drain_path_events();
+            let assignment = if transmit.repr.flags.contains(CmFlags::CONFIRM) {
+                let node = self.paths.path(transmit.path).map(|p| p.node);
+                match (&self.pool, node) {
+                    (Some(pool), Some(node)) => match pool.assignment(node) {
+                        Some(assignment) => Some(assignment),
+                        // No address for this client: no confirmation either.
+                        None => continue,
+                    },
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            self.push_control(transmit, assignment);
+            return self.transmits.pop_front();
+        }
+        self.drain_path_events();
+        None
+    }
+
+    fn push_control(&mut self, mut transmit: Transmit, assignment: Option<AssignmentRepr>) {
+        let payload = assignment.map(|a| {
+            transmit.repr.flags.insert(CmFlags::ASSIGN);
+            a.to_bytes()
+        });
+        let cm_len = transmit.repr.buffer_len();
+        let mut bytes = vec![0u8; cm_len + payload.map_or(0, |p| p.len())];
+        if transmit.repr.emit(&mut bytes).is_err() {
+            return;
+        }
+        if let Some(payload) = payload {
+            bytes[cm_len..].copy_from_slice(&payload);
+        }
+        if transmit.path != PathId(0) {
+            self.count_tx(transmit.path, bytes.len());
+        }
+        self.transmits.push_back(Datagram {
+            interface: transmit.interface,
+            remote: transmit.remote,
+            path: transmit.path,
+            bytes,
+        });
+    }
+
+    /// The next packet to write to the TUN device.
+    pub fn poll_tun(&mut self) -> Option<TunPacket> {
+        self.tun.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Node::handle_timeout`] (then [`Node::poll_transmit`]) next has work.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let resequencing = self
+            .states
+            .values()
+            .filter_map(|s| s.resequencer.as_ref().and_then(Resequencer::poll_timeout))
+            .min();
+        let handshake = if self.assignment.is_none() {
+            self.availability.poll_timeout()
+        } else {
+            None
+        };
+        [
+            self.paths.poll_timeout(),
+            self.scheduler.poll_timeout(),
+            resequencing,
+            handshake,
+            Some(self.next_housekeeping.unwrap_or(Timestamp::ZERO)),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+impl Session {
+    fn new(paths: PathTable, first: &InnerPacket, resequencer: ResequencerConfig) -> Self {
+        Session {
+            paths,
+            next_sequence: 0,
+            dedup: DedupWindow::new(),
+            resequencer: (first.protocol == Protocol::Tcp).then(|| Resequencer::new(resequencer)),
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Two [`Node`]s, a client with two interfaces and the proxy end with two, on
+//! a simulated network with a simulated clock: handshake and address
+//! assignment, data both ways, failover and re-activation, coordinated
+//! routing pins, protected-path under loss, and the address pool.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use mpip_proxy::node::{Node, NodeConfig, NodeEvent, Role, HEADROOM};
+use mpip_proxy::packet::build;
+use mpip_proxy::path_manager::{InterfaceId, PathState};
+use mpip_proxy::routing::{Priority, RoutingRule, RoutingTable};
+use mpip_proxy::scheduler::SplitMix64;
+use mpip_proxy::time::Timestamp;
+use mpip_proxy::wire::NodeId;
+
+const CLIENT_ID: NodeId = NodeId([2, 0, 0, 0, 0, 0xc1]);
+const PROXY_ID: NodeId = NodeId([2, 0, 0, 0, 0, 0x01]);
+const CLIENT_TUN: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+const PROXY_TUN: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+
+fn client_addr(link: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, link, 2)), 5000)
+}
+
+fn proxy_addr(link: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, link, 1)), 4789)
+}
+
+struct InFlight {
+    arrive: Timestamp,
+    to_proxy: bool,
+    link: u8,
+    from: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+/// Two links; link `k` joins client interface `k` and proxy interface `k`.
+/// Datagrams sent to an address not on the sending interface's link are lost,
+/// as with `SO_BINDTODEVICE` sockets on separate veths.
+struct Lab {
+    now: Timestamp,
+    client: Node<SplitMix64>,
+    proxy: Node<SplitMix64>,
+    delay: [Duration; 2],
+    loss_percent: [u64; 2],
+    link_up: [bool; 2],
+    wire: Vec<InFlight>,
+    loss_rng: u64,
+    /// Inner packets the client's and the proxy's TUN received.
+    client_tun: Vec<Vec<u8>>,
+    proxy_tun: Vec<Vec<u8>>,
+    /// Datagrams each link carried toward the client and toward the proxy.
+    carried: [[u64; 2]; 2],
+}
+
+impl Lab {
+    fn new(client_routing: RoutingTable, proxy_routing: RoutingTable, pool: &str) -> Lab {
+        let mut client_config = NodeConfig::new(
+            CLIENT_ID,
+            Role::Client {
+                proxy_endpoints: vec![proxy_addr(1)],
+            },
+        );
+        client_config.routing = client_routing;
+        let mut proxy_config = NodeConfig::new(
+            PROXY_ID,
+            Role::Proxy {
+                pool: pool.parse().unwrap(),
+            },
+        );
+        proxy_config.routing = proxy_routing;
+        let mut lab = Lab {
+            now: Timestamp::from_secs(100),
+            client: Node::new(client_config, SplitMix64::new(1)),
+            proxy: Node::new(proxy_config, SplitMix64::new(2)),
+            delay: [Duration::from_millis(10), Duration::from_millis(20)],
+            loss_percent: [0, 0],
+            link_up: [true, true],
+            wire: Vec::new(),
+            loss_rng: 7,
+            client_tun: Vec::new(),
+            proxy_tun: Vec::new(),
+            carried: [[0; 2]; 2],
+        };
+        let now = lab.now;
+        for link in 1..=2u8 {
+            let name = format!("p{link}");
+            lab.proxy
+                .handle_interface_up(now, InterfaceId(link.into()), &name, proxy_addr(link));
+            let name = format!("c{link}");
+            lab.client
+                .handle_interface_up(now, InterfaceId(link.into()), &name, client_addr(link));
+        }
+        lab
+    }
+
+    fn lost(&mut self, link: u8) -> bool {
+        let index = usize::from(link - 1);
+        if !self.link_up[index] {
+            return true;
+        }
+        self.loss_rng = self
+            .loss_rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.loss_rng >> 33) % 100 < self.loss_percent[index]
+    }
+
+    fn flush_outputs(&mut self) {
+        let now = self.now;
+        for to_proxy in [true, false] {
+            loop {
+                let node = if to_proxy {
+                    &mut self.client
+                } else {
+                    &mut self.proxy
+                };
+                let Some(datagram) = node.poll_transmit(now) else {
+                    break;
+                };
+                let link = u8::try_from(datagram.interface.0).unwrap();
+                let (from, expected) = if to_proxy {
+                    (client_addr(link), proxy_addr(link))
+                } else {
+                    (proxy_addr(link), client_addr(link))
+                };
+                if datagram.remote != expected || self.lost(link) {
+                    continue;
+                }
+                self.carried[usize::from(link - 1)][usize::from(to_proxy)] += 1;
+                self.wire.push(InFlight {
+                    arrive: now + self.delay[usize::from(link - 1)],
+                    to_proxy,
+                    link,
+                    from,
+                    bytes: datagram.bytes,
+                });
+            }
+        }
+        while let Some(packet) = self.client.poll_tun() {
+            self.client_tun.push(packet.packet().to_vec());
+        }
+        while let Some(packet) = self.proxy.poll_tun() {
+            self.proxy_tun.push(packet.packet().to_vec());
+        }
+    }
+
+    /// Advances the clock by `duration` in 1 ms steps.
+    fn run(&mut self, duration: Duration) {
+        let end = self.now + duration;
+        while self.now < end {
+            self.now += Duration::from_millis(1);
+            self.step();
+        }
+    }
+
+    fn step(&mut self) {
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.wire)
+            .into_iter()
+            .partition(|f| f.arrive <= now);
+        self.wire = later;
+        for datagram in due {
+            let interface = InterfaceId(datagram.link.into());
+            let node = if datagram.to_proxy {
+                &mut self.proxy
+            } else {
+                &mut self.client
+            };
+            node.handle_datagram(now, interface, datagram.from, datagram.bytes);
+        }
+        for node in [&mut self.client, &mut self.proxy] {
+            if node.poll_timeout().is_some_and(|t| t <= now) {
+                node.handle_timeout(now);
+            }
+        }
+        self.flush_outputs();
+    }
+
+    fn send_from_client(&mut self, packet: &[u8]) {
+        let mut buffer = vec![0u8; HEADROOM];
+        buffer.extend_from_slice(packet);
+        self.client.handle_tun_packet(self.now, buffer);
+        self.flush_outputs();
+    }
+
+    fn send_from_proxy(&mut self, packet: &[u8]) {
+        let mut buffer = vec![0u8; HEADROOM];
+        buffer.extend_from_slice(packet);
+        self.proxy.handle_tun_packet(self.now, buffer);
+        self.flush_outputs();
+    }
+
+    /// The state of the path over link `k` (interface `c<k>` or `p<k>`); the
+    /// cross pairs (c1 to p2's address, ...) never work here.
+    fn path_state(node: &Node<SplitMix64>, interface: &str) -> Option<PathState> {
+        let link: u8 = interface[1..].parse().unwrap();
+        let remote = if interface.starts_with('c') {
+            proxy_addr(link)
+        } else {
+            client_addr(link)
+        };
+        node.path_snapshots()
+            .into_iter()
+            .find(|p| p.interface == interface && p.remote == remote)
+            .map(|p| p.state)
+    }
+}
+
+fn udp(source: Ipv4Addr, destination: Ipv4Addr, port: u16, payload: &[u8]) -> Vec<u8> {
+    build::ipv4_udp(source, destination, 40000, port, payload)
+}
+
+fn connected_lab(client_routing: RoutingTable, proxy_routing: RoutingTable) -> Lab {
+    let mut lab = Lab::new(client_routing, proxy_routing, "10.200.0.0/24");
+    lab.run(Duration::from_millis(600));
+    lab
+}
+
+#[test]
+fn handshake_assigns_an_address_and_finds_both_paths() {
+    let mut lab = Lab::new(RoutingTable::default(), RoutingTable::default(), "10.200.0.0/24");
+    assert_eq!(lab.client.assignment(), None);
+    lab.run(Duration::from_millis(600));
+    let assignment = lab.client.assignment().expect("assigned within 600 ms");
+    assert_eq!(assignment.client, CLIENT_TUN);
+    assert_eq!(assignment.proxy, PROXY_TUN);
+    assert_eq!(assignment.prefix_len, 24);
+    let events: Vec<NodeEvent> = std::iter::from_fn(|| lab.client.poll_event()).collect();
+    assert!(events.contains(&NodeEvent::Assigned(assignment)));
+    assert_eq!(lab.proxy.clients(), vec![(CLIENT_ID, CLIENT_TUN)]);
+    for (node, names) in [(&lab.client, ["c1", "c2"]), (&lab.proxy, ["p1", "p2"])] {
+        for name in names {
+            assert_eq!(Lab::path_state(node, name), Some(PathState::Active), "{name}");
+        }
+    }
+}
+
+#[test]
+fn data_flows_both_ways_and_spoofed_sources_are_dropped() {
+    let mut lab = connected_lab(RoutingTable::default(), RoutingTable::default());
+    let request = udp(CLIENT_TUN, PROXY_TUN, 53, b"query");
+    lab.send_from_client(&request);
+    // The proxy end answers after the request arrived (sessions opened by both
+    // ends at once are covered by the session table's own tests).
+    lab.run(Duration::from_millis(30));
+    let reply = build::ipv4_udp(PROXY_TUN, CLIENT_TUN, 53, 40000, b"answer");
+    lab.send_from_proxy(&reply);
+    lab.run(Duration::from_millis(50));
+    assert_eq!(lab.proxy_tun, vec![request]);
+    assert_eq!(lab.client_tun, vec![reply]);
+    assert_eq!(lab.client.session_count(), 1);
+    assert_eq!(lab.proxy.session_count(), 1);
+
+    let spoofed = udp(Ipv4Addr::new(10, 200, 0, 9), PROXY_TUN, 53, b"x");
+    lab.send_from_client(&spoofed);
+    let unknown_client = udp(PROXY_TUN, Ipv4Addr::new(10, 200, 0, 77), 53, b"x");
+    lab.send_from_proxy(&unknown_client);
+    lab.run(Duration::from_millis(50));
+    assert_eq!(lab.proxy_tun.len(), 1, "the spoofed packet never reached the proxy's TUN");
+    assert_eq!(lab.client.counters().no_route, 1, "the client only sends its own address");
+    assert_eq!(lab.proxy.counters().no_route, 1, "no client owns 10.200.0.77");
+}
+
+#[test]
+fn a_failed_link_is_dropped_and_back_in_use_within_a_second() {
+    let mut lab = connected_lab(RoutingTable::default(), RoutingTable::default());
+    // A steady stream from the proxy end to the client, one packet per ms.
+    let stream = |lab: &mut Lab, ms: u64| {
+        for _ in 0..ms {
+            let packet = udp(PROXY_TUN, CLIENT_TUN, 40000, &[0u8; 1000]);
+            lab.send_from_proxy(&packet);
+            lab.run(Duration::from_millis(1));
+        }
+    };
+    stream(&mut lab, 200);
+    lab.link_up[1] = false;
+    // Declared dead after 400 ms of silence (plus a heartbeat interval).
+    stream(&mut lab, 600);
+    assert_eq!(Lab::path_state(&lab.proxy, "p2"), Some(PathState::Dead));
+    assert_eq!(Lab::path_state(&lab.client, "c2"), Some(PathState::Dead));
+    lab.run(Duration::from_millis(30));
+    let delivered = lab.client_tun.len();
+    stream(&mut lab, 400);
+    lab.run(Duration::from_millis(30));
+    assert_eq!(
+        lab.client_tun.len(),
+        delivered + 400,
+        "once path 2 is dead, everything goes over path 1"
+    );
+
+    lab.link_up[1] = true;
+    let carried_at_up = lab.carried[1][0];
+    let mut back_after = None;
+    for ms in 0..1000u64 {
+        stream(&mut lab, 1);
+        if Lab::path_state(&lab.proxy, "p2") == Some(PathState::Active)
+            && lab.carried[1][0] > carried_at_up + 20
+        {
+            back_after = Some(ms);
+            break;
+        }
+    }
+    let back_after = back_after.expect("path 2 carries data again within 1 s of link up");
+    assert!(back_after < 1000, "{back_after} ms");
+}
+
+#[test]
+fn routing_rules_pin_sessions_to_paths() {
+    let pin = |port: u16, path: &str| RoutingRule {
+        port: Some(port),
+        path: Some(path.to_owned()),
+        ..RoutingRule::default()
+    };
+    let client_rules = RoutingTable {
+        default: Priority::ThroughputFirst,
+        rules: vec![pin(80, "c1"), pin(8080, "c2")],
+    };
+    let proxy_rules = RoutingTable {
+        default: Priority::ThroughputFirst,
+        rules: vec![pin(80, "p1"), pin(8080, "p2")],
+    };
+    let mut lab = connected_lab(client_rules, proxy_rules);
+    let carried_before = lab.carried;
+    for i in 0..200u16 {
+        let port = if i % 4 == 0 { 8080 } else { 80 };
+        lab.send_from_proxy(&build::ipv4_udp(PROXY_TUN, CLIENT_TUN, port, 40000, &[1; 500]));
+        lab.run(Duration::from_millis(1));
+    }
+    lab.run(Duration::from_millis(50));
+    assert_eq!(lab.client_tun.len(), 200);
+    let data = |link: usize| lab.carried[link][0] - carried_before[link][0];
+    // Heartbeats are skipped on a path that carries data, so a path carries
+    // its sessions' packets plus at most a few control packets.
+    assert!((150..160).contains(&data(0)), "p1 carried {}", data(0));
+    assert!((50..60).contains(&data(1)), "p2 carried {}", data(1));
+}
+
+#[test]
+fn protected_path_delivers_every_packet_once_under_loss() {
+    let protected = RoutingTable {
+        default: Priority::Protected,
+        rules: Vec::new(),
+    };
+    let mut lab = connected_lab(protected.clone(), protected);
+    lab.loss_percent = [0, 20];
+    for i in 0..500u32 {
+        let payload = i.to_be_bytes();
+        lab.send_from_proxy(&udp(PROXY_TUN, CLIENT_TUN, 40000, &payload));
+        lab.run(Duration::from_millis(1));
+    }
+    lab.run(Duration::from_millis(100));
+    let received: Vec<u32> = lab
+        .client_tun
+        .iter()
+        .map(|p| u32::from_be_bytes(p[p.len() - 4..].try_into().unwrap()))
+        .collect();
+    assert_eq!(received, (0..500).collect::<Vec<_>>());
+    assert!(lab.client.counters().duplicates > 300, "{:?}", lab.client.counters());
+}
+
+#[test]
+fn an_exhausted_pool_refuses_the_handshake() {
+    // A /30 has two hosts: the proxy end's address and one client.
+    let mut lab = Lab::new(RoutingTable::default(), RoutingTable::default(), "10.200.0.0/30");
+    lab.run(Duration::from_millis(600));
+    assert_eq!(lab.client.assignment().unwrap().client, CLIENT_TUN);
+
+    let mut second = Node::new(
+        NodeConfig::new(
+            NodeId([2, 0, 0, 0, 0, 0xc2]),
+            Role::Client {
+                proxy_endpoints: vec![proxy_addr(1)],
+            },
+        ),
+        SplitMix64::new(3),
+    );
+    let now = lab.now;
+    second.handle_interface_up(now, InterfaceId(1), "c1", SocketAddr::new([10, 0, 1, 3].into(), 5000));
+    second.handle_timeout(now);
+    let query = second.poll_transmit(now).expect("handshake query");
+    lab.proxy.handle_datagram(now, InterfaceId(1), SocketAddr::new([10, 0, 1, 3].into(), 5000), query.bytes);
+    let events: Vec<NodeEvent> = std::iter::from_fn(|| lab.proxy.poll_event()).collect();
+    assert!(events.contains(&NodeEvent::PoolExhausted {
+        node: NodeId([2, 0, 0, 0, 0, 0xc2])
+    }));
+    let confirmations = std::iter::from_fn(|| lab.proxy.poll_transmit(now))
+        .filter(|d| d.remote.ip() == IpAddr::V4(Ipv4Addr::new(10, 0, 1, 3)))
+        .count();
+    assert_eq!(confirmations, 0, "no CONFIRM without an address");
+}
