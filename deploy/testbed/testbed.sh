@@ -105,12 +105,12 @@ up() {
     {
       echo "table inet testbed_loss {"
       echo "  chain in { type filter hook input priority 0;"
-      [ -z "$loss1" ] || echo "    iifname \"c1\" numgen random mod 100 < $loss1 drop"
-      [ -z "$loss2" ] || echo "    iifname \"c2\" numgen random mod 100 < $loss2 drop"
+      [ -z "$loss1" ] || echo "    iifname \"c1\" numgen random mod 100 < $loss1 counter drop"
+      [ -z "$loss2" ] || echo "    iifname \"c2\" numgen random mod 100 < $loss2 counter drop"
       echo "  }"
       echo "  chain out { type filter hook output priority 0;"
-      [ -z "$loss1" ] || echo "    oifname \"c1\" numgen random mod 100 < $loss1 drop"
-      [ -z "$loss2" ] || echo "    oifname \"c2\" numgen random mod 100 < $loss2 drop"
+      [ -z "$loss1" ] || echo "    oifname \"c1\" numgen random mod 100 < $loss1 counter drop"
+      [ -z "$loss2" ] || echo "    oifname \"c2\" numgen random mod 100 < $loss2 counter drop"
       echo "  }"
       echo "}"
     } | ip netns exec "$cli" nft -f -

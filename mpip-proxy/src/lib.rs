@@ -41,6 +41,9 @@
 //! - End-to-end tests in network namespaces. Today's tests run the cores on
 //!   simulated links with a simulated clock.
 
+pub mod cli;
+pub mod config;
+pub mod metrics;
 pub mod mss;
 pub mod node;
 pub mod packet;
@@ -48,6 +51,7 @@ pub mod path_manager;
 pub mod resequencer;
 pub mod routing;
 pub mod scheduler;
+pub mod shell;
 pub mod sys;
 pub mod table;
 pub mod time;

@@ -24,9 +24,7 @@ use crate::packet::{InnerPacket, TCP_SYN};
 use crate::path_manager::{InterfaceId, PathConfig, PathEvent, PathManager, PathState, Transmit};
 use crate::resequencer::{Resequencer, ResequencerConfig};
 use crate::routing::{PacketClass, RoutingTable};
-use crate::scheduler::{
-    DedupWindow, Mode, RandomSource, Scheduler, SchedulerConfig, Selection,
-};
+use crate::scheduler::{DedupWindow, Mode, RandomSource, Scheduler, SchedulerConfig, Selection};
 use crate::table::availability::{AvailabilityTable, HandshakeConfig};
 use crate::table::path::{DelayMetrics, PathTable};
 use crate::table::session::{Protocol, SessionTable, DEFAULT_SESSION_IDLE};
@@ -188,6 +186,8 @@ pub struct NodeCounters {
     pub protected_copies: u64,
     /// TCP SYNs whose MSS was lowered.
     pub mss_clamped: u64,
+    /// Datagrams or TUN writes the shell could not complete ([`Node::note_send_failed`]).
+    pub send_failed: u64,
 }
 
 /// One path, for metrics.
@@ -387,6 +387,11 @@ impl<R: RandomSource> Node<R> {
         self.counters
     }
 
+    /// The shell could not send a datagram or write a TUN packet.
+    pub fn note_send_failed(&mut self) {
+        self.counters.send_failed += 1;
+    }
+
     /// Number of sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
@@ -420,7 +425,11 @@ impl<R: RandomSource> Node<R> {
                     local: path.local,
                     remote: path.remote,
                     state: path.state,
-                    counters: self.path_counters.get(&path.id).copied().unwrap_or_default(),
+                    counters: self
+                        .path_counters
+                        .get(&path.id)
+                        .copied()
+                        .unwrap_or_default(),
                     delay: self
                         .node_delays
                         .get(&path.node)
@@ -502,10 +511,9 @@ impl<R: RandomSource> Node<R> {
             .and_then(|name| self.interfaces.values().find(|i| i.name == name))
             .map(|i| i.address);
         let paths = &self.paths;
-        let state = self
-            .states
-            .entry((node, session))
-            .or_insert_with(|| Session::new(paths.path_table_for(node), &info, self.config.resequencer));
+        let state = self.states.entry((node, session)).or_insert_with(|| {
+            Session::new(paths.path_table_for(node), &info, self.config.resequencer)
+        });
         let sequence = state.next_sequence;
         state.next_sequence = sequence.wrapping_add(1);
         let pinned = pin_address.and_then(|local| {
@@ -521,7 +529,9 @@ impl<R: RandomSource> Node<R> {
         };
         match selection {
             Selection::NoPath => self.counters.no_path += 1,
-            Selection::One(path) => self.send_data(now, session, path, sequence, CmFlags::NONE, buffer),
+            Selection::One(path) => {
+                self.send_data(now, session, path, sequence, CmFlags::NONE, buffer)
+            }
             Selection::Copies(copies) => {
                 self.counters.protected_copies += 1;
                 let last = copies.len() - 1;
@@ -803,7 +813,8 @@ impl<R: RandomSource> Node<R> {
                 }
             }
             if let Some(table) = self.node_delays.get_mut(&node) {
-                self.paths.apply_event(node, SessionId::CONTROL, &event, table);
+                self.paths
+                    .apply_event(node, SessionId::CONTROL, &event, table);
             }
             if state.is_none() {
                 self.path_counters.remove(&path);

@@ -155,7 +155,8 @@ impl RoutingTable {
 
     /// The priority of `class`: the first matching rule's, else the default.
     pub fn classify(&self, class: &PacketClass) -> Priority {
-        self.rule_for(class).map_or(self.default, |rule| rule.priority)
+        self.rule_for(class)
+            .map_or(self.default, |rule| rule.priority)
     }
 
     /// The first rule matching `class`.
@@ -266,10 +267,8 @@ mod tests {
 
     #[test]
     fn a_rule_matches_both_directions_and_may_pin_a_path() {
-        let table: RoutingTable = toml::from_str(
-            "[[rule]]\nport = 8080\nprotocol = \"tcp\"\npath = \"c2\"\n",
-        )
-        .unwrap();
+        let table: RoutingTable =
+            toml::from_str("[[rule]]\nport = 8080\nprotocol = \"tcp\"\npath = \"c2\"\n").unwrap();
         let request = class("10.0.3.2", 8080, Protocol::Tcp, 60);
         let reply = PacketClass {
             source: request.destination,
@@ -282,6 +281,9 @@ mod tests {
         assert_eq!(rule.path.as_deref(), Some("c2"));
         assert_eq!(rule.priority, Priority::ThroughputFirst);
         assert_eq!(table.rule_for(&reply), Some(rule));
-        assert_eq!(table.rule_for(&class("10.0.3.2", 80, Protocol::Tcp, 60)), None);
+        assert_eq!(
+            table.rule_for(&class("10.0.3.2", 80, Protocol::Tcp, 60)),
+            None
+        );
     }
 }

@@ -220,7 +220,11 @@ fn connected_lab(client_routing: RoutingTable, proxy_routing: RoutingTable) -> L
 
 #[test]
 fn handshake_assigns_an_address_and_finds_both_paths() {
-    let mut lab = Lab::new(RoutingTable::default(), RoutingTable::default(), "10.200.0.0/24");
+    let mut lab = Lab::new(
+        RoutingTable::default(),
+        RoutingTable::default(),
+        "10.200.0.0/24",
+    );
     assert_eq!(lab.client.assignment(), None);
     lab.run(Duration::from_millis(600));
     let assignment = lab.client.assignment().expect("assigned within 600 ms");
@@ -232,7 +236,11 @@ fn handshake_assigns_an_address_and_finds_both_paths() {
     assert_eq!(lab.proxy.clients(), vec![(CLIENT_ID, CLIENT_TUN)]);
     for (node, names) in [(&lab.client, ["c1", "c2"]), (&lab.proxy, ["p1", "p2"])] {
         for name in names {
-            assert_eq!(Lab::path_state(node, name), Some(PathState::Active), "{name}");
+            assert_eq!(
+                Lab::path_state(node, name),
+                Some(PathState::Active),
+                "{name}"
+            );
         }
     }
 }
@@ -258,9 +266,21 @@ fn data_flows_both_ways_and_spoofed_sources_are_dropped() {
     let unknown_client = udp(PROXY_TUN, Ipv4Addr::new(10, 200, 0, 77), 53, b"x");
     lab.send_from_proxy(&unknown_client);
     lab.run(Duration::from_millis(50));
-    assert_eq!(lab.proxy_tun.len(), 1, "the spoofed packet never reached the proxy's TUN");
-    assert_eq!(lab.client.counters().no_route, 1, "the client only sends its own address");
-    assert_eq!(lab.proxy.counters().no_route, 1, "no client owns 10.200.0.77");
+    assert_eq!(
+        lab.proxy_tun.len(),
+        1,
+        "the spoofed packet never reached the proxy's TUN"
+    );
+    assert_eq!(
+        lab.client.counters().no_route,
+        1,
+        "the client only sends its own address"
+    );
+    assert_eq!(
+        lab.proxy.counters().no_route,
+        1,
+        "no client owns 10.200.0.77"
+    );
 }
 
 #[test]
@@ -325,7 +345,9 @@ fn routing_rules_pin_sessions_to_paths() {
     let carried_before = lab.carried;
     for i in 0..200u16 {
         let port = if i % 4 == 0 { 8080 } else { 80 };
-        lab.send_from_proxy(&build::ipv4_udp(PROXY_TUN, CLIENT_TUN, port, 40000, &[1; 500]));
+        lab.send_from_proxy(&build::ipv4_udp(
+            PROXY_TUN, CLIENT_TUN, port, 40000, &[1; 500],
+        ));
         lab.run(Duration::from_millis(1));
     }
     lab.run(Duration::from_millis(50));
@@ -357,13 +379,21 @@ fn protected_path_delivers_every_packet_once_under_loss() {
         .map(|p| u32::from_be_bytes(p[p.len() - 4..].try_into().unwrap()))
         .collect();
     assert_eq!(received, (0..500).collect::<Vec<_>>());
-    assert!(lab.client.counters().duplicates > 300, "{:?}", lab.client.counters());
+    assert!(
+        lab.client.counters().duplicates > 300,
+        "{:?}",
+        lab.client.counters()
+    );
 }
 
 #[test]
 fn an_exhausted_pool_refuses_the_handshake() {
     // A /30 has two hosts: the proxy end's address and one client.
-    let mut lab = Lab::new(RoutingTable::default(), RoutingTable::default(), "10.200.0.0/30");
+    let mut lab = Lab::new(
+        RoutingTable::default(),
+        RoutingTable::default(),
+        "10.200.0.0/30",
+    );
     lab.run(Duration::from_millis(600));
     assert_eq!(lab.client.assignment().unwrap().client, CLIENT_TUN);
 
@@ -377,10 +407,20 @@ fn an_exhausted_pool_refuses_the_handshake() {
         SplitMix64::new(3),
     );
     let now = lab.now;
-    second.handle_interface_up(now, InterfaceId(1), "c1", SocketAddr::new([10, 0, 1, 3].into(), 5000));
+    second.handle_interface_up(
+        now,
+        InterfaceId(1),
+        "c1",
+        SocketAddr::new([10, 0, 1, 3].into(), 5000),
+    );
     second.handle_timeout(now);
     let query = second.poll_transmit(now).expect("handshake query");
-    lab.proxy.handle_datagram(now, InterfaceId(1), SocketAddr::new([10, 0, 1, 3].into(), 5000), query.bytes);
+    lab.proxy.handle_datagram(
+        now,
+        InterfaceId(1),
+        SocketAddr::new([10, 0, 1, 3].into(), 5000),
+        query.bytes,
+    );
     let events: Vec<NodeEvent> = std::iter::from_fn(|| lab.proxy.poll_event()).collect();
     assert!(events.contains(&NodeEvent::PoolExhausted {
         node: NodeId([2, 0, 0, 0, 0, 0xc2])

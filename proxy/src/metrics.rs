@@ -211,7 +211,14 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
+        Self::with_extension(|_| {})
+    }
+
+    /// Creates and registers every metric, then lets `extend` register more
+    /// in the same registry (the MPIP proxy end adds its own).
+    pub fn with_extension(extend: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::default();
+        extend(&mut registry);
         let connections = Family::<ConnectionLabels, Counter>::default();
         let connections_active = Family::<TransportLabel, Gauge>::default();
         let connection_subflows = Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0]);

@@ -76,6 +76,12 @@ pub struct Server {
 impl Server {
     /// Binds every listener and loads ACLs, credentials and the access log. Must run inside tokio.
     pub fn bind(config: Config) -> Result<Self, ServerError> {
+        Self::bind_with_metrics(config, Arc::new(Metrics::new()))
+    }
+
+    /// [`Server::bind`] exporting into `metrics`, which may carry metrics of an
+    /// embedding application ([`Metrics::with_extension`]).
+    pub fn bind_with_metrics(config: Config, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
         let own = local_addresses().unwrap_or_else(|error| {
             tracing::warn!(%error, "cannot list local addresses; deny_own_addresses covers only listeners");
             Vec::new()
@@ -148,7 +154,7 @@ impl Server {
                 acl,
                 credentials,
                 access_log,
-                metrics: Arc::new(Metrics::new()),
+                metrics,
                 interfaces: Arc::new(InterfaceMap::default()),
                 throttle_events: throttle.as_ref().map(|t| t.events.clone()),
                 client_limiters,

@@ -1,3 +1,12 @@
 //! Operating-system side of the MPIP shell: TUN devices, interface scanning,
 //! path sockets and the gateway's nftables masquerade. Everything here talks to
 //! the kernel; the protocol state lives in the sans-IO modules.
+
+mod ifreq;
+pub mod nat;
+pub mod netif;
+pub mod route;
+pub mod socket;
+#[cfg(test)]
+mod testns;
+pub mod tun;

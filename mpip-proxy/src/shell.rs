@@ -1,0 +1,703 @@
+//! The tokio shell: drives a sans-IO [`Node`] with a TUN device, one UDP
+//! socket per path interface, an interface scanner and the node's timers.
+//!
+//! One task owns the node. Reader tasks (the TUN device, each path socket)
+//! hand it packets over one channel; after each batch of inputs the task
+//! drains the node's outputs: datagrams to the path sockets, packets to the
+//! TUN device, events. [`run_client`] and [`run_proxy_end`] are the two
+//! binaries' `run`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{ClientConfig, CommonConfig, Impairment, ProxyEndConfig};
+use crate::metrics::MpipMetrics;
+use crate::node::{Datagram, Node, NodeConfig, NodeEvent, HEADROOM};
+use crate::path_manager::{InterfaceId, PathState};
+use crate::scheduler::SplitMix64;
+use crate::sys::nat::{Masquerade, NatError};
+use crate::sys::netif;
+use crate::sys::route::{RouteError, RouteGuard};
+use crate::sys::socket::bind_path_socket;
+use crate::sys::tun::TunDevice;
+use crate::time::Timestamp;
+use crate::wire::NodeId;
+
+/// Queue between the reader tasks and the node's task.
+const INBOUND_QUEUE: usize = 4096;
+
+/// Inputs handled per wake-up before outputs are flushed.
+const BATCH: usize = 256;
+
+/// How often metrics are refreshed from the node.
+const METRICS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Why an MPIP end could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    /// No node ID configured and no NIC with a MAC address to take one from.
+    #[error("node_id = \"auto\" found no network interface with a MAC address; set node_id")]
+    NoNodeId,
+    /// The TUN device could not be created or configured.
+    #[error("TUN device {name}: {source}")]
+    Tun {
+        /// The device name.
+        name: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A route through the TUN device could not be added.
+    #[error("route {route} via the tunnel: {source}")]
+    Route {
+        /// The prefix.
+        route: String,
+        /// Why.
+        source: RouteError,
+    },
+    /// The gateway's masquerade could not be installed.
+    #[error("gateway masquerade: {0}")]
+    Nat(#[from] NatError),
+    /// The HTTP proxy on the tunnel address failed.
+    #[error("HTTP proxy: {0}")]
+    Http(#[from] mptcp_proxy::ServerError),
+    /// The HTTP proxy's configuration file is unusable.
+    #[error("HTTP proxy configuration: {0}")]
+    HttpConfig(#[from] mptcp_proxy::config::ConfigError),
+    /// The metrics listener could not be bound.
+    #[error("metrics listener {address}: {source}")]
+    Metrics {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+enum Inbound {
+    Tun(Vec<u8>),
+    Datagram(InterfaceId, SocketAddr, Vec<u8>),
+}
+
+/// A configured interface and its path socket.
+struct Endpoint {
+    id: InterfaceId,
+    name: String,
+    socket: Option<Arc<UdpSocket>>,
+    address: Option<SocketAddr>,
+    up: bool,
+    reader: Option<JoinHandle<()>>,
+    impairment: Option<Impairment>,
+    delayed: VecDeque<(Instant, SocketAddr, Vec<u8>)>,
+    bind_error_logged: bool,
+}
+
+/// Role-specific reactions to node events.
+enum Role {
+    Client {
+        routes: Vec<ipnet::IpNet>,
+        installed: RouteGuard,
+    },
+    ProxyEnd,
+}
+
+struct Driver {
+    node: Node<SplitMix64>,
+    start: Instant,
+    tun: Arc<TunDevice>,
+    endpoints: Vec<Endpoint>,
+    port: u16,
+    inbound: mpsc::Sender<Inbound>,
+    metrics: Arc<MpipMetrics>,
+    role: Role,
+    loss_state: u64,
+    last_timer_check: Instant,
+}
+
+fn node_id(common: &CommonConfig) -> Result<NodeId, ShellError> {
+    common
+        .node_id
+        .or_else(|| netif::first_mac_address().map(NodeId))
+        .ok_or(ShellError::NoNodeId)
+}
+
+fn create_tun(common: &CommonConfig, mtu: u16) -> Result<Arc<TunDevice>, ShellError> {
+    let name = common.tun.name.clone();
+    let error = |source| ShellError::Tun {
+        name: name.clone(),
+        source,
+    };
+    let tun = TunDevice::create(&name).map_err(error)?;
+    tun.set_mtu(mtu).map_err(error)?;
+    tun.set_txqueuelen(1000).map_err(error)?;
+    // The tunnel is IPv4 only; without this the kernel sends router
+    // solicitations and MLD reports into it as soon as it is up.
+    let disable_ipv6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name());
+    if let Err(error) = std::fs::write(&disable_ipv6, "1") {
+        tracing::debug!(%error, "cannot disable IPv6 on the TUN device");
+    }
+    tun.set_up().map_err(error)?;
+    Ok(Arc::new(tun))
+}
+
+async fn read_tun(tun: Arc<TunDevice>, mtu: u16, inbound: mpsc::Sender<Inbound>) {
+    loop {
+        let mut buffer = vec![0u8; HEADROOM + usize::from(mtu) + 64];
+        match tun.recv(&mut buffer[HEADROOM..]).await {
+            Ok(0) => continue,
+            Ok(len) => {
+                buffer.truncate(HEADROOM + len);
+                if inbound.send(Inbound::Tun(buffer)).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the TUN device failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn read_socket(id: InterfaceId, socket: Arc<UdpSocket>, inbound: mpsc::Sender<Inbound>) {
+    let mut buffer = vec![0u8; 65536];
+    loop {
+        match socket.recv_from(&mut buffer).await {
+            Ok((len, from)) => {
+                let datagram = Inbound::Datagram(id, from, buffer[..len].to_vec());
+                if inbound.send(datagram).await.is_err() {
+                    return;
+                }
+            }
+            // ICMP errors of earlier sends (port unreachable, network down)
+            // surface here; the path manager notices dead paths by silence.
+            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+impl Driver {
+    fn new(
+        config: NodeConfig,
+        common: &CommonConfig,
+        port: u16,
+        tun: Arc<TunDevice>,
+        metrics: Arc<MpipMetrics>,
+        role: Role,
+        inbound: mpsc::Sender<Inbound>,
+    ) -> Self {
+        let seed = Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
+        let endpoints = common
+            .paths
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(index, name)| Endpoint {
+                id: InterfaceId(index as u32 + 1),
+                name: name.clone(),
+                socket: None,
+                address: None,
+                up: false,
+                reader: None,
+                impairment: common
+                    .testing
+                    .impairment
+                    .iter()
+                    .find(|i| i.interface == *name)
+                    .cloned(),
+                delayed: VecDeque::new(),
+                bind_error_logged: false,
+            })
+            .collect();
+        Driver {
+            node: Node::new(config, SplitMix64::new(seed)),
+            start: Instant::now(),
+            tun,
+            endpoints,
+            port,
+            inbound,
+            metrics,
+            role,
+            loss_state: seed | 1,
+            last_timer_check: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        Timestamp::from_micros(self.start.elapsed().as_micros() as u64)
+    }
+
+    fn instant(&self, at: Timestamp) -> Instant {
+        self.start + Duration::from_micros(at.as_micros())
+    }
+
+    /// Reads interface state and tells the node what changed.
+    fn scan_interfaces(&mut self) {
+        let statuses = match netif::scan() {
+            Ok(statuses) => statuses,
+            Err(error) => {
+                tracing::warn!(%error, "listing interfaces failed");
+                return;
+            }
+        };
+        let now = self.now();
+        for endpoint in &mut self.endpoints {
+            let status = statuses.iter().find(|s| s.name == endpoint.name);
+            let wanted = status
+                .filter(|s| s.up)
+                .and_then(|s| s.ipv4.first().copied())
+                .map(IpAddr::V4);
+            match wanted {
+                Some(ip) if endpoint.address.is_some_and(|a| a.ip() == ip) => {
+                    if !endpoint.up {
+                        endpoint.up = true;
+                        tracing::info!(interface = %endpoint.name, "interface up");
+                        if let Some(address) = endpoint.address {
+                            self.node.handle_interface_up(
+                                now,
+                                endpoint.id,
+                                &endpoint.name,
+                                address,
+                            );
+                        }
+                    }
+                }
+                Some(ip) => {
+                    match bind_path_socket(&endpoint.name, SocketAddr::new(ip, self.port)) {
+                        Ok(socket) => {
+                            let socket = Arc::new(socket);
+                            let Ok(local) = socket.local_addr() else {
+                                continue;
+                            };
+                            if let Some(reader) = endpoint.reader.take() {
+                                reader.abort();
+                            }
+                            endpoint.reader = Some(tokio::spawn(read_socket(
+                                endpoint.id,
+                                socket.clone(),
+                                self.inbound.clone(),
+                            )));
+                            tracing::info!(interface = %endpoint.name, %local, "path socket bound");
+                            endpoint.socket = Some(socket);
+                            endpoint.address = Some(local);
+                            endpoint.up = true;
+                            endpoint.bind_error_logged = false;
+                            self.node
+                                .handle_interface_up(now, endpoint.id, &endpoint.name, local);
+                        }
+                        Err(error) => {
+                            if !std::mem::replace(&mut endpoint.bind_error_logged, true) {
+                                tracing::warn!(interface = %endpoint.name, %error, "cannot bind a path socket; retrying");
+                            }
+                        }
+                    }
+                }
+                None => {
+                    if endpoint.up {
+                        endpoint.up = false;
+                        tracing::info!(interface = %endpoint.name, "interface down");
+                        self.node.handle_interface_down(now, endpoint.id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, inbound: Inbound) {
+        let now = self.now();
+        match inbound {
+            Inbound::Tun(buffer) => self.node.handle_tun_packet(now, buffer),
+            Inbound::Datagram(id, from, bytes) => self.node.handle_datagram(now, id, from, bytes),
+        }
+    }
+
+    /// Runs due timers, then drains every output of the node.
+    fn flush(&mut self) {
+        let instant = Instant::now();
+        if instant.duration_since(self.last_timer_check) >= Duration::from_millis(1) {
+            self.last_timer_check = instant;
+            let now = self.now();
+            if self.node.poll_timeout().is_some_and(|due| due <= now) {
+                self.node.handle_timeout(now);
+            }
+        }
+        let now = self.now();
+        while let Some(datagram) = self.node.poll_transmit(now) {
+            self.send(datagram);
+        }
+        while let Some(packet) = self.node.poll_tun() {
+            if self.tun.try_send(packet.packet()).is_err() {
+                self.node.note_send_failed();
+            }
+        }
+        while let Some(event) = self.node.poll_event() {
+            self.on_event(event);
+        }
+        self.send_delayed(Instant::now());
+    }
+
+    fn send(&mut self, datagram: Datagram) {
+        let Some(endpoint) = self
+            .endpoints
+            .iter_mut()
+            .find(|e| e.id == datagram.interface)
+        else {
+            return;
+        };
+        if let Some(impairment) = &endpoint.impairment {
+            if impairment.loss_percent > 0 {
+                self.loss_state ^= self.loss_state << 13;
+                self.loss_state ^= self.loss_state >> 7;
+                self.loss_state ^= self.loss_state << 17;
+                if self.loss_state % 100 < u64::from(impairment.loss_percent) {
+                    return;
+                }
+            }
+            if impairment.delay_ms > 0 {
+                let due = Instant::now() + Duration::from_millis(impairment.delay_ms);
+                endpoint
+                    .delayed
+                    .push_back((due, datagram.remote, datagram.bytes));
+                return;
+            }
+        }
+        let sent = endpoint
+            .socket
+            .as_ref()
+            .map(|socket| socket.try_send_to(&datagram.bytes, datagram.remote));
+        if !matches!(sent, Some(Ok(_))) {
+            self.node.note_send_failed();
+        }
+    }
+
+    fn send_delayed(&mut self, now: Instant) {
+        for endpoint in &mut self.endpoints {
+            while endpoint
+                .delayed
+                .front()
+                .is_some_and(|(due, _, _)| *due <= now)
+            {
+                let Some((_, remote, bytes)) = endpoint.delayed.pop_front() else {
+                    break;
+                };
+                if let Some(socket) = &endpoint.socket {
+                    let _ = socket.try_send_to(&bytes, remote);
+                }
+            }
+        }
+    }
+
+    fn next_wakeup(&self) -> Instant {
+        let timer = self
+            .node
+            .poll_timeout()
+            .map_or(Instant::now() + Duration::from_secs(1), |t| self.instant(t));
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.delayed.front().map(|(due, _, _)| *due))
+            .fold(timer, Instant::min)
+    }
+
+    fn on_event(&mut self, event: NodeEvent) {
+        match event {
+            NodeEvent::Assigned(assignment) => {
+                tracing::info!(
+                    address = %assignment.client,
+                    prefix_len = assignment.prefix_len,
+                    proxy = %assignment.proxy,
+                    "tunnel address assigned"
+                );
+                if let Err(error) = self.tun.set_ipv4(assignment.client, assignment.prefix_len) {
+                    tracing::error!(%error, "configuring the tunnel address failed");
+                    return;
+                }
+                if let Role::Client { routes, installed } = &mut self.role {
+                    let _ = installed.remove_all();
+                    for route in routes.iter() {
+                        if let Err(error) = installed.add(*route, self.tun.ifindex()) {
+                            tracing::error!(%route, %error, "adding a route via the tunnel failed");
+                        }
+                    }
+                }
+            }
+            NodeEvent::ClientAssigned { node, address } => {
+                tracing::info!(%node, %address, "client node assigned a tunnel address");
+            }
+            NodeEvent::PoolExhausted { node } => {
+                tracing::warn!(%node, "tunnel address pool exhausted; handshake refused");
+            }
+            NodeEvent::Path { path, node, state } => {
+                let state = match state {
+                    Some(PathState::Active) => "active",
+                    Some(PathState::Dead) => "dead",
+                    Some(_) => "probing",
+                    None => "removed",
+                };
+                tracing::info!(path = path.0, %node, state, "path");
+            }
+        }
+    }
+
+    fn update_metrics(&self) {
+        self.metrics.update(
+            self.node.session_count(),
+            self.node.peer_count(),
+            &self.node.path_snapshots(),
+            self.node.counters(),
+        );
+    }
+
+    async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<Inbound>,
+        scan_interval: Duration,
+        stop: impl Future<Output = ()>,
+    ) {
+        let mut stop = pin!(stop);
+        let mut scan = tokio::time::interval(scan_interval);
+        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut metrics = tokio::time::interval(METRICS_INTERVAL);
+        metrics.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let wakeup = tokio::time::Instant::from_std(self.next_wakeup());
+            tokio::select! {
+                biased;
+                () = &mut stop => break,
+                received = inbound.recv() => {
+                    let Some(received) = received else { break };
+                    self.handle(received);
+                    for _ in 1..BATCH {
+                        match inbound.try_recv() {
+                            Ok(received) => self.handle(received),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(wakeup) => {
+                    let now = self.now();
+                    self.node.handle_timeout(now);
+                }
+                _ = scan.tick() => self.scan_interfaces(),
+                _ = metrics.tick() => self.update_metrics(),
+            }
+            self.flush();
+        }
+        for endpoint in &mut self.endpoints {
+            if let Some(reader) = endpoint.reader.take() {
+                reader.abort();
+            }
+        }
+        if let Role::Client { installed, .. } = &mut self.role {
+            if let Err(error) = installed.remove_all() {
+                tracing::warn!(%error, "removing tunnel routes failed");
+            }
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` with `metrics` until `stop`.
+async fn serve_metrics(
+    address: SocketAddr,
+    metrics: Arc<mptcp_proxy::metrics::Metrics>,
+    stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, ShellError> {
+    let error = |source| ShellError::Metrics { address, source };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(error)?;
+    tracing::info!(address = %listener.local_addr().map_err(error)?, "metrics listener (/metrics, /healthz, /readyz)");
+    let state = Arc::new(mptcp_proxy::admin::AdminState {
+        metrics,
+        ready: AtomicBool::new(true),
+    });
+    Ok(tokio::spawn(mptcp_proxy::admin::serve(
+        listener, state, stop,
+    )))
+}
+
+fn registry_with(mpip: &Arc<MpipMetrics>) -> Arc<mptcp_proxy::metrics::Metrics> {
+    Arc::new(mptcp_proxy::metrics::Metrics::with_extension(|registry| {
+        mpip.register(registry)
+    }))
+}
+
+/// Runs `mpipd`, the client end, until `shutdown` resolves; then removes the
+/// routes it added and the TUN device.
+pub async fn run_client(
+    config: ClientConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ShellError> {
+    let node_config = config.node_config(node_id(&config.common)?);
+    tracing::info!(node = %node_config.node_id, "mpipd starting");
+    let probe = Node::new(node_config.clone(), SplitMix64::new(0));
+    let tun = create_tun(&config.common, probe.tun_mtu())?;
+    let mpip_metrics = Arc::new(MpipMetrics::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = match config.common.metrics.address {
+        Some(address) => Some(serve_metrics(address, registry_with(&mpip_metrics), stop_rx).await?),
+        None => None,
+    };
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let tun_reader = tokio::spawn(read_tun(tun.clone(), probe.tun_mtu(), inbound_tx.clone()));
+    let mut driver = Driver::new(
+        node_config,
+        &config.common,
+        config.port(),
+        tun.clone(),
+        mpip_metrics,
+        Role::Client {
+            routes: config.routes.clone(),
+            installed: RouteGuard::new(),
+        },
+        inbound_tx,
+    );
+    driver.scan_interfaces();
+    driver
+        .run(
+            inbound_rx,
+            Duration::from_millis(config.common.paths.scan_interval_ms),
+            shutdown,
+        )
+        .await;
+    tun_reader.abort();
+    let _ = tun_reader.await;
+    let _ = stop_tx.send(true);
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    drop(tun);
+    tracing::info!("mpipd stopped; TUN device and routes removed");
+    Ok(())
+}
+
+/// Runs `mpip-proxy`, the proxy end, until `shutdown` resolves: the tunnel,
+/// the HTTP proxy on the tunnel address and, if enabled, the gateway. On
+/// shutdown the HTTP proxy drains first (over the still-running tunnel), then
+/// the masquerade table and the TUN device are removed.
+pub async fn run_proxy_end(
+    config: ProxyEndConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ShellError> {
+    let node_config = config.node_config(node_id(&config.common)?);
+    tracing::info!(node = %node_config.node_id, pool = %config.tunnel.pool, "mpip-proxy starting");
+    let probe = Node::new(node_config.clone(), SplitMix64::new(0));
+    let Some((tunnel_address, prefix_len)) = probe.proxy_tunnel() else {
+        unreachable!("a proxy-end node has a tunnel address");
+    };
+    let tun = create_tun(&config.common, probe.tun_mtu())?;
+    tun.set_ipv4(tunnel_address, prefix_len)
+        .map_err(|source| ShellError::Tun {
+            name: tun.name().to_owned(),
+            source,
+        })?;
+    tracing::info!(tun = tun.name(), address = %tunnel_address, prefix_len, "tunnel up");
+
+    let table = format!("mpip_proxy_{}", tun.name());
+    let masquerade = if config.gateway.enabled {
+        let installed = Masquerade::install(&table, config.tunnel.pool, tun.name())?;
+        tracing::info!(table, "gateway on: clients' other traffic is masqueraded");
+        Some(installed)
+    } else {
+        None
+    };
+
+    let mpip_metrics = Arc::new(MpipMetrics::default());
+    let registry = registry_with(&mpip_metrics);
+    let (http_stop_tx, http_stop_rx) = watch::channel(false);
+    let http = if config.http.port != 0 {
+        let mut http_config = match &config.http.config {
+            Some(path) => mptcp_proxy::Config::from_file(path)?,
+            None => mptcp_proxy::Config::embedded()?,
+        };
+        let mut listener = mptcp_proxy::config::ListenerConfig::forward(SocketAddr::new(
+            IpAddr::V4(tunnel_address),
+            config.http.port,
+        ));
+        // MPIP clients reach it with plain TCP inside the tunnel.
+        listener.mptcp = false;
+        http_config.listeners = vec![listener];
+        http_config.metrics.address = config.common.metrics.address;
+        let server = mptcp_proxy::Server::bind_with_metrics(http_config, registry)?;
+        let mut stop = http_stop_rx;
+        Some(tokio::spawn(server.serve(async move {
+            let _ = stop.changed().await;
+        })))
+    } else {
+        match config.common.metrics.address {
+            Some(address) => Some(tokio::spawn({
+                let admin = serve_metrics(address, registry, http_stop_rx).await?;
+                async move {
+                    let _ = admin.await;
+                    Ok(())
+                }
+            })),
+            None => None,
+        }
+    };
+
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let tun_reader = tokio::spawn(read_tun(tun.clone(), probe.tun_mtu(), inbound_tx.clone()));
+    let mut driver = Driver::new(
+        node_config,
+        &config.common,
+        config.port(),
+        tun.clone(),
+        mpip_metrics,
+        Role::ProxyEnd,
+        inbound_tx,
+    );
+    driver.scan_interfaces();
+    // The tunnel keeps running while the HTTP proxy drains.
+    let (driver_stop_tx, driver_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let driver_task = tokio::spawn(driver.run(
+        inbound_rx,
+        Duration::from_millis(config.common.paths.scan_interval_ms),
+        async move {
+            let _ = driver_stop_rx.await;
+        },
+    ));
+    let mut http_result = Ok(());
+    match http {
+        Some(mut http) => {
+            tokio::select! {
+                () = shutdown => {
+                    let _ = http_stop_tx.send(true);
+                    http_result = flatten(http.await);
+                }
+                finished = &mut http => http_result = flatten(finished),
+            }
+        }
+        None => shutdown.await,
+    }
+    let _ = driver_stop_tx.send(());
+    let _ = driver_task.await;
+    tun_reader.abort();
+    let _ = tun_reader.await;
+    if let Some(masquerade) = masquerade {
+        masquerade.remove()?;
+    }
+    drop(tun);
+    tracing::info!("mpip-proxy stopped; TUN device and nftables table removed");
+    http_result.map_err(ShellError::from)
+}
+
+fn flatten(
+    joined: Result<Result<(), mptcp_proxy::ServerError>, tokio::task::JoinError>,
+) -> Result<(), mptcp_proxy::ServerError> {
+    match joined {
+        Ok(result) => result,
+        Err(error) => {
+            tracing::error!(%error, "the HTTP proxy task failed");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! End-to-end tests in network namespaces (deploy/testbed/testbed.sh): the
+//! `mpipd` and `mpip-proxy` binaries, started from the commented example
+//! configurations in `deploy/examples` with a few keys changed per test, with
+//! nginx as the legacy server.
+//!
+//! - Fig. 4a: two HTB-limited paths (40 and 20 Mbit/s) aggregate.
+//! - Failover: a path's link goes down mid-transfer and comes back.
+//! - Fig. 9: two concurrent sessions pinned to different paths (gateway mode).
+//! - Protected-path: 5% loss on one path costs no TCP retransmission.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use testbed::{Background, Options, Testbed};
+
+const PROXY_HTTP: &str = "http://10.200.0.1:3128";
+const SERVER: &str = "10.0.3.2";
+
+/// A testbed with nginx, mpip-proxy in the proxy namespace and mpipd in the
+/// client namespace.
+struct MpipLab {
+    // Field order is drop order: processes stop before the namespaces go.
+    client: Option<Background>,
+    proxy: Option<Background>,
+    _nginx: Background,
+    tb: Testbed,
+    dir: tempfile::TempDir,
+}
+
+/// Deterministic pseudo-random bytes, so corruption cannot hide in patterns.
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha256(data: &[u8]) -> Vec<u8> {
+    Sha256::digest(data).to_vec()
+}
+
+/// An example configuration with `edit` applied, written to `dir`.
+fn config_from_example(dir: &Path, name: &str, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples")
+        .join(name);
+    let mut table: toml::Table = std::fs::read_to_string(&example)
+        .expect("example config")
+        .parse()
+        .expect("example is TOML");
+    edit(&mut table);
+    let path = dir.join(name);
+    std::fs::write(&path, toml::to_string(&table).expect("serialise")).expect("write config");
+    path
+}
+
+fn section<'a>(table: &'a mut toml::Table, name: &str) -> &'a mut toml::Table {
+    table
+        .entry(name)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .expect("a table")
+}
+
+/// `[routing]` with `default` and `rules` as (port, interface) pins.
+fn routing(table: &mut toml::Table, default: &str, pins: &[(u16, &str)]) {
+    let routing = section(table, "routing");
+    routing.insert("default".into(), default.into());
+    let rules: Vec<toml::Value> = pins
+        .iter()
+        .map(|(port, path)| {
+            let mut rule = toml::Table::new();
+            rule.insert("port".into(), i64::from(*port).into());
+            rule.insert("protocol".into(), "tcp".into());
+            rule.insert("path".into(), (*path).into());
+            toml::Value::Table(rule)
+        })
+        .collect();
+    routing.insert("rule".into(), toml::Value::Array(rules));
+}
+
+impl MpipLab {
+    /// Builds the lab with `files` served by nginx, or returns None when the
+    /// test must skip (not root and CI unset).
+    fn new(
+        options: Options,
+        files: &[(&str, &[u8])],
+        edit_proxy: impl FnOnce(&mut toml::Table),
+        edit_client: impl FnOnce(&mut toml::Table),
+    ) -> Option<MpipLab> {
+        if testbed::skip_unless_root() {
+            return None;
+        }
+        let tb = Testbed::new(options).expect("testbed");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let www = dir.path().join("www");
+        std::fs::create_dir(&www).expect("www");
+        for (name, bytes) in files {
+            std::fs::write(www.join(name), bytes).expect("write file");
+        }
+        let nginx = tb.start_nginx(&www, dir.path()).expect("nginx");
+        let proxy_config = config_from_example(dir.path(), "mpip-proxy.toml", edit_proxy);
+        let client_config = config_from_example(dir.path(), "mpipd.toml", edit_client);
+        let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
+        let mut proxy_cmd = tb.command(tb.proxy_ns(), env!("CARGO_BIN_EXE_mpip-proxy"));
+        proxy_cmd
+            .arg("--config")
+            .arg(&proxy_config)
+            .stderr(log("mpip-proxy.log"));
+        let proxy = Background::start(proxy_cmd).expect("mpip-proxy");
+        tb.wait_for_tcp(
+            tb.proxy_ns(),
+            "127.0.0.1:9464".parse().unwrap(),
+            Duration::from_secs(10),
+        )
+        .expect("mpip-proxy metrics listener");
+        let mut client_cmd = tb.command(tb.client_ns(), env!("CARGO_BIN_EXE_mpipd"));
+        client_cmd
+            .arg("--config")
+            .arg(&client_config)
+            .stderr(log("mpipd.log"));
+        let client = Background::start(client_cmd).expect("mpipd");
+        let lab = MpipLab {
+            client: Some(client),
+            proxy: Some(proxy),
+            _nginx: nginx,
+            tb,
+            dir,
+        };
+        // The tunnel is up when the client reaches the HTTP proxy through it.
+        if let Err(error) = lab.tb.wait_for_tcp(
+            lab.tb.client_ns(),
+            "10.200.0.1:3128".parse().unwrap(),
+            Duration::from_secs(10),
+        ) {
+            panic!("tunnel not up: {error}\n{}", lab.logs());
+        }
+        Some(lab)
+    }
+
+    fn logs(&self) -> String {
+        ["mpip-proxy.log", "mpipd.log"]
+            .iter()
+            .map(|name| {
+                let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                format!(
+                    "--- {name} (last lines)\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn out_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs curl in the client namespace; panics with the logs on failure.
+    fn curl(&self, args: &[&str]) -> String {
+        let mut argv = vec!["curl", "-sS", "--fail", "--max-time", "60"];
+        argv.extend_from_slice(args);
+        let output: Output = self
+            .tb
+            .command(self.tb.client_ns(), argv[0])
+            .args(&argv[1..])
+            .output()
+            .expect("run curl");
+        assert!(
+            output.status.success(),
+            "curl {args:?}: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `curl -o OUT ...` in the background.
+    fn curl_background(&self, out: &Path, args: &[&str]) -> Background {
+        let mut cmd = self.tb.command(self.tb.client_ns(), "curl");
+        cmd.args(["-sS", "--fail", "--max-time", "90", "-o"])
+            .arg(out)
+            .args(args);
+        Background::start(cmd).expect("curl")
+    }
+
+    /// The proxy end's `/metrics`.
+    fn metrics(&self) -> String {
+        self.tb
+            .exec(
+                self.tb.proxy_ns(),
+                &["curl", "-sS", "http://127.0.0.1:9464/metrics"],
+            )
+            .expect("scrape")
+    }
+
+    /// Bytes the proxy end sent on the paths leaving `interface`.
+    fn proxy_path_tx_bytes(&self, interface: &str) -> u64 {
+        sum_metric(
+            &self.metrics(),
+            "mpip_path_bytes_total",
+            &[("interface", interface), ("direction", "tx")],
+        )
+    }
+
+    fn tcp_retransmissions(&self) -> (u64, u64) {
+        let read = |ns: &str| self.tb.nstat(ns, "TcpRetransSegs").expect("nstat");
+        (read(self.tb.client_ns()), read(self.tb.proxy_ns()))
+    }
+
+    /// SIGTERM to both ends; they must exit 0 and leave no TUN device, route
+    /// or nftables table behind.
+    fn stop_and_assert_clean(&mut self) {
+        for (process, name) in [
+            (self.client.take(), "mpipd"),
+            (self.proxy.take(), "mpip-proxy"),
+        ] {
+            let mut process = process.expect("running");
+            process.signal(libc::SIGTERM).expect("SIGTERM");
+            let status = process
+                .wait_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("{name} did not exit: {e}\n{}", self.logs()));
+            assert!(
+                status.success(),
+                "{name} exited with {status}\n{}",
+                self.logs()
+            );
+        }
+        for ns in [self.tb.client_ns(), self.tb.proxy_ns()] {
+            let links = self
+                .tb
+                .exec(ns, &["ip", "-o", "link", "show"])
+                .expect("ip link");
+            assert!(!links.contains("mpip"), "TUN device left in {ns}:\n{links}");
+            let routes = self
+                .tb
+                .exec(ns, &["ip", "route", "show"])
+                .expect("ip route");
+            assert!(
+                !routes.contains("10.200.0."),
+                "tunnel route left in {ns}:\n{routes}"
+            );
+            let tables = self.tb.exec(ns, &["nft", "list", "tables"]).expect("nft");
+            assert!(
+                !tables.contains("mpip"),
+                "nftables table left in {ns}:\n{tables}"
+            );
+        }
+    }
+}
+
+/// Sums every sample of `name` whose labels include all of `labels`.
+fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Watches a file grow while a download runs; returns (seconds since start, bytes).
+fn watch_download(path: &Path, curl: &mut Background, timeout: Duration) -> Vec<(f64, u64)> {
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    loop {
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        samples.push((start.elapsed().as_secs_f64(), size));
+        if let Ok(Some(status)) = curl.child_mut().try_wait() {
+            assert!(status.success(), "curl failed: {status}");
+            return samples;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "download did not finish in {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Fig. 4a: 40 + 20 Mbit/s paths, a download through the MPIP proxy end's
+/// HTTP proxy. The aggregate goodput after TCP's first second (slow start) must
+/// reach 90% of 60 Mbit/s, and the file must be intact.
+#[test]
+fn fig4a_aggregate_of_htb_limited_paths() {
+    let file = pseudo_random(40 << 20, 0x4a);
+    let Some(lab) = MpipLab::new(
+        Options {
+            path_rate_mbit: [Some(40), Some(20)],
+            subflow_endpoint: false,
+            ..Options::default()
+        },
+        &[("big.bin", &file)],
+        |_| {},
+        |_| {},
+    ) else {
+        return;
+    };
+    let out = lab.out_path("big.out");
+    let url = format!("http://{SERVER}/big.bin");
+    let mut curl = lab.curl_background(&out, &["-x", PROXY_HTTP, &url]);
+    let samples = watch_download(&out, &mut curl, Duration::from_secs(60));
+    let received = std::fs::read(&out).expect("downloaded file");
+    assert_eq!(received.len(), file.len(), "whole file");
+    assert!(sha256(&received) == sha256(&file), "file intact");
+
+    // Steady state: from the first sample after 1 s to the last one before the
+    // end (the final sample may be a partial interval).
+    let first = samples
+        .iter()
+        .find(|(t, _)| *t >= 1.0)
+        .expect("ran over 1 s");
+    let last = samples[samples.len() - 2];
+    let steady_mbit = (last.1 - first.1) as f64 * 8.0 / (last.0 - first.0) / 1e6;
+    let (total_time, _) = samples[samples.len() - 1];
+    let average_mbit = file.len() as f64 * 8.0 / total_time / 1e6;
+    let p1 = lab.proxy_path_tx_bytes("p1");
+    let p2 = lab.proxy_path_tx_bytes("p2");
+    eprintln!(
+        "fig4a: steady {steady_mbit:.1} Mbit/s ({:.1}% of 60), whole transfer {average_mbit:.1} Mbit/s; \
+         path bytes p1 {p1} p2 {p2} ({:.2}:1)",
+        steady_mbit / 60.0 * 100.0,
+        p1 as f64 / p2.max(1) as f64
+    );
+    assert!(
+        steady_mbit >= 0.9 * 60.0,
+        "aggregate {steady_mbit:.1} Mbit/s is below 90% of 60 Mbit/s\n{}",
+        lab.logs()
+    );
+    assert!(p2 > file.len() as u64 / 5, "path 2 carried its share: {p2}");
+}
+
+/// Failover: c2's link goes down mid-download and comes back; the TCP session
+/// survives and path 2 carries data again within 1 s of link up.
+#[test]
+fn failover_link_down_then_up_within_a_second() {
+    let file = pseudo_random(32 << 20, 0xfa11);
+    let Some(lab) = MpipLab::new(
+        Options {
+            path_rate_mbit: [Some(20), Some(20)],
+            subflow_endpoint: false,
+            ..Options::default()
+        },
+        &[("big.bin", &file)],
+        |_| {},
+        |_| {},
+    ) else {
+        return;
+    };
+    let out = lab.out_path("big.out");
+    let url = format!("http://{SERVER}/big.bin");
+    let mut curl = lab.curl_background(&out, &["-x", PROXY_HTTP, &url]);
+    let client = lab.tb.client_ns().to_owned();
+    let c2_rx = || lab.tb.interface_bytes(&client, "c2").expect("counters").0;
+    std::thread::sleep(Duration::from_millis(1500));
+    let size_at_down = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    assert!(size_at_down > 0, "the download started");
+    lab.tb
+        .exec(&client, &["ip", "link", "set", "c2", "down"])
+        .expect("link down");
+    std::thread::sleep(Duration::from_millis(1500));
+    let size_at_up = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size_at_up > size_at_down + (1 << 20),
+        "the transfer went on over path 1 while c2 was down ({size_at_down} -> {size_at_up})"
+    );
+    let rx_before = c2_rx();
+    lab.tb
+        .exec(&client, &["ip", "link", "set", "c2", "up"])
+        .expect("link up");
+    let up = Instant::now();
+    // Data, not heartbeats: 200 kB is over 130 full-size datagrams.
+    let back = loop {
+        if c2_rx() > rx_before + 200_000 {
+            break up.elapsed();
+        }
+        if up.elapsed() > Duration::from_secs(3) {
+            panic!("path 2 carried no data 3 s after link up\n{}", lab.logs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("failover: path 2 carried 200 kB of data {back:?} after link up");
+    assert!(back < Duration::from_secs(1), "path 2 back after {back:?}");
+    watch_download(&out, &mut curl, Duration::from_secs(60));
+    let received = std::fs::read(&out).expect("downloaded file");
+    assert!(
+        received.len() == file.len() && sha256(&received) == sha256(&file),
+        "the TCP session survived and the file is intact ({} of {} bytes)",
+        received.len(),
+        file.len()
+    );
+}
+
+/// Fig. 9: the routing table pins sessions to server port 80 to path 1 and to
+/// port 8080 to path 2, in gateway mode (the client reaches the server
+/// directly through the tunnel). Two concurrent downloads of different sizes;
+/// the per-path byte counters show each on its own path. Then both ends stop
+/// and must leave nothing behind.
+#[test]
+fn fig9_routing_table_pins_sessions_to_paths() {
+    let large = pseudo_random(24 << 20, 0x91);
+    let small = pseudo_random(6 << 20, 0x92);
+    let Some(mut lab) = MpipLab::new(
+        Options {
+            path_rate_mbit: [Some(100), Some(100)],
+            subflow_endpoint: false,
+            ..Options::default()
+        },
+        &[("large.bin", &large), ("small.bin", &small)],
+        |proxy| {
+            section(proxy, "gateway").insert("enabled".into(), true.into());
+            routing(proxy, "throughput-first", &[(80, "p1"), (8080, "p2")]);
+        },
+        |client| {
+            client.insert(
+                "routes".into(),
+                toml::Value::Array(vec!["10.0.3.0/24".into()]),
+            );
+            routing(client, "throughput-first", &[(80, "c1"), (8080, "c2")]);
+        },
+    ) else {
+        return;
+    };
+    let tables = lab
+        .tb
+        .exec(lab.tb.proxy_ns(), &["nft", "list", "tables"])
+        .unwrap();
+    assert!(
+        tables.contains("mpip_proxy_mpip0"),
+        "gateway table installed: {tables}"
+    );
+    let route = lab
+        .tb
+        .exec(lab.tb.client_ns(), &["ip", "route", "get", SERVER])
+        .unwrap();
+    assert!(
+        route.contains("mpip0"),
+        "the server is reached through the tunnel: {route}"
+    );
+    let (p1_before, p2_before) = (lab.proxy_path_tx_bytes("p1"), lab.proxy_path_tx_bytes("p2"));
+
+    let large_out = lab.out_path("large.out");
+    let small_out = lab.out_path("small.out");
+    let mut a = lab.curl_background(&large_out, &[&format!("http://{SERVER}/large.bin")]);
+    let mut b = lab.curl_background(&small_out, &[&format!("http://{SERVER}:8080/small.bin")]);
+    watch_download(&large_out, &mut a, Duration::from_secs(60));
+    watch_download(&small_out, &mut b, Duration::from_secs(60));
+    assert!(
+        sha256(&std::fs::read(&large_out).unwrap()) == sha256(&large),
+        "port 80 file intact"
+    );
+    assert!(
+        sha256(&std::fs::read(&small_out).unwrap()) == sha256(&small),
+        "port 8080 file intact"
+    );
+
+    std::thread::sleep(Duration::from_millis(700)); // one metrics refresh
+    let p1 = lab.proxy_path_tx_bytes("p1") - p1_before;
+    let p2 = lab.proxy_path_tx_bytes("p2") - p2_before;
+    eprintln!(
+        "fig9: p1 sent {p1} bytes (port 80: {} B), p2 sent {p2} bytes (port 8080: {} B)",
+        large.len(),
+        small.len()
+    );
+    // Each path carries its session plus encapsulation (about 5.5%) and
+    // control packets; an even spread would put 15 MiB on each.
+    let within = |bytes: u64, payload: usize| {
+        bytes >= payload as u64 && bytes <= payload as u64 + payload as u64 / 10
+    };
+    assert!(
+        within(p1, large.len()),
+        "p1 carried the port-80 session only: {p1}"
+    );
+    assert!(
+        within(p2, small.len()),
+        "p2 carried the port-8080 session only: {p2}"
+    );
+    lab.stop_and_assert_clean();
+}
+
+/// Protected-path: every packet is sent on both paths and the first copy
+/// wins, so 5% random loss on path 2 costs no TCP retransmission. The
+/// download is rate-limited by the receiver (`curl --limit-rate`), so the
+/// sender never overflows a queue and any retransmission would be the random
+/// loss showing through.
+#[test]
+fn protected_path_masks_loss_without_retransmission() {
+    let file = pseudo_random(8 << 20, 0x9707);
+    let Some(lab) = MpipLab::new(
+        Options {
+            path_loss_percent: [None, Some(5)],
+            subflow_endpoint: false,
+            ..Options::default()
+        },
+        &[("file.bin", &file)],
+        |proxy| routing(proxy, "protected", &[]),
+        |client| routing(client, "protected", &[]),
+    ) else {
+        return;
+    };
+    let before = lab.tcp_retransmissions();
+    let out = lab.out_path("file.out");
+    let url = format!("http://{SERVER}/file.bin");
+    lab.curl(&[
+        "-x",
+        PROXY_HTTP,
+        "--limit-rate",
+        "4M",
+        "-o",
+        out.to_str().unwrap(),
+        &url,
+    ]);
+    let after = lab.tcp_retransmissions();
+    assert!(
+        sha256(&std::fs::read(&out).unwrap()) == sha256(&file),
+        "file intact"
+    );
+
+    let ruleset = lab
+        .tb
+        .exec(
+            lab.tb.client_ns(),
+            &["nft", "list", "table", "inet", "testbed_loss"],
+        )
+        .unwrap();
+    let dropped: u64 = ruleset
+        .lines()
+        .filter(|l| l.contains("drop"))
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "packets")?;
+            words.get(at + 1)?.parse::<u64>().ok()
+        })
+        .sum();
+    let client_metrics = lab
+        .tb
+        .exec(
+            lab.tb.client_ns(),
+            &["curl", "-sS", "http://127.0.0.1:9465/metrics"],
+        )
+        .unwrap();
+    let duplicates = sum_metric(
+        &client_metrics,
+        "mpip_dropped_packets_total",
+        &[("reason", "duplicate")],
+    );
+    eprintln!(
+        "protected: {dropped} datagrams lost on path 2, {duplicates} duplicate copies dropped by the client, \
+         retransmissions client {} proxy {}",
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    assert!(dropped > 100, "the loss really hit path 2: {dropped}");
+    assert!(
+        duplicates > 1000,
+        "the second copies arrived and were dropped: {duplicates}"
+    );
+    assert_eq!(after.0 - before.0, 0, "client TCP retransmissions");
+    assert_eq!(after.1 - before.1, 0, "proxy-end TCP retransmissions");
+}
