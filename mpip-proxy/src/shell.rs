@@ -195,7 +195,10 @@ impl Driver {
         role: Role,
         inbound: mpsc::Sender<Inbound>,
     ) -> Self {
-        let seed = Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let seed = clock ^ u64::from(std::process::id());
         let endpoints = common
             .paths
             .interfaces

@@ -135,13 +135,34 @@ impl MpipLab {
             tb,
             dir,
         };
-        // The tunnel is up when the client reaches the HTTP proxy through it.
+        // The tunnel is up when the client has its tunnel address and reaches
+        // the HTTP proxy through it. (Without the tunnel route the proxy
+        // namespace would also answer on 10.200.0.1 over c1: weak host model.)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let route = lab
+                .tb
+                .exec(lab.tb.client_ns(), &["ip", "route", "get", "10.200.0.1"])
+                .unwrap_or_default();
+            if route.contains("dev mpip0") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tunnel not up: {route}\n{}",
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if let Err(error) = lab.tb.wait_for_tcp(
             lab.tb.client_ns(),
             "10.200.0.1:3128".parse().unwrap(),
             Duration::from_secs(10),
         ) {
-            panic!("tunnel not up: {error}\n{}", lab.logs());
+            panic!(
+                "HTTP proxy not reachable through the tunnel: {error}\n{}",
+                lab.logs()
+            );
         }
         Some(lab)
     }
@@ -215,6 +236,22 @@ impl MpipLab {
     fn tcp_retransmissions(&self) -> (u64, u64) {
         let read = |ns: &str| self.tb.nstat(ns, "TcpRetransSegs").expect("nstat");
         (read(self.tb.client_ns()), read(self.tb.proxy_ns()))
+    }
+
+    /// Every TCP counter of the proxy namespace (for diagnostics).
+    fn proxy_tcp_counters(&self) -> std::collections::BTreeMap<String, u64> {
+        let text = self
+            .tb
+            .exec(self.tb.proxy_ns(), &["nstat", "-a", "-z", "-j"])
+            .expect("nstat");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("nstat json");
+        json["kernel"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with("Tcp"))
+            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+            .collect()
     }
 
     /// SIGTERM to both ends; they must exit 0 and leave no TUN device, route
@@ -490,27 +527,36 @@ fn fig9_routing_table_pins_sessions_to_paths() {
     lab.stop_and_assert_clean();
 }
 
-/// Protected-path: every packet is sent on both paths and the first copy
-/// wins, so 5% random loss on path 2 costs no TCP retransmission. The
-/// download is rate-limited by the receiver (`curl --limit-rate`), so the
-/// sender never overflows a queue and any retransmission would be the random
-/// loss showing through.
-#[test]
-fn protected_path_masks_loss_without_retransmission() {
+/// What one download over a lossy path 2 cost.
+struct LossyRun {
+    /// Datagrams the nftables rule dropped on path 2.
+    dropped: u64,
+    /// Protected-path copies the client dropped as duplicates.
+    duplicates: u64,
+    /// Segments the proxy end's TCP retransmitted.
+    retransmitted: u64,
+    /// Of those, segments the client reported with D-SACK as already received
+    /// (spurious: tail loss probes after a delayed ACK).
+    spurious: u64,
+}
+
+/// An 8 MiB download through the HTTP proxy with 5% loss on path 2 and
+/// `priority` as the routing default on both ends. The receiver limits the
+/// rate (`curl --limit-rate`), so the sender never overflows a queue and every
+/// needed retransmission is the random loss showing through.
+fn lossy_download(priority: &str) -> Option<LossyRun> {
     let file = pseudo_random(8 << 20, 0x9707);
-    let Some(lab) = MpipLab::new(
+    let lab = MpipLab::new(
         Options {
             path_loss_percent: [None, Some(5)],
             subflow_endpoint: false,
             ..Options::default()
         },
         &[("file.bin", &file)],
-        |proxy| routing(proxy, "protected", &[]),
-        |client| routing(client, "protected", &[]),
-    ) else {
-        return;
-    };
-    let before = lab.tcp_retransmissions();
+        |proxy| routing(proxy, priority, &[]),
+        |client| routing(client, priority, &[]),
+    )?;
+    let before = lab.proxy_tcp_counters();
     let out = lab.out_path("file.out");
     let url = format!("http://{SERVER}/file.bin");
     lab.curl(&[
@@ -522,12 +568,13 @@ fn protected_path_masks_loss_without_retransmission() {
         out.to_str().unwrap(),
         &url,
     ]);
-    let after = lab.tcp_retransmissions();
+    let after = lab.proxy_tcp_counters();
+    let moved =
+        |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
     assert!(
         sha256(&std::fs::read(&out).unwrap()) == sha256(&file),
         "file intact"
     );
-
     let ruleset = lab
         .tb
         .exec(
@@ -535,7 +582,7 @@ fn protected_path_masks_loss_without_retransmission() {
             &["nft", "list", "table", "inet", "testbed_loss"],
         )
         .unwrap();
-    let dropped: u64 = ruleset
+    let dropped = ruleset
         .lines()
         .filter(|l| l.contains("drop"))
         .filter_map(|l| {
@@ -551,22 +598,142 @@ fn protected_path_masks_loss_without_retransmission() {
             &["curl", "-sS", "http://127.0.0.1:9465/metrics"],
         )
         .unwrap();
-    let duplicates = sum_metric(
-        &client_metrics,
-        "mpip_dropped_packets_total",
-        &[("reason", "duplicate")],
-    );
+    let run = LossyRun {
+        dropped,
+        duplicates: sum_metric(
+            &client_metrics,
+            "mpip_dropped_packets_total",
+            &[("reason", "duplicate")],
+        ),
+        retransmitted: moved("TcpRetransSegs"),
+        spurious: moved("TcpExtTCPDSACKRecvSegs"),
+    };
     eprintln!(
-        "protected: {dropped} datagrams lost on path 2, {duplicates} duplicate copies dropped by the client, \
-         retransmissions client {} proxy {}",
-        after.0 - before.0,
-        after.1 - before.1
+        "{priority}: {} datagrams lost on path 2, {} duplicate copies dropped, {} segments retransmitted, \
+         {} of them D-SACKed as spurious (tail loss probes {})",
+        run.dropped,
+        run.duplicates,
+        run.retransmitted,
+        run.spurious,
+        moved("TcpExtTCPLossProbes")
     );
-    assert!(dropped > 100, "the loss really hit path 2: {dropped}");
+    Some(run)
+}
+
+/// Protected-path: every packet is sent on both paths and the first copy
+/// wins, so 5% random loss on path 2 needs no TCP retransmission. A
+/// retransmission the client D-SACKs as already received was not needed (a
+/// tail loss probe racing a delayed ACK, which happens on any low-RTT path).
+/// Control in the same test: all-paths over the same loss needs many.
+#[test]
+fn protected_path_masks_loss_without_retransmission() {
+    let Some(protected) = lossy_download("protected") else {
+        return;
+    };
     assert!(
-        duplicates > 1000,
-        "the second copies arrived and were dropped: {duplicates}"
+        protected.dropped > 100,
+        "the loss really hit path 2: {}",
+        protected.dropped
     );
-    assert_eq!(after.0 - before.0, 0, "client TCP retransmissions");
-    assert_eq!(after.1 - before.1, 0, "proxy-end TCP retransmissions");
+    assert!(
+        protected.duplicates > 1000,
+        "the second copies arrived and were dropped"
+    );
+    assert_eq!(
+        protected.retransmitted - protected.spurious,
+        0,
+        "retransmissions that were needed ({} retransmitted, {} spurious)",
+        protected.retransmitted,
+        protected.spurious
+    );
+
+    let Some(spread) = lossy_download("throughput-first") else {
+        return;
+    };
+    assert!(
+        spread.dropped > 50,
+        "the loss hit path 2 in the control run"
+    );
+    assert!(
+        spread.retransmitted - spread.spurious > 20,
+        "without protection the same loss needs retransmissions: {} ({} spurious)",
+        spread.retransmitted,
+        spread.spurious
+    );
+}
+
+/// `[[testing.impairment]]` adds 30 ms to path 2 in both directions (this
+/// kernel has no netem). The delay feedback shows it in `/metrics`, and
+/// responsiveness-first (single-path) sends the download over path 1.
+#[test]
+fn delay_impairment_and_single_path_mode() {
+    let file = pseudo_random(4 << 20, 0xde1a);
+    let impair = |table: &mut toml::Table, interface: &str| {
+        let mut impairment = toml::Table::new();
+        impairment.insert("interface".into(), interface.into());
+        impairment.insert("delay_ms".into(), 30.into());
+        section(table, "testing").insert(
+            "impairment".into(),
+            toml::Value::Array(vec![toml::Value::Table(impairment)]),
+        );
+    };
+    let Some(lab) = MpipLab::new(
+        Options {
+            subflow_endpoint: false,
+            ..Options::default()
+        },
+        &[("file.bin", &file)],
+        |proxy| {
+            impair(proxy, "p2");
+            routing(proxy, "responsiveness-first", &[]);
+        },
+        |client| {
+            impair(client, "c2");
+            routing(client, "responsiveness-first", &[]);
+        },
+    ) else {
+        return;
+    };
+    // Heartbeats carry the delay samples; give the moving averages time.
+    std::thread::sleep(Duration::from_millis(1500));
+    let metrics = lab.metrics();
+    let delay = |interface: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("mpip_path_delay_seconds{"))
+            .filter(|l| l.contains(&format!("interface=\"{interface}\"")))
+            .filter(|l| {
+                l.contains(if interface == "p1" {
+                    "10.0.1.2"
+                } else {
+                    "10.0.2.2"
+                })
+            })
+            .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no delay for {interface}:\n{metrics}"))
+    };
+    let extra_ms = (delay("p2") - delay("p1")) * 1000.0;
+    eprintln!("impairment: path 2 is {extra_ms:.1} ms slower than path 1 one way");
+    assert!(
+        (25.0..45.0).contains(&extra_ms),
+        "path 2 is {extra_ms:.1} ms slower"
+    );
+
+    let (p1_before, p2_before) = (lab.proxy_path_tx_bytes("p1"), lab.proxy_path_tx_bytes("p2"));
+    let out = lab.out_path("file.out");
+    let url = format!("http://{SERVER}/file.bin");
+    lab.curl(&["-x", PROXY_HTTP, "-o", out.to_str().unwrap(), &url]);
+    assert!(
+        sha256(&std::fs::read(&out).unwrap()) == sha256(&file),
+        "file intact"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let p1 = lab.proxy_path_tx_bytes("p1") - p1_before;
+    let p2 = lab.proxy_path_tx_bytes("p2") - p2_before;
+    eprintln!("single-path: p1 sent {p1} bytes, p2 {p2}");
+    assert!(
+        p1 > file.len() as u64,
+        "the download went over path 1: {p1}"
+    );
+    assert!(p2 < 100_000, "path 2 carried only control packets: {p2}");
 }

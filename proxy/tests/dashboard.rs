@@ -99,6 +99,11 @@ fn dashboards_reference_only_exported_metrics() {
     let grafana = Path::new(env!("CARGO_MANIFEST_DIR")).join("../grafana");
     let mut files = Vec::new();
     json_files(&grafana, &mut files);
+    // The MPIP dashboard is checked against the MPIP metrics in mpip-proxy/tests/dashboard.rs.
+    files.retain(|f| {
+        !f.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("mpip"))
+    });
     assert!(
         !files.is_empty(),
         "no dashboards under {}",
