@@ -185,6 +185,8 @@ pub struct PathManager {
     replies: VecDeque<(PathId, CmFlags)>,
     ip_change_pending: BTreeSet<NodeId>,
     feedback: FeedbackQueue,
+    /// Nodes that lost a path since their last discovery run.
+    rediscover: BTreeSet<NodeId>,
 }
 
 impl PathManager {
@@ -199,6 +201,7 @@ impl PathManager {
             events: VecDeque::new(),
             replies: VecDeque::new(),
             ip_change_pending: BTreeSet::new(),
+            rediscover: BTreeSet::new(),
             feedback: FeedbackQueue::new(),
         }
     }
@@ -334,6 +337,9 @@ impl PathManager {
         if node == self.local_node {
             return;
         }
+        // Discovery only has new pairs to find when the node's endpoints
+        // changed or one of its paths went away; not on every datagram.
+        let mut endpoints_changed = true;
         if repr.flags.contains(CmFlags::IP_CHANGE) {
             self.nodes
                 .reset_after_ip_change(now, node, remote, &repr.addresses);
@@ -347,9 +353,9 @@ impl PathManager {
                 self.remove_path(id);
             }
         } else {
-            self.nodes.observe(now, node, remote);
+            endpoints_changed = self.nodes.observe(now, node, remote);
             if !repr.addresses.is_empty() {
-                self.nodes.announce(node, &repr.addresses);
+                endpoints_changed |= self.nodes.announce(node, &repr.addresses);
             }
         }
 
@@ -395,7 +401,9 @@ impl PathManager {
                 });
             }
         }
-        self.discover(now, node);
+        if self.rediscover.remove(&node) || endpoints_changed {
+            self.discover(now, node);
+        }
     }
 
     /// Records that a datagram was sent on `path` at `now` (data packets sent by
@@ -765,6 +773,7 @@ impl PathManager {
 
     fn remove_path(&mut self, id: PathId) {
         if let Some(path) = self.paths.remove(&id) {
+            self.rediscover.insert(path.node);
             self.replies.retain(|(r, _)| *r != id);
             self.events.push_back(PathEvent::Removed {
                 node: path.node,

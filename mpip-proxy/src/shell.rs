@@ -73,6 +73,9 @@ pub enum ShellError {
     /// The HTTP proxy's configuration file is unusable.
     #[error("HTTP proxy configuration: {0}")]
     HttpConfig(#[from] mptcp_proxy::config::ConfigError),
+    /// The node thread or its runtime could not be started.
+    #[error("starting the node thread: {0}")]
+    Runtime(io::Error),
     /// The metrics listener could not be bound.
     #[error("metrics listener {address}: {source}")]
     Metrics {
@@ -533,6 +536,126 @@ fn registry_with(mpip: &Arc<MpipMetrics>) -> Arc<mptcp_proxy::metrics::Metrics> 
     }))
 }
 
+/// What the node thread needs.
+struct NodeSetup {
+    node_config: NodeConfig,
+    common: CommonConfig,
+    port: u16,
+    role: Role,
+    metrics: Arc<MpipMetrics>,
+    /// Proxy end: the TUN address and prefix length, set before anything else.
+    tunnel_address: Option<(std::net::Ipv4Addr, u8)>,
+}
+
+/// The node, its TUN device, its path sockets and their reader tasks, all on
+/// one thread with a single-threaded runtime: a packet never changes thread
+/// between the reader that received it and the socket or TUN write that
+/// forwards it.
+struct NodeThread {
+    tun_name: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl NodeThread {
+    /// Starts the thread; returns once the TUN device exists (with its
+    /// address, on the proxy end), or with the error that prevented it.
+    async fn start(setup: NodeSetup) -> Result<NodeThread, ShellError> {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<String, ShellError>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("mpip-node".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(source) => {
+                        let _ = ready_tx.send(Err(ShellError::Runtime(source)));
+                        return;
+                    }
+                };
+                runtime.block_on(run_node(setup, ready_tx, stop_rx));
+            })
+            .map_err(ShellError::Runtime)?;
+        match ready_rx.await {
+            Ok(Ok(tun_name)) => Ok(NodeThread {
+                tun_name,
+                stop: stop_tx,
+                thread: spawned,
+            }),
+            Ok(Err(error)) => {
+                let _ = spawned.join();
+                Err(error)
+            }
+            Err(_) => {
+                let _ = spawned.join();
+                Err(ShellError::Runtime(io::Error::other(
+                    "the node thread ended at start",
+                )))
+            }
+        }
+    }
+
+    /// Stops the node and waits until its TUN device and routes are gone.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
+
+async fn run_node(
+    setup: NodeSetup,
+    ready: tokio::sync::oneshot::Sender<Result<String, ShellError>>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mtu = Node::new(setup.node_config.clone(), SplitMix64::new(0)).tun_mtu();
+    let tun = match create_tun(&setup.common, mtu) {
+        Ok(tun) => tun,
+        Err(error) => {
+            let _ = ready.send(Err(error));
+            return;
+        }
+    };
+    if let Some((address, prefix_len)) = setup.tunnel_address {
+        if let Err(source) = tun.set_ipv4(address, prefix_len) {
+            let _ = ready.send(Err(ShellError::Tun {
+                name: tun.name().to_owned(),
+                source,
+            }));
+            return;
+        }
+    }
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let tun_reader = tokio::spawn(read_tun(tun.clone(), mtu, inbound_tx.clone()));
+    let mut driver = Driver::new(
+        setup.node_config,
+        &setup.common,
+        setup.port,
+        tun.clone(),
+        setup.metrics,
+        setup.role,
+        inbound_tx,
+    );
+    driver.scan_interfaces();
+    if ready.send(Ok(tun.name().to_owned())).is_err() {
+        return;
+    }
+    driver
+        .run(
+            inbound_rx,
+            Duration::from_millis(setup.common.paths.scan_interval_ms),
+            async move {
+                let _ = stop.await;
+            },
+        )
+        .await;
+    tun_reader.abort();
+    let _ = tun_reader.await;
+}
+
 /// Runs `mpipd`, the client end, until `shutdown` resolves; then removes the
 /// routes it added and the TUN device.
 pub async fn run_client(
@@ -541,43 +664,41 @@ pub async fn run_client(
 ) -> Result<(), ShellError> {
     let node_config = config.node_config(node_id(&config.common)?);
     tracing::info!(node = %node_config.node_id, "mpipd starting");
-    let probe = Node::new(node_config.clone(), SplitMix64::new(0));
-    let tun = create_tun(&config.common, probe.tun_mtu())?;
     let mpip_metrics = Arc::new(MpipMetrics::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let admin = match config.common.metrics.address {
-        Some(address) => Some(serve_metrics(address, registry_with(&mpip_metrics), stop_rx).await?),
-        None => None,
-    };
-    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-    let tun_reader = tokio::spawn(read_tun(tun.clone(), probe.tun_mtu(), inbound_tx.clone()));
-    let mut driver = Driver::new(
+    let node = NodeThread::start(NodeSetup {
         node_config,
-        &config.common,
-        config.port(),
-        tun.clone(),
-        mpip_metrics,
-        Role::Client {
+        common: config.common.clone(),
+        port: config.port(),
+        role: Role::Client {
             routes: config.routes.clone(),
             installed: RouteGuard::new(),
         },
-        inbound_tx,
+        metrics: mpip_metrics.clone(),
+        tunnel_address: None,
+    })
+    .await?;
+    tracing::info!(
+        tun = node.tun_name,
+        "tunnel device up; waiting for the handshake"
     );
-    driver.scan_interfaces();
-    driver
-        .run(
-            inbound_rx,
-            Duration::from_millis(config.common.paths.scan_interval_ms),
-            shutdown,
-        )
-        .await;
-    tun_reader.abort();
-    let _ = tun_reader.await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = match config.common.metrics.address {
+        Some(address) => Some(serve_metrics(address, registry_with(&mpip_metrics), stop_rx).await),
+        None => None,
+    };
+    let admin = match admin.transpose() {
+        Ok(admin) => admin,
+        Err(error) => {
+            node.stop().await;
+            return Err(error);
+        }
+    };
+    shutdown.await;
+    node.stop().await;
     let _ = stop_tx.send(true);
     if let Some(admin) = admin {
         let _ = admin.await;
     }
-    drop(tun);
     tracing::info!("mpipd stopped; TUN device and routes removed");
     Ok(())
 }
@@ -592,31 +713,55 @@ pub async fn run_proxy_end(
 ) -> Result<(), ShellError> {
     let node_config = config.node_config(node_id(&config.common)?);
     tracing::info!(node = %node_config.node_id, pool = %config.tunnel.pool, "mpip-proxy starting");
-    let probe = Node::new(node_config.clone(), SplitMix64::new(0));
-    let Some((tunnel_address, prefix_len)) = probe.proxy_tunnel() else {
+    let Some((tunnel_address, prefix_len)) =
+        Node::new(node_config.clone(), SplitMix64::new(0)).proxy_tunnel()
+    else {
         unreachable!("a proxy-end node has a tunnel address");
     };
-    let tun = create_tun(&config.common, probe.tun_mtu())?;
-    tun.set_ipv4(tunnel_address, prefix_len)
-        .map_err(|source| ShellError::Tun {
-            name: tun.name().to_owned(),
-            source,
-        })?;
-    tracing::info!(tun = tun.name(), address = %tunnel_address, prefix_len, "tunnel up");
+    let mpip_metrics = Arc::new(MpipMetrics::default());
+    let node = NodeThread::start(NodeSetup {
+        node_config,
+        common: config.common.clone(),
+        port: config.port(),
+        role: Role::ProxyEnd,
+        metrics: mpip_metrics.clone(),
+        tunnel_address: Some((tunnel_address, prefix_len)),
+    })
+    .await?;
+    tracing::info!(tun = node.tun_name, address = %tunnel_address, prefix_len, "tunnel up");
+    let served = serve_proxy_end(
+        &config,
+        &node.tun_name,
+        tunnel_address,
+        mpip_metrics,
+        shutdown,
+    )
+    .await;
+    node.stop().await;
+    tracing::info!("mpip-proxy stopped; TUN device and nftables table removed");
+    served
+}
 
-    let table = format!("mpip_proxy_{}", tun.name());
+/// The proxy end's services on the tunnel: gateway and HTTP proxy (or the
+/// metrics listener alone), until `shutdown`.
+async fn serve_proxy_end(
+    config: &ProxyEndConfig,
+    tun_name: &str,
+    tunnel_address: std::net::Ipv4Addr,
+    mpip_metrics: Arc<MpipMetrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ShellError> {
+    let table = format!("mpip_proxy_{tun_name}");
     let masquerade = if config.gateway.enabled {
-        let installed = Masquerade::install(&table, config.tunnel.pool, tun.name())?;
+        let installed = Masquerade::install(&table, config.tunnel.pool, tun_name)?;
         tracing::info!(table, "gateway on: clients' other traffic is masqueraded");
         Some(installed)
     } else {
         None
     };
-
-    let mpip_metrics = Arc::new(MpipMetrics::default());
     let registry = registry_with(&mpip_metrics);
     let (http_stop_tx, http_stop_rx) = watch::channel(false);
-    let http = if config.http.port != 0 {
+    let service = if config.http.port != 0 {
         let mut http_config = match &config.http.config {
             Some(path) => mptcp_proxy::Config::from_file(path)?,
             None => mptcp_proxy::Config::embedded()?,
@@ -636,61 +781,33 @@ pub async fn run_proxy_end(
         })))
     } else {
         match config.common.metrics.address {
-            Some(address) => Some(tokio::spawn({
+            Some(address) => {
                 let admin = serve_metrics(address, registry, http_stop_rx).await?;
-                async move {
+                Some(tokio::spawn(async move {
                     let _ = admin.await;
                     Ok(())
-                }
-            })),
+                }))
+            }
             None => None,
         }
     };
-
-    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-    let tun_reader = tokio::spawn(read_tun(tun.clone(), probe.tun_mtu(), inbound_tx.clone()));
-    let mut driver = Driver::new(
-        node_config,
-        &config.common,
-        config.port(),
-        tun.clone(),
-        mpip_metrics,
-        Role::ProxyEnd,
-        inbound_tx,
-    );
-    driver.scan_interfaces();
-    // The tunnel keeps running while the HTTP proxy drains.
-    let (driver_stop_tx, driver_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let driver_task = tokio::spawn(driver.run(
-        inbound_rx,
-        Duration::from_millis(config.common.paths.scan_interval_ms),
-        async move {
-            let _ = driver_stop_rx.await;
-        },
-    ));
-    let mut http_result = Ok(());
-    match http {
-        Some(mut http) => {
+    let mut result = Ok(());
+    match service {
+        Some(mut service) => {
             tokio::select! {
                 () = shutdown => {
                     let _ = http_stop_tx.send(true);
-                    http_result = flatten(http.await);
+                    result = flatten(service.await);
                 }
-                finished = &mut http => http_result = flatten(finished),
+                finished = &mut service => result = flatten(finished),
             }
         }
         None => shutdown.await,
     }
-    let _ = driver_stop_tx.send(());
-    let _ = driver_task.await;
-    tun_reader.abort();
-    let _ = tun_reader.await;
     if let Some(masquerade) = masquerade {
         masquerade.remove()?;
     }
-    drop(tun);
-    tracing::info!("mpip-proxy stopped; TUN device and nftables table removed");
-    http_result.map_err(ShellError::from)
+    result.map_err(ShellError::from)
 }
 
 fn flatten(
