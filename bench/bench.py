@@ -13,6 +13,10 @@ direct routed path without a proxy. The client is always MPTCP (`mptcpize run cu
       20000 and cannot be raised, as on the sandbox these numbers come from, 10000 do not fit)
   bench.py throttle   [--connections 500]             (e) seed 002 Figs. 6/7 per-path time series;
                                                      rule-install latency; cost of the nft rules
+  bench.py mpip [--seconds 10] [--runs 3] [--perf]   (g) MPIP tunnel (mpipd <-> mpip-proxy, two unshaped
+                                                     paths) against the direct path: iperf3 throughput,
+                                                     CPU s/GB per end, added latency p50/p99 idle and
+                                                     loaded; --perf also records a perf profile
   bench.py all
 
 Each run writes bench/results/<bench>-<UTC time>.csv (bench,scenario,subject,run,metric,value,unit),
@@ -39,7 +43,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTBED = ROOT / "deploy/testbed/testbed.sh"
 RESULTS = ROOT / "bench/results"
-PROXY_BIN = ROOT / "target/release/mptcp-proxy"
+TARGET = ROOT / os.environ.get("CARGO_TARGET_DIR", "target")  # an absolute CARGO_TARGET_DIR replaces it
+PROXY_BIN = TARGET / "release/mptcp-proxy"
+MPIP_PROXY_BIN = TARGET / "release/mpip-proxy"
+MPIPD_BIN = TARGET / "release/mpipd"
+ECHO = Path(__file__).resolve().parent / "mpip_echo.py"
 IPPROTO_MPTCP = 262
 STAMP = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
@@ -572,6 +580,173 @@ def bench_throttle(connections=500, size_mb=200):
     return res
 
 
+def proc_cpu(pid):
+    """utime + stime of a process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def net_counter(lab, host, dev, counter):
+    return int(lab.exec(host, "cat", f"/sys/class/net/{dev}/statistics/{counter}").stdout)
+
+
+def quantile(values, q):
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))] if v else float("nan")
+
+
+MPIP_ENDS = ("mpipd", "mpip-proxy")
+
+
+def mpip_lab_up(lab):
+    """Starts mpip-proxy (proxy namespace) and mpipd (client namespace) with the example configurations,
+    gateway on and 10.0.3.0/24 routed through the tunnel; returns {end: pid} once both paths are active."""
+    examples = ROOT / "deploy/examples"
+    prx = (examples / "mpip-proxy.toml").read_text()
+    prx = prx.replace('node_id = "auto"', 'node_id = "02:00:00:00:00:01"').replace("enabled = false", "enabled = true")
+    cli = (examples / "mpipd.toml").read_text()
+    cli = cli.replace('node_id = "auto"', 'node_id = "02:00:00:00:00:c1"').replace(
+        "routes = []", 'routes = ["10.0.3.0/24"]')
+    (lab.work / "mpip-proxy.toml").write_text(prx)
+    (lab.work / "mpipd.toml").write_text(cli)
+    log = lambda name: open(lab.work / f"{name}.log", "w")
+    ends = {"mpip-proxy": lab.spawn("prx", str(MPIP_PROXY_BIN), "--config", str(lab.work / "mpip-proxy.toml"),
+                                    stderr=log("mpip-proxy"), stdout=subprocess.DEVNULL)}
+    lab.wait_port("prx", "127.0.0.1", 9464)
+    ends["mpipd"] = lab.spawn("cli", str(MPIPD_BIN), "--config", str(lab.work / "mpipd.toml"),
+                              stderr=log("mpipd"), stdout=subprocess.DEVNULL)
+    lab.wait_port("cli", "10.200.0.1", 3128)
+    end = time.time() + 10
+    while time.time() < end:
+        text = lab.exec("cli", "curl", "-s", "http://127.0.0.1:9465/metrics", check=False).stdout
+        if sum(float(v) for v in re.findall(r"^mpip_path_active\{[^}]*\} (\S+)", text, re.M)) >= 2:
+            break
+        time.sleep(0.2)
+    else:
+        raise RuntimeError("mpipd: both paths did not become active")
+    return {name: child_pid(p.pid, name) for name, p in ends.items()}, ends
+
+
+def iperf3(lab, target, seconds, streams, reverse):
+    args = ["iperf3", "-c", target, "-p", "5201", "-t", str(seconds), "-P", str(streams), "-J"]
+    out = lab.exec("cli", *args, *(["-R"] if reverse else []), check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {out.stdout[-300:]} {out.stderr.strip()}")
+    summary = json.loads(out.stdout)["end"]["sum_received"]
+    return summary["bytes"], summary["bits_per_second"]
+
+
+def echo(lab, size, count, interval=0.002):
+    """RTT samples (seconds) to the tunnel and the direct address, measured interleaved."""
+    out = lab.exec("cli", sys.executable, str(ECHO), "client", "7007", str(size), str(count), str(interval),
+                   "10.200.0.1", "10.0.1.1")
+    data = json.loads(out.stdout)
+    return {("mpip" if t == "10.200.0.1" else "direct"): ([ns / 1e9 for ns in d["rtt_ns"]], d["lost"])
+            for t, d in data.items()}
+
+
+def bench_mpip(seconds=10, runs=3, perf=False, count=2000):
+    res = Results("mpip")
+    with Lab("mp") as lab:
+        pids, ends = mpip_lab_up(lab)
+        lab.spawn("prx", "iperf3", "-s", "-p", "5201")
+        lab.wait_port("prx", "10.0.1.1", 5201)
+        lab.spawn("prx", sys.executable, str(ECHO), "server", "7007")
+        time.sleep(0.5)
+        # (1, 2) Throughput and CPU per GB: direct (10.0.1.1, path 1 alone, no tunnel) against the tunnel
+        # (10.200.0.1: inner TCP over both paths), download (-R: proxy -> client) and upload.
+        for n in range(1, runs + 1):
+            for direction, reverse in (("download", True), ("upload", False)):
+                for streams in (1, 4):
+                    scenario = f"{direction} P{streams}"
+                    for subject, target in (("direct", "10.0.1.1"), ("mpip", "10.200.0.1")):
+                        cpu0 = {e: proc_cpu(pids[e]) for e in MPIP_ENDS}
+                        c2 = net_counter(lab, "cli", "c2", "rx_bytes" if reverse else "tx_bytes")
+                        c1 = net_counter(lab, "cli", "c1", "rx_bytes" if reverse else "tx_bytes")
+                        size, bps = iperf3(lab, target, seconds, streams, reverse)
+                        c1 = net_counter(lab, "cli", "c1", "rx_bytes" if reverse else "tx_bytes") - c1
+                        c2 = net_counter(lab, "cli", "c2", "rx_bytes" if reverse else "tx_bytes") - c2
+                        res.add(scenario, subject, n, "throughput", bps, "bit/s")
+                        res.add(scenario, subject, n, "bytes", size, "byte")
+                        if subject == "mpip":
+                            res.add(scenario, subject, n, "path2_share", c2 / max(1, c1 + c2), "1")
+                            for e in MPIP_ENDS:
+                                res.add(scenario, subject, n, f"cpu_per_gb_{e}",
+                                        (proc_cpu(pids[e]) - cpu0[e]) / (size / 1e9), "s/GB")
+                        time.sleep(1.0)
+        # (3) Latency: UDP echo to the proxy namespace, through the tunnel and direct, interleaved;
+        # idle, then while an iperf3 download runs through the tunnel.
+        for load in ("idle", "loaded"):
+            for size in (64, 1200):
+                scenario = f"{load} {size}B"
+                background = None
+                if load == "loaded":
+                    background = lab.spawn("cli", "iperf3", "-c", "10.200.0.1", "-p", "5201", "-R", "-t", "120")
+                    time.sleep(2.0)
+                rtts = echo(lab, size, count)
+                if background:
+                    background.terminate()
+                    background.wait()
+                    time.sleep(1.5)
+                for subject, (v, lost) in rtts.items():
+                    for i, x in enumerate(v, 1):
+                        res.add(scenario, subject, i, "rtt", x, "s")
+                    res.add(scenario, subject, 1, "lost", lost, "1")
+                    res.add(scenario, subject, 1, "rtt_p50", quantile(v, 0.5), "s")
+                    res.add(scenario, subject, 1, "rtt_p99", quantile(v, 0.99), "s")
+                for q in ("p50", "p99"):
+                    added = (res.median(scenario, "mpip", f"rtt_{q}") - res.median(scenario, "direct", f"rtt_{q}")) / 2
+                    res.add(scenario, "mpip", 1, f"added_one_way_{q}", added, "s")
+        if perf and shutil.which("perf"):
+            data = lab.work / "perf.data"
+            background = lab.spawn("cli", "iperf3", "-c", "10.200.0.1", "-p", "5201", "-R", "-t", "120")
+            time.sleep(2.0)
+            run(["perf", "record", "-g", "-o", str(data), "-p", ",".join(str(pids[e]) for e in MPIP_ENDS),
+                 "--", "sleep", str(seconds)], check=False)
+            background.terminate()
+            background.wait()
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            report = RESULTS / f"mpip-perf-{STAMP}.txt"
+            with open(report, "w") as f:
+                for sort in ("comm,dso", "comm,dso,sym"):
+                    f.write(run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", sort,
+                                 "--percent-limit", "0.5", "-g", "none"], check=False).stdout)
+            print(f"wrote {report.relative_to(ROOT)}")
+        for p in ends.values():  # SIGTERM: both ends remove their TUN device, routes and nft table
+            p.terminate()
+        for p in ends.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    res.save()
+    print(f"\n(g) MPIP tunnel (mpipd <-> mpip-proxy, 2 unshaped veth paths) against direct TCP on path 1,"
+          f" iperf3 {seconds}s, median of {runs}")
+    print(f"{'scenario':<14}{'direct Gbit/s':>14}{'mpip Gbit/s':>12}{'x direct':>9}{'path 2':>8}"
+          f"{'mpipd s/GB':>11}{'proxy s/GB':>11}")
+    for direction in ("download", "upload"):
+        for streams in (1, 4):
+            sc = f"{direction} P{streams}"
+            d, m = res.median(sc, "direct", "throughput"), res.median(sc, "mpip", "throughput")
+            print(f"{sc:<14}{d / 1e9:>14.2f}{m / 1e9:>12.3f}{m / d:>9.3f}"
+                  f"{100 * res.median(sc, 'mpip', 'path2_share'):>7.0f}%"
+                  f"{res.median(sc, 'mpip', 'cpu_per_gb_mpipd'):>11.2f}"
+                  f"{res.median(sc, 'mpip', 'cpu_per_gb_mpip-proxy'):>11.2f}")
+    print(f"\nUDP echo RTT, {count} interleaved requests per target; added one-way = (tunnel - direct quantile) / 2")
+    print(f"{'scenario':<14}{'direct p50/p99 us':>20}{'mpip p50/p99 us':>20}{'added p50/p99 us':>20}{'lost':>7}")
+    for load in ("idle", "loaded"):
+        for size in (64, 1200):
+            sc = f"{load} {size}B"
+            f = lambda s, m: res.median(sc, s, m) * 1e6
+            print(f"{sc:<14}{f('direct', 'rtt_p50'):>10.0f} /{f('direct', 'rtt_p99'):>7.0f}"
+                  f"{f('mpip', 'rtt_p50'):>12.0f} /{f('mpip', 'rtt_p99'):>7.0f}"
+                  f"{f('mpip', 'added_one_way_p50'):>12.0f} /{f('mpip', 'added_one_way_p99'):>7.0f}"
+                  f"{res.median(sc, 'mpip', 'lost'):>5.0f}/{res.median(sc, 'direct', 'lost'):.0f}")
+    plot_bars(res, "throughput", "Throughput (Gbit/s)", 1e-9)
+    plot_cdf(res, "rtt")
+    return res
+
+
 def gnuplot(script):
     if shutil.which("gnuplot"):
         subprocess.run(["gnuplot"], input=script, text=True, check=False)
@@ -611,7 +786,7 @@ def plot_cdf(res, metric):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=["throughput", "requests", "conversion", "aggregation", "concurrency",
-                                          "throttle", "all"])
+                                          "throttle", "mpip", "all"])
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
@@ -619,12 +794,14 @@ def main():
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--tunnels", type=int, default=9900)
     parser.add_argument("--downloads", type=int, default=1000)
+    parser.add_argument("--perf", action="store_true", help="mpip: also record a perf profile of both ends")
     a = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.py needs root (network namespaces)")
-    run(["cargo", "build", "--release", "-q", "-p", "mptcp-proxy", "--bin", "mptcp-proxy"], cwd=ROOT)
-    todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle"]
+    todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle", "mpip"]
             if a.bench == "all" else [a.bench])
+    run(["cargo", "build", "--release", "-q", "-p", "mptcp-proxy", "--bin", "mptcp-proxy",
+         *(["-p", "mpip-proxy", "--bin", "mpipd", "--bin", "mpip-proxy"] if "mpip" in todo else [])], cwd=ROOT)
     for name in todo:
         if name == "throughput":
             bench_throughput(a.size_mib, a.runs)
@@ -638,6 +815,8 @@ def main():
             bench_concurrency(a.tunnels, a.downloads)
         elif name == "throttle":
             bench_throttle(a.connections)
+        elif name == "mpip":
+            bench_mpip(a.seconds, min(a.runs, 3), a.perf)
 
 
 if __name__ == "__main__":

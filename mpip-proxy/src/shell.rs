@@ -28,7 +28,10 @@ use crate::scheduler::SplitMix64;
 use crate::sys::nat::{Masquerade, NatError};
 use crate::sys::netif;
 use crate::sys::route::{RouteError, RouteGuard};
-use crate::sys::socket::bind_path_socket;
+use crate::sys::socket::{
+    bind_path_socket, gso_unsupported, recv_segments, split_segments, try_enable_gro,
+    try_send_segments, MAX_GSO_SEGMENTS,
+};
 use crate::sys::tun::TunDevice;
 use crate::time::Timestamp;
 use crate::wire::NodeId;
@@ -102,6 +105,8 @@ struct Endpoint {
     impairment: Option<Impairment>,
     delayed: VecDeque<(Instant, SocketAddr, Vec<u8>)>,
     bind_error_logged: bool,
+    /// Whether UDP GSO works on this socket (cleared after the first refusal).
+    gso: bool,
 }
 
 /// Role-specific reactions to node events.
@@ -172,13 +177,17 @@ async fn read_tun(tun: Arc<TunDevice>, mtu: u16, inbound: mpsc::Sender<Inbound>)
 }
 
 async fn read_socket(id: InterfaceId, socket: Arc<UdpSocket>, inbound: mpsc::Sender<Inbound>) {
+    // With UDP GRO one read may return a batch of datagrams of one size.
     let mut buffer = vec![0u8; 65536];
     loop {
-        match socket.recv_from(&mut buffer).await {
-            Ok((len, from)) => {
-                let datagram = Inbound::Datagram(id, from, buffer[..len].to_vec());
-                if inbound.send(datagram).await.is_err() {
-                    return;
+        match recv_segments(&socket, &mut buffer).await {
+            Ok(received) => {
+                let batch = &buffer[..received.len];
+                for datagram in split_segments(batch, received.segment_size) {
+                    let datagram = Inbound::Datagram(id, received.source, datagram.to_vec());
+                    if inbound.send(datagram).await.is_err() {
+                        return;
+                    }
                 }
             }
             // ICMP errors of earlier sends (port unreachable, network down)
@@ -222,6 +231,7 @@ impl Driver {
                     .cloned(),
                 delayed: VecDeque::new(),
                 bind_error_logged: false,
+                gso: true,
             })
             .collect();
         Driver {
@@ -280,6 +290,9 @@ impl Driver {
                 Some(ip) => {
                     match bind_path_socket(&endpoint.name, SocketAddr::new(ip, self.port)) {
                         Ok(socket) => {
+                            if let Err(error) = try_enable_gro(&socket) {
+                                tracing::debug!(%error, "UDP GRO unavailable");
+                            }
                             let socket = Arc::new(socket);
                             let Ok(local) = socket.local_addr() else {
                                 continue;
@@ -337,9 +350,11 @@ impl Driver {
             }
         }
         let now = self.now();
+        let mut batch = Vec::new();
         while let Some(datagram) = self.node.poll_transmit(now) {
-            self.send(datagram);
+            batch.push(datagram);
         }
+        self.send_batch(batch);
         while let Some(packet) = self.node.poll_tun() {
             if self.tun.try_send(packet.packet()).is_err() {
                 self.node.note_send_failed();
@@ -349,6 +364,90 @@ impl Driver {
             self.on_event(event);
         }
         self.send_delayed(Instant::now());
+    }
+
+    /// Sends the datagrams of one flush: per path, consecutive datagrams of one
+    /// size go out in one UDP GSO send (the kernel splits them), the rest one
+    /// by one. Order within a path is kept.
+    fn send_batch(&mut self, batch: Vec<Datagram>) {
+        let mut by_path: Vec<((InterfaceId, SocketAddr), Vec<Datagram>)> = Vec::new();
+        for datagram in batch {
+            let key = (datagram.interface, datagram.remote);
+            match by_path.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, list)) => list.push(datagram),
+                None => by_path.push((key, vec![datagram])),
+            }
+        }
+        for ((interface, remote), datagrams) in by_path {
+            let gso = self
+                .endpoints
+                .iter()
+                .find(|e| e.id == interface)
+                .is_some_and(|e| e.gso && e.impairment.is_none() && e.socket.is_some());
+            if !gso || datagrams.len() < 2 {
+                datagrams.into_iter().for_each(|d| self.send(d));
+                continue;
+            }
+            let mut rest = datagrams.into_iter().peekable();
+            while let Some(first) = rest.next() {
+                let size = first.bytes.len();
+                let mut payload = first.bytes;
+                let mut segments = 1;
+                // Equal sizes; a shorter one may end the run.
+                while segments < MAX_GSO_SEGMENTS
+                    && payload.len() + size <= 65_000
+                    && rest.peek().is_some_and(|d| d.bytes.len() <= size)
+                {
+                    let Some(next) = rest.next() else { break };
+                    let last = next.bytes.len() < size;
+                    payload.extend_from_slice(&next.bytes);
+                    segments += 1;
+                    if last {
+                        break;
+                    }
+                }
+                self.send_segments(interface, remote, payload, size, segments);
+            }
+        }
+    }
+
+    fn send_segments(
+        &mut self,
+        interface: InterfaceId,
+        remote: SocketAddr,
+        payload: Vec<u8>,
+        size: usize,
+        segments: usize,
+    ) {
+        let Some(endpoint) = self.endpoints.iter_mut().find(|e| e.id == interface) else {
+            return;
+        };
+        let Some(socket) = &endpoint.socket else {
+            return;
+        };
+        let result = if segments == 1 {
+            socket.try_send_to(&payload, remote)
+        } else {
+            let segment = u16::try_from(size).unwrap_or(u16::MAX);
+            try_send_segments(socket, remote, &payload, segment)
+        };
+        match result {
+            Ok(_) => {}
+            Err(error) if segments > 1 && gso_unsupported(&error) => {
+                tracing::info!(interface = %endpoint.name, %error, "UDP GSO refused; sending datagrams one by one");
+                endpoint.gso = false;
+                for chunk in payload.chunks(size) {
+                    if socket.try_send_to(chunk, remote).is_err() {
+                        self.node.note_send_failed();
+                    }
+                }
+            }
+            Err(_) => {
+                for _ in 0..segments {
+                    self.node.note_send_failed();
+                }
+            }
+        }
     }
 
     fn send(&mut self, datagram: Datagram) {
