@@ -1,4 +1,5 @@
-//! What both binaries share: logging setup and the shutdown signal.
+//! What both binaries share: arguments, logging, the shutdown signal, and
+//! the sequence parse → check → run.
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
@@ -24,4 +25,36 @@ pub async fn termination() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+}
+
+/// Both binaries' command line.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// TOML configuration file (examples: deploy/examples/).
+    #[arg(long, value_name = "FILE")]
+    pub config: std::path::PathBuf,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// A binary's `main`: parses `args`, sets up logging, loads the configuration
+/// with `load`, and unless only checking, runs `run` until SIGTERM or SIGINT.
+pub fn main<C, F>(
+    args: Args,
+    load: impl FnOnce(&std::path::Path) -> Result<C, crate::config::ConfigError>,
+    run: impl FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = Result<(), crate::shell::ShellError>>,
+{
+    init_logging();
+    let config = load(&args.config)?;
+    if args.check_config {
+        println!("{}: ok", args.config.display());
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run(config, Box::pin(termination())))?;
+    Ok(())
 }

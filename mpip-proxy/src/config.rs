@@ -17,36 +17,9 @@ use crate::scheduler::SchedulerConfig;
 use crate::table::availability::HandshakeConfig;
 use crate::wire::NodeId;
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Not valid TOML for this schema.
-    #[error("{origin}: {source}")]
-    Parse {
-        /// Where the text came from.
-        origin: String,
-        /// The parser's message.
-        source: Box<toml::de::Error>,
-    },
-    /// Valid syntax, unusable value.
-    #[error("{origin}: {key}: {reason}")]
-    Invalid {
-        /// Where the text came from.
-        origin: String,
-        /// The key.
-        key: String,
-        /// Why.
-        reason: String,
-    },
-}
+/// A configuration that cannot be used: the same error as `mptcp-proxy`'s
+/// configuration (read, parse, invalid value).
+pub use mptcp_proxy::config::ConfigError;
 
 /// `mpipd`'s configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -13,7 +13,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use testbed::{Background, Options, Testbed};
+use testbed::{pseudo_random, Background, Options, Testbed};
 
 const PROXY_HTTP: &str = "http://10.200.0.1:3128";
 const SERVER: &str = "10.0.3.2";
@@ -27,20 +27,6 @@ struct MpipLab {
     _nginx: Background,
     tb: Testbed,
     dir: tempfile::TempDir,
-}
-
-/// Deterministic pseudo-random bytes, so corruption cannot hide in patterns.
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn sha256(data: &[u8]) -> Vec<u8> {
@@ -322,6 +308,32 @@ fn watch_download(path: &Path, curl: &mut Background, timeout: Duration) -> Vec<
     }
 }
 
+/// A lab with both paths shaped (Mbit/s) and a download of a `size`-byte
+/// file through the HTTP proxy started in the background: the file, where
+/// curl writes it, and curl.
+fn shaped_download(
+    rate1: u32,
+    rate2: u32,
+    size: usize,
+    seed: u64,
+) -> Option<(MpipLab, Vec<u8>, PathBuf, Background)> {
+    let file = pseudo_random(size, seed);
+    let lab = MpipLab::new(
+        Options {
+            path_rate_mbit: [Some(rate1), Some(rate2)],
+            subflow_endpoint: false,
+            ..Options::default()
+        },
+        &[("big.bin", &file)],
+        |_| {},
+        |_| {},
+    )?;
+    let out = lab.out_path("big.out");
+    let url = format!("http://{SERVER}/big.bin");
+    let curl = lab.curl_background(&out, &["-x", PROXY_HTTP, &url]);
+    Some((lab, file, out, curl))
+}
+
 /// Fig. 4a: 40 + 20 Mbit/s paths, a download through the MPIP proxy end's
 /// HTTP proxy; the file must be intact and the paths must aggregate.
 ///
@@ -335,22 +347,9 @@ fn watch_download(path: &Path, curl: &mut Background, timeout: Duration) -> Vec<
 /// 90% target is not met; see the closing note of issue 6.
 #[test]
 fn fig4a_aggregate_of_htb_limited_paths() {
-    let file = pseudo_random(40 << 20, 0x4a);
-    let Some(lab) = MpipLab::new(
-        Options {
-            path_rate_mbit: [Some(40), Some(20)],
-            subflow_endpoint: false,
-            ..Options::default()
-        },
-        &[("big.bin", &file)],
-        |_| {},
-        |_| {},
-    ) else {
+    let Some((lab, file, out, mut curl)) = shaped_download(40, 20, 40 << 20, 0x4a) else {
         return;
     };
-    let out = lab.out_path("big.out");
-    let url = format!("http://{SERVER}/big.bin");
-    let mut curl = lab.curl_background(&out, &["-x", PROXY_HTTP, &url]);
     let samples = watch_download(&out, &mut curl, Duration::from_secs(60));
     let received = std::fs::read(&out).expect("downloaded file");
     assert_eq!(received.len(), file.len(), "whole file");
@@ -386,22 +385,9 @@ fn fig4a_aggregate_of_htb_limited_paths() {
 /// survives and path 2 carries data again within 1 s of link up.
 #[test]
 fn failover_link_down_then_up_within_a_second() {
-    let file = pseudo_random(32 << 20, 0xfa11);
-    let Some(lab) = MpipLab::new(
-        Options {
-            path_rate_mbit: [Some(20), Some(20)],
-            subflow_endpoint: false,
-            ..Options::default()
-        },
-        &[("big.bin", &file)],
-        |_| {},
-        |_| {},
-    ) else {
+    let Some((lab, file, out, mut curl)) = shaped_download(20, 20, 32 << 20, 0xfa11) else {
         return;
     };
-    let out = lab.out_path("big.out");
-    let url = format!("http://{SERVER}/big.bin");
-    let mut curl = lab.curl_background(&out, &["-x", PROXY_HTTP, &url]);
     let client = lab.tb.client_ns().to_owned();
     let c2_rx = || lab.tb.interface_bytes(&client, "c2").expect("counters").0;
     std::thread::sleep(Duration::from_millis(1500));
@@ -748,22 +734,9 @@ fn delay_impairment_and_single_path_mode() {
 /// from the new address while the TCP session goes on.
 #[test]
 fn address_change_mid_transfer() {
-    let file = pseudo_random(24 << 20, 0xadd2);
-    let Some(lab) = MpipLab::new(
-        Options {
-            path_rate_mbit: [Some(20), Some(20)],
-            subflow_endpoint: false,
-            ..Options::default()
-        },
-        &[("big.bin", &file)],
-        |_| {},
-        |_| {},
-    ) else {
+    let Some((lab, file, out, mut curl)) = shaped_download(20, 20, 24 << 20, 0xadd2) else {
         return;
     };
-    let out = lab.out_path("big.out");
-    let url = format!("http://{SERVER}/big.bin");
-    let mut curl = lab.curl_background(&out, &["-x", PROXY_HTTP, &url]);
     std::thread::sleep(Duration::from_millis(1000));
     lab.tb
         .exec(

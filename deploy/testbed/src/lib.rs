@@ -417,3 +417,18 @@ impl Drop for Background {
         }
     }
 }
+
+/// Deterministic pseudo-random bytes (xorshift), so corruption cannot hide in
+/// repeating patterns; any prefix can be regenerated from `seed`.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

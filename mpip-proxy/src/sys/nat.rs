@@ -340,6 +340,13 @@ mod tests {
         run("ip", &["netns", "exec", ns, "nft", "list", "tables"])
     }
 
+    fn list_table(ns: &str, name: &str) -> String {
+        run(
+            "ip",
+            &["netns", "exec", ns, "nft", "list", "table", "ip", name],
+        )
+    }
+
     fn ip_forward() -> String {
         std::fs::read_to_string(IP_FORWARD_PATH)
             .unwrap()
@@ -362,19 +369,7 @@ mod tests {
             assert_eq!(masq.previous_ip_forward(), "0");
             assert_eq!(ip_forward(), "1");
             assert!(tables(ns).contains("table ip mpxsys_nat"), "{}", tables(ns));
-            let listing = run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    ns,
-                    "nft",
-                    "list",
-                    "table",
-                    "ip",
-                    "mpxsys_nat",
-                ],
-            );
+            let listing = list_table(ns, "mpxsys_nat");
             assert!(listing.contains("masquerade"), "{listing}");
             assert!(listing.contains("ip saddr 10.66.0.0/24"), "{listing}");
             assert!(listing.contains("oifname != \"mpxtun0\""), "{listing}");
@@ -414,19 +409,7 @@ mod tests {
             std::mem::forget(Masquerade::install("mpxsys_stale", pool, "mpxtun0").unwrap());
             assert!(tables(ns).contains("mpxsys_stale"));
             let masq = Masquerade::install("mpxsys_stale", pool, "mpxtun1").unwrap();
-            let listing = run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    ns,
-                    "nft",
-                    "list",
-                    "table",
-                    "ip",
-                    "mpxsys_stale",
-                ],
-            );
+            let listing = list_table(ns, "mpxsys_stale");
             assert_eq!(listing.matches("masquerade").count(), 1, "{listing}");
             assert!(listing.contains("\"mpxtun1\""), "{listing}");
             assert!(!listing.contains("\"mpxtun0\""), "{listing}");

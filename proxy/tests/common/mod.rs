@@ -33,19 +33,7 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so corruption cannot hide in repeating patterns.
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+pub use testbed::pseudo_random;
 
 pub fn file_sha(path: &Path) -> String {
     sha256_hex(&std::fs::read(path).expect("read file"))
