@@ -555,14 +555,26 @@ impl CommonConfig {
             .validate()
             .map_err(|e| invalid(origin, "routing", &e.to_string()))?;
         for rule in &self.routing.rules {
-            if let Some(path) = &rule.path {
+            for (key, path) in rule
+                .path
+                .iter()
+                .map(|p| ("routing.rule.path", p))
+                .chain(rule.paths.iter().map(|p| ("routing.rule.paths", p)))
+            {
                 if !self.paths.interfaces.contains(path) {
                     return Err(invalid(
                         origin,
-                        "routing.rule.path",
+                        key,
                         &format!("{path:?} is not in paths.interfaces"),
                     ));
                 }
+            }
+            if rule.path.is_some() && !rule.paths.is_empty() {
+                return Err(invalid(
+                    origin,
+                    "routing.rule",
+                    "give either path (a pin) or paths (selected-paths), not both",
+                ));
             }
         }
         for impairment in &self.testing.impairment {

@@ -504,18 +504,40 @@ impl<R: RandomSource> Node<R> {
         }
         let class = PacketClass::from(&info);
         let rule = self.config.routing.rule_for(&class);
-        let mode = Mode::from(rule.map_or(self.config.routing.default, |r| r.priority));
-        let pin = rule.and_then(|r| r.path.clone());
-        let pin_address = pin
-            .as_deref()
-            .and_then(|name| self.interfaces.values().find(|i| i.name == name))
-            .map(|i| i.address);
+        let mut mode = Mode::from(rule.map_or(self.config.routing.default, |r| r.priority));
+        let interface_address = |name: &str| {
+            self.interfaces
+                .values()
+                .find(|i| i.name == name)
+                .map(|i| i.address)
+        };
+        let pin_address = rule
+            .and_then(|r| r.path.as_deref())
+            .and_then(interface_address);
+        let selected: Vec<SocketAddr> = rule
+            .map(|r| {
+                r.paths
+                    .iter()
+                    .filter_map(|n| interface_address(n))
+                    .collect()
+            })
+            .unwrap_or_default();
         let paths = &self.paths;
         let state = self.states.entry((node, session)).or_insert_with(|| {
             Session::new(paths.path_table_for(node), &info, self.config.resequencer)
         });
         let sequence = state.next_sequence;
         state.next_sequence = sequence.wrapping_add(1);
+        if !selected.is_empty() && mode == Mode::AllPaths {
+            mode = Mode::SelectedPaths(
+                state
+                    .paths
+                    .live()
+                    .filter(|e| selected.contains(&e.local))
+                    .map(|e| e.path_id)
+                    .collect(),
+            );
+        }
         let pinned = pin_address.and_then(|local| {
             state
                 .paths

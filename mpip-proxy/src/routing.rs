@@ -63,6 +63,10 @@ pub struct RoutingRule {
     /// leaves from this local interface while it is live.
     #[serde(default)]
     pub path: Option<String>,
+    /// Selected-paths: with throughput-first, spreads matching packets by
+    /// weight over the paths leaving these local interfaces only.
+    #[serde(default)]
+    pub paths: Vec<String>,
 }
 
 /// What a rule is matched against.

@@ -45,7 +45,7 @@ fn valid_fixtures_parse() {
 #[test]
 fn invalid_fixtures_are_refused_with_their_name() {
     let files = files("invalid");
-    assert_eq!(files.len(), 7, "the test read the fixture folder");
+    assert_eq!(files.len(), 8, "the test read the fixture folder");
     for file in files {
         let error = load(&file).expect_err(&file.display().to_string());
         assert!(error.contains(&file.display().to_string()), "{error}");

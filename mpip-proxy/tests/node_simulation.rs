@@ -360,6 +360,41 @@ fn routing_rules_pin_sessions_to_paths() {
 }
 
 #[test]
+fn selected_paths_restrict_the_spread() {
+    let proxy_rules = RoutingTable {
+        default: Priority::ThroughputFirst,
+        rules: vec![RoutingRule {
+            port: Some(8080),
+            paths: vec!["p2".to_owned()],
+            ..RoutingRule::default()
+        }],
+    };
+    let mut lab = connected_lab(RoutingTable::default(), proxy_rules);
+    let carried_before = lab.carried;
+    for i in 0..200u16 {
+        let port = if i % 2 == 0 { 8080 } else { 80 };
+        lab.send_from_proxy(&build::ipv4_udp(
+            PROXY_TUN, CLIENT_TUN, port, 40000, &[1; 500],
+        ));
+        lab.run(Duration::from_millis(1));
+    }
+    lab.run(Duration::from_millis(50));
+    assert_eq!(lab.client_tun.len(), 200);
+    let data = |link: usize| lab.carried[link][0] - carried_before[link][0];
+    // Port 8080 only on p2; port 80 spread over both by weight.
+    assert!(
+        data(1) > 100 + 20,
+        "p2 carried all of port 8080 and part of port 80: {}",
+        data(1)
+    );
+    assert!(
+        (20..100).contains(&data(0)),
+        "p1 carried only port-80 packets: {}",
+        data(0)
+    );
+}
+
+#[test]
 fn protected_path_delivers_every_packet_once_under_loss() {
     let protected = RoutingTable {
         default: Priority::Protected,

@@ -7,15 +7,15 @@ use mpip_proxy::config::ProxyEndConfig;
 /// Multipath IP proxy end: terminates MPIP sessions on a TUN address and
 /// serves them with the mptcp-proxy HTTP proxy core.
 #[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
+#[command(version)]
+struct Cli {
     #[command(flatten)]
     common: mpip_proxy::cli::Args,
 }
 
 fn main() -> anyhow::Result<()> {
     mpip_proxy::cli::main(
-        Args::parse().common,
+        Cli::parse().common,
         ProxyEndConfig::from_file,
         mpip_proxy::shell::run_proxy_end,
     )

@@ -7,15 +7,15 @@ use mpip_proxy::config::ClientConfig;
 /// Multipath IP client: sends this host's traffic through a TUN device over
 /// every path to an mpip-proxy.
 #[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
+#[command(version)]
+struct Cli {
     #[command(flatten)]
     common: mpip_proxy::cli::Args,
 }
 
 fn main() -> anyhow::Result<()> {
     mpip_proxy::cli::main(
-        Args::parse().common,
+        Cli::parse().common,
         ClientConfig::from_file,
         mpip_proxy::shell::run_client,
     )
