@@ -430,7 +430,7 @@ fn failover_link_down_then_up_within_a_second() {
 }
 
 /// Fig. 9: the routing table pins sessions to server port 80 to path 1 and to
-/// port 8080 to path 2, in gateway mode (the client reaches the server
+/// port 8081 to path 2, in gateway mode (the client reaches the server
 /// directly through the tunnel). Two concurrent downloads of different sizes;
 /// the per-path byte counters show each on its own path. Then both ends stop
 /// and must leave nothing behind.
@@ -447,14 +447,14 @@ fn fig9_routing_table_pins_sessions_to_paths() {
         &[("large.bin", &large), ("small.bin", &small)],
         |proxy| {
             section(proxy, "gateway").insert("enabled".into(), true.into());
-            routing(proxy, "throughput-first", &[(80, "p1"), (8080, "p2")]);
+            routing(proxy, "throughput-first", &[(80, "p1"), (8081, "p2")]);
         },
         |client| {
             client.insert(
                 "routes".into(),
                 toml::Value::Array(vec!["10.0.3.0/24".into()]),
             );
-            routing(client, "throughput-first", &[(80, "c1"), (8080, "c2")]);
+            routing(client, "throughput-first", &[(80, "c1"), (8081, "c2")]);
         },
     ) else {
         return;
@@ -480,7 +480,7 @@ fn fig9_routing_table_pins_sessions_to_paths() {
     let large_out = lab.out_path("large.out");
     let small_out = lab.out_path("small.out");
     let mut a = lab.curl_background(&large_out, &[&format!("http://{SERVER}/large.bin")]);
-    let mut b = lab.curl_background(&small_out, &[&format!("http://{SERVER}:8080/small.bin")]);
+    let mut b = lab.curl_background(&small_out, &[&format!("http://{SERVER}:8081/small.bin")]);
     watch_download(&large_out, &mut a, Duration::from_secs(60));
     watch_download(&small_out, &mut b, Duration::from_secs(60));
     assert!(
@@ -489,14 +489,14 @@ fn fig9_routing_table_pins_sessions_to_paths() {
     );
     assert!(
         sha256(&std::fs::read(&small_out).unwrap()) == sha256(&small),
-        "port 8080 file intact"
+        "port 8081 file intact"
     );
 
     std::thread::sleep(Duration::from_millis(700)); // one metrics refresh
     let p1 = lab.proxy_path_tx_bytes("p1") - p1_before;
     let p2 = lab.proxy_path_tx_bytes("p2") - p2_before;
     eprintln!(
-        "fig9: p1 sent {p1} bytes (port 80: {} B), p2 sent {p2} bytes (port 8080: {} B)",
+        "fig9: p1 sent {p1} bytes (port 80: {} B), p2 sent {p2} bytes (port 8081: {} B)",
         large.len(),
         small.len()
     );
@@ -511,7 +511,7 @@ fn fig9_routing_table_pins_sessions_to_paths() {
     );
     assert!(
         within(p2, small.len()),
-        "p2 carried the port-8080 session only: {p2}"
+        "p2 carried the port-8081 session only: {p2}"
     );
     lab.stop_and_assert_clean();
 }

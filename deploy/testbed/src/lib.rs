@@ -285,7 +285,7 @@ impl Testbed {
         Ok(json["kernel"][counter].as_u64().unwrap_or(0))
     }
 
-    /// Starts nginx in the server namespace, serving `root` on port 80 (IPv4 and IPv6) and 8080 (IPv4;
+    /// Starts nginx in the server namespace, serving `root` on port 80 (IPv4 and IPv6) and 8081 (IPv4;
     /// a second service for per-port routing tests), and waits for it.
     pub fn start_nginx(&self, root: &Path, work_dir: &Path) -> Result<Background> {
         let conf = work_dir.join("nginx.conf");
@@ -297,7 +297,7 @@ impl Testbed {
              http {{\n  access_log {work}/access.log;\n  client_body_temp_path {work}/body;\n  \
              proxy_temp_path {work}/proxy;\n  fastcgi_temp_path {work}/fastcgi;\n  uwsgi_temp_path {work}/uwsgi;\n  \
              scgi_temp_path {work}/scgi;\n  sendfile on;\n  keepalive_requests 100000;\n  \
-             server {{ listen {server}:80; listen [{server6}]:80; listen {server}:8080; root {root}; }}\n}}\n",
+             server {{ listen {server}:80; listen [{server6}]:80; listen {server}:8081; root {root}; }}\n}}\n",
             work = work_dir.display(),
             root = root.display(),
             server = SERVER,
