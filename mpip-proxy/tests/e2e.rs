@@ -363,6 +363,17 @@ fn fig4a_aggregate_of_htb_limited_paths() {
         .expect("ran over 1 s");
     let last = samples[samples.len() - 2];
     let steady_mbit = (last.1 - first.1) as f64 * 8.0 / (last.0 - first.0) / 1e6;
+    let per_second: Vec<String> = samples
+        .windows(11)
+        .step_by(10)
+        .map(|w| {
+            format!(
+                "{:.1}",
+                (w[10].1 - w[0].1) as f64 * 8.0 / (w[10].0 - w[0].0) / 1e6
+            )
+        })
+        .collect();
+    eprintln!("fig4a per second: {}", per_second.join(" "));
     let (total_time, _) = samples[samples.len() - 1];
     let average_mbit = file.len() as f64 * 8.0 / total_time / 1e6;
     let p1 = lab.proxy_path_tx_bytes("p1");
