@@ -13,7 +13,7 @@
 //! from a pool and routes packets from its TUN device to the client node that
 //! owns the destination address.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -303,6 +303,9 @@ pub struct Node<R: RandomSource> {
     paths: PathManager,
     sessions: SessionTable,
     states: HashMap<(NodeId, SessionId), Session>,
+    /// Sessions whose re-sequencer holds segments: the only ones with a
+    /// re-sequencing timer, so timers cost nothing per idle session.
+    holding: HashSet<(NodeId, SessionId)>,
     scheduler: Scheduler<R>,
     availability: AvailabilityTable,
     interfaces: BTreeMap<InterfaceId, Interface>,
@@ -330,6 +333,7 @@ impl<R: RandomSource> Node<R> {
             paths: PathManager::new(config.paths, config.node_id),
             sessions: SessionTable::new(config.node_id),
             states: HashMap::new(),
+            holding: HashSet::new(),
             scheduler: Scheduler::new(config.scheduler, config.routing.clone(), rng),
             availability: AvailabilityTable::new(config.handshake),
             interfaces: BTreeMap::new(),
@@ -724,6 +728,11 @@ impl<R: RandomSource> Node<R> {
                 while let Some(ready) = resequencer.poll_deliver() {
                     self.tun.push_back(ready);
                 }
+                if resequencer.held() > 0 {
+                    self.holding.insert((node, repr.session_id));
+                } else {
+                    self.holding.remove(&(node, repr.session_id));
+                }
             }
             _ => self.tun.push_back(packet),
         }
@@ -865,14 +874,18 @@ impl<R: RandomSource> Node<R> {
         }
         self.scheduler
             .handle_timeout(now, self.states.values_mut().map(|s| &mut s.paths));
-        for state in self.states.values_mut() {
-            if let Some(resequencer) = &mut state.resequencer {
-                resequencer.handle_timeout(now);
-                while let Some(ready) = resequencer.poll_deliver() {
-                    self.tun.push_back(ready);
-                }
+        let states = &mut self.states;
+        let tun = &mut self.tun;
+        self.holding.retain(|key| {
+            let Some(resequencer) = states.get_mut(key).and_then(|s| s.resequencer.as_mut()) else {
+                return false;
+            };
+            resequencer.handle_timeout(now);
+            while let Some(ready) = resequencer.poll_deliver() {
+                tun.push_back(ready);
             }
-        }
+            resequencer.held() > 0
+        });
         match self.next_housekeeping {
             Some(due) if due > now => {}
             _ => {
@@ -973,8 +986,9 @@ impl<R: RandomSource> Node<R> {
     /// When [`Node::handle_timeout`] (then [`Node::poll_transmit`]) next has work.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let resequencing = self
-            .states
-            .values()
+            .holding
+            .iter()
+            .filter_map(|key| self.states.get(key))
             .filter_map(|s| s.resequencer.as_ref().and_then(Resequencer::poll_timeout))
             .min();
         let handshake = if self.assignment.is_none() {
