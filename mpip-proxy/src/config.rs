@@ -202,6 +202,11 @@ pub struct SchedulerSection {
     /// Step S; default 10.
     #[serde(default = "SchedulerSection::default_step")]
     pub step: u16,
+    /// Equation 1's draws: `"low-discrepancy"` (default; a Weyl sequence, so
+    /// every run of packets is split by weight, which measured 2 points more
+    /// aggregate on the Fig. 4a testbed) or `"random"` (independent draws).
+    #[serde(default)]
+    pub dispatch: crate::scheduler::Dispatch,
 }
 
 impl SchedulerSection {
@@ -218,6 +223,7 @@ impl Default for SchedulerSection {
         SchedulerSection {
             period_ms: Self::default_period_ms(),
             step: Self::default_step(),
+            dispatch: crate::scheduler::Dispatch::default(),
         }
     }
 }

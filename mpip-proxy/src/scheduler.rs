@@ -40,6 +40,69 @@ impl RandomSource for SplitMix64 {
     }
 }
 
+/// A Weyl sequence, `u_n = frac(seed + n / φ)`: uniformly distributed like
+/// random draws, but with low discrepancy: any run of packets is split in
+/// proportion to the weights almost exactly, where independent draws leave
+/// random runs on one path that empty the other path's queue.
+#[derive(Debug, Clone)]
+pub struct WeylSequence {
+    state: u64,
+}
+
+impl WeylSequence {
+    /// A sequence starting at `seed`.
+    pub const fn new(seed: u64) -> Self {
+        WeylSequence { state: seed }
+    }
+}
+
+impl RandomSource for WeylSequence {
+    fn next_u32(&mut self) -> u32 {
+        // 2^64 / φ, the golden-ratio increment.
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        (self.state >> 32) as u32
+    }
+}
+
+/// Where equation 1's draws come from (`[scheduler] dispatch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dispatch {
+    /// A low-discrepancy sequence ([`WeylSequence`]); the default.
+    #[default]
+    LowDiscrepancy,
+    /// Independent pseudo-random draws ([`SplitMix64`]), as in the paper.
+    Random,
+}
+
+/// The draw source for a [`Dispatch`] choice.
+#[derive(Debug, Clone)]
+pub enum DispatchSource {
+    /// Independent pseudo-random draws.
+    Random(SplitMix64),
+    /// A low-discrepancy sequence.
+    LowDiscrepancy(WeylSequence),
+}
+
+impl DispatchSource {
+    /// The source for `dispatch`, seeded with `seed`.
+    pub fn new(dispatch: Dispatch, seed: u64) -> Self {
+        match dispatch {
+            Dispatch::Random => DispatchSource::Random(SplitMix64::new(seed)),
+            Dispatch::LowDiscrepancy => DispatchSource::LowDiscrepancy(WeylSequence::new(seed)),
+        }
+    }
+}
+
+impl RandomSource for DispatchSource {
+    fn next_u32(&mut self) -> u32 {
+        match self {
+            DispatchSource::Random(source) => source.next_u32(),
+            DispatchSource::LowDiscrepancy(source) => source.next_u32(),
+        }
+    }
+}
+
 /// How the packets of a session are spread over its paths.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
@@ -592,5 +655,48 @@ mod tests {
                 proptest::prop_assert_eq!(accepted, delivered.insert(seq));
             }
         }
+    }
+
+    #[test]
+    fn low_discrepancy_draws_split_every_window_by_weight() {
+        let mut table = PathTable::new();
+        for id in [1u8, 2] {
+            table.insert(
+                PathId(id),
+                format!("10.0.{id}.2:5000").parse().unwrap(),
+                format!("10.0.{id}.1:4789").parse().unwrap(),
+            );
+        }
+        table.set_weight(PathId(1), 600);
+        table.set_weight(PathId(2), 300);
+        let worst_window = |source: &mut dyn FnMut() -> Option<PathId>| {
+            let picks: Vec<bool> = (0..3000).map(|_| source() == Some(PathId(1))).collect();
+            // The largest deviation from 2/3 on path 1 over any 30-packet window.
+            picks
+                .windows(30)
+                .map(|w| (w.iter().filter(|p| **p).count() as f64 - 20.0).abs())
+                .fold(0.0, f64::max)
+        };
+        let mut weyl = WeylSequence::new(7);
+        let mut random = SplitMix64::new(7);
+        let weyl_worst = worst_window(&mut || pick_weighted(&table, None, &mut weyl));
+        let random_worst = worst_window(&mut || pick_weighted(&table, None, &mut random));
+        assert!(weyl_worst <= 2.0, "low discrepancy: {weyl_worst}");
+        assert!(
+            random_worst > 5.0,
+            "independent draws wander: {random_worst}"
+        );
+        let mut counts = [0usize; 2];
+        let mut weyl = WeylSequence::new(99);
+        for _ in 0..9000 {
+            match pick_weighted(&table, None, &mut weyl) {
+                Some(PathId(1)) => counts[0] += 1,
+                _ => counts[1] += 1,
+            }
+        }
+        assert!(
+            counts[0].abs_diff(6000) <= 3,
+            "equation 1's proportions: {counts:?}"
+        );
     }
 }

@@ -24,7 +24,7 @@ use crate::config::{ClientConfig, CommonConfig, Impairment, ProxyEndConfig};
 use crate::metrics::MpipMetrics;
 use crate::node::{Datagram, Node, NodeConfig, NodeEvent, HEADROOM};
 use crate::path_manager::{InterfaceId, PathState};
-use crate::scheduler::SplitMix64;
+use crate::scheduler::{DispatchSource, SplitMix64};
 use crate::sys::nat::{Masquerade, NatError};
 use crate::sys::netif;
 use crate::sys::route::{RouteError, RouteGuard};
@@ -119,7 +119,7 @@ enum Role {
 }
 
 struct Driver {
-    node: Node<SplitMix64>,
+    node: Node<DispatchSource>,
     start: Instant,
     tun: Arc<TunDevice>,
     endpoints: Vec<Endpoint>,
@@ -235,7 +235,7 @@ impl Driver {
             })
             .collect();
         Driver {
-            node: Node::new(config, SplitMix64::new(seed)),
+            node: Node::new(config, DispatchSource::new(common.scheduler.dispatch, seed)),
             start: Instant::now(),
             tun,
             endpoints,
