@@ -63,6 +63,7 @@ pub struct MpipMetrics {
     dropped: Family<ReasonLabel, Counter>,
     protected_copies: Counter,
     mss_clamped: Counter,
+    compressed: Counter,
     /// Last values seen, to turn the node's totals into counter increments.
     seen: std::sync::Mutex<Seen>,
 }
@@ -126,6 +127,11 @@ impl MpipMetrics {
             "protected_packets",
             "Packets sent as protected-path copies",
             self.protected_copies.clone(),
+        );
+        r.register(
+            "compressed_packets",
+            "Data packets sent with the inner IPv4 header left out",
+            self.compressed.clone(),
         );
         r.register(
             "mss_clamped",
@@ -218,6 +224,11 @@ impl MpipMetrics {
             ("duplicate", counters.duplicates, last.duplicates),
             ("spoofed", counters.spoofed, last.spoofed),
             ("send_failed", counters.send_failed, last.send_failed),
+            (
+                "unknown_session",
+                counters.unknown_session,
+                last.unknown_session,
+            ),
         ];
         for (reason, now, before) in drops {
             self.dropped
@@ -231,6 +242,8 @@ impl MpipMetrics {
         );
         self.mss_clamped
             .inc_by(counters.mss_clamped.saturating_sub(last.mss_clamped));
+        self.compressed
+            .inc_by(counters.compressed.saturating_sub(last.compressed));
         seen.counters = counters;
     }
 }

@@ -38,6 +38,15 @@ use crate::wire::{
 /// the data CM block is written in place ([`Node::handle_tun_packet`]).
 pub const HEADROOM: usize = FIXED_LEN;
 
+/// Length of the inner IPv4 header that compression leaves out.
+const IPV4_HEADER_LEN: usize = 20;
+
+/// A session's packets are sent compressed while the peer has sent one of
+/// its packets this recently: proof that the peer knows the session's tuple.
+/// A peer that lost it (restart, expiry) drops compressed packets; its
+/// silence then turns compression off within this time.
+const COMPRESSION_PROOF: Duration = Duration::from_secs(2);
+
 /// How often sessions and address assignments are expired.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -188,6 +197,10 @@ pub struct NodeCounters {
     pub mss_clamped: u64,
     /// Datagrams or TUN writes the shell could not complete ([`Node::note_send_failed`]).
     pub send_failed: u64,
+    /// Data packets sent with the inner IPv4 header left out.
+    pub compressed: u64,
+    /// Compressed packets of a session this node does not know (dropped).
+    pub unknown_session: u64,
 }
 
 /// One path, for metrics.
@@ -217,6 +230,8 @@ pub struct PathSnapshot {
 #[derive(Debug)]
 struct Session {
     paths: PathTable,
+    /// Last time a packet of the session arrived from the peer.
+    last_inbound: Option<Timestamp>,
     next_sequence: u32,
     dedup: DedupWindow,
     resequencer: Option<Resequencer<TunPacket>>,
@@ -553,11 +568,18 @@ impl<R: RandomSource> Node<R> {
             Some(path) if mode != Mode::ProtectedPath => Selection::One(path),
             _ => self.scheduler.select(node, session, &state.paths, &mode),
         };
+        let peer_knows_session = state
+            .last_inbound
+            .is_some_and(|t| now.saturating_since(t) < COMPRESSION_PROOF);
+        let mut flags = CmFlags::NONE;
+        if peer_knows_session && compressible(&buffer[HEADROOM..]) {
+            buffer.drain(HEADROOM..HEADROOM + IPV4_HEADER_LEN);
+            flags = CmFlags::COMPRESSED;
+            self.counters.compressed += 1;
+        }
         match selection {
             Selection::NoPath => self.counters.no_path += 1,
-            Selection::One(path) => {
-                self.send_data(now, session, path, sequence, CmFlags::NONE, buffer)
-            }
+            Selection::One(path) => self.send_data(now, session, path, sequence, flags, buffer),
             Selection::Copies(copies) => {
                 self.counters.protected_copies += 1;
                 let last = copies.len() - 1;
@@ -567,7 +589,8 @@ impl<R: RandomSource> Node<R> {
                     } else {
                         buffer.clone()
                     };
-                    self.send_data(now, session, *path, sequence, CmFlags::DUPLICATE, bytes);
+                    let copy = flags.union(CmFlags::DUPLICATE);
+                    self.send_data(now, session, *path, sequence, copy, bytes);
                 }
             }
         }
@@ -693,7 +716,21 @@ impl<R: RandomSource> Node<R> {
         {
             return;
         }
-        let Ok(info) = InnerPacket::parse(&bytes[cm_len..]) else {
+        let mut bytes = bytes;
+        let mut start = cm_len;
+        if repr.flags.contains(CmFlags::COMPRESSED) {
+            // The header goes back in place, over the tail of the parsed CM block.
+            let Some(entry) = self.sessions.get(node, repr.session_id) else {
+                self.counters.unknown_session += 1;
+                return;
+            };
+            start = cm_len - IPV4_HEADER_LEN;
+            if !restore_ipv4_header(&mut bytes[start..], entry.tuple) {
+                self.counters.malformed_packets += 1;
+                return;
+            }
+        }
+        let Ok(info) = InnerPacket::parse(&bytes[start..]) else {
             self.counters.malformed_packets += 1;
             return;
         };
@@ -718,10 +755,8 @@ impl<R: RandomSource> Node<R> {
             self.counters.duplicates += 1;
             return;
         }
-        let packet = TunPacket {
-            bytes,
-            start: cm_len,
-        };
+        state.last_inbound = Some(now);
+        let packet = TunPacket { bytes, start };
         match (&mut state.resequencer, info.tcp) {
             (Some(resequencer), Some(tcp)) => {
                 resequencer.handle_segment(now, tcp.sequence, tcp.sequence_len(), packet);
@@ -1013,9 +1048,47 @@ impl Session {
     fn new(paths: PathTable, first: &InnerPacket, resequencer: ResequencerConfig) -> Self {
         Session {
             paths,
+            last_inbound: None,
             next_sequence: 0,
             dedup: DedupWindow::new(),
             resequencer: (first.protocol == Protocol::Tcp).then(|| Resequencer::new(resequencer)),
         }
     }
+}
+
+/// Whether an inner packet's IPv4 header can be left out and rebuilt from the
+/// session: IPv4 without options, not a fragment, `DF` set (so the ID means
+/// nothing, RFC 6864), no DSCP/ECN, and the total length matches.
+fn compressible(packet: &[u8]) -> bool {
+    packet.len() > IPV4_HEADER_LEN
+        && packet[0] == 0x45
+        && packet[1] == 0
+        && usize::from(u16::from_be_bytes([packet[2], packet[3]])) == packet.len()
+        && packet[6..8] == [0x40, 0x00]
+}
+
+/// Writes the IPv4 header of a compressed packet into `packet[..20]` (the
+/// transport header follows): addresses and protocol from the session tuple
+/// as seen by this receiving node, `DF`, ID 0, TTL 64, checksum. Returns
+/// false if the session is not IPv4 or the packet too long.
+fn restore_ipv4_header(packet: &mut [u8], tuple: crate::table::session::FiveTuple) -> bool {
+    let (IpAddr::V4(source), IpAddr::V4(destination)) = (tuple.remote.ip(), tuple.local.ip())
+    else {
+        return false;
+    };
+    let Ok(total) = u16::try_from(packet.len()) else {
+        return false;
+    };
+    let header = &mut packet[..IPV4_HEADER_LEN];
+    header.fill(0);
+    header[0] = 0x45;
+    header[2..4].copy_from_slice(&total.to_be_bytes());
+    header[6] = 0x40;
+    header[8] = 64;
+    header[9] = tuple.protocol.number();
+    header[12..16].copy_from_slice(&source.octets());
+    header[16..20].copy_from_slice(&destination.octets());
+    let checksum = crate::packet::checksum::finish(crate::packet::checksum::sum16(0, header));
+    header[10..12].copy_from_slice(&checksum.to_be_bytes());
+    true
 }

@@ -173,10 +173,15 @@ impl CmFlags {
     /// The payload after the CM block is an [`AssignmentPacket`] (tunnel address
     /// given by the proxy end with its `CONFIRM`), not an inner IP packet.
     pub const ASSIGN: CmFlags = CmFlags(0x40);
+    /// The inner IPv4 header was left out; the receiver rebuilds it from the
+    /// session's 5-tuple (`PROTOCOL.md` §9).
+    pub const COMPRESSED: CmFlags = CmFlags(0x80);
     /// Every defined flag.
-    pub const ALL: CmFlags = CmFlags(0x7f);
+    pub const ALL: CmFlags = CmFlags(0xff);
 
-    /// Flags from raw bits; `None` if a reserved bit is set.
+    /// Flags from raw bits; `None` if a reserved bit is set (version 1
+    /// reserves none; the check stays for the next version).
+    #[allow(clippy::bad_bit_mask)]
     pub const fn from_bits(bits: u8) -> Option<CmFlags> {
         if bits & !Self::ALL.0 == 0 {
             Some(CmFlags(bits))
@@ -186,6 +191,7 @@ impl CmFlags {
     }
 
     /// Flags from raw bits, dropping reserved bits.
+    #[allow(clippy::bad_bit_mask)]
     pub const fn from_bits_truncate(bits: u8) -> CmFlags {
         CmFlags(bits & Self::ALL.0)
     }
@@ -223,7 +229,7 @@ impl CmFlags {
 
 impl fmt::Debug for CmFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(CmFlags, &str); 7] = [
+        const NAMES: [(CmFlags, &str); 8] = [
             (CmFlags::ENABLE, "ENABLE"),
             (CmFlags::CONFIRM, "CONFIRM"),
             (CmFlags::IP_CHANGE, "IP_CHANGE"),
@@ -231,6 +237,7 @@ impl fmt::Debug for CmFlags {
             (CmFlags::FEEDBACK, "FEEDBACK"),
             (CmFlags::DUPLICATE, "DUPLICATE"),
             (CmFlags::ASSIGN, "ASSIGN"),
+            (CmFlags::COMPRESSED, "COMPRESSED"),
         ];
         let mut first = true;
         write!(f, "CmFlags(")?;
@@ -874,12 +881,6 @@ mod tests {
         // The version is judged from the first byte alone.
         assert_eq!(frame(&bytes[..1]), Err(WireError::BadVersion(2)));
         bytes[0] = VERSION;
-        bytes[1] |= 0x80;
-        assert_eq!(
-            CmPacket::new_checked(&bytes[..]).unwrap_err(),
-            WireError::ReservedFlags(0x80)
-        );
-        bytes[1] &= 0x7f;
         bytes[field::ADDRESS_COUNT] = (MAX_ADDRESSES + 1) as u8;
         assert_eq!(
             CmPacket::new_checked(&bytes[..]).unwrap_err(),
@@ -931,7 +932,8 @@ mod tests {
     fn flags_debug_names_bits() {
         let flags = CmFlags::ENABLE.union(CmFlags::DUPLICATE);
         assert_eq!(format!("{flags:?}"), "CmFlags(ENABLE|DUPLICATE)");
-        assert_eq!(CmFlags::from_bits(0x80), None);
+        // Version 1 defines all eight bits; a new flag needs a new version.
+        assert_eq!(CmFlags::from_bits(0xff), Some(CmFlags::ALL));
     }
 
     fn arb_socket_addr() -> impl Strategy<Value = SocketAddr> {

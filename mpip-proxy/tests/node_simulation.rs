@@ -359,6 +359,70 @@ fn routing_rules_pin_sessions_to_paths() {
     assert!((50..60).contains(&data(1)), "p2 carried {}", data(1));
 }
 
+/// Sets DF, as Linux does on TCP and on most UDP, and fixes the checksum.
+fn with_df(mut packet: Vec<u8>) -> Vec<u8> {
+    use mpip_proxy::packet::checksum::{finish, sum16};
+    packet[6] = 0x40;
+    packet[10..12].fill(0);
+    let checksum = finish(sum16(0, &packet[..20]));
+    packet[10..12].copy_from_slice(&checksum.to_be_bytes());
+    packet
+}
+
+#[test]
+fn the_inner_header_is_left_out_once_the_peer_knows_the_session() {
+    let mut lab = connected_lab(RoutingTable::default(), RoutingTable::default());
+    let request = with_df(udp(CLIENT_TUN, PROXY_TUN, 53, b"query"));
+    lab.send_from_client(&request);
+    lab.run(Duration::from_millis(30));
+    assert_eq!(
+        lab.client.counters().compressed,
+        0,
+        "the proxy end does not know the session yet"
+    );
+    let reply = with_df(build::ipv4_udp(PROXY_TUN, CLIENT_TUN, 53, 40000, b"answer"));
+    lab.proxy
+        .handle_tun_packet(lab.now, [vec![0u8; HEADROOM], reply.clone()].concat());
+    let datagram = lab.proxy.poll_transmit(lab.now).expect("the reply");
+    assert_eq!(lab.proxy.counters().compressed, 1);
+    assert_eq!(
+        datagram.bytes.len(),
+        25 + reply.len() - 20,
+        "CM block in, IPv4 header out"
+    );
+    let link = u8::try_from(datagram.interface.0).unwrap();
+    lab.client.handle_datagram(
+        lab.now,
+        datagram.interface,
+        proxy_addr(link),
+        datagram.bytes.clone(),
+    );
+    let restored = lab.client.poll_tun().expect("delivered");
+    assert_eq!(restored.packet(), &reply[..], "rebuilt byte for byte");
+
+    // A node that does not know the session drops it and says why.
+    let mut stranger = Node::new(
+        NodeConfig::new(
+            NodeId([2, 0, 0, 0, 0, 0xc3]),
+            Role::Client {
+                proxy_endpoints: vec![proxy_addr(1)],
+            },
+        ),
+        SplitMix64::new(4),
+    );
+    stranger.handle_interface_up(lab.now, InterfaceId(1), "c1", client_addr(1));
+    stranger.handle_datagram(lab.now, InterfaceId(1), proxy_addr(1), datagram.bytes);
+    assert_eq!(stranger.poll_tun(), None);
+    assert_eq!(stranger.counters().unknown_session, 1);
+
+    // Without DF the header stays.
+    let no_df = build::ipv4_udp(PROXY_TUN, CLIENT_TUN, 53, 40000, b"fragmentable");
+    lab.proxy
+        .handle_tun_packet(lab.now, [vec![0u8; HEADROOM], no_df.clone()].concat());
+    let datagram = lab.proxy.poll_transmit(lab.now).expect("sent");
+    assert_eq!(datagram.bytes.len(), 25 + no_df.len());
+}
+
 #[test]
 fn tcp_segments_are_resequenced_and_a_gap_times_out() {
     let mut lab = connected_lab(RoutingTable::default(), RoutingTable::default());

@@ -1,0 +1,65 @@
+//! Fig. 4a in network namespaces: two paths limited by HTB to 40 and 20
+//! Mbit/s, a download through the MPIP proxy end's HTTP proxy. A test binary
+//! of its own, so no other test runs beside this measurement.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Fig. 4a: 40 + 20 Mbit/s paths, a 64 MiB download through the MPIP proxy
+/// end's HTTP proxy. The file must be intact and the aggregate goodput, from
+/// the second second on (TCP start-up and Algorithm 1 moving the weights from
+/// 1:1 towards 2:1), at least 90% of 60 Mbit/s.
+///
+/// How much room there is: HTB counts whole Ethernet frames. With the inner
+/// IPv4 header compressed away a 1494-byte frame carries 1395 bytes of TCP
+/// payload, so the ceiling is 93.4% of the rate (plain TCP: 95.6%). Measured
+/// here: 91.8-92.2% (runs of this test, alone on a 2-core VM).
+#[test]
+fn fig4a_aggregate_of_htb_limited_paths() {
+    let Some((lab, file, out, mut curl)) = shaped_download(40, 20, 64 << 20, 0x4a) else {
+        return;
+    };
+    let samples = watch_download(&out, &mut curl, Duration::from_secs(90));
+    let received = std::fs::read(&out).expect("downloaded file");
+    assert_eq!(received.len(), file.len(), "whole file");
+    assert!(sha256(&received) == sha256(&file), "file intact");
+
+    // Steady state: from the first sample after 2 s to the last one before the
+    // end (the final sample may be a partial interval).
+    let first = samples
+        .iter()
+        .find(|(t, _)| *t >= 2.0)
+        .expect("ran over 2 s");
+    let last = samples[samples.len() - 2];
+    let steady_mbit = (last.1 - first.1) as f64 * 8.0 / (last.0 - first.0) / 1e6;
+    let per_second: Vec<String> = samples
+        .windows(11)
+        .step_by(10)
+        .map(|w| {
+            format!(
+                "{:.1}",
+                (w[10].1 - w[0].1) as f64 * 8.0 / (w[10].0 - w[0].0) / 1e6
+            )
+        })
+        .collect();
+    eprintln!("fig4a per second: {}", per_second.join(" "));
+    let (total_time, _) = samples[samples.len() - 1];
+    let average_mbit = file.len() as f64 * 8.0 / total_time / 1e6;
+    let p1 = lab.proxy_path_tx_bytes("p1");
+    let p2 = lab.proxy_path_tx_bytes("p2");
+    eprintln!(
+        "fig4a: steady {steady_mbit:.1} Mbit/s ({:.1}% of 60), whole transfer {average_mbit:.1} Mbit/s; \
+         path bytes p1 {p1} p2 {p2} ({:.2}:1)",
+        steady_mbit / 60.0 * 100.0,
+        p1 as f64 / p2.max(1) as f64
+    );
+    assert!(
+        steady_mbit >= 0.9 * 60.0,
+        "aggregate {steady_mbit:.1} Mbit/s is below 90% of 60 Mbit/s\n{}",
+        lab.logs()
+    );
+    assert!(p2 > file.len() as u64 / 5, "path 2 carried its share: {p2}");
+}
