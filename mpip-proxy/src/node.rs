@@ -104,6 +104,26 @@ impl NodeConfig {
             path_mtu: 1500,
         }
     }
+
+    /// The largest TUN MTU whose packets fit a path after encapsulation in
+    /// IPv4 (the shell's path endpoints are IPv4).
+    pub fn tun_mtu(&self) -> u16 {
+        let overhead = crate::mss::encapsulation_overhead(IpVersion::V4);
+        self.path_mtu
+            .saturating_sub(u16::try_from(overhead).unwrap_or(u16::MAX))
+    }
+
+    /// Proxy end: its tunnel address (the pool's first host) and prefix length.
+    pub fn proxy_tunnel(&self) -> Option<(Ipv4Addr, u8)> {
+        match &self.role {
+            Role::Proxy { pool } => Some((first_host(pool), pool.prefix_len())),
+            Role::Client { .. } => None,
+        }
+    }
+}
+
+fn first_host(network: &Ipv4Net) -> Ipv4Addr {
+    network.hosts().next().unwrap_or(network.addr())
 }
 
 /// A UDP datagram to send on a path.
@@ -248,7 +268,7 @@ struct AddressPool {
 
 impl AddressPool {
     fn new(network: Ipv4Net) -> Self {
-        let proxy = network.hosts().next().unwrap_or(network.addr());
+        let proxy = first_host(&network);
         AddressPool {
             network,
             proxy,
@@ -375,13 +395,6 @@ impl<R: RandomSource> Node<R> {
         self.assignment.map(|(a, _)| a)
     }
 
-    /// Proxy end: this node's tunnel address and network.
-    pub fn proxy_tunnel(&self) -> Option<(Ipv4Addr, u8)> {
-        self.pool
-            .as_ref()
-            .map(|p| (p.proxy, p.network.prefix_len()))
-    }
-
     /// Proxy end: client nodes and their tunnel addresses.
     pub fn clients(&self) -> Vec<(NodeId, Ipv4Addr)> {
         let mut clients: Vec<_> = self
@@ -391,14 +404,6 @@ impl<R: RandomSource> Node<R> {
             .collect();
         clients.sort();
         clients
-    }
-
-    /// The largest TUN MTU whose packets fit a path after encapsulation.
-    pub fn tun_mtu(&self) -> u16 {
-        let outer = self.outer_version();
-        self.config
-            .path_mtu
-            .saturating_sub(crate::mss::encapsulation_overhead(outer) as u16)
     }
 
     /// Drop and traffic counters.

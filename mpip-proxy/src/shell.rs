@@ -24,7 +24,7 @@ use crate::config::{ClientConfig, CommonConfig, Impairment, ProxyEndConfig};
 use crate::metrics::MpipMetrics;
 use crate::node::{Datagram, Node, NodeConfig, NodeEvent, HEADROOM};
 use crate::path_manager::{InterfaceId, PathState};
-use crate::scheduler::{DispatchSource, SplitMix64};
+use crate::scheduler::DispatchSource;
 use crate::sys::nat::{Masquerade, NatError};
 use crate::sys::netif;
 use crate::sys::route::{RouteError, RouteGuard};
@@ -710,7 +710,7 @@ async fn run_node(
     ready: tokio::sync::oneshot::Sender<Result<String, ShellError>>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let mtu = Node::new(setup.node_config.clone(), SplitMix64::new(0)).tun_mtu();
+    let mtu = setup.node_config.tun_mtu();
     let tun = match create_tun(&setup.common, mtu) {
         Ok(tun) => tun,
         Err(error) => {
@@ -812,9 +812,7 @@ pub async fn run_proxy_end(
 ) -> Result<(), ShellError> {
     let node_config = config.node_config(node_id(&config.common)?);
     tracing::info!(node = %node_config.node_id, pool = %config.tunnel.pool, "mpip-proxy starting");
-    let Some((tunnel_address, prefix_len)) =
-        Node::new(node_config.clone(), SplitMix64::new(0)).proxy_tunnel()
-    else {
+    let Some((tunnel_address, prefix_len)) = node_config.proxy_tunnel() else {
         unreachable!("a proxy-end node has a tunnel address");
     };
     let mpip_metrics = Arc::new(MpipMetrics::default());
