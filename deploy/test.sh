@@ -17,4 +17,5 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --workspace --all-targets "$@"
+# --no-fail-fast: one failing binary must not hide how the others fared.
+cargo test --workspace --all-targets --no-fail-fast "$@"
