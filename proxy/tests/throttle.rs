@@ -146,9 +146,10 @@ fn transfer_after_classification(lab: &Lab, args: &[&str], upload: bool) -> Path
     }
 }
 
-/// Path 1 at most its 20 Mbit/s class + 10%, and MPTCP moving the bulk (two thirds or more) to path 2.
-/// A subflow placed in the wrong class, or path 2 shaped like path 1, splits about evenly and fails; a
-/// well-placed pair measured 3.7-5x on this machine, and 2.95x once when three transfers shared its CPU.
+/// Path 1 at most its 20 Mbit/s class + 10%, and MPTCP moving the bulk to path 2 (at least 2x path 1).
+/// A subflow placed in the wrong class, or path 2 shaped like path 1, splits about evenly and fails.
+/// How far above 2x a correct split lands is the kernel scheduler's business, not the throttle's:
+/// 24 serialized transfers measured 3.1-5.0x, and one that shared the CPU with two others 2.95x.
 fn assert_path1_held(split: &PathSplit, what: &str) {
     let mbit = |bytes: f64| bytes * 8.0 / split.seconds / 1e6;
     let (p1, p2) = (split.path1_bytes, split.path2_bytes);
