@@ -38,8 +38,15 @@ use crate::wire::{
 /// the data CM block is written in place ([`Node::handle_tun_packet`]).
 pub const HEADROOM: usize = FIXED_LEN;
 
-/// Length of the inner IPv4 header that compression leaves out.
+/// Length of a plain inner IPv4 header (no options).
 const IPV4_HEADER_LEN: usize = 20;
+
+/// What compression leaves out of that header: all of it but the TTL, which
+/// is sent in the header's last byte, just before the transport header.
+const COMPRESSED_AWAY: usize = IPV4_HEADER_LEN - 1;
+
+/// Offset of the TTL in an IPv4 header.
+const IPV4_TTL: usize = 8;
 
 /// A session's packets are sent compressed while the peer has sent one of
 /// its packets this recently: proof that the peer knows the session's tuple.
@@ -578,7 +585,8 @@ impl<R: RandomSource> Node<R> {
             .is_some_and(|t| now.saturating_since(t) < COMPRESSION_PROOF);
         let mut flags = CmFlags::NONE;
         if peer_knows_session && compressible(&buffer[HEADROOM..]) {
-            buffer.drain(HEADROOM..HEADROOM + IPV4_HEADER_LEN);
+            buffer[HEADROOM + COMPRESSED_AWAY] = buffer[HEADROOM + IPV4_TTL];
+            buffer.drain(HEADROOM..HEADROOM + COMPRESSED_AWAY);
             flags = CmFlags::COMPRESSED;
             self.counters.compressed += 1;
         }
@@ -724,12 +732,13 @@ impl<R: RandomSource> Node<R> {
         let mut bytes = bytes;
         let mut start = cm_len;
         if repr.flags.contains(CmFlags::COMPRESSED) {
-            // The header goes back in place, over the tail of the parsed CM block.
+            // The header goes back in place, over the tail of the parsed CM
+            // block and the TTL byte.
             let Some(entry) = self.sessions.get(node, repr.session_id) else {
                 self.counters.unknown_session += 1;
                 return;
             };
-            start = cm_len - IPV4_HEADER_LEN;
+            start = cm_len - COMPRESSED_AWAY;
             if !restore_ipv4_header(&mut bytes[start..], entry.tuple) {
                 self.counters.malformed_packets += 1;
                 return;
@@ -1072,10 +1081,11 @@ fn compressible(packet: &[u8]) -> bool {
         && packet[6..8] == [0x40, 0x00]
 }
 
-/// Writes the IPv4 header of a compressed packet into `packet[..20]` (the
-/// transport header follows): addresses and protocol from the session tuple
-/// as seen by this receiving node, `DF`, ID 0, TTL 64, checksum. Returns
-/// false if the session is not IPv4 or the packet too long.
+/// Writes the IPv4 header of a compressed packet into `packet[..20]`, whose
+/// last byte holds the sent TTL (the transport header follows): addresses and
+/// protocol from the session tuple as seen by this receiving node, `DF`,
+/// ID 0, that TTL, checksum. Returns false if the session is not IPv4 or the
+/// packet is too short or too long.
 fn restore_ipv4_header(packet: &mut [u8], tuple: crate::table::session::FiveTuple) -> bool {
     let (IpAddr::V4(source), IpAddr::V4(destination)) = (tuple.remote.ip(), tuple.local.ip())
     else {
@@ -1084,12 +1094,15 @@ fn restore_ipv4_header(packet: &mut [u8], tuple: crate::table::session::FiveTupl
     let Ok(total) = u16::try_from(packet.len()) else {
         return false;
     };
-    let header = &mut packet[..IPV4_HEADER_LEN];
+    let Some(header) = packet.get_mut(..IPV4_HEADER_LEN) else {
+        return false;
+    };
+    let ttl = header[COMPRESSED_AWAY];
     header.fill(0);
     header[0] = 0x45;
     header[2..4].copy_from_slice(&total.to_be_bytes());
     header[6] = 0x40;
-    header[8] = 64;
+    header[IPV4_TTL] = ttl;
     header[9] = tuple.protocol.number();
     header[12..16].copy_from_slice(&source.octets());
     header[16..20].copy_from_slice(&destination.octets());
@@ -1115,30 +1128,35 @@ mod tests {
     }
 
     proptest! {
-        /// Leaving the header out and writing it back from the receiver's
-        /// session tuple gives the packet back byte for byte (DF, ID 0, TTL
-        /// 64, as Linux sends them), TCP or UDP.
+        /// Leaving the header out but its TTL, and writing it back from the
+        /// receiver's session tuple, gives the packet back byte for byte
+        /// (with DF and ID 0), TCP or UDP, whatever its TTL.
         #[test]
         fn compression_round_trips(
             source in any::<[u8; 4]>(),
             destination in any::<[u8; 4]>(),
             ports in any::<(u16, u16)>(),
             tcp in any::<bool>(),
+            ttl in any::<u8>(),
             payload in proptest::collection::vec(any::<u8>(), 0..1400),
         ) {
             let (source, destination) = (Ipv4Addr::from(source), Ipv4Addr::from(destination));
-            let packet = with_df(if tcp {
+            let mut packet = if tcp {
                 build::ipv4_tcp(source, destination, ports.0, ports.1, 7, crate::packet::TCP_ACK, &[], &payload)
             } else {
                 build::ipv4_udp(source, destination, ports.0, ports.1, &payload)
-            });
+            };
+            packet[IPV4_TTL] = ttl;
+            let packet = with_df(packet);
             prop_assert!(compressible(&packet));
             let info = InnerPacket::parse(&packet).unwrap();
             // The receiver's view: the packet's destination is local.
             let tuple = info.inbound_tuple();
+            // What the sender puts after the CM block: the TTL, then the transport.
             let mut wire = vec![0u8; FIXED_LEN];
+            wire.push(ttl);
             wire.extend_from_slice(&packet[IPV4_HEADER_LEN..]);
-            let start = FIXED_LEN - IPV4_HEADER_LEN;
+            let start = FIXED_LEN + 1 - IPV4_HEADER_LEN;
             prop_assert!(restore_ipv4_header(&mut wire[start..], tuple));
             prop_assert_eq!(&wire[start..], &packet[..]);
         }

@@ -173,7 +173,7 @@ impl CmFlags {
     /// The payload after the CM block is an [`AssignmentPacket`] (tunnel address
     /// given by the proxy end with its `CONFIRM`), not an inner IP packet.
     pub const ASSIGN: CmFlags = CmFlags(0x40);
-    /// The inner IPv4 header was left out; the receiver rebuilds it from the
+    /// The inner IPv4 header was left out but its TTL; the receiver rebuilds it from the
     /// session's 5-tuple (`PROTOCOL.md` §9).
     pub const COMPRESSED: CmFlags = CmFlags(0x80);
     /// Every defined flag.

@@ -14,8 +14,8 @@ use common::*;
 /// the weights from 1:1 towards 2:1), at least 90% of 60 Mbit/s at the median.
 ///
 /// How much room there is: HTB counts whole Ethernet frames. With the inner
-/// IPv4 header compressed away a 1494-byte frame carries 1395 bytes of TCP
-/// payload, so the ceiling is 93.4% of the rate (plain TCP: 95.6%). Measured
+/// IPv4 header compressed to its TTL a 1495-byte frame carries 1395 bytes of
+/// TCP payload, so the ceiling is 93.3% of the rate (plain TCP: 95.6%). Measured
 /// here: 91.6-92.7% (runs of this test, alone on a 2-core VM; one run of ten
 /// had a stall that put its mean at 89.9%).
 #[test]

@@ -380,15 +380,18 @@ fn the_inner_header_is_left_out_once_the_peer_knows_the_session() {
         0,
         "the proxy end does not know the session yet"
     );
-    let reply = with_df(build::ipv4_udp(PROXY_TUN, CLIENT_TUN, 53, 40000, b"answer"));
+    // A reply the proxy end forwarded (gateway mode): its TTL is one down.
+    let mut reply = build::ipv4_udp(PROXY_TUN, CLIENT_TUN, 53, 40000, b"answer");
+    reply[8] = 63;
+    let reply = with_df(reply);
     lab.proxy
         .handle_tun_packet(lab.now, [vec![0u8; HEADROOM], reply.clone()].concat());
     let datagram = lab.proxy.poll_transmit(lab.now).expect("the reply");
     assert_eq!(lab.proxy.counters().compressed, 1);
     assert_eq!(
         datagram.bytes.len(),
-        25 + reply.len() - 20,
-        "CM block in, IPv4 header out"
+        25 + reply.len() - 19,
+        "CM block in, IPv4 header out but its TTL"
     );
     let link = u8::try_from(datagram.interface.0).unwrap();
     lab.client.handle_datagram(
@@ -398,7 +401,11 @@ fn the_inner_header_is_left_out_once_the_peer_knows_the_session() {
         datagram.bytes.clone(),
     );
     let restored = lab.client.poll_tun().expect("delivered");
-    assert_eq!(restored.packet(), &reply[..], "rebuilt byte for byte");
+    assert_eq!(
+        restored.packet(),
+        &reply[..],
+        "rebuilt byte for byte, TTL 63"
+    );
 
     // A node that does not know the session drops it and says why.
     let mut stranger = Node::new(
