@@ -7,14 +7,20 @@
 #   c2 10.0.2.2  fd00:2::2  <-- path 2 -->  p2 10.0.2.1  fd00:2::1
 #                                           p3 10.0.3.1  fd00:3::1  <-->  s1 10.0.3.2  fd00:3::2
 #
+#   with --second-client, a second two-path client (IPv4 only):
+#   second client ns (PREFIX-cl2)
+#   d1 10.0.4.2             <-- path 1 -->  p4 10.0.4.1
+#   d2 10.0.5.2             <-- path 2 -->  p5 10.0.5.1
+#
 # The client has an MPTCP `subflow` endpoint on c2 and policy routing, so each subflow leaves through the
 # interface that owns its source address. The proxy namespace forwards, so the direct routed path
 # client -> server works too (the benchmarks' baseline).
 #
 # Usage:
 #   testbed.sh up PREFIX [--rate1 MBIT] [--rate2 MBIT] [--loss1 PCT] [--loss2 PCT] [--no-endpoint]
+#                        [--second-client]
 #   testbed.sh down PREFIX
-#   testbed.sh exec PREFIX cli|prx|srv CMD...
+#   testbed.sh exec PREFIX cli|cl2|prx|srv CMD...
 #
 # Rates are HTB on both ends of a path (download: p1/p2 egress; upload: c1/c2 egress). Loss is nftables
 # `numgen random` in the client namespace, both directions. There is no netem on the target kernels.
@@ -25,11 +31,11 @@ die() { echo "testbed.sh: $*" >&2; exit 2; }
 [ $# -ge 2 ] || die "usage: testbed.sh up|down|exec PREFIX ..."
 action=$1 prefix=$2
 shift 2
-cli="$prefix-cli" prx="$prefix-prx" srv="$prefix-srv"
+cli="$prefix-cli" cl2="$prefix-cl2" prx="$prefix-prx" srv="$prefix-srv"
 
 down() {
   local ns
-  for ns in "$cli" "$prx" "$srv"; do
+  for ns in "$cli" "$cl2" "$prx" "$srv"; do
     if ip netns list | grep -qw "^$ns"; then
       # Kill whatever still runs inside, then drop the namespace (its veths go with it).
       for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
@@ -44,7 +50,7 @@ shape() { # ns dev mbit
 }
 
 up() {
-  local rate1="" rate2="" loss1="" loss2="" endpoint=1
+  local rate1="" rate2="" loss1="" loss2="" endpoint=1 second=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --rate1) rate1=$2; shift 2 ;;
@@ -52,6 +58,7 @@ up() {
       --loss1) loss1=$2; shift 2 ;;
       --loss2) loss2=$2; shift 2 ;;
       --no-endpoint) endpoint=0; shift ;;
+      --second-client) second=1; shift ;;
       *) die "unknown option $1" ;;
     esac
   done
@@ -87,6 +94,19 @@ up() {
     ip -n "$cli" -6 rule add from "fd00:$i::2" table "10$i"
     ip -n "$cli" -6 route add default via "fd00:$i::1" dev "c$i" table "10$i"
   done
+  if [ "$second" = 1 ]; then
+    ip netns add "$cl2"
+    ip -n "$cl2" link set lo up
+    ip link add name d1 netns "$cl2" type veth peer name p4 netns "$prx"
+    ip link add name d2 netns "$cl2" type veth peer name p5 netns "$prx"
+    for i in 1 2; do
+      ip -n "$cl2" addr add "10.0.$((i + 3)).2/24" dev "d$i"
+      ip -n "$cl2" link set "d$i" up
+      ip -n "$prx" addr add "10.0.$((i + 3)).1/24" dev "p$((i + 3))"
+      ip -n "$prx" link set "p$((i + 3))" up
+    done
+    ip -n "$cl2" route add default via 10.0.4.1 dev d1
+  fi
   ip -n "$srv" route add default via 10.0.3.1 dev s1
   ip -n "$srv" -6 route add default via fd00:3::1 dev s1
   ip netns exec "$prx" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
@@ -121,9 +141,9 @@ case "$action" in
   up) up "$@" ;;
   down) down ;;
   exec)
-    [ $# -ge 2 ] || die "usage: testbed.sh exec PREFIX cli|prx|srv CMD..."
+    [ $# -ge 2 ] || die "usage: testbed.sh exec PREFIX cli|cl2|prx|srv CMD..."
     role=$1; shift
-    case "$role" in cli) ns=$cli ;; prx) ns=$prx ;; srv) ns=$srv ;; *) die "unknown host $role" ;; esac
+    case "$role" in cli) ns=$cli ;; cl2) ns=$cl2 ;; prx) ns=$prx ;; srv) ns=$srv ;; *) die "unknown host $role" ;; esac
     exec ip netns exec "$ns" "$@"
     ;;
   *) die "unknown action $action" ;;

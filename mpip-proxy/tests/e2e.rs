@@ -7,6 +7,7 @@
 //! - Fig. 9: two concurrent sessions pinned to different paths (gateway mode).
 //! - Protected-path: 5% loss on one path costs no TCP retransmission.
 //! - Delay impairment, single-path mode, and an address change mid-transfer.
+//! - Two clients, each with two paths, served at once from the address pool.
 //!
 //! Fig. 4a, the throughput test, is in `fig4a.rs`: its own test binary, so it
 //! runs alone.
@@ -16,7 +17,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use testbed::{pseudo_random, Options};
+use testbed::{pseudo_random, Background, Host, Options};
 
 /// Failover: c2's link goes down mid-download and comes back; the TCP session
 /// survives and path 2 carries data again within 1 s of link up.
@@ -413,4 +414,137 @@ fn address_change_mid_transfer() {
         received.len() == file.len() && sha256(&received) == sha256(&file),
         "the TCP session survived the address change and the file is intact"
     );
+}
+
+/// The IPv4 address of `mpip0` in `ns`, once the proxy end assigned one.
+fn tunnel_address(lab: &MpipLab, ns: &str) -> Option<String> {
+    let text = lab
+        .tb
+        .exec(ns, &["ip", "-o", "-4", "addr", "show", "dev", "mpip0"])
+        .ok()?;
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "inet")?;
+    Some(words.next()?.split('/').next()?.to_owned())
+}
+
+/// Several clients at once: a second `mpipd` on a host of its own, with two
+/// paths of its own (d1, d2 to the proxy end's p4, p5), gets another address
+/// from the pool, and both clients download through the proxy end's HTTP
+/// proxy at the same time. Both files arrive intact, the proxy end counts two
+/// peers, and every daemon exits clean.
+#[test]
+fn two_clients_are_served_at_once() {
+    let file = pseudo_random(16 << 20, 0x2c);
+    let Some(mut lab) = MpipLab::new(
+        Options {
+            path_rate_mbit: [Some(100), Some(100)],
+            subflow_endpoint: false,
+            second_client: true,
+            ..Options::default()
+        },
+        &[("file.bin", &file)],
+        |proxy| {
+            let interfaces = ["p1", "p2", "p4", "p5"].map(toml::Value::from).to_vec();
+            section(proxy, "paths").insert("interfaces".into(), interfaces.into());
+        },
+        |_| {},
+    ) else {
+        return;
+    };
+    let second_ns = lab.tb.ns(Host::SecondClient).to_owned();
+    let second_dir = lab.out_path("second");
+    std::fs::create_dir(&second_dir).expect("dir");
+    let second_config = config_from_example(&second_dir, "mpipd.toml", |client| {
+        let interfaces = ["d1", "d2"].map(toml::Value::from).to_vec();
+        section(client, "paths").insert("interfaces".into(), interfaces.into());
+        let endpoints = ["10.0.4.1:4789", "10.0.5.1:4789"]
+            .map(toml::Value::from)
+            .to_vec();
+        section(client, "proxy").insert("endpoints".into(), endpoints.into());
+    });
+    let second_log = second_dir.join("mpipd.log");
+    let mut command = lab.tb.command(&second_ns, env!("CARGO_BIN_EXE_mpipd"));
+    command
+        .arg("--config")
+        .arg(&second_config)
+        .stderr(std::fs::File::create(&second_log).expect("log"));
+    let mut second = Background::start(command).expect("second mpipd");
+    let second_logs = || std::fs::read_to_string(&second_log).unwrap_or_default();
+    // Its default route reaches the proxy namespace, which would answer on
+    // 10.200.0.1 without the tunnel (weak host model): wait for the address
+    // and the route through the tunnel.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second_address = loop {
+        let route = lab
+            .tb
+            .exec(&second_ns, &["ip", "route", "get", "10.200.0.1"])
+            .unwrap_or_default();
+        if let Some(address) = tunnel_address(&lab, &second_ns) {
+            if route.contains("dev mpip0") {
+                break address;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second client has no tunnel: {route}\n{}",
+            second_logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let first_address = tunnel_address(&lab, lab.tb.client_ns()).expect("first address");
+    eprintln!("two clients: {first_address} and {second_address}");
+    assert_ne!(first_address, second_address, "one address each");
+
+    let url = format!("http://{SERVER}/file.bin");
+    let first_out = lab.out_path("first.out");
+    let second_out = second_dir.join("second.out");
+    let mut first_curl = lab.curl_background(&first_out, &["-x", PROXY_HTTP, &url]);
+    let mut second_curl = lab.tb.command(&second_ns, "curl");
+    second_curl
+        .args(["-sS", "--fail", "--max-time", "90", "-o"])
+        .arg(&second_out)
+        .args(["-x", PROXY_HTTP, &url]);
+    let mut second_curl = Background::start(second_curl).expect("curl");
+    watch_download(&first_out, &mut first_curl, Duration::from_secs(90));
+    watch_download(&second_out, &mut second_curl, Duration::from_secs(90));
+    for out in [&first_out, &second_out] {
+        let received = std::fs::read(out).expect("downloaded");
+        assert!(
+            sha256(&received) == sha256(&file),
+            "{} intact ({} of {} bytes)",
+            out.display(),
+            received.len(),
+            file.len()
+        );
+    }
+    let metrics = lab.metrics();
+    let peers = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("mpip_peers "))
+        .and_then(|value| value.trim().parse::<f64>().ok());
+    assert_eq!(peers, Some(2.0), "the proxy end counts two peers");
+    // Both clients' paths carried data: p1/p2 toward the first, p4/p5 toward
+    // the second.
+    for interface in ["p1", "p2", "p4", "p5"] {
+        assert!(
+            lab.proxy_path_tx_bytes(interface) > 1 << 20,
+            "{interface} carried part of a download"
+        );
+    }
+
+    second.signal(libc::SIGTERM).expect("SIGTERM");
+    let status = second
+        .wait_timeout(Duration::from_secs(20))
+        .expect("second mpipd exits");
+    assert!(
+        status.success(),
+        "second mpipd: {status}\n{}",
+        second_logs()
+    );
+    let links = lab
+        .tb
+        .exec(&second_ns, &["ip", "-o", "link", "show"])
+        .expect("ip link");
+    assert!(!links.contains("mpip"), "TUN device left: {links}");
+    lab.stop_and_assert_clean();
 }

@@ -1,7 +1,8 @@
 //! Two [`Node`]s, a client with two interfaces and the proxy end with two, on
 //! a simulated network with a simulated clock: handshake and address
 //! assignment, data both ways, failover and re-activation, coordinated
-//! routing pins, protected-path under loss, and the address pool.
+//! routing pins, protected-path under loss, the address pool, and several
+//! clients served at once.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -571,4 +572,117 @@ fn an_exhausted_pool_refuses_the_handshake() {
         .filter(|d| d.remote.ip() == IpAddr::V4(Ipv4Addr::new(10, 0, 1, 3)))
         .count();
     assert_eq!(confirmations, 0, "no CONFIRM without an address");
+}
+
+/// Delivers every datagram the proxy end and the clients have to send, at
+/// once, over one link (`p1`/`c1`), until none is left.
+fn exchange_on_one_link(
+    now: Timestamp,
+    proxy: &mut Node<SplitMix64>,
+    clients: &mut [(SocketAddr, Node<SplitMix64>)],
+) {
+    loop {
+        let mut moved = false;
+        for (address, client) in clients.iter_mut() {
+            while let Some(datagram) = client.poll_transmit(now) {
+                if datagram.remote == proxy_addr(1) {
+                    proxy.handle_datagram(now, InterfaceId(1), *address, datagram.bytes);
+                    moved = true;
+                }
+            }
+        }
+        while let Some(datagram) = proxy.poll_transmit(now) {
+            if let Some((_, client)) = clients.iter_mut().find(|(a, _)| *a == datagram.remote) {
+                client.handle_datagram(now, InterfaceId(1), proxy_addr(1), datagram.bytes);
+                moved = true;
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+#[test]
+fn several_clients_are_served_at_once_each_on_its_own_address() {
+    let mut now = Timestamp::from_secs(100);
+    let mut proxy = Node::new(
+        NodeConfig::new(
+            PROXY_ID,
+            Role::Proxy {
+                pool: "10.200.0.0/24".parse().unwrap(),
+            },
+        ),
+        SplitMix64::new(2),
+    );
+    proxy.handle_interface_up(now, InterfaceId(1), "p1", proxy_addr(1));
+    let mut clients: Vec<(SocketAddr, Node<SplitMix64>)> = (0..3u8)
+        .map(|i| {
+            let address = SocketAddr::new([10, 0, 1, 10 + i].into(), 5000);
+            let mut node = Node::new(
+                NodeConfig::new(
+                    NodeId([2, 0, 0, 0, 1, i]),
+                    Role::Client {
+                        proxy_endpoints: vec![proxy_addr(1)],
+                    },
+                ),
+                SplitMix64::new(10 + u64::from(i)),
+            );
+            node.handle_interface_up(now, InterfaceId(1), "c1", address);
+            (address, node)
+        })
+        .collect();
+    for _ in 0..600 {
+        now += Duration::from_millis(1);
+        for node in std::iter::once(&mut proxy).chain(clients.iter_mut().map(|(_, n)| n)) {
+            if node.poll_timeout().is_some_and(|t| t <= now) {
+                node.handle_timeout(now);
+            }
+        }
+        exchange_on_one_link(now, &mut proxy, &mut clients);
+    }
+
+    let tunnel: Vec<Ipv4Addr> = clients
+        .iter()
+        .map(|(_, c)| c.assignment().expect("every client got an address").client)
+        .collect();
+    let mut distinct = tunnel.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "one address each: {tunnel:?}");
+    assert!(!tunnel.contains(&PROXY_TUN), "the proxy end keeps its own");
+    assert_eq!(
+        proxy
+            .clients()
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect::<Vec<_>>(),
+        distinct
+    );
+
+    // Each client sends from its address and gets its own answer back, and
+    // only its own.
+    for (i, (_, client)) in clients.iter_mut().enumerate() {
+        let request = udp(tunnel[i], PROXY_TUN, 53, &[i as u8]);
+        client.handle_tun_packet(now, [vec![0u8; HEADROOM], request].concat());
+    }
+    exchange_on_one_link(now, &mut proxy, &mut clients);
+    let received: Vec<Ipv4Addr> = std::iter::from_fn(|| proxy.poll_tun())
+        .map(|p| Ipv4Addr::from(<[u8; 4]>::try_from(&p.packet()[12..16]).unwrap()))
+        .collect();
+    assert_eq!(received, tunnel, "the requests arrive with their sources");
+    for (i, address) in tunnel.iter().enumerate().rev() {
+        let reply = build::ipv4_udp(PROXY_TUN, *address, 53, 40000, &[i as u8]);
+        proxy.handle_tun_packet(now, [vec![0u8; HEADROOM], reply].concat());
+    }
+    exchange_on_one_link(now, &mut proxy, &mut clients);
+    for (i, (_, client)) in clients.iter_mut().enumerate() {
+        let delivered: Vec<Vec<u8>> =
+            std::iter::from_fn(|| client.poll_tun().map(|p| p.packet().to_vec())).collect();
+        assert_eq!(delivered.len(), 1, "client {i} got exactly its reply");
+        assert_eq!(&delivered[0][16..20], &tunnel[i].octets());
+        assert_eq!(delivered[0].last(), Some(&(i as u8)));
+        assert_eq!(client.session_count(), 1);
+    }
+    assert_eq!(proxy.session_count(), 3);
 }

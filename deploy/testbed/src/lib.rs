@@ -11,6 +11,9 @@
 //! c2 10.0.2.2 <- path 2 ->  p2 10.0.2.1
 //!                           p3 10.0.3.1  <------------->   s1 10.0.3.2
 //! ```
+//!
+//! With [`Options::second_client`], a second client namespace joins the proxy over two more paths:
+//! `d1 10.0.4.2 <-> p4 10.0.4.1` and `d2 10.0.5.2 <-> p5 10.0.5.1` (IPv4 only, no shaping).
 
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -103,6 +106,8 @@ pub struct Options {
     pub path_loss_percent: [Option<u8>; 2],
     /// Whether the client gets the MPTCP `subflow` endpoint on path 2 (a second subflow).
     pub subflow_endpoint: bool,
+    /// Whether a second client host ([`Host::SecondClient`]) is built.
+    pub second_client: bool,
 }
 
 impl Default for Options {
@@ -111,6 +116,7 @@ impl Default for Options {
             path_rate_mbit: [None, None],
             path_loss_percent: [None, None],
             subflow_endpoint: true,
+            second_client: false,
         }
     }
 }
@@ -124,13 +130,15 @@ pub enum Host {
     Proxy,
     /// The legacy TCP server.
     Server,
+    /// A second client with two paths of its own, if [`Options::second_client`] asked for it.
+    SecondClient,
 }
 
 /// A running testbed. Dropping it tears everything down.
 #[derive(Debug)]
 pub struct Testbed {
     prefix: String,
-    namespaces: [String; 3],
+    namespaces: [String; 4],
 }
 
 /// The topology script.
@@ -173,7 +181,7 @@ impl Testbed {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let namespaces = ["cli", "prx", "srv"].map(|h| format!("{prefix}-{h}"));
+        let namespaces = ["cli", "prx", "srv", "cl2"].map(|h| format!("{prefix}-{h}"));
         // Constructed before `up`, so a half-built testbed is still torn down.
         let testbed = Self { prefix, namespaces };
         let mut cmd = Command::new(script());
@@ -191,6 +199,9 @@ impl Testbed {
         if !options.subflow_endpoint {
             cmd.arg("--no-endpoint");
         }
+        if options.second_client {
+            cmd.arg("--second-client");
+        }
         run(&mut cmd)?;
         Ok(testbed)
     }
@@ -201,6 +212,7 @@ impl Testbed {
             Host::Client => &self.namespaces[0],
             Host::Proxy => &self.namespaces[1],
             Host::Server => &self.namespaces[2],
+            Host::SecondClient => &self.namespaces[3],
         }
     }
 

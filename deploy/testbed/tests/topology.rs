@@ -5,8 +5,17 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use testbed::{Options, Testbed};
 
 fn echo_once(tb: &Testbed, server: SocketAddr, source: SocketAddr) {
+    echo_between(tb, (tb.server_ns(), server), (tb.client_ns(), source));
+}
+
+/// A TCP exchange from `source` in one namespace to `server` in another.
+fn echo_between(
+    tb: &Testbed,
+    (server_ns, server): (&str, SocketAddr),
+    (client_ns, source): (&str, SocketAddr),
+) {
     let listener = tb
-        .in_ns(tb.server_ns(), || TcpListener::bind(server))
+        .in_ns(server_ns, || TcpListener::bind(server))
         .unwrap()
         .unwrap();
     let accept = std::thread::spawn(move || {
@@ -15,7 +24,7 @@ fn echo_once(tb: &Testbed, server: SocketAddr, source: SocketAddr) {
         peer
     });
     let mut got = String::new();
-    tb.in_ns(tb.client_ns(), || {
+    tb.in_ns(client_ns, || {
         let sock = socket2::Socket::new(
             socket2::Domain::for_address(server),
             socket2::Type::STREAM,
@@ -71,4 +80,37 @@ fn both_paths_and_families_reach_the_server_and_teardown_removes_namespaces() {
     for n in names {
         assert!(!list.contains(&n), "namespace {n} survived teardown");
     }
+}
+
+#[test]
+fn the_second_client_reaches_the_proxy_on_both_its_paths_and_is_torn_down() {
+    if testbed::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::new(Options {
+        second_client: true,
+        ..Options::default()
+    })
+    .unwrap();
+    let second = tb.ns(testbed::Host::SecondClient).to_owned();
+    for (proxy, source) in [
+        ("10.0.4.1:7004", "10.0.4.2:0"),
+        ("10.0.5.1:7005", "10.0.5.2:0"),
+    ] {
+        echo_between(
+            &tb,
+            (tb.proxy_ns(), proxy.parse().unwrap()),
+            (&second, source.parse().unwrap()),
+        );
+    }
+    drop(tb);
+    let list = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(!list.contains(&second), "{second} survived teardown");
 }
