@@ -686,3 +686,68 @@ fn several_clients_are_served_at_once_each_on_its_own_address() {
     }
     assert_eq!(proxy.session_count(), 3);
 }
+
+/// A data datagram the client sends for `packet`, taken off its output.
+fn client_datagram(lab: &mut Lab, packet: &[u8]) -> Vec<u8> {
+    lab.client
+        .handle_tun_packet(lab.now, [vec![0u8; HEADROOM], packet.to_vec()].concat());
+    lab.client.poll_transmit(lab.now).expect("sent").bytes
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+    /// Whatever arrives from a known peer's address, flipped, cut short or
+    /// grown (a CM block with any flags or node ID, a compressed packet
+    /// without its header, a bogus address list), the proxy end neither
+    /// panics nor hands its TUN anything but a well-formed IP packet from an
+    /// address its sender holds, and it still serves the client afterwards.
+    /// (A node ID the proxy end does not know may adopt a free pool address,
+    /// as a client does after the proxy end restarted: `PROTOCOL.md` §4.2.)
+    #[test]
+    fn damaged_datagrams_from_a_peer_are_dropped_not_fatal(
+        flips in proptest::collection::vec((0usize..120, proptest::prelude::any::<u8>()), 0..6),
+        cut in 0usize..160,
+        extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        flags in proptest::prelude::any::<u8>(),
+        compressed_session in proptest::prelude::any::<bool>(),
+    ) {
+        let mut lab = connected_lab(RoutingTable::default(), RoutingTable::default());
+        let request = with_df(udp(CLIENT_TUN, PROXY_TUN, 53, b"query"));
+        if compressed_session {
+            // The proxy end answers once, so the client compresses from now on.
+            lab.send_from_client(&request);
+            lab.run(Duration::from_millis(30));
+            lab.send_from_proxy(&with_df(build::ipv4_udp(PROXY_TUN, CLIENT_TUN, 53, 40000, b"a")));
+            lab.run(Duration::from_millis(30));
+            lab.proxy_tun.clear();
+        }
+        let mut datagram = client_datagram(&mut lab, &request);
+        datagram[mpip_proxy::wire::field::FLAGS] = flags;
+        for (at, value) in flips {
+            if let Some(byte) = datagram.get_mut(at) {
+                *byte ^= value;
+            }
+        }
+        datagram.truncate(cut.max(1));
+        datagram.extend_from_slice(&extra);
+        lab.proxy.handle_datagram(lab.now, InterfaceId(1), client_addr(1), datagram);
+        lab.run(Duration::from_millis(60));
+        for packet in &lab.proxy_tun {
+            let inner = mpip_proxy::packet::InnerPacket::parse(packet);
+            proptest::prop_assert!(inner.is_ok(), "delivered {packet:02x?}");
+            let source = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+            let holders = lab.proxy.clients();
+            proptest::prop_assert!(
+                holders.iter().any(|(_, address)| *address == source),
+                "{source} is held by none of {holders:?}"
+            );
+        }
+        // The session still works.
+        lab.proxy_tun.clear();
+        let later = with_df(udp(CLIENT_TUN, PROXY_TUN, 53, b"still here"));
+        lab.send_from_client(&later);
+        lab.run(Duration::from_millis(60));
+        proptest::prop_assert_eq!(lab.proxy_tun, vec![later]);
+    }
+}
