@@ -13,7 +13,7 @@ use mpip_proxy::path_manager::{InterfaceId, PathState};
 use mpip_proxy::routing::{Priority, RoutingRule, RoutingTable};
 use mpip_proxy::scheduler::SplitMix64;
 use mpip_proxy::time::Timestamp;
-use mpip_proxy::wire::NodeId;
+use mpip_proxy::wire::{CmFlags, NodeId};
 
 const CLIENT_ID: NodeId = NodeId([2, 0, 0, 0, 0, 0xc1]);
 const PROXY_ID: NodeId = NodeId([2, 0, 0, 0, 0, 0x01]);
@@ -687,11 +687,67 @@ fn several_clients_are_served_at_once_each_on_its_own_address() {
     assert_eq!(proxy.session_count(), 3);
 }
 
-/// A data datagram the client sends for `packet`, taken off its output.
-fn client_datagram(lab: &mut Lab, packet: &[u8]) -> Vec<u8> {
-    lab.client
-        .handle_tun_packet(lab.now, [vec![0u8; HEADROOM], packet.to_vec()].concat());
-    lab.client.poll_transmit(lab.now).expect("sent").bytes
+/// A data datagram `node` sends for `packet`, taken off its output.
+fn datagram_for(node: &mut Node<SplitMix64>, now: Timestamp, packet: &[u8]) -> Vec<u8> {
+    node.handle_tun_packet(now, [vec![0u8; HEADROOM], packet.to_vec()].concat());
+    node.poll_transmit(now).expect("sent").bytes
+}
+
+/// How a datagram is damaged: its CM flags replaced, bytes flipped, then cut
+/// to a length and grown by extra bytes.
+#[derive(Debug, Clone)]
+struct Damage {
+    flags: u8,
+    flips: Vec<(usize, u8)>,
+    cut: usize,
+    extra: Vec<u8>,
+}
+
+impl Damage {
+    fn apply(&self, mut datagram: Vec<u8>) -> Vec<u8> {
+        datagram[mpip_proxy::wire::field::FLAGS] = self.flags;
+        for (at, value) in &self.flips {
+            if let Some(byte) = datagram.get_mut(*at) {
+                *byte ^= value;
+            }
+        }
+        datagram.truncate(self.cut.max(1));
+        datagram.extend_from_slice(&self.extra);
+        datagram
+    }
+}
+
+fn damage() -> impl proptest::strategy::Strategy<Value = Damage> {
+    use proptest::prelude::*;
+    (
+        any::<u8>(),
+        proptest::collection::vec((0usize..120, any::<u8>()), 0..6),
+        0usize..160,
+        proptest::collection::vec(any::<u8>(), 0..40),
+    )
+        .prop_map(|(flags, flips, cut, extra)| Damage {
+            flags,
+            flips,
+            cut,
+            extra,
+        })
+}
+
+/// A connected lab; with `compressed`, a session both ends know, so data
+/// packets of it travel compressed.
+fn lab_with_session(compressed: bool, request: &[u8]) -> Lab {
+    let mut lab = connected_lab(RoutingTable::default(), RoutingTable::default());
+    if compressed {
+        lab.send_from_client(request);
+        lab.run(Duration::from_millis(30));
+        lab.send_from_proxy(&with_df(build::ipv4_udp(
+            PROXY_TUN, CLIENT_TUN, 53, 40000, b"a",
+        )));
+        lab.run(Duration::from_millis(30));
+        lab.proxy_tun.clear();
+        lab.client_tun.clear();
+    }
+    lab
 }
 
 proptest::proptest! {
@@ -705,32 +761,13 @@ proptest::proptest! {
     /// (A node ID the proxy end does not know may adopt a free pool address,
     /// as a client does after the proxy end restarted: `PROTOCOL.md` §4.2.)
     #[test]
-    fn damaged_datagrams_from_a_peer_are_dropped_not_fatal(
-        flips in proptest::collection::vec((0usize..120, proptest::prelude::any::<u8>()), 0..6),
-        cut in 0usize..160,
-        extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
-        flags in proptest::prelude::any::<u8>(),
-        compressed_session in proptest::prelude::any::<bool>(),
+    fn damaged_datagrams_to_the_proxy_end_are_dropped_not_fatal(
+        damage in damage(),
+        compressed in proptest::prelude::any::<bool>(),
     ) {
-        let mut lab = connected_lab(RoutingTable::default(), RoutingTable::default());
         let request = with_df(udp(CLIENT_TUN, PROXY_TUN, 53, b"query"));
-        if compressed_session {
-            // The proxy end answers once, so the client compresses from now on.
-            lab.send_from_client(&request);
-            lab.run(Duration::from_millis(30));
-            lab.send_from_proxy(&with_df(build::ipv4_udp(PROXY_TUN, CLIENT_TUN, 53, 40000, b"a")));
-            lab.run(Duration::from_millis(30));
-            lab.proxy_tun.clear();
-        }
-        let mut datagram = client_datagram(&mut lab, &request);
-        datagram[mpip_proxy::wire::field::FLAGS] = flags;
-        for (at, value) in flips {
-            if let Some(byte) = datagram.get_mut(at) {
-                *byte ^= value;
-            }
-        }
-        datagram.truncate(cut.max(1));
-        datagram.extend_from_slice(&extra);
+        let mut lab = lab_with_session(compressed, &request);
+        let datagram = damage.apply(datagram_for(&mut lab.client, lab.now, &request));
         lab.proxy.handle_datagram(lab.now, InterfaceId(1), client_addr(1), datagram);
         lab.run(Duration::from_millis(60));
         for packet in &lab.proxy_tun {
@@ -743,11 +780,47 @@ proptest::proptest! {
                 "{source} is held by none of {holders:?}"
             );
         }
-        // The session still works.
         lab.proxy_tun.clear();
         let later = with_df(udp(CLIENT_TUN, PROXY_TUN, 53, b"still here"));
         lab.send_from_client(&later);
         lab.run(Duration::from_millis(60));
         proptest::prop_assert_eq!(lab.proxy_tun, vec![later]);
+    }
+
+    /// The same for the client: damaged datagrams from the proxy end's
+    /// address never panic it, what reaches its TUN is well-formed and for
+    /// its own address, and the tunnel still works afterwards.
+    #[test]
+    fn damaged_datagrams_to_the_client_are_dropped_not_fatal(
+        damage in damage(),
+        compressed in proptest::prelude::any::<bool>(),
+    ) {
+        let request = with_df(udp(CLIENT_TUN, PROXY_TUN, 53, b"query"));
+        let mut lab = lab_with_session(compressed, &request);
+        let reply = with_df(build::ipv4_udp(PROXY_TUN, CLIENT_TUN, 53, 40000, b"reply"));
+        let datagram = damage.apply(datagram_for(&mut lab.proxy, lab.now, &reply));
+        // Damage that happens to make a well-formed address assignment is a
+        // new assignment (MPIP authenticates nothing: PROTOCOL.md §11), after
+        // which the old address is rightly gone.
+        let reassigned = mpip_proxy::wire::CmPacket::new_checked(&datagram[..]).is_ok_and(|cm| {
+            cm.flags().contains(CmFlags::CONFIRM.union(CmFlags::ASSIGN))
+                && mpip_proxy::wire::AssignmentPacket::new_checked(cm.payload()).is_ok()
+        });
+        lab.client.handle_datagram(lab.now, InterfaceId(1), proxy_addr(1), datagram);
+        lab.run(Duration::from_millis(60));
+        for packet in &lab.client_tun {
+            let inner = mpip_proxy::packet::InnerPacket::parse(packet);
+            proptest::prop_assert!(inner.is_ok(), "delivered {packet:02x?}");
+            proptest::prop_assert_eq!(&packet[16..20], &CLIENT_TUN.octets());
+        }
+        if reassigned {
+            return Ok(());
+        }
+        proptest::prop_assert_eq!(lab.client.assignment().map(|a| a.client), Some(CLIENT_TUN));
+        lab.client_tun.clear();
+        let later = with_df(build::ipv4_udp(PROXY_TUN, CLIENT_TUN, 53, 40000, b"still here"));
+        lab.send_from_proxy(&later);
+        lab.run(Duration::from_millis(60));
+        proptest::prop_assert_eq!(lab.client_tun, vec![later]);
     }
 }
