@@ -41,6 +41,15 @@ fn echo_between(
     assert_eq!(accept.join().unwrap().ip(), source.ip());
 }
 
+/// What `ip netns list` prints.
+fn netns_list() -> String {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    String::from_utf8(output.stdout).unwrap()
+}
+
 #[test]
 fn both_paths_and_families_reach_the_server_and_teardown_removes_namespaces() {
     if testbed::skip_unless_root() {
@@ -69,14 +78,7 @@ fn both_paths_and_families_reach_the_server_and_teardown_removes_namespaces() {
     let (_, tx_before) = tb.interface_bytes(tb.client_ns(), "c2").unwrap();
     assert!(tx_before > 0, "path 2 carried nothing");
     drop(tb);
-    let list = String::from_utf8(
-        std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let list = netns_list();
     for n in names {
         assert!(!list.contains(&n), "namespace {n} survived teardown");
     }
@@ -104,13 +106,6 @@ fn the_second_client_reaches_the_proxy_on_both_its_paths_and_is_torn_down() {
         );
     }
     drop(tb);
-    let list = String::from_utf8(
-        std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let list = netns_list();
     assert!(!list.contains(&second), "{second} survived teardown");
 }
