@@ -319,6 +319,151 @@ fn segment_tcpv4(
     Ok(())
 }
 
+/// Largest payload of one coalesced write: its IPv4 packet must fit 64 KiB.
+const MAX_COALESCED: usize = 65_535 - 60 - 60;
+
+/// The IPv4 TCP fields coalescing looks at; `None` for anything else
+/// (IP options, fragments, a length that is not the buffer's, no payload,
+/// flags other than ACK and PSH, a bad IPv4 or TCP checksum).
+struct TcpSegment<'a> {
+    packet: &'a [u8],
+    headers: usize,
+    seq: u32,
+    psh: bool,
+}
+
+impl<'a> TcpSegment<'a> {
+    fn parse(packet: &'a [u8]) -> Option<TcpSegment<'a>> {
+        if packet.len() < 40 || packet[0] != 0x45 || packet[9] != 6 {
+            return None;
+        }
+        let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0;
+        if fragment || usize::from(u16::from_be_bytes([packet[2], packet[3]])) != packet.len() {
+            return None;
+        }
+        let tcp_len = usize::from(packet[32] >> 4) * 4;
+        let headers = 20 + tcp_len;
+        let flags = packet[33];
+        // ACK, maybe PSH; nothing else.
+        if tcp_len < 20 || packet.len() <= headers || flags & !TCP_PSH != 0x10 {
+            return None;
+        }
+        if checksum(0, &packet[..20]) != 0 {
+            return None;
+        }
+        let pseudo = sum(&packet[12..20]) + 6 + (packet.len() - 20) as u64;
+        if checksum(pseudo, &packet[20..]) != 0 {
+            return None;
+        }
+        Some(TcpSegment {
+            packet,
+            headers,
+            seq: u32::from_be_bytes([packet[24], packet[25], packet[26], packet[27]]),
+            psh: flags & TCP_PSH != 0,
+        })
+    }
+
+    fn payload_len(&self) -> usize {
+        self.packet.len() - self.headers
+    }
+
+    /// Whether `next` continues this segment's flow: the same IPv4 header
+    /// but for length, ID and checksum; the same TCP header but for sequence
+    /// number, checksum and PSH; and the next sequence number.
+    fn followed_by(&self, next: &TcpSegment<'_>) -> bool {
+        let (a, b) = (self.packet, next.packet);
+        self.headers == next.headers
+            && a[..2] == b[..2]
+            && a[6..10] == b[6..10]
+            && a[12..24] == b[12..24]
+            && a[28..33] == b[28..33]
+            && a[34..36] == b[34..36]
+            && a[38..self.headers] == b[38..next.headers]
+            && next.seq == self.seq.wrapping_add(self.payload_len() as u32)
+    }
+}
+
+/// How many of `packets`, from the first, can go to the device as one TSO
+/// write ([`coalesce`]): consecutive in-order IPv4 TCP segments of one flow
+/// with equal headers (but for the fields that differ per segment), all
+/// with valid checksums, all of the first one's payload length but the last,
+/// which may be shorter or carry PSH. 1 for a packet that cannot be merged,
+/// 0 for no packets.
+pub fn coalescible(packets: &[&[u8]]) -> usize {
+    let Some(first) = packets.first().and_then(|p| TcpSegment::parse(p)) else {
+        return packets.len().min(1);
+    };
+    let size = first.payload_len();
+    let mut total = size;
+    let mut last = first;
+    let mut count = 1;
+    for packet in &packets[1..] {
+        if last.psh || last.payload_len() != size {
+            break;
+        }
+        let Some(next) = TcpSegment::parse(packet) else {
+            break;
+        };
+        if next.payload_len() > size
+            || total + next.payload_len() > MAX_COALESCED
+            || !last.followed_by(&next)
+        {
+            break;
+        }
+        total += next.payload_len();
+        count += 1;
+        last = next;
+    }
+    count
+}
+
+/// Merges the run of [`coalescible`] packets at the front of `packets` and
+/// returns its length. For a run of 2 or more, `out` then holds one TSO
+/// write for the device: a virtio header (`GSO_TCPV4`, `NEEDS_CSUM`,
+/// `gso_size` the first segment's payload) and an IPv4 TCP packet with the
+/// first segment's headers, every segment's payload, PSH if the last has it,
+/// and the pseudo-header sum in the TCP checksum (the kernel completes it).
+/// Otherwise `out` is left empty and the first packet (if any) goes as it is.
+pub fn coalesce(packets: &[&[u8]], out: &mut Vec<u8>) -> usize {
+    out.clear();
+    let run = coalescible(packets);
+    if run < 2 {
+        return run;
+    }
+    let packets = &packets[..run];
+    let first = packets[0];
+    let headers = 20 + usize::from(first[32] >> 4) * 4;
+    let payload: usize = packets.iter().map(|p| p.len() - headers).sum();
+    let total = headers + payload;
+    let header = VnetHeader {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: headers as u16,
+        gso_size: (first.len() - headers) as u16,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    out.resize(VNET_HDR_LEN, 0);
+    header.emit(out);
+    out.extend_from_slice(&first[..headers]);
+    for packet in packets {
+        out.extend_from_slice(&packet[headers..]);
+    }
+    let ip = &mut out[VNET_HDR_LEN..];
+    // total <= 65535: checked by coalescible.
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip[10..12].fill(0);
+    let ip_checksum = checksum(0, &ip[..20]);
+    ip[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
+    if packets[packets.len() - 1][33] & TCP_PSH != 0 {
+        ip[33] |= TCP_PSH;
+    }
+    // The pseudo-header sum, folded, not inverted.
+    let pseudo = !checksum(sum(&ip[12..20]) + 6 + (total - 20) as u64, &[]);
+    ip[36..38].copy_from_slice(&pseudo.to_be_bytes());
+    run
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,6 +690,101 @@ mod tests {
         );
     }
 
+    /// Segments of one stream as the node hands them to the shell.
+    fn stream(payload: &[u8], size: usize, options: &[u8], psh_last: bool) -> Vec<Vec<u8>> {
+        let chunks: Vec<&[u8]> = payload.chunks(size).collect();
+        chunks
+            .iter()
+            .enumerate()
+            .map(|(i, chunk)| {
+                let last = i + 1 == chunks.len();
+                let flags = if last && psh_last { 0x18 } else { 0x10 };
+                let seq = 1000u32.wrapping_add((i * size) as u32);
+                let mut p = build::ipv4_tcp(DST, SRC, 80, 5000, seq, flags, options, chunk);
+                p[4..6].copy_from_slice(&(7u16 + i as u16).to_be_bytes());
+                p[10..12].fill(0);
+                let c = finish(sum16(0, &p[..20]));
+                p[10..12].copy_from_slice(&c.to_be_bytes());
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn coalescing_runs() {
+        let payload = vec![3u8; 5000];
+        let packets = stream(&payload, 1300, &[], true);
+        let views: Vec<&[u8]> = packets.iter().map(|p| &p[..]).collect();
+        assert_eq!(coalescible(&views), 4);
+        assert_eq!(coalescible(&views[..1]), 1);
+        assert_eq!(coalescible(&[]), 0);
+        // A gap, another ack, a bad checksum, PSH in the middle, a shorter
+        // segment in the middle: the run ends before or at it.
+        let mut gap = packets.clone();
+        gap.remove(1);
+        let v: Vec<&[u8]> = gap.iter().map(|p| &p[..]).collect();
+        assert_eq!(coalescible(&v), 1);
+        let mut ack = packets.clone();
+        ack[2][31] ^= 1;
+        let v: Vec<&[u8]> = ack.iter().map(|p| &p[..]).collect();
+        assert_eq!(coalescible(&v), 2);
+        let mut bad = packets.clone();
+        bad[1][100] ^= 0xff;
+        let v: Vec<&[u8]> = bad.iter().map(|p| &p[..]).collect();
+        assert_eq!(coalescible(&v), 1);
+        let psh = stream(&payload, 1300, &[], true);
+        let v: Vec<&[u8]> = [&psh[3][..], &packets[0][..]].to_vec();
+        assert_eq!(coalescible(&v), 1);
+        let short = stream(&[1u8; 2000], 1000, &[], false);
+        let mut mixed = short.clone();
+        mixed[1] = stream(&[1u8; 1500], 1000, &[], false)[1].clone();
+        let v: Vec<&[u8]> = mixed.iter().map(|p| &p[..]).collect();
+        assert_eq!(coalescible(&v), 2);
+        // Not TCP.
+        let udp = build::ipv4_udp(SRC, DST, 1, 2, b"x");
+        assert_eq!(coalescible(&[&udp[..], &packets[0][..]]), 1);
+        let mut out = vec![1u8; 3];
+        assert_eq!(coalesce(&[&udp[..], &packets[0][..]], &mut out), 1);
+        assert!(out.is_empty());
+        assert_eq!(coalesce(&views[..1], &mut out), 1);
+        assert!(out.is_empty());
+        assert_eq!(coalesce(&[], &mut out), 0);
+        // A run followed by another flow: only the run is merged.
+        let mut two = packets.clone();
+        two.insert(2, udp.clone());
+        let v: Vec<&[u8]> = two.iter().map(|p| &p[..]).collect();
+        assert_eq!(coalesce(&v, &mut out), 2);
+        assert_eq!(out.len(), VNET_HDR_LEN + 40 + 2600);
+    }
+
+    proptest! {
+        #[test]
+        fn coalesced_writes_split_back_into_the_segments(
+            payload in proptest::collection::vec(any::<u8>(), 1..30_000),
+            size in 1usize..=1400,
+            timestamps in any::<bool>(),
+            psh in any::<bool>(),
+        ) {
+            let options: &[u8] = if timestamps { &[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 8] } else { &[] };
+            let packets = stream(&payload, size, options, psh);
+            let views: Vec<&[u8]> = packets.iter().map(|p| &p[..]).collect();
+            let n = coalescible(&views);
+            prop_assert!(n >= 1);
+            let payload_per_write = (MAX_COALESCED / size) * size;
+            if payload.len() <= payload_per_write {
+                prop_assert_eq!(n, packets.len());
+            }
+            let mut out = Vec::new();
+            prop_assert_eq!(coalesce(&views, &mut out), n);
+            if n >= 2 {
+                prop_assert!(out.len() - VNET_HDR_LEN <= 65_535);
+                let mut back = Vec::new();
+                split(&out, 1500, 0, &mut back).unwrap();
+                prop_assert_eq!(&back[..], &packets[..n]);
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn tso_segments_reassemble_and_verify(
@@ -590,6 +830,34 @@ mod tests {
                 data.extend_from_slice(&s[headers..]);
             }
             prop_assert_eq!(data, payload);
+        }
+
+        #[test]
+        fn arbitrary_packets_never_panic_coalescing(
+            packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..120), 0..6),
+            tcp in any::<bool>(),
+        ) {
+            // Half the cases start from valid-looking IPv4 TCP headers.
+            let packets: Vec<Vec<u8>> = packets
+                .into_iter()
+                .map(|mut p| {
+                    if tcp && p.len() >= 40 {
+                        let len = p.len() as u16;
+                        p[0] = 0x45;
+                        p[2..4].copy_from_slice(&len.to_be_bytes());
+                        p[6..8].fill(0);
+                        p[9] = 6;
+                        p[32] = 0x50;
+                        p[33] = 0x10;
+                    }
+                    p
+                })
+                .collect();
+            let views: Vec<&[u8]> = packets.iter().map(|p| &p[..]).collect();
+            let mut out = Vec::new();
+            let n = coalesce(&views, &mut out);
+            prop_assert!(n <= views.len());
+            prop_assert_eq!(out.is_empty(), n < 2);
         }
 
         #[test]
