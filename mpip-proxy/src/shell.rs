@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{ClientConfig, CommonConfig, Impairment, ProxyEndConfig};
 use crate::metrics::MpipMetrics;
-use crate::node::{Datagram, Node, NodeConfig, NodeEvent, TunPacket, HEADROOM};
+use crate::node::{Datagram, Node, NodeConfig, NodeEvent, HEADROOM};
 use crate::offload;
 use crate::path_manager::{InterfaceId, PathState};
 use crate::scheduler::DispatchSource;
@@ -130,6 +130,8 @@ struct Driver {
     role: Role,
     loss_state: u64,
     last_timer_check: Instant,
+    /// Scratch buffer for coalesced TUN writes.
+    coalesced: Vec<u8>,
 }
 
 fn node_id(common: &CommonConfig) -> Result<NodeId, ShellError> {
@@ -293,6 +295,7 @@ impl Driver {
             role,
             loss_state: seed | 1,
             last_timer_check: Instant::now(),
+            coalesced: Vec::new(),
         }
     }
 
@@ -403,30 +406,55 @@ impl Driver {
             batch.push(datagram);
         }
         self.send_batch(batch);
-        while let Some(packet) = self.node.poll_tun() {
-            if self.write_tun(packet).is_err() {
-                self.node.note_send_failed();
-            }
-        }
+        self.write_tun_batch();
         while let Some(event) = self.node.poll_event() {
             self.on_event(event);
         }
         self.send_delayed(Instant::now());
     }
 
-    /// Writes one packet to the TUN device; with offloads, behind a zeroed
-    /// virtio header written in place in front of it (the CM block's room).
-    fn write_tun(&self, mut packet: TunPacket) -> io::Result<usize> {
+    /// Writes the node's packets to the TUN device. With offloads, runs of
+    /// in-order segments of one TCP flow go out as one TSO write, and other
+    /// packets behind a zeroed virtio header written in place in front of
+    /// them (in the CM block's room, no copy).
+    fn write_tun_batch(&mut self) {
         if !self.tun.vnet_hdr() {
-            return self.tun.try_send(packet.packet());
-        }
-        match offload::plain_header_before(&mut packet.bytes, packet.start) {
-            Some(from) => self.tun.try_send(&packet.bytes[from..]),
-            None => {
-                let mut bytes = vec![0u8; offload::VNET_HDR_LEN];
-                bytes.extend_from_slice(packet.packet());
-                self.tun.try_send(&bytes)
+            while let Some(packet) = self.node.poll_tun() {
+                if self.tun.try_send(packet.packet()).is_err() {
+                    self.node.note_send_failed();
+                }
             }
+            return;
+        }
+        let mut packets = Vec::new();
+        while let Some(mut packet) = self.node.poll_tun() {
+            let from = offload::plain_header_before(&mut packet.bytes, packet.start);
+            packets.push((packet, from));
+        }
+        let views: Vec<&[u8]> = packets.iter().map(|(p, _)| p.packet()).collect();
+        let mut failed = 0;
+        let mut at = 0;
+        while at < views.len() {
+            let run = offload::coalesce(&views[at..], &mut self.coalesced).max(1);
+            let sent = if run > 1 {
+                self.tun.try_send(&self.coalesced)
+            } else {
+                match &packets[at] {
+                    (packet, Some(from)) => self.tun.try_send(&packet.bytes[*from..]),
+                    (packet, None) => {
+                        let mut bytes = vec![0u8; offload::VNET_HDR_LEN];
+                        bytes.extend_from_slice(packet.packet());
+                        self.tun.try_send(&bytes)
+                    }
+                }
+            };
+            if sent.is_err() {
+                failed += run;
+            }
+            at += run;
+        }
+        for _ in 0..failed {
+            self.node.note_send_failed();
         }
     }
 

@@ -613,7 +613,14 @@ mod tests {
 
     /// A TCP segment from the fake peer 10.78.0.2:80 to `port`, led by a
     /// zeroed virtio header, ready for `send`.
-    fn peer_segment(port: u16, seq: u32, ack: u32, flags: u8, options: &[u8]) -> Vec<u8> {
+    fn peer_segment(
+        port: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        options: &[u8],
+        payload: &[u8],
+    ) -> Vec<u8> {
         use crate::packet::{build, checksum};
         let mut p = build::ipv4_tcp(
             Ipv4Addr::new(10, 78, 0, 2),
@@ -623,7 +630,7 @@ mod tests {
             seq,
             flags,
             options,
-            &[],
+            payload,
         );
         p[28..32].copy_from_slice(&ack.to_be_bytes());
         checksum::update_tcp_checksum(&mut p).unwrap();
@@ -634,9 +641,9 @@ mod tests {
 
     #[test]
     fn tun_offload_segments_and_checksums() {
-        use crate::offload::{split, VnetHeader, F_NEEDS_CSUM, GSO_TCPV4, MAX_READ};
+        use crate::offload::{coalesce, split, VnetHeader, F_NEEDS_CSUM, GSO_TCPV4, MAX_READ};
         use crate::packet::{checksum, InnerPacket};
-        use tokio::io::AsyncWriteExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         const MTU: usize = 1400;
         in_netns("tun_offload_segments_and_checksums", |_ns| {
             let rt = runtime();
@@ -686,7 +693,7 @@ mod tests {
                 let port = u16::from_be_bytes([syn_ip[20], syn_ip[21]]);
                 let isn = u32::from_be_bytes([syn_ip[24], syn_ip[25], syn_ip[26], syn_ip[27]]);
                 let mss = [2, 4, 0x05, 0x50]; // 1360
-                let synack = peer_segment(port, 5000, isn.wrapping_add(1), 0x12, &mss);
+                let synack = peer_segment(port, 5000, isn.wrapping_add(1), 0x12, &mss, &[]);
                 tun.send(&synack).await.unwrap();
                 let mut stream = tokio::time::timeout(Duration::from_secs(5), connect)
                     .await
@@ -730,13 +737,36 @@ mod tests {
                         next_byte += 1;
                     }
                     let ack = first.wrapping_add(next_byte as u32);
-                    tun.send(&peer_segment(port, 5001, ack, 0x10, &[]))
+                    tun.send(&peer_segment(port, 5001, ack, 0x10, &[], &[]))
                         .await
                         .unwrap();
                 }
                 assert!(received == data, "the stream arrived intact");
                 assert!(tso_reads > 0, "no TSO read in a 200 kB transfer");
-                let _stream = writer.await.unwrap().unwrap();
+                let mut stream = writer.await.unwrap().unwrap();
+
+                // Peer -> kernel: three segments coalesced into one TSO write.
+                let ack = first.wrapping_add(data.len() as u32);
+                let segments: Vec<Vec<u8>> = (0..3u8)
+                    .map(|i| {
+                        let flags = if i == 2 { 0x18 } else { 0x10 };
+                        let seq = 5001 + 1000 * u32::from(i);
+                        let p = peer_segment(port, seq, ack, flags, &[], &[i + 1; 1000]);
+                        p[VNET_HDR_LEN..].to_vec()
+                    })
+                    .collect();
+                let views: Vec<&[u8]> = segments.iter().map(|p| &p[..]).collect();
+                let mut write = Vec::new();
+                assert_eq!(coalesce(&views, &mut write), 3);
+                tun.send(&write).await.unwrap();
+                let mut got = vec![0u8; 3000];
+                tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got))
+                    .await
+                    .expect("coalesced data within 5 s")
+                    .unwrap();
+                assert!(got[..1000].iter().all(|b| *b == 1));
+                assert!(got[1000..2000].iter().all(|b| *b == 2));
+                assert!(got[2000..].iter().all(|b| *b == 3));
 
                 // A header on a packet too short for one is an error, not a panic.
                 let short = [0u8; VNET_HDR_LEN - 1];
