@@ -25,6 +25,7 @@
 //! | [`resequencer`], [`mss`] | TCP re-sequencing and MSS clamping |
 //! | [`packet`] | bounds-checked inner IPv4/IPv6 TCP/UDP headers, checksums, test packet builders |
 //! | [`node`] | one node: all of the above composed into the data path |
+//! | [`offload`] | TUN offloads: the virtio header, checksum completion, TCP segmentation |
 //!
 //! The I/O side: [`shell`] drives a [`node::Node`] with a TUN device and path
 //! sockets through [`sys`]; [`config`] is both binaries' configuration,
@@ -35,6 +36,7 @@ pub mod config;
 pub mod metrics;
 pub mod mss;
 pub mod node;
+pub mod offload;
 pub mod packet;
 pub mod path_manager;
 pub mod resequencer;

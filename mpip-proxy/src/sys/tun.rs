@@ -1,5 +1,7 @@
 //! Linux TUN device (`IFF_TUN | IFF_NO_PI`): raw IP packets in and out of a
-//! non-blocking descriptor driven by tokio.
+//! non-blocking descriptor driven by tokio. With offloads
+//! ([`TunDevice::create_with_offload`]) every packet read or written is led by
+//! a `virtio_net_hdr` ([`crate::offload`]).
 //!
 //! The device is not persistent: when the last descriptor closes (the
 //! [`TunDevice`] is dropped) the kernel deletes the interface together with
@@ -18,6 +20,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use super::ifreq;
+use crate::offload::VNET_HDR_LEN;
 
 /// The transmit queue length [`TunDevice::create`] sets (a TUN starts at 500,
 /// which drops packets in bursts when the reader is briefly late).
@@ -30,6 +33,7 @@ pub struct TunDevice {
     fd: AsyncFd<OwnedFd>,
     name: String,
     ifindex: u32,
+    vnet_hdr: bool,
 }
 
 impl TunDevice {
@@ -41,6 +45,20 @@ impl TunDevice {
     /// Must be called within a tokio runtime (the descriptor is registered
     /// with its reactor); outside one this returns an error.
     pub fn create(name: &str) -> io::Result<TunDevice> {
+        Self::open(name, false)
+    }
+
+    /// Like [`TunDevice::create`], with `IFF_VNET_HDR` (a 10-byte
+    /// `virtio_net_hdr` leads every packet read and written) and the offloads
+    /// `TUN_F_CSUM | TUN_F_TSO4`: reads may carry IPv4 TCP packets of up to
+    /// 64 KiB to segment and checksums to complete
+    /// ([`crate::offload::split`]); size read buffers for
+    /// [`crate::offload::MAX_READ`].
+    pub fn create_with_offload(name: &str) -> io::Result<TunDevice> {
+        Self::open(name, true)
+    }
+
+    fn open(name: &str, offload: bool) -> io::Result<TunDevice> {
         let mut req = ifreq::ifreq(name)?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(io::Error::other(
@@ -63,9 +81,16 @@ impl TunDevice {
         }
         // SAFETY: raw is a fresh descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+        if offload {
+            flags |= libc::IFF_VNET_HDR;
+        }
+        req.ifr_ifru.ifru_flags = flags as libc::c_short;
         ifreq::ioctl(&fd, libc::TUNSETIFF as libc::c_ulong, &mut req)
             .map_err(|e| io::Error::new(e.kind(), format!("TUNSETIFF {name:?}: {e}")))?;
+        if offload {
+            set_offloads(&fd).map_err(|e| io::Error::new(e.kind(), format!("{name:?}: {e}")))?;
+        }
         let name = ifreq::ifreq_name(&req);
         let ifindex = ifindex_of(&name)?;
         // SAFETY: fd is an open descriptor owned by the OwnedFd, which the
@@ -74,7 +99,12 @@ impl TunDevice {
         let fd = unsafe {
             AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)?
         };
-        let device = TunDevice { fd, name, ifindex };
+        let device = TunDevice {
+            fd,
+            name,
+            ifindex,
+            vnet_hdr: offload,
+        };
         device.set_txqueuelen(DEFAULT_TXQUEUELEN)?;
         Ok(device)
     }
@@ -87,6 +117,21 @@ impl TunDevice {
     /// The interface index.
     pub fn ifindex(&self) -> u32 {
         self.ifindex
+    }
+
+    /// Whether a `virtio_net_hdr` leads every packet read and written
+    /// (created with [`TunDevice::create_with_offload`]).
+    pub fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
+    }
+
+    /// Where the IP packet starts in what is read or written.
+    fn ip_offset(&self) -> usize {
+        if self.vnet_hdr {
+            VNET_HDR_LEN
+        } else {
+            0
+        }
     }
 
     fn request(&self) -> io::Result<libc::ifreq> {
@@ -151,15 +196,20 @@ impl TunDevice {
 
     /// Reads one packet into `buf`, waiting until one is available. Size
     /// `buf` for the MTU: a longer packet is consumed and reported as an
-    /// `InvalidData` error (the device is still usable).
+    /// `InvalidData` error (the device is still usable). With
+    /// [`TunDevice::vnet_hdr`] the packet is led by its virtio header.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let offset = self.ip_offset();
         self.fd
-            .async_io(Interest::READABLE, |fd| read_fd(fd.as_raw_fd(), buf))
+            .async_io(Interest::READABLE, |fd| {
+                read_fd(fd.as_raw_fd(), buf, offset)
+            })
             .await
     }
 
-    /// Writes one packet (a whole IPv4 or IPv6 packet), waiting while the
-    /// descriptor is not writable.
+    /// Writes one packet (a whole IPv4 or IPv6 packet, led by a virtio
+    /// header with [`TunDevice::vnet_hdr`]), waiting while the descriptor is
+    /// not writable.
     pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
         self.fd
             .async_io(Interest::WRITABLE, |fd| write_fd(fd.as_raw_fd(), packet))
@@ -174,7 +224,7 @@ impl TunDevice {
     /// `WouldBlock` here leaves tokio's readiness as it was; the next
     /// `recv` then finds out and waits.
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        read_fd(self.fd.as_raw_fd(), buf)
+        read_fd(self.fd.as_raw_fd(), buf, self.ip_offset())
     }
 
     /// Writes one packet if the descriptor accepts it now; `WouldBlock`
@@ -185,9 +235,10 @@ impl TunDevice {
 
     /// Polls for one packet (for hand-written futures and streams).
     pub fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let offset = self.ip_offset();
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            match guard.try_io(|fd| read_fd(fd.as_raw_fd(), buf)) {
+            match guard.try_io(|fd| read_fd(fd.as_raw_fd(), buf, offset)) {
                 Ok(result) => return Poll::Ready(result),
                 Err(_would_block) => continue,
             }
@@ -207,7 +258,33 @@ impl AsFd for TunDevice {
     }
 }
 
-fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+/// `TUNSETVNETHDRSZ` to [`VNET_HDR_LEN`], then `TUNSETOFFLOAD` with checksum
+/// and IPv4 TSO.
+fn set_offloads(fd: &OwnedFd) -> io::Result<()> {
+    let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer, valid for
+    // the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        return Err(io::Error::new(
+            err.kind(),
+            format!("TUNSETVNETHDRSZ: {err}"),
+        ));
+    }
+    let offloads = libc::c_ulong::from(libc::TUN_F_CSUM | libc::TUN_F_TSO4);
+    // SAFETY: TUNSETOFFLOAD takes the flags by value.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, offloads) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        return Err(io::Error::new(err.kind(), format!("TUNSETOFFLOAD: {err}")));
+    }
+    Ok(())
+}
+
+/// Reads one packet; the IP header starts `ip_offset` bytes in (after the
+/// virtio header, if any).
+fn read_fd(fd: RawFd, buf: &mut [u8], ip_offset: usize) -> io::Result<usize> {
     loop {
         // SAFETY: buf is valid for writes of buf.len() bytes.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
@@ -219,7 +296,10 @@ fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
             let real_len = if n > buf.len() {
                 Some(n)
             } else if n == buf.len() {
-                ip_packet_len(buf).filter(|len| *len > n)
+                buf.get(ip_offset..)
+                    .and_then(ip_packet_len)
+                    .map(|len| len + ip_offset)
+                    .filter(|len| *len > n)
             } else {
                 None
             };
@@ -322,10 +402,19 @@ mod tests {
         let (r, w) = std::os::unix::net::UnixDatagram::pair().unwrap();
         w.send(&[0x45, 0, 0, 4]).unwrap();
         let mut buf = [0u8; 4];
-        assert_eq!(read_fd(r.as_raw_fd(), &mut buf).unwrap(), 4);
+        assert_eq!(read_fd(r.as_raw_fd(), &mut buf, 0).unwrap(), 4);
         w.send(&[0x45, 0, 0, 5, 0]).unwrap();
-        let err = read_fd(r.as_raw_fd(), &mut buf).unwrap_err();
+        let err = read_fd(r.as_raw_fd(), &mut buf, 0).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // Behind a virtio header: the IP length is read after it.
+        let mut buf = [0u8; 14];
+        w.send(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x45, 0, 0, 4])
+            .unwrap();
+        assert_eq!(read_fd(r.as_raw_fd(), &mut buf, 10).unwrap(), 14);
+        w.send(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x45, 0, 0, 5, 0])
+            .unwrap();
+        let err = read_fd(r.as_raw_fd(), &mut buf, 10).unwrap_err();
+        assert!(err.to_string().contains("15 bytes"), "{err}");
     }
 
     #[test]
@@ -518,6 +607,170 @@ mod tests {
                 assert!(gone, "TUN devices still present after drop");
                 let routes = run("ip", &["-n", ns, "route"]);
                 assert!(!routes.contains("10.77.0.0"), "{routes}");
+            });
+        });
+    }
+
+    /// A TCP segment from the fake peer 10.78.0.2:80 to `port`, led by a
+    /// zeroed virtio header, ready for `send`.
+    fn peer_segment(
+        port: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        options: &[u8],
+        payload: &[u8],
+    ) -> Vec<u8> {
+        use crate::packet::{build, checksum};
+        let mut p = build::ipv4_tcp(
+            Ipv4Addr::new(10, 78, 0, 2),
+            Ipv4Addr::new(10, 78, 0, 1),
+            80,
+            port,
+            seq,
+            flags,
+            options,
+            payload,
+        );
+        p[28..32].copy_from_slice(&ack.to_be_bytes());
+        checksum::update_tcp_checksum(&mut p).unwrap();
+        let mut out = vec![0u8; VNET_HDR_LEN];
+        out.extend_from_slice(&p);
+        out
+    }
+
+    #[test]
+    fn tun_offload_segments_and_checksums() {
+        use crate::offload::{coalesce, split, VnetHeader, F_NEEDS_CSUM, GSO_TCPV4, MAX_READ};
+        use crate::packet::{checksum, InnerPacket};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const MTU: usize = 1400;
+        in_netns("tun_offload_segments_and_checksums", |_ns| {
+            let rt = runtime();
+            rt.block_on(async {
+                let tun = TunDevice::create_with_offload("mpxtso%d").expect("create");
+                assert!(tun.vnet_hdr());
+                tun.set_mtu(MTU as u16).unwrap();
+                tun.set_ipv4(Ipv4Addr::new(10, 78, 0, 1), 24).unwrap();
+                tun.set_up().unwrap();
+                let mut buf = vec![0u8; MAX_READ];
+                // Reads until an IPv4 packet of `protocol`, returned with its
+                // virtio header.
+                async fn next(tun: &TunDevice, buf: &mut [u8], protocol: u8) -> Vec<u8> {
+                    loop {
+                        let n = tokio::time::timeout(Duration::from_secs(5), tun.recv(buf))
+                            .await
+                            .expect("packet within 5 s")
+                            .unwrap();
+                        let ip = &buf[VNET_HDR_LEN..n];
+                        if ip.len() >= 20 && ip[0] >> 4 == 4 && ip[9] == protocol {
+                            return buf[..n].to_vec();
+                        }
+                    }
+                }
+
+                // UDP: the checksum is left to us.
+                let sock = tokio::net::UdpSocket::bind("10.78.0.1:0").await.unwrap();
+                sock.send_to(b"checksum me", "10.78.0.2:9").await.unwrap();
+                let read = next(&tun, &mut buf, 17).await;
+                let header = VnetHeader::parse(&read).unwrap();
+                assert_eq!(header.flags & F_NEEDS_CSUM, F_NEEDS_CSUM, "{header:?}");
+                let mut out = Vec::new();
+                split(&read, MTU, 25, &mut out).unwrap();
+                let udp = &out[0][25..];
+                let info = InnerPacket::parse(udp).unwrap();
+                let sum = checksum::sum16(
+                    checksum::pseudo_header_sum(&info, udp.len() - 20),
+                    &udp[20..],
+                );
+                assert_eq!(checksum::finish(sum), 0);
+
+                // TCP: the kernel connects to a fake peer, which this test
+                // plays through the device (writes with a zeroed header).
+                let connect = tokio::spawn(tokio::net::TcpStream::connect("10.78.0.2:80"));
+                let syn = next(&tun, &mut buf, 6).await;
+                let syn_ip = &syn[VNET_HDR_LEN..];
+                let port = u16::from_be_bytes([syn_ip[20], syn_ip[21]]);
+                let isn = u32::from_be_bytes([syn_ip[24], syn_ip[25], syn_ip[26], syn_ip[27]]);
+                let mss = [2, 4, 0x05, 0x50]; // 1360
+                let synack = peer_segment(port, 5000, isn.wrapping_add(1), 0x12, &mss, &[]);
+                tun.send(&synack).await.unwrap();
+                let mut stream = tokio::time::timeout(Duration::from_secs(5), connect)
+                    .await
+                    .expect("connected within 5 s")
+                    .unwrap()
+                    .unwrap();
+                let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+                let writer = {
+                    let data = data.clone();
+                    tokio::spawn(async move { stream.write_all(&data).await.map(|_| stream) })
+                };
+                let first = isn.wrapping_add(1);
+                let mut received = vec![0u8; data.len()];
+                let mut have = vec![false; data.len()];
+                let mut next_byte = 0usize;
+                let mut tso_reads = 0;
+                while next_byte < data.len() {
+                    let read = next(&tun, &mut buf, 6).await;
+                    let header = VnetHeader::parse(&read).unwrap();
+                    if header.gso_type == GSO_TCPV4 {
+                        tso_reads += 1;
+                    }
+                    let mut out = Vec::new();
+                    split(&read, MTU, 25, &mut out).unwrap();
+                    for seg in &out {
+                        let seg = &seg[25..];
+                        assert!(seg.len() <= MTU);
+                        assert_eq!(checksum::finish(checksum::sum16(0, &seg[..20])), 0);
+                        assert!(checksum::tcp_checksum_ok(seg).unwrap());
+                        let info = InnerPacket::parse(seg).unwrap();
+                        let tcp = info.tcp.unwrap();
+                        let at = tcp.sequence.wrapping_sub(first) as usize;
+                        let payload = &seg[tcp.offset + tcp.header_len..];
+                        assert!(payload.len() <= 1360);
+                        if at + payload.len() <= data.len() {
+                            received[at..at + payload.len()].copy_from_slice(payload);
+                            have[at..at + payload.len()].fill(true);
+                        }
+                    }
+                    while next_byte < data.len() && have[next_byte] {
+                        next_byte += 1;
+                    }
+                    let ack = first.wrapping_add(next_byte as u32);
+                    tun.send(&peer_segment(port, 5001, ack, 0x10, &[], &[]))
+                        .await
+                        .unwrap();
+                }
+                assert!(received == data, "the stream arrived intact");
+                assert!(tso_reads > 0, "no TSO read in a 200 kB transfer");
+                let mut stream = writer.await.unwrap().unwrap();
+
+                // Peer -> kernel: three segments coalesced into one TSO write.
+                let ack = first.wrapping_add(data.len() as u32);
+                let segments: Vec<Vec<u8>> = (0..3u8)
+                    .map(|i| {
+                        let flags = if i == 2 { 0x18 } else { 0x10 };
+                        let seq = 5001 + 1000 * u32::from(i);
+                        let p = peer_segment(port, seq, ack, flags, &[], &[i + 1; 1000]);
+                        p[VNET_HDR_LEN..].to_vec()
+                    })
+                    .collect();
+                let views: Vec<&[u8]> = segments.iter().map(|p| &p[..]).collect();
+                let mut write = Vec::new();
+                assert_eq!(coalesce(&views, &mut write), 3);
+                tun.send(&write).await.unwrap();
+                let mut got = vec![0u8; 3000];
+                tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got))
+                    .await
+                    .expect("coalesced data within 5 s")
+                    .unwrap();
+                assert!(got[..1000].iter().all(|b| *b == 1));
+                assert!(got[1000..2000].iter().all(|b| *b == 2));
+                assert!(got[2000..].iter().all(|b| *b == 3));
+
+                // A header on a packet too short for one is an error, not a panic.
+                let short = [0u8; VNET_HDR_LEN - 1];
+                assert!(split(&short, MTU, 25, &mut Vec::new()).is_err());
             });
         });
     }
