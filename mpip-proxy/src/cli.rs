@@ -11,22 +11,6 @@ pub fn init_logging() {
         .init();
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-}
-
 /// Both binaries' command line.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -55,6 +39,6 @@ where
         return Ok(());
     }
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(run(config, Box::pin(termination())))?;
+    runtime.block_on(run(config, Box::pin(mptcp_proxy::termination())))?;
     Ok(())
 }

@@ -16,4 +16,4 @@ pub mod sockets;
 pub mod throttle;
 
 pub use config::Config;
-pub use server::{run, Server, ServerError};
+pub use server::{run, termination, Server, ServerError};

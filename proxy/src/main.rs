@@ -87,26 +87,10 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
-        mptcp_proxy::run(config, shutdown_signal()).await?;
+        mptcp_proxy::run(config, mptcp_proxy::termination()).await?;
         anyhow::Ok(())
     })?;
     // Tasks still running after the drain timeout are dropped with the runtime.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
 }
