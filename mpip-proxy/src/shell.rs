@@ -666,9 +666,17 @@ impl Driver {
         metrics.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let wakeup = tokio::time::Instant::from_std(self.next_wakeup());
+            // Not `biased`: under load the channel is never empty, and a fixed
+            // order would starve either the packets or the timers, scans and
+            // metrics behind them. tokio picks among the ready branches at random.
             tokio::select! {
-                biased;
                 () = &mut stop => break,
+                () = tokio::time::sleep_until(wakeup) => {
+                    let now = self.now();
+                    self.node.handle_timeout(now);
+                }
+                _ = scan.tick() => self.scan_interfaces(),
+                _ = metrics.tick() => self.update_metrics(),
                 received = inbound.recv() => {
                     let Some(received) = received else { break };
                     self.handle(received);
@@ -679,12 +687,6 @@ impl Driver {
                         }
                     }
                 }
-                () = tokio::time::sleep_until(wakeup) => {
-                    let now = self.now();
-                    self.node.handle_timeout(now);
-                }
-                _ = scan.tick() => self.scan_interfaces(),
-                _ = metrics.tick() => self.update_metrics(),
             }
             self.flush();
         }
