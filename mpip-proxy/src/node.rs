@@ -21,6 +21,7 @@ use ipnet::Ipv4Net;
 
 use crate::mss::{clamp_for_path, clamp_syn, IpVersion};
 use crate::packet::{InnerPacket, TCP_SYN};
+pub use crate::path_manager::PathCounters;
 use crate::path_manager::{InterfaceId, PathConfig, PathEvent, PathManager, PathState, Transmit};
 use crate::resequencer::{Resequencer, ResequencerConfig};
 use crate::routing::{PacketClass, RoutingTable};
@@ -190,19 +191,6 @@ pub enum NodeEvent {
     },
 }
 
-/// Packets and bytes one path carried (UDP payload bytes: CM block included).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PathCounters {
-    /// Datagrams sent.
-    pub tx_packets: u64,
-    /// Bytes sent.
-    pub tx_bytes: u64,
-    /// Datagrams received.
-    pub rx_packets: u64,
-    /// Bytes received.
-    pub rx_bytes: u64,
-}
-
 /// Why packets were dropped, and other node-wide counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeCounters {
@@ -228,6 +216,9 @@ pub struct NodeCounters {
     pub compressed: u64,
     /// Compressed packets of a session this node does not know (dropped).
     pub unknown_session: u64,
+    /// Datagrams naming another node than the one whose active path uses
+    /// their source endpoint (dropped).
+    pub endpoint_conflict: u64,
 }
 
 /// One path, for metrics.
@@ -262,6 +253,16 @@ struct Session {
     next_sequence: u32,
     dedup: DedupWindow,
     resequencer: Option<Resequencer<TunPacket>>,
+}
+
+/// What the node keeps per peer node: its sessions and the delay samples
+/// of our paths toward it. Indexed by node, so nothing on the packet path
+/// looks at another peer's sessions.
+#[derive(Debug, Default)]
+struct Peer {
+    sessions: HashMap<SessionId, Session>,
+    /// Every delay sample for our paths, whatever the session.
+    delays: PathTable,
 }
 
 /// Proxy end: tunnel addresses handed to client nodes.
@@ -344,7 +345,7 @@ pub struct Node<R: RandomSource> {
     config: NodeConfig,
     paths: PathManager,
     sessions: SessionTable,
-    states: HashMap<(NodeId, SessionId), Session>,
+    peers: HashMap<NodeId, Peer>,
     /// Sessions whose re-sequencer holds segments: the only ones with a
     /// re-sequencing timer, so timers cost nothing per idle session.
     holding: HashSet<(NodeId, SessionId)>,
@@ -354,10 +355,7 @@ pub struct Node<R: RandomSource> {
     /// Client: the assignment and the proxy end's node ID.
     assignment: Option<(AssignmentRepr, NodeId)>,
     pool: Option<AddressPool>,
-    /// Per peer node: every delay sample for our paths, whatever the session.
-    node_delays: HashMap<NodeId, PathTable>,
     counters: NodeCounters,
-    path_counters: BTreeMap<PathId, PathCounters>,
     transmits: VecDeque<Datagram>,
     tun: VecDeque<TunPacket>,
     events: VecDeque<NodeEvent>,
@@ -374,16 +372,14 @@ impl<R: RandomSource> Node<R> {
         Node {
             paths: PathManager::new(config.paths, config.node_id),
             sessions: SessionTable::new(config.node_id),
-            states: HashMap::new(),
+            peers: HashMap::new(),
             holding: HashSet::new(),
             scheduler: Scheduler::new(config.scheduler, config.routing.clone(), rng),
             availability: AvailabilityTable::new(config.handshake),
             interfaces: BTreeMap::new(),
             assignment: None,
             pool,
-            node_delays: HashMap::new(),
             counters: NodeCounters::default(),
-            path_counters: BTreeMap::new(),
             transmits: VecDeque::new(),
             tun: VecDeque::new(),
             events: VecDeque::new(),
@@ -438,11 +434,11 @@ impl<R: RandomSource> Node<R> {
         self.paths
             .paths()
             .map(|path| {
-                let weights: Vec<f64> = self
-                    .states
-                    .iter()
-                    .filter(|((node, _), _)| *node == path.node)
-                    .filter_map(|(_, s)| s.paths.get(path.id))
+                let peer = self.peers.get(&path.node);
+                let weights: Vec<f64> = peer
+                    .into_iter()
+                    .flat_map(|p| p.sessions.values())
+                    .filter_map(|s| s.paths.get(path.id))
                     .filter(|e| e.live)
                     .map(|e| f64::from(e.weight))
                     .collect();
@@ -456,15 +452,9 @@ impl<R: RandomSource> Node<R> {
                     local: path.local,
                     remote: path.remote,
                     state: path.state,
-                    counters: self
-                        .path_counters
-                        .get(&path.id)
-                        .copied()
-                        .unwrap_or_default(),
-                    delay: self
-                        .node_delays
-                        .get(&path.node)
-                        .and_then(|t| t.get(path.id))
+                    counters: path.counters,
+                    delay: peer
+                        .and_then(|p| p.delays.get(path.id))
                         .map(|e| e.delay.clone())
                         .unwrap_or_default(),
                     weight: (!weights.is_empty())
@@ -554,9 +544,14 @@ impl<R: RandomSource> Node<R> {
             })
             .unwrap_or_default();
         let paths = &self.paths;
-        let state = self.states.entry((node, session)).or_insert_with(|| {
-            Session::new(paths.path_table_for(node), &info, self.config.resequencer)
-        });
+        let resequencer = self.config.resequencer;
+        let state = self
+            .peers
+            .entry(node)
+            .or_default()
+            .sessions
+            .entry(session)
+            .or_insert_with(|| Session::new(paths.path_table_for(node), &info, resequencer));
         let sequence = state.next_sequence;
         state.next_sequence = sequence.wrapping_add(1);
         if !selected.is_empty() && mode == Mode::AllPaths {
@@ -590,9 +585,14 @@ impl<R: RandomSource> Node<R> {
             flags = CmFlags::COMPRESSED;
             self.counters.compressed += 1;
         }
+        if selection != Selection::NoPath {
+            self.paths.note_data(now, node);
+        }
         match selection {
             Selection::NoPath => self.counters.no_path += 1,
-            Selection::One(path) => self.send_data(now, session, path, sequence, flags, buffer),
+            Selection::One(path) => {
+                self.send_data(now, node, session, path, sequence, flags, buffer)
+            }
             Selection::Copies(copies) => {
                 self.counters.protected_copies += 1;
                 let last = copies.len() - 1;
@@ -603,26 +603,28 @@ impl<R: RandomSource> Node<R> {
                         buffer.clone()
                     };
                     let copy = flags.union(CmFlags::DUPLICATE);
-                    self.send_data(now, session, *path, sequence, copy, bytes);
+                    self.send_data(now, node, session, *path, sequence, copy, bytes);
                 }
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_data(
         &mut self,
         now: Timestamp,
+        node: NodeId,
         session: SessionId,
         path: PathId,
         sequence: u32,
         flags: CmFlags,
         mut bytes: Vec<u8>,
     ) {
-        let Some(interface) = self.paths.path(path).map(|p| (p.interface, p.remote)) else {
+        let Some(interface) = self.paths.path(node, path).map(|p| (p.interface, p.remote)) else {
             self.counters.no_path += 1;
             return;
         };
-        let Ok(mut repr) = self.paths.data_cm(now, session, path, sequence) else {
+        let Ok(mut repr) = self.paths.data_cm(now, node, session, path, sequence) else {
             self.counters.no_path += 1;
             return;
         };
@@ -632,19 +634,13 @@ impl<R: RandomSource> Node<R> {
             self.counters.no_path += 1;
             return;
         }
-        self.count_tx(path, bytes.len());
+        let _ = self.paths.count_sent(node, path, bytes.len());
         self.transmits.push_back(Datagram {
             interface: interface.0,
             remote: interface.1,
             path,
             bytes,
         });
-    }
-
-    fn count_tx(&mut self, path: PathId, len: usize) {
-        let counters = self.path_counters.entry(path).or_default();
-        counters.tx_packets += 1;
-        counters.tx_bytes += len as u64;
     }
 
     /// The peer a TUN packet goes to: the proxy end for a client; the client
@@ -709,16 +705,22 @@ impl<R: RandomSource> Node<R> {
         if node == self.config.node_id {
             return;
         }
+        // An endpoint an active path of another node uses speaks for that
+        // node only (a forged node ID from a client's address takes nothing).
+        if self
+            .paths
+            .path_between(interface, remote)
+            .is_some_and(|p| p.node != node && p.is_active())
+        {
+            self.counters.endpoint_conflict += 1;
+            return;
+        }
         if !self.handle_handshake(now, remote, &repr, &bytes[cm_len..]) {
             return;
         }
         self.paths.handle_received(now, interface, remote, &repr);
         self.drain_path_events();
-        if let Some(path) = self.paths.path_between(interface, remote).map(|p| p.id) {
-            let counters = self.path_counters.entry(path).or_default();
-            counters.rx_packets += 1;
-            counters.rx_bytes += bytes.len() as u64;
-        }
+        self.paths.note_received(interface, remote, bytes.len());
         let control = CmFlags::ENABLE
             .union(CmFlags::CONFIRM)
             .union(CmFlags::HEARTBEAT)
@@ -759,11 +761,15 @@ impl<R: RandomSource> Node<R> {
         {
             return;
         }
+        self.paths.note_data(now, node);
         let paths = &self.paths;
         let resequencer = self.config.resequencer;
         let state = self
-            .states
-            .entry((node, repr.session_id))
+            .peers
+            .entry(node)
+            .or_default()
+            .sessions
+            .entry(repr.session_id)
             .or_insert_with(|| Session::new(paths.path_table_for(node), &info, resequencer));
         if repr.flags.contains(CmFlags::DUPLICATE) && !state.dedup.accept(repr.sequence) {
             self.counters.duplicates += 1;
@@ -872,32 +878,25 @@ impl<R: RandomSource> Node<R> {
                     delay_us,
                     ..
                 } => {
-                    let table = self.node_delays.entry(node).or_default();
-                    if table.get(path).is_none() {
-                        if let Some(p) = self.paths.path(path) {
-                            table.insert(path, p.local, p.remote);
+                    let peer = self.peers.entry(node).or_default();
+                    if peer.delays.get(path).is_none() {
+                        if let Some(p) = self.paths.path(node, path) {
+                            peer.delays.insert(path, p.local, p.remote);
                         }
                     }
-                    table.record_delay(path, delay_us);
-                    for ((n, s), state) in &mut self.states {
-                        if *n == node {
-                            self.paths.apply_event(node, *s, &event, &mut state.paths);
-                        }
+                    peer.delays.record_delay(path, delay_us);
+                    for (s, state) in &mut peer.sessions {
+                        self.paths.apply_event(node, *s, &event, &mut state.paths);
                     }
                     continue;
                 }
             };
-            for ((n, s), state) in &mut self.states {
-                if *n == node {
+            if let Some(peer) = self.peers.get_mut(&node) {
+                for (s, state) in &mut peer.sessions {
                     self.paths.apply_event(node, *s, &event, &mut state.paths);
                 }
-            }
-            if let Some(table) = self.node_delays.get_mut(&node) {
                 self.paths
-                    .apply_event(node, SessionId::CONTROL, &event, table);
-            }
-            if state.is_none() {
-                self.path_counters.remove(&path);
+                    .apply_event(node, SessionId::CONTROL, &event, &mut peer.delays);
             }
             self.events.push_back(NodeEvent::Path { path, node, state });
         }
@@ -921,12 +920,20 @@ impl<R: RandomSource> Node<R> {
                 }
             }
         }
-        self.scheduler
-            .handle_timeout(now, self.states.values_mut().map(|s| &mut s.paths));
-        let states = &mut self.states;
+        self.scheduler.handle_timeout(
+            now,
+            self.peers
+                .values_mut()
+                .flat_map(|p| p.sessions.values_mut().map(|s| &mut s.paths)),
+        );
+        let peers = &mut self.peers;
         let tun = &mut self.tun;
-        self.holding.retain(|key| {
-            let Some(resequencer) = states.get_mut(key).and_then(|s| s.resequencer.as_mut()) else {
+        self.holding.retain(|(node, session)| {
+            let Some(resequencer) = peers
+                .get_mut(node)
+                .and_then(|p| p.sessions.get_mut(session))
+                .and_then(|s| s.resequencer.as_mut())
+            else {
                 return false;
             };
             resequencer.handle_timeout(now);
@@ -946,7 +953,11 @@ impl<R: RandomSource> Node<R> {
 
     fn housekeeping(&mut self, now: Timestamp) {
         for entry in self.sessions.expire(now, self.config.session_idle) {
-            if let Some(mut state) = self.states.remove(&(entry.node, entry.session)) {
+            let removed = self
+                .peers
+                .get_mut(&entry.node)
+                .and_then(|p| p.sessions.remove(&entry.session));
+            if let Some(mut state) = removed {
                 if let Some(resequencer) = &mut state.resequencer {
                     resequencer.handle_timeout(Timestamp::from_micros(u64::MAX));
                     while let Some(ready) = resequencer.poll_deliver() {
@@ -955,13 +966,17 @@ impl<R: RandomSource> Node<R> {
                 }
             }
         }
-        let known: Vec<NodeId> = self.paths.nodes().nodes().collect();
-        self.node_delays.retain(|node, _| known.contains(node));
+        let paths = &self.paths;
+        self.peers
+            .retain(|node, peer| !peer.sessions.is_empty() || paths.nodes().get(*node).is_some());
         if let Some(pool) = &mut self.pool {
             let gone: Vec<NodeId> = pool
                 .by_node
                 .keys()
-                .filter(|n| !known.contains(n) && self.sessions.sessions_of(**n).next().is_none())
+                .filter(|n| {
+                    paths.nodes().get(**n).is_none()
+                        && self.sessions.sessions_of(**n).next().is_none()
+                })
                 .copied()
                 .collect();
             for node in gone {
@@ -979,7 +994,7 @@ impl<R: RandomSource> Node<R> {
         while let Some(transmit) = self.paths.poll_transmit(now) {
             self.drain_path_events();
             let assignment = if transmit.repr.flags.contains(CmFlags::CONFIRM) {
-                let node = self.paths.path(transmit.path).map(|p| p.node);
+                let node = transmit.node;
                 match (&self.pool, node) {
                     (Some(pool), Some(node)) => match pool.assignment(node) {
                         Some(assignment) => Some(assignment),
@@ -1011,8 +1026,8 @@ impl<R: RandomSource> Node<R> {
         if let Some(payload) = payload {
             bytes[cm_len..].copy_from_slice(&payload);
         }
-        if transmit.path != PathId(0) {
-            self.count_tx(transmit.path, bytes.len());
+        if let Some(node) = transmit.node {
+            let _ = self.paths.count_sent(node, transmit.path, bytes.len());
         }
         self.transmits.push_back(Datagram {
             interface: transmit.interface,
@@ -1037,7 +1052,7 @@ impl<R: RandomSource> Node<R> {
         let resequencing = self
             .holding
             .iter()
-            .filter_map(|key| self.states.get(key))
+            .filter_map(|(node, session)| self.peers.get(node)?.sessions.get(session))
             .filter_map(|s| s.resequencer.as_ref().and_then(Resequencer::poll_timeout))
             .min();
         let handshake = if self.assignment.is_none() {

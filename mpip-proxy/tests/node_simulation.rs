@@ -824,3 +824,187 @@ proptest::proptest! {
         proptest::prop_assert_eq!(lab.client_tun, vec![later]);
     }
 }
+
+/// Capacity (issue 16): one proxy end serves 5,000 client nodes at once,
+/// each with two interfaces of its own on two links. Every client gets its
+/// own pool address, both its paths come up (path IDs are per peer: every
+/// client's paths are numbered from 1), and a request from each and a reply
+/// to each reach exactly the right node: no cross-talk.
+#[test]
+fn five_thousand_clients_are_served_at_once_without_cross_talk() {
+    const CLIENTS: u16 = 5000;
+    let started = std::time::Instant::now();
+    let mut now = Timestamp::from_secs(100);
+    let mut proxy = Node::new(
+        NodeConfig::new(
+            PROXY_ID,
+            Role::Proxy {
+                pool: "10.200.0.0/16".parse().unwrap(),
+            },
+        ),
+        SplitMix64::new(2),
+    );
+    for link in 1..=2u8 {
+        proxy.handle_interface_up(
+            now,
+            InterfaceId(link.into()),
+            &format!("p{link}"),
+            proxy_addr(link),
+        );
+    }
+    // Client i is on link k at 10.k.(i >> 8).(i & 0xff), port 5000.
+    let address = |i: u16, link: u8| {
+        SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(10, link, (i >> 8) as u8, i as u8)),
+            5000,
+        )
+    };
+    let mut clients: Vec<Node<SplitMix64>> = (0..CLIENTS)
+        .map(|i| {
+            let mut node = Node::new(
+                NodeConfig::new(
+                    NodeId([2, 1, 0, 0, (i >> 8) as u8, i as u8]),
+                    Role::Client {
+                        proxy_endpoints: vec![proxy_addr(1)],
+                    },
+                ),
+                SplitMix64::new(100 + u64::from(i)),
+            );
+            for link in 1..=2u8 {
+                node.handle_interface_up(
+                    now,
+                    InterfaceId(link.into()),
+                    &format!("c{link}"),
+                    address(i, link),
+                );
+            }
+            node
+        })
+        .collect();
+    // The client owning a link address, if any.
+    let owner = |remote: SocketAddr| -> Option<(usize, u8)> {
+        let IpAddr::V4(v4) = remote.ip() else {
+            return None;
+        };
+        let [ten, link, hi, lo] = v4.octets();
+        let i = (u16::from(hi) << 8) | u16::from(lo);
+        (ten == 10 && (1..=2).contains(&link) && i < CLIENTS && remote.port() == 5000)
+            .then_some((usize::from(i), link))
+    };
+    // Zero-delay links: a datagram reaches the other end of its link at once;
+    // one addressed to a host on another link is lost.
+    let exchange =
+        |now: Timestamp, proxy: &mut Node<SplitMix64>, clients: &mut [Node<SplitMix64>]| loop {
+            let mut moved = false;
+            for (i, client) in clients.iter_mut().enumerate() {
+                while let Some(d) = client.poll_transmit(now) {
+                    let link = u8::try_from(d.interface.0).unwrap();
+                    if d.remote == proxy_addr(link) {
+                        let from = address(u16::try_from(i).unwrap(), link);
+                        proxy.handle_datagram(now, d.interface, from, d.bytes);
+                        moved = true;
+                    }
+                }
+            }
+            while let Some(d) = proxy.poll_transmit(now) {
+                let link = u8::try_from(d.interface.0).unwrap();
+                if let Some((i, on)) = owner(d.remote).filter(|(_, on)| *on == link) {
+                    clients[i].handle_datagram(
+                        now,
+                        InterfaceId(on.into()),
+                        proxy_addr(link),
+                        d.bytes,
+                    );
+                    moved = true;
+                }
+            }
+            if !moved {
+                return;
+            }
+        };
+    for _ in 0..200 {
+        now += Duration::from_millis(5);
+        for node in std::iter::once(&mut proxy).chain(clients.iter_mut()) {
+            if node.poll_timeout().is_some_and(|t| t <= now) {
+                node.handle_timeout(now);
+            }
+        }
+        exchange(now, &mut proxy, &mut clients);
+    }
+
+    let tunnel: Vec<Ipv4Addr> = clients
+        .iter()
+        .map(|c| c.assignment().expect("every client got an address").client)
+        .collect();
+    let mut distinct = tunnel.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), usize::from(CLIENTS), "one address each");
+    assert!(!tunnel.contains(&PROXY_TUN));
+    assert_eq!(proxy.clients().len(), usize::from(CLIENTS));
+    assert_eq!(proxy.peer_count(), usize::from(CLIENTS));
+    let active: Vec<_> = proxy
+        .path_snapshots()
+        .into_iter()
+        .filter(|p| p.state == PathState::Active)
+        .collect();
+    assert_eq!(
+        active.len(),
+        2 * usize::from(CLIENTS),
+        "two active paths per client"
+    );
+    assert!(
+        active.iter().all(|p| p.path.0 <= 4),
+        "path IDs are per peer (at most four pairs per client)"
+    );
+    for client in &clients {
+        let up = client
+            .path_snapshots()
+            .iter()
+            .filter(|p| p.state == PathState::Active)
+            .count();
+        assert_eq!(up, 2, "both of a client's paths are active");
+    }
+
+    // A request from every client, then a reply to every client.
+    for (i, client) in clients.iter_mut().enumerate() {
+        let request = udp(tunnel[i], PROXY_TUN, 53, &(i as u32).to_be_bytes());
+        client.handle_tun_packet(now, [vec![0u8; HEADROOM], request].concat());
+    }
+    exchange(now, &mut proxy, &mut clients);
+    let mut requests = 0;
+    while let Some(packet) = proxy.poll_tun() {
+        let p = packet.packet();
+        let source = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
+        let i = u32::from_be_bytes(p[p.len() - 4..].try_into().unwrap()) as usize;
+        assert_eq!(
+            source, tunnel[i],
+            "request {i} arrives from its own address"
+        );
+        requests += 1;
+    }
+    assert_eq!(requests, usize::from(CLIENTS));
+    for (i, address) in tunnel.iter().enumerate() {
+        let reply = build::ipv4_udp(PROXY_TUN, *address, 53, 40000, &(i as u32).to_be_bytes());
+        proxy.handle_tun_packet(now, [vec![0u8; HEADROOM], reply].concat());
+    }
+    exchange(now, &mut proxy, &mut clients);
+    for (i, client) in clients.iter_mut().enumerate() {
+        let delivered: Vec<Vec<u8>> =
+            std::iter::from_fn(|| client.poll_tun().map(|p| p.packet().to_vec())).collect();
+        assert_eq!(delivered.len(), 1, "client {i} got exactly one packet");
+        let p = &delivered[0];
+        assert_eq!(&p[16..20], &tunnel[i].octets(), "addressed to client {i}");
+        assert_eq!(
+            u32::from_be_bytes(p[p.len() - 4..].try_into().unwrap()) as usize,
+            i,
+            "client {i} got its own reply"
+        );
+    }
+    assert_eq!(proxy.session_count(), usize::from(CLIENTS));
+    assert_eq!(proxy.counters().no_route + proxy.counters().no_path, 0);
+    eprintln!(
+        "5000 clients: handshake, discovery, a request and a reply each in {:?} of CPU",
+        started.elapsed()
+    );
+}
