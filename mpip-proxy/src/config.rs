@@ -172,6 +172,12 @@ pub struct PathsConfig {
     /// Interface scan period (up/down, address changes); default 100 ms.
     #[serde(default = "PathsConfig::default_scan_ms")]
     pub scan_interval_ms: u64,
+    /// While no data flows, the client sends one keepalive per path per this
+    /// interval (the proxy end answers it), enough for NAT bindings; default
+    /// 15 s. Heartbeats and the 400 ms death detection run only while data
+    /// flows (`PROTOCOL.md` §6.2).
+    #[serde(default = "PathsConfig::default_keepalive_s")]
+    pub keepalive_interval_s: u64,
 }
 
 impl PathsConfig {
@@ -189,6 +195,9 @@ impl PathsConfig {
     }
     fn default_scan_ms() -> u64 {
         100
+    }
+    fn default_keepalive_s() -> u64 {
+        15
     }
 }
 
@@ -537,6 +546,7 @@ impl CommonConfig {
             ),
             ("paths.dead_after_ms", self.paths.dead_after_ms),
             ("paths.scan_interval_ms", self.paths.scan_interval_ms),
+            ("paths.keepalive_interval_s", self.paths.keepalive_interval_s),
             ("scheduler.period_ms", self.scheduler.period_ms),
             ("resequencer.timeout_ms", self.resequencer.timeout_ms),
             ("sessions.idle_s", self.sessions.idle_s),
@@ -602,7 +612,8 @@ impl CommonConfig {
             probe_interval: ms(self.paths.probe_interval_ms),
             heartbeat_interval: ms(self.paths.heartbeat_interval_ms),
             dead_after: ms(self.paths.dead_after_ms),
-            ..PathConfig::default()
+            keepalive_interval: Duration::from_secs(self.paths.keepalive_interval_s),
+            ..config.paths
         };
         config.handshake = HandshakeConfig {
             probe_interval: ms(self.paths.probe_interval_ms),

@@ -102,8 +102,12 @@ impl NodeConfig {
     pub fn new(node_id: NodeId, role: Role) -> Self {
         NodeConfig {
             node_id,
+            paths: PathConfig {
+                // The client keeps idle paths alive; the proxy end answers.
+                sends_keepalives: matches!(role, Role::Client { .. }),
+                ..PathConfig::default()
+            },
             role,
-            paths: PathConfig::default(),
             handshake: HandshakeConfig::default(),
             scheduler: SchedulerConfig::default(),
             resequencer: ResequencerConfig::default(),

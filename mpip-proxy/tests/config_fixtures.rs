@@ -80,5 +80,21 @@ fn defaults_are_the_documented_ones() {
         Some("127.0.0.1:9465".parse().unwrap())
     );
     let node = proxy.node_config(mpip_proxy::wire::NodeId([2, 0, 0, 0, 0, 1]));
-    assert_eq!(node.paths, mpip_proxy::path_manager::PathConfig::default());
+    let defaults = mpip_proxy::path_manager::PathConfig::default();
+    assert_eq!(
+        node.paths,
+        mpip_proxy::path_manager::PathConfig {
+            sends_keepalives: false,
+            ..defaults
+        },
+        "the proxy end answers keepalives"
+    );
+    let client = ClientConfig::from_toml(
+        "[paths]\ninterfaces = [\"c1\"]\n[proxy]\nendpoints = [\"192.0.2.1:4789\"]\n",
+        "inline",
+    )
+    .unwrap();
+    let node = client.node_config(mpip_proxy::wire::NodeId([2, 0, 0, 0, 0, 2]));
+    assert_eq!(node.paths, defaults, "the client sends them");
+    assert_eq!(defaults.keepalive_interval, std::time::Duration::from_secs(15));
 }
