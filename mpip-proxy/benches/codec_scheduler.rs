@@ -23,6 +23,7 @@ fn data_repr() -> CmRepr {
         timestamp: 0x1234_5678,
         sequence: 99,
         addresses: Vec::new(),
+        auth: None,
     }
 }
 

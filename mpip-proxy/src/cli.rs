@@ -15,11 +15,15 @@ pub fn init_logging() {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// TOML configuration file (examples: deploy/examples/).
-    #[arg(long, value_name = "FILE")]
-    pub config: std::path::PathBuf,
-    /// Check the configuration and exit.
+    #[arg(long, value_name = "FILE", required_unless_present = "generate_key")]
+    pub config: Option<std::path::PathBuf>,
+    /// Check the configuration (and its key file) and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Print a key file entry with a fresh random 32-byte secret and this
+    /// key ID, and exit (`[auth] key_file`; give both ends the same).
+    #[arg(long, value_name = "ID", conflicts_with_all = ["config", "check_config"])]
+    pub generate_key: Option<u8>,
 }
 
 /// A binary's `main`: parses `args`, sets up logging, loads the configuration
@@ -32,10 +36,17 @@ pub fn main<C, F>(
 where
     F: std::future::Future<Output = Result<(), crate::shell::ShellError>>,
 {
+    if let Some(id) = args.generate_key {
+        print!("{}", crate::auth::generate_key_stanza(id)?);
+        return Ok(());
+    }
     init_logging();
-    let config = load(&args.config)?;
+    let Some(path) = args.config else {
+        anyhow::bail!("--config FILE is required");
+    };
+    let config = load(&path)?;
     if args.check_config {
-        println!("{}: ok", args.config.display());
+        println!("{}: ok", path.display());
         return Ok(());
     }
     let runtime = tokio::runtime::Runtime::new()?;

@@ -44,7 +44,21 @@ pub struct ClientConfig {
 pub struct ProxyEndpoints {
     /// UDP endpoints the handshake is sent to; the other addresses of the
     /// proxy end are learned from its address list (`PROTOCOL.md` §4.1).
+    /// Only these may assign the tunnel address.
     pub endpoints: Vec<SocketAddr>,
+    /// The proxy end's node ID; default: whatever node first answers the
+    /// handshake, kept from then on. Datagrams of other nodes are dropped.
+    #[serde(default, deserialize_with = "optional_node_id")]
+    pub node_id: Option<NodeId>,
+}
+
+fn optional_node_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NodeId>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_node_id(&text).map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "node_id {text:?}: expected six hex bytes like 02:00:00:00:00:01"
+        ))
+    })
 }
 
 /// `mpip-proxy`'s configuration file.
@@ -63,6 +77,9 @@ pub struct ProxyEndConfig {
     /// Forward clients' other traffic with nftables masquerade.
     #[serde(default)]
     pub gateway: GatewayConfig,
+    /// Handshake rate limits.
+    #[serde(default)]
+    pub handshake: HandshakeSection,
 }
 
 /// Settings both ends share.
@@ -96,6 +113,71 @@ pub struct CommonConfig {
     /// Impairments for experiments; never set them in production.
     #[serde(default)]
     pub testing: TestingConfig,
+    /// Authentication (`PROTOCOL.md` §11).
+    #[serde(default)]
+    pub auth: AuthSection,
+}
+
+/// `[auth]`: shared keys and what they cover.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// A key file (`[[key]]` entries: id, secret of 32 or more bytes in hex,
+    /// optionally the one client node it is for; readable by its owner
+    /// only). With keys, every control datagram carries an HMAC tag and a
+    /// counter checked against a replay window, and untagged ones are
+    /// dropped. Default: none, nothing is authenticated (the paper's MPIP:
+    /// trust the path networks). SIGHUP re-reads it (key rotation).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Tag data packets too: every packet pays 25 bytes (the MSS shrinks
+    /// accordingly) and an HMAC-SHA-256 over it; a receiver with this on
+    /// drops untagged data. Default false: data is authenticated by the path
+    /// it arrives on (an attacker who can spoof a path's source address can
+    /// inject or replay data, never control it).
+    #[serde(default)]
+    pub data: bool,
+    /// The keys read from `key_file` (by `from_file`).
+    #[serde(skip)]
+    pub keys: Option<crate::auth::KeyRing>,
+}
+
+/// `[handshake]` of the proxy end: how many handshakes (and datagrams of
+/// unknown nodes) one source address, and all together, may send.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandshakeSection {
+    /// Per source address, per second; default 5.
+    #[serde(default = "HandshakeSection::default_rate")]
+    pub rate_per_source: f64,
+    /// Burst per source address; default 10.
+    #[serde(default = "HandshakeSection::default_burst")]
+    pub burst_per_source: f64,
+    /// All sources together, per second; default 5000.
+    #[serde(default = "HandshakeSection::default_total")]
+    pub rate_total: f64,
+}
+
+impl HandshakeSection {
+    fn default_rate() -> f64 {
+        5.0
+    }
+    fn default_burst() -> f64 {
+        10.0
+    }
+    fn default_total() -> f64 {
+        5000.0
+    }
+}
+
+impl Default for HandshakeSection {
+    fn default() -> Self {
+        HandshakeSection {
+            rate_per_source: Self::default_rate(),
+            burst_per_source: Self::default_burst(),
+            rate_total: Self::default_total(),
+        }
+    }
 }
 
 fn auto() -> Option<NodeId> {
@@ -107,19 +189,24 @@ fn node_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NodeId>,
     if text == "auto" {
         return Ok(None);
     }
+    parse_node_id(&text).map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "node_id {text:?}: expected \"auto\" or six hex bytes like 02:00:00:00:00:01"
+        ))
+    })
+}
+
+/// A node ID written as six hex bytes, `02:00:00:00:00:01`.
+pub fn parse_node_id(text: &str) -> Option<NodeId> {
     let bytes: Vec<u8> = text
         .split(':')
-        .map(|part| u8::from_str_radix(part, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| {
-            serde::de::Error::custom(format!(
-                "node_id {text:?}: expected \"auto\" or six hex bytes like 02:00:00:00:00:01"
-            ))
-        })?;
-    let id: [u8; 6] = bytes
-        .try_into()
-        .map_err(|_| serde::de::Error::custom(format!("node_id {text:?}: expected six bytes")))?;
-    Ok(Some(NodeId(id)))
+        .map(|part| {
+            (part.len() == 2)
+                .then(|| u8::from_str_radix(part, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    Some(NodeId(bytes.try_into().ok()?))
 }
 
 /// The TUN device.
@@ -447,9 +534,11 @@ impl ClientConfig {
         Ok(config)
     }
 
-    /// Reads, parses and validates a file.
+    /// Reads, parses and validates a file, and reads its key file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        Self::from_toml(&read(path)?, &path.display().to_string())
+        let mut config = Self::from_toml(&read(path)?, &path.display().to_string())?;
+        config.common.load_keys(&path.display().to_string())?;
+        Ok(config)
     }
 
     /// The UDP port paths bind: configured, else any.
@@ -459,12 +548,14 @@ impl ClientConfig {
 
     /// The sans-IO node's configuration for `node_id`.
     pub fn node_config(&self, node_id: NodeId) -> NodeConfig {
-        self.common.node_config(
+        let mut config = self.common.node_config(
             node_id,
             Role::Client {
                 proxy_endpoints: self.proxy.endpoints.clone(),
             },
-        )
+        );
+        config.proxy_node = self.proxy.node_id;
+        config
     }
 }
 
@@ -473,6 +564,20 @@ impl ProxyEndConfig {
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let config: ProxyEndConfig = parse(text, origin)?;
         config.common.validate(origin)?;
+        let limits = [
+            (
+                "handshake.rate_per_source",
+                config.handshake.rate_per_source,
+            ),
+            (
+                "handshake.burst_per_source",
+                config.handshake.burst_per_source,
+            ),
+            ("handshake.rate_total", config.handshake.rate_total),
+        ];
+        if let Some((key, _)) = limits.iter().find(|(_, v)| !(v.is_finite() && *v >= 1.0)) {
+            return Err(invalid(origin, key, "must be a number of at least 1"));
+        }
         if config.tunnel.pool.prefix_len() > 30 {
             return Err(invalid(
                 origin,
@@ -483,9 +588,11 @@ impl ProxyEndConfig {
         Ok(config)
     }
 
-    /// Reads, parses and validates a file.
+    /// Reads, parses and validates a file, and reads its key file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        Self::from_toml(&read(path)?, &path.display().to_string())
+        let mut config = Self::from_toml(&read(path)?, &path.display().to_string())?;
+        config.common.load_keys(&path.display().to_string())?;
+        Ok(config)
     }
 
     /// The UDP port paths bind: configured, else 4789.
@@ -495,12 +602,18 @@ impl ProxyEndConfig {
 
     /// The sans-IO node's configuration for `node_id`.
     pub fn node_config(&self, node_id: NodeId) -> NodeConfig {
-        self.common.node_config(
+        let mut config = self.common.node_config(
             node_id,
             Role::Proxy {
                 pool: self.tunnel.pool.trunc(),
             },
-        )
+        );
+        config.handshake_limit = crate::auth::RateLimit {
+            per_source: self.handshake.rate_per_source,
+            burst: self.handshake.burst_per_source,
+            total: self.handshake.rate_total,
+        };
+        config
     }
 }
 
@@ -513,6 +626,19 @@ fn invalid(origin: &str, key: &str, reason: &str) -> ConfigError {
 }
 
 impl CommonConfig {
+    /// Reads `[auth] key_file` into `auth.keys`; `origin` names the
+    /// configuration in errors.
+    pub fn load_keys(&mut self, origin: &str) -> Result<(), ConfigError> {
+        self.auth.keys = match &self.auth.key_file {
+            Some(path) => Some(
+                crate::auth::KeyRing::from_file(path)
+                    .map_err(|e| invalid(origin, "auth.key_file", &e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(())
+    }
+
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         if self.paths.interfaces.is_empty() {
             return Err(invalid(
@@ -546,7 +672,10 @@ impl CommonConfig {
             ),
             ("paths.dead_after_ms", self.paths.dead_after_ms),
             ("paths.scan_interval_ms", self.paths.scan_interval_ms),
-            ("paths.keepalive_interval_s", self.paths.keepalive_interval_s),
+            (
+                "paths.keepalive_interval_s",
+                self.paths.keepalive_interval_s,
+            ),
             ("scheduler.period_ms", self.scheduler.period_ms),
             ("resequencer.timeout_ms", self.resequencer.timeout_ms),
             ("sessions.idle_s", self.sessions.idle_s),
@@ -630,6 +759,8 @@ impl CommonConfig {
         config.session_idle = Duration::from_secs(self.sessions.idle_s);
         config.routing = self.routing.clone();
         config.path_mtu = self.paths.mtu;
+        config.auth.keys = self.auth.keys.clone();
+        config.auth.data = self.auth.data;
         config
     }
 }

@@ -229,6 +229,22 @@ impl MpipMetrics {
                 counters.unknown_session,
                 last.unknown_session,
             ),
+            (
+                "endpoint_conflict",
+                counters.endpoint_conflict,
+                last.endpoint_conflict,
+            ),
+            (
+                "unauthenticated",
+                counters.unauthenticated,
+                last.unauthenticated,
+            ),
+            ("bad_mac", counters.bad_mac, last.bad_mac),
+            ("unknown_key", counters.unknown_key, last.unknown_key),
+            ("replayed", counters.replayed, last.replayed),
+            ("unverified", counters.unverified, last.unverified),
+            ("rate_limited", counters.rate_limited, last.rate_limited),
+            ("unsolicited", counters.unsolicited, last.unsolicited),
         ];
         for (reason, now, before) in drops {
             self.dropped

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
+use crate::auth::{KeyRing, RateLimit, ReplayWindow, SourceLimiter};
 use crate::mss::{clamp_for_path, clamp_syn, IpVersion};
 use crate::packet::{InnerPacket, TCP_SYN};
 pub use crate::path_manager::PathCounters;
@@ -31,8 +32,8 @@ use crate::table::path::{DelayMetrics, PathTable};
 use crate::table::session::{Protocol, SessionTable, DEFAULT_SESSION_IDLE};
 use crate::time::Timestamp;
 use crate::wire::{
-    AssignmentPacket, AssignmentRepr, CmFlags, CmPacket, CmRepr, NodeId, PathId, SessionId,
-    FIXED_LEN,
+    AssignmentPacket, AssignmentRepr, AuthExt, CmFlags, CmPacket, CmRepr, NodeId, PathId,
+    SessionId, AUTH_LEN, FIXED_LEN,
 };
 
 /// Bytes the shell reserves in front of a packet read from the TUN device, so
@@ -95,6 +96,39 @@ pub struct NodeConfig {
     pub routing: RoutingTable,
     /// MTU of the paths; inner TCP MSS is clamped to fit it.
     pub path_mtu: u16,
+    /// Authentication (`PROTOCOL.md` §11).
+    pub auth: AuthConfig,
+    /// Client: the proxy end's node ID, if configured. Otherwise the first
+    /// confirmed handshake pins it.
+    pub proxy_node: Option<NodeId>,
+    /// Proxy end: handshake rate limits per source address and in total.
+    pub handshake_limit: RateLimit,
+}
+
+/// How a node authenticates (`PROTOCOL.md` §11).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// The shared keys; `None`: nothing is authenticated (the paper's MPIP).
+    pub keys: Option<KeyRing>,
+    /// Whether data packets carry a tag too (control packets always do
+    /// when there are keys). A receiver with `data` refuses untagged data.
+    pub data: bool,
+    /// Wall-clock microseconds (UNIX epoch) at [`Timestamp::ZERO`]: counters
+    /// start from the wall clock, so they keep growing across restarts.
+    pub counter_base: u64,
+    /// Random bits (handshake nonces, the rate limiter's hash key).
+    pub entropy: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            keys: None,
+            data: false,
+            counter_base: 0,
+            entropy: 0x6d70_6970_6175_7468,
+        }
+    }
 }
 
 impl NodeConfig {
@@ -114,13 +148,31 @@ impl NodeConfig {
             session_idle: DEFAULT_SESSION_IDLE,
             routing: RoutingTable::default(),
             path_mtu: 1500,
+            auth: AuthConfig::default(),
+            proxy_node: None,
+            handshake_limit: RateLimit::default(),
         }
+    }
+
+    /// Bytes in front of a data packet's inner packet: the CM block, and the
+    /// authentication extension when data packets are authenticated.
+    pub fn headroom(&self) -> usize {
+        if self.auth_data() {
+            HEADROOM + AUTH_LEN
+        } else {
+            HEADROOM
+        }
+    }
+
+    fn auth_data(&self) -> bool {
+        self.auth.keys.is_some() && self.auth.data
     }
 
     /// The largest TUN MTU whose packets fit a path after encapsulation in
     /// IPv4 (the shell's path endpoints are IPv4).
     pub fn tun_mtu(&self) -> u16 {
-        let overhead = crate::mss::encapsulation_overhead(IpVersion::V4);
+        let overhead =
+            crate::mss::encapsulation_overhead(IpVersion::V4) + self.headroom() - HEADROOM;
         self.path_mtu
             .saturating_sub(u16::try_from(overhead).unwrap_or(u16::MAX))
     }
@@ -223,6 +275,23 @@ pub struct NodeCounters {
     /// Datagrams naming another node than the one whose active path uses
     /// their source endpoint (dropped).
     pub endpoint_conflict: u64,
+    /// Datagrams without a tag where one is required (dropped).
+    pub unauthenticated: u64,
+    /// Datagrams whose tag is wrong (dropped).
+    pub bad_mac: u64,
+    /// Datagrams tagged with a key this node does not have, or with a key
+    /// bound to another node (dropped).
+    pub unknown_key: u64,
+    /// Authentic datagrams whose counter was seen before or is too old (dropped).
+    pub replayed: u64,
+    /// Proxy end: data from a node that has not proven it is live since
+    /// this end started (dropped; the node is challenged).
+    pub unverified: u64,
+    /// Proxy end: handshakes over the per-source or total rate (dropped).
+    pub rate_limited: u64,
+    /// Client: datagrams from other nodes than its proxy end, or assignments
+    /// that answer no handshake of ours (dropped).
+    pub unsolicited: u64,
 }
 
 /// One path, for metrics.
@@ -267,6 +336,36 @@ struct Peer {
     sessions: HashMap<SessionId, Session>,
     /// Every delay sample for our paths, whatever the session.
     delays: PathTable,
+    /// Counters of the peer's authentic datagrams.
+    window: ReplayWindow,
+    /// The key the peer authenticates with (we answer with it).
+    key_id: Option<u8>,
+    /// Proxy end: the peer proved it is live since this end started, by
+    /// echoing one of our counters.
+    verified: bool,
+    /// Our first and latest counters sent to the peer.
+    sent_counters: Option<(u64, u64)>,
+    /// The nonce of the peer's latest `ENABLE` (echoed in the `CONFIRM`).
+    enable_nonce: u32,
+}
+
+impl Peer {
+    /// The echo of our control packets: the low 32 bits of the peer's latest
+    /// counter, or 0 to challenge a peer that has not proven freshness.
+    fn echo(&self, challenge: bool) -> u32 {
+        if challenge {
+            return 0;
+        }
+        self.window.top().map_or(0, |c| c as u32)
+    }
+
+    /// Whether `echo` is the low 32 bits of a counter we sent this peer.
+    fn echoes_ours(&self, echo: u32) -> bool {
+        self.sent_counters.is_some_and(|(first, last)| {
+            let span = last - first;
+            span < 1 << 31 && u64::from(echo.wrapping_sub(first as u32)) <= span
+        })
+    }
 }
 
 /// Proxy end: tunnel addresses handed to client nodes.
@@ -364,7 +463,28 @@ pub struct Node<R: RandomSource> {
     tun: VecDeque<TunPacket>,
     events: VecDeque<NodeEvent>,
     next_housekeeping: Option<Timestamp>,
+    /// The last counter this node used (authentication).
+    counter: u64,
+    /// Client: nonces of the `ENABLE`s of the running handshake.
+    enable_nonces: VecDeque<u32>,
+    /// Proxy end: handshake rate limits.
+    limiter: SourceLimiter,
 }
+
+/// What [`Node::admit`] decided about a received datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Dropped (and counted).
+    Drop,
+    /// Processed.
+    Accept,
+    /// Authentic data from a node not proven live: the path manager sees it,
+    /// the inner packet is dropped, the node is challenged.
+    Challenge,
+}
+
+/// `ENABLE` nonces remembered (a handshake round sends five per interface).
+const ENABLE_NONCES: usize = 32;
 
 impl<R: RandomSource> Node<R> {
     /// A node with no interface yet; `rng` drives equation 1.
@@ -388,7 +508,65 @@ impl<R: RandomSource> Node<R> {
             tun: VecDeque::new(),
             events: VecDeque::new(),
             next_housekeeping: None,
+            counter: 0,
+            enable_nonces: VecDeque::new(),
+            limiter: SourceLimiter::new(config.handshake_limit, config.auth.entropy),
             config,
+        }
+    }
+
+    /// Bytes [`Node::handle_tun_packet`] needs in front of each packet.
+    pub fn headroom(&self) -> usize {
+        self.config.headroom()
+    }
+
+    /// The next authentication counter: the wall clock in microseconds, at
+    /// least one above the last.
+    fn next_counter(&mut self, now: Timestamp) -> u64 {
+        let clock = self
+            .config
+            .auth
+            .counter_base
+            .saturating_add(now.as_micros());
+        self.counter = clock.max(self.counter + 1);
+        self.counter
+    }
+
+    /// A handshake nonce: unpredictable without the node's entropy.
+    fn nonce(&mut self, now: Timestamp) -> u32 {
+        let mut x = self.config.auth.entropy ^ self.next_counter(now).rotate_left(29);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((x ^ (x >> 31)) as u32) | 1
+    }
+
+    /// The authentication extension for a datagram to `node` (zero tag; the
+    /// caller signs after emitting), or `None` without keys.
+    fn auth_ext(&mut self, now: Timestamp, node: Option<NodeId>) -> Option<AuthExt> {
+        let send_key = self.config.auth.keys.as_ref()?.send_key().id;
+        let counter = self.next_counter(now);
+        let key_id = match node.and_then(|n| self.peers.get_mut(&n)) {
+            Some(peer) => {
+                peer.sent_counters = Some(match peer.sent_counters {
+                    Some((first, _)) => (first, counter),
+                    None => (counter, counter),
+                });
+                peer.key_id.unwrap_or(send_key)
+            }
+            None => send_key,
+        };
+        Some(AuthExt {
+            key_id,
+            counter,
+            tag: [0; crate::wire::AUTH_TAG_LEN],
+        })
+    }
+
+    /// Signs an emitted datagram in place if its CM block has the extension.
+    fn sign(&self, bytes: &mut [u8], ext: Option<AuthExt>, auth_at: usize) {
+        let key = ext.and_then(|e| self.config.auth.keys.as_ref()?.get(e.key_id));
+        if let Some(key) = key {
+            key.sign(bytes, auth_at);
         }
     }
 
@@ -506,13 +684,15 @@ impl<R: RandomSource> Node<R> {
     }
 
     /// A packet the local stack wrote into the TUN device, at
-    /// `buffer[HEADROOM..]`; the front is overwritten with the CM block.
+    /// `buffer[headroom..]` ([`Node::headroom`]); the front is overwritten
+    /// with the CM block.
     pub fn handle_tun_packet(&mut self, now: Timestamp, mut buffer: Vec<u8>) {
-        if buffer.len() <= HEADROOM {
+        let headroom = self.headroom();
+        if buffer.len() <= headroom {
             self.counters.malformed_packets += 1;
             return;
         }
-        let Ok(info) = InnerPacket::parse(&buffer[HEADROOM..]) else {
+        let Ok(info) = InnerPacket::parse(&buffer[headroom..]) else {
             self.counters.malformed_packets += 1;
             return;
         };
@@ -525,7 +705,7 @@ impl<R: RandomSource> Node<R> {
             return;
         };
         if info.tcp.is_some_and(|tcp| tcp.flags & TCP_SYN != 0) {
-            self.clamp_mss(&mut buffer[HEADROOM..], &info);
+            self.clamp_mss(&mut buffer[headroom..], &info);
         }
         let class = PacketClass::from(&info);
         let rule = self.config.routing.rule_for(&class);
@@ -583,9 +763,9 @@ impl<R: RandomSource> Node<R> {
             .last_inbound
             .is_some_and(|t| now.saturating_since(t) < COMPRESSION_PROOF);
         let mut flags = CmFlags::NONE;
-        if peer_knows_session && compressible(&buffer[HEADROOM..]) {
-            buffer[HEADROOM + COMPRESSED_AWAY] = buffer[HEADROOM + IPV4_TTL];
-            buffer.drain(HEADROOM..HEADROOM + COMPRESSED_AWAY);
+        if peer_knows_session && compressible(&buffer[headroom..]) {
+            buffer[headroom + COMPRESSED_AWAY] = buffer[headroom + IPV4_TTL];
+            buffer.drain(headroom..headroom + COMPRESSED_AWAY);
             flags = CmFlags::COMPRESSED;
             self.counters.compressed += 1;
         }
@@ -633,11 +813,16 @@ impl<R: RandomSource> Node<R> {
             return;
         };
         repr.flags.insert(flags);
-        // A data CM block has no address list: exactly HEADROOM bytes.
-        if repr.emit(&mut bytes[..HEADROOM]).is_err() {
+        if self.config.auth_data() {
+            repr.auth = self.auth_ext(now, Some(node));
+        }
+        // A data CM block has no address list: exactly the headroom.
+        let headroom = self.headroom();
+        if repr.emit(&mut bytes[..headroom]).is_err() {
             self.counters.no_path += 1;
             return;
         }
+        self.sign(&mut bytes, repr.auth, HEADROOM);
         let _ = self.paths.count_sent(node, path, bytes.len());
         self.transmits.push_back(Datagram {
             interface: interface.0,
@@ -676,7 +861,9 @@ impl<R: RandomSource> Node<R> {
         } else {
             IpVersion::V4
         };
-        let Ok(max) = clamp_for_path(self.config.path_mtu, self.outer_version(), inner) else {
+        let extra = u16::try_from(self.headroom() - HEADROOM).unwrap_or(0);
+        let mtu = self.config.path_mtu.saturating_sub(extra);
+        let Ok(max) = clamp_for_path(mtu, self.outer_version(), inner) else {
             return;
         };
         if let Ok(crate::mss::MssRewrite::Clamped { .. }) = clamp_syn(packet, max) {
@@ -692,9 +879,9 @@ impl<R: RandomSource> Node<R> {
         remote: SocketAddr,
         bytes: Vec<u8>,
     ) {
-        let (repr, cm_len) = match CmPacket::new_checked(&bytes[..]) {
+        let (repr, cm_len, auth_at) = match CmPacket::new_checked(&bytes[..]) {
             Ok(packet) => match CmRepr::parse(&packet) {
-                Ok(repr) => (repr, packet.cm_len()),
+                Ok(repr) => (repr, packet.cm_len(), packet.auth_offset()),
                 Err(_) => {
                     self.counters.malformed_datagrams += 1;
                     return;
@@ -719,20 +906,32 @@ impl<R: RandomSource> Node<R> {
             self.counters.endpoint_conflict += 1;
             return;
         }
+        let control = CmFlags::ENABLE
+            .union(CmFlags::CONFIRM)
+            .union(CmFlags::HEARTBEAT)
+            .union(CmFlags::ASSIGN)
+            .union(CmFlags::IP_CHANGE);
+        let is_control = bytes.len() == cm_len
+            || repr.flags.bits() & control.bits() != 0
+            || repr.session_id == SessionId::CONTROL;
+        let admitted = self.admit(now, interface, remote, &repr, &bytes, auth_at, is_control);
+        if admitted == Admission::Drop {
+            return;
+        }
         if !self.handle_handshake(now, remote, &repr, &bytes[cm_len..]) {
             return;
         }
         self.paths.handle_received(now, interface, remote, &repr);
         self.drain_path_events();
         self.paths.note_received(interface, remote, bytes.len());
-        let control = CmFlags::ENABLE
-            .union(CmFlags::CONFIRM)
-            .union(CmFlags::HEARTBEAT)
-            .union(CmFlags::ASSIGN);
-        if bytes.len() == cm_len
-            || repr.flags.bits() & control.bits() != 0
-            || repr.session_id == SessionId::CONTROL
-        {
+        if admitted == Admission::Challenge {
+            // Authentic data from a node not proven live: its path is kept,
+            // its packet dropped, and it is asked to echo our counter.
+            self.counters.unverified += 1;
+            self.paths.answer(now, interface, remote);
+            return;
+        }
+        if is_control {
             return;
         }
         let mut bytes = bytes;
@@ -797,6 +996,101 @@ impl<R: RandomSource> Node<R> {
         }
     }
 
+    /// Whether a received datagram may be processed: the client hears only
+    /// its proxy end; the proxy end rate-limits handshakes and unknown nodes
+    /// per source; with keys, the tag, the key, the replay window and (proxy
+    /// end, data) the peer's proof of freshness are checked
+    /// (`PROTOCOL.md` §11). Counts what it drops.
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &mut self,
+        now: Timestamp,
+        interface: InterfaceId,
+        remote: SocketAddr,
+        repr: &CmRepr,
+        bytes: &[u8],
+        auth_at: usize,
+        is_control: bool,
+    ) -> Admission {
+        let node = repr.node_id;
+        let enable = repr.flags.contains(CmFlags::ENABLE);
+        let client = match &self.config.role {
+            Role::Client { proxy_endpoints } => {
+                let pinned = self.assignment.map(|(_, p)| p).or(self.config.proxy_node);
+                let assignment = repr.flags.contains(CmFlags::CONFIRM.union(CmFlags::ASSIGN));
+                let foreign = pinned.is_some_and(|p| p != node);
+                let unsolicited =
+                    self.assignment.is_none() && !(assignment && proxy_endpoints.contains(&remote));
+                if foreign || unsolicited || enable {
+                    self.counters.unsolicited += 1;
+                    return Admission::Drop;
+                }
+                true
+            }
+            Role::Proxy { .. } => false,
+        };
+        let keys = self.config.auth.keys.is_some();
+        // Handshakes and unknown nodes make the proxy end work (a tag to
+        // check) or keep state; untagged datagrams where tags are required
+        // are refused below without either.
+        if !client && (repr.auth.is_some() || !keys) {
+            let known = self.paths.nodes().get(node).is_some();
+            if (enable || !known) && !self.limiter.allow(now, remote.ip()) {
+                self.counters.rate_limited += 1;
+                return Admission::Drop;
+            }
+        }
+        let Some(keys) = self.config.auth.keys.as_ref().filter(|_| keys) else {
+            return Admission::Accept;
+        };
+        let Some(ext) = repr.auth else {
+            // Untagged: only data over a path the node already uses, from a
+            // node proven live, and only where data tags are not required.
+            let over_path = self
+                .paths
+                .path_between(interface, remote)
+                .is_some_and(|p| p.node == node);
+            let live = client || self.peers.get(&node).is_some_and(|p| p.verified);
+            if is_control || self.config.auth.data || !over_path || !live {
+                self.counters.unauthenticated += 1;
+                return Admission::Drop;
+            }
+            return Admission::Accept;
+        };
+        let Some(key) = keys
+            .get(ext.key_id)
+            .filter(|k| k.node.is_none_or(|n| n == node))
+        else {
+            self.counters.unknown_key += 1;
+            return Admission::Drop;
+        };
+        if !key.verify(bytes, auth_at) {
+            self.counters.bad_mac += 1;
+            return Admission::Drop;
+        }
+        let peer = self.peers.entry(node).or_default();
+        if !peer.window.accept(ext.counter) {
+            self.counters.replayed += 1;
+            return Admission::Drop;
+        }
+        peer.key_id = Some(ext.key_id);
+        if client {
+            // A control packet echoing 0 is the proxy end's challenge: answer
+            // at once, so the answer echoes its counter.
+            if is_control && repr.sequence == 0 && !repr.flags.contains(CmFlags::CONFIRM) {
+                self.paths.answer(now, interface, remote);
+            }
+            return Admission::Accept;
+        }
+        if is_control && !enable && peer.echoes_ours(repr.sequence) {
+            peer.verified = true;
+        }
+        if !is_control && !peer.verified {
+            return Admission::Challenge;
+        }
+        Admission::Accept
+    }
+
     /// Whether an inner packet from `node` carries that node's addresses: a
     /// client's packets come from its tunnel address; the proxy end's go to ours.
     fn sender_owns(&mut self, node: NodeId, info: &InnerPacket) -> bool {
@@ -839,6 +1133,7 @@ impl<R: RandomSource> Node<R> {
         let node = repr.node_id;
         if let Some(pool) = &mut self.pool {
             if repr.flags.contains(CmFlags::ENABLE) {
+                self.peers.entry(node).or_default().enable_nonce = repr.sequence;
                 let known = pool.by_node.contains_key(&node);
                 match pool.assign(node) {
                     Some(address) if !known => self
@@ -854,6 +1149,15 @@ impl<R: RandomSource> Node<R> {
             return true;
         }
         if !repr.flags.contains(CmFlags::CONFIRM.union(CmFlags::ASSIGN)) {
+            return true;
+        }
+        // Only an answer to one of our ENABLEs (it echoes the nonce) assigns:
+        // a replayed or forged assignment changes nothing.
+        if !self.enable_nonces.contains(&repr.sequence) {
+            if self.assignment.is_none() {
+                self.counters.unsolicited += 1;
+                return false;
+            }
             return true;
         }
         let Ok(packet) = AssignmentPacket::new_checked(payload) else {
@@ -919,7 +1223,7 @@ impl<R: RandomSource> Node<R> {
                     .collect();
                 for interface in up {
                     if let Ok(transmit) = self.paths.enable_packet(now, interface, remote) {
-                        self.push_control(transmit, None);
+                        self.push_control(now, transmit, None);
                     }
                 }
             }
@@ -971,8 +1275,24 @@ impl<R: RandomSource> Node<R> {
             }
         }
         let paths = &self.paths;
-        self.peers
-            .retain(|node, peer| !peer.sessions.is_empty() || paths.nodes().get(*node).is_some());
+        // The client keeps its proxy end's replay window for good.
+        let pinned = self.assignment.map(|(_, p)| p).or(self.config.proxy_node);
+        self.peers.retain(|node, peer| {
+            !peer.sessions.is_empty() || paths.nodes().get(*node).is_some() || pinned == Some(*node)
+        });
+        // The client: a proxy end silent long enough to be forgotten gets a
+        // new handshake (it may have restarted under another node ID).
+        if let (Role::Client { proxy_endpoints }, Some((_, proxy))) =
+            (&self.config.role, self.assignment)
+        {
+            if paths.nodes().get(proxy).is_none() && paths.paths_to(proxy).next().is_none() {
+                self.assignment = None;
+                for remote in proxy_endpoints.clone() {
+                    self.availability.restart(now, remote);
+                }
+            }
+        }
+        let paths = &self.paths;
         if let Some(pool) = &mut self.pool {
             let gone: Vec<NodeId> = pool
                 .by_node
@@ -1010,14 +1330,41 @@ impl<R: RandomSource> Node<R> {
             } else {
                 None
             };
-            self.push_control(transmit, assignment);
+            self.push_control(now, transmit, assignment);
             return self.transmits.pop_front();
         }
         self.drain_path_events();
         None
     }
 
-    fn push_control(&mut self, mut transmit: Transmit, assignment: Option<AssignmentRepr>) {
+    fn push_control(
+        &mut self,
+        now: Timestamp,
+        mut transmit: Transmit,
+        assignment: Option<AssignmentRepr>,
+    ) {
+        // Packet Sequence on control packets: an ENABLE's nonce, the CONFIRM's
+        // echo of it, or with keys the echo of the peer's latest counter
+        // (0: a challenge to a peer that has not proven it is live).
+        let keys = self.config.auth.keys.is_some();
+        let proxy = self.pool.is_some();
+        if transmit.repr.flags.contains(CmFlags::ENABLE) {
+            let nonce = self.nonce(now);
+            if self.enable_nonces.len() == ENABLE_NONCES {
+                self.enable_nonces.pop_front();
+            }
+            self.enable_nonces.push_back(nonce);
+            transmit.repr.sequence = nonce;
+        } else if let Some(peer) = transmit.node.and_then(|n| self.peers.get(&n)) {
+            transmit.repr.sequence = if transmit.repr.flags.contains(CmFlags::CONFIRM) {
+                peer.enable_nonce
+            } else if keys {
+                peer.echo(proxy && !peer.verified)
+            } else {
+                0
+            };
+        }
+        transmit.repr.auth = self.auth_ext(now, transmit.node);
         let payload = assignment.map(|a| {
             transmit.repr.flags.insert(CmFlags::ASSIGN);
             a.to_bytes()
@@ -1030,6 +1377,11 @@ impl<R: RandomSource> Node<R> {
         if let Some(payload) = payload {
             bytes[cm_len..].copy_from_slice(&payload);
         }
+        self.sign(
+            &mut bytes,
+            transmit.repr.auth,
+            cm_len.saturating_sub(AUTH_LEN),
+        );
         if let Some(node) = transmit.node {
             let _ = self.paths.count_sent(node, transmit.path, bytes.len());
         }

@@ -560,6 +560,24 @@ impl PathManager {
         }
     }
 
+    /// Answers the datagram just received on `interface` from `remote` with a
+    /// control packet on its path, unless one went out on that path within
+    /// the heartbeat interval (authentication challenges and their answers).
+    pub fn answer(&mut self, now: Timestamp, interface: InterfaceId, remote: SocketAddr) {
+        let Some((node, id)) = self.by_endpoint.get(&(interface, remote)).copied() else {
+            return;
+        };
+        let interval = self.config.heartbeat_interval;
+        let recent = self
+            .path(node, id)
+            .and_then(|p| p.last_sent)
+            .is_some_and(|t| now.saturating_since(t) < interval);
+        let queued = self.replies.iter().any(|(n, p, _)| *n == node && *p == id);
+        if !recent && !queued {
+            self.replies.push_back((node, id, CmFlags::NONE));
+        }
+    }
+
     /// Records a data packet sent to or received from `node` at `now`: the
     /// peer is busy, and heartbeats flow on its paths until it has been quiet
     /// for the linger time.
@@ -648,6 +666,7 @@ impl PathManager {
             timestamp: now.to_wire(),
             sequence,
             addresses: Vec::new(),
+            auth: None,
         })
     }
 
@@ -949,6 +968,7 @@ impl PathManager {
                 timestamp: now.to_wire(),
                 sequence: 0,
                 addresses: self.local_addresses(),
+                auth: None,
             },
         })
     }
@@ -994,6 +1014,7 @@ impl PathManager {
                 timestamp: now.to_wire(),
                 sequence: 0,
                 addresses,
+                auth: None,
             },
         })
     }
@@ -1155,6 +1176,7 @@ mod tests {
             timestamp: now.to_wire(),
             sequence: 0,
             addresses: vec![],
+            auth: None,
         }
     }
 

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{ClientConfig, CommonConfig, Impairment, ProxyEndConfig};
 use crate::metrics::MpipMetrics;
-use crate::node::{Datagram, Node, NodeConfig, NodeEvent, HEADROOM};
+use crate::node::{Datagram, Node, NodeConfig, NodeEvent};
 use crate::offload;
 use crate::path_manager::{InterfaceId, PathState};
 use crate::scheduler::DispatchSource;
@@ -134,6 +134,34 @@ struct Driver {
     coalesced: Vec<u8>,
 }
 
+/// Eight bytes from the kernel's random source.
+fn random_u64() -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(u64::from_ne_bytes(bytes))
+}
+
+/// Says at start what MPIP authenticates here.
+fn log_auth(common: &CommonConfig) {
+    match &common.auth.keys {
+        Some(keys) => tracing::info!(
+            keys = keys.keys().len(),
+            send_key = keys.send_key().id,
+            data = common.auth.data,
+            "authentication on: control datagrams carry HMAC tags{}",
+            if common.auth.data {
+                ", data too"
+            } else {
+                "; data is authenticated by its path"
+            }
+        ),
+        None => tracing::warn!(
+            "authentication off ([auth] key_file unset): anyone who can send UDP from a path's \
+             address can inject into or take over MPIP sessions (PROTOCOL.md §11)"
+        ),
+    }
+}
+
 fn node_id(common: &CommonConfig) -> Result<NodeId, ShellError> {
     common
         .node_id
@@ -170,16 +198,16 @@ fn create_tun(common: &CommonConfig, mtu: u16) -> Result<Arc<TunDevice>, ShellEr
     Ok(Arc::new(tun))
 }
 
-async fn read_tun(tun: Arc<TunDevice>, mtu: u16, inbound: mpsc::Sender<Inbound>) {
+async fn read_tun(tun: Arc<TunDevice>, mtu: u16, headroom: usize, inbound: mpsc::Sender<Inbound>) {
     if tun.vnet_hdr() {
-        return read_tun_offload(tun, mtu, inbound).await;
+        return read_tun_offload(tun, mtu, headroom, inbound).await;
     }
     loop {
-        let mut buffer = vec![0u8; HEADROOM + usize::from(mtu) + 64];
-        match tun.recv(&mut buffer[HEADROOM..]).await {
+        let mut buffer = vec![0u8; headroom + usize::from(mtu) + 64];
+        match tun.recv(&mut buffer[headroom..]).await {
             Ok(0) => continue,
             Ok(len) => {
-                buffer.truncate(HEADROOM + len);
+                buffer.truncate(headroom + len);
                 if inbound.send(Inbound::Tun(buffer)).await.is_err() {
                     return;
                 }
@@ -194,7 +222,12 @@ async fn read_tun(tun: Arc<TunDevice>, mtu: u16, inbound: mpsc::Sender<Inbound>)
 
 /// The reader of a TUN device with offloads: each read (up to 64 KiB with
 /// TSO) is split into MTU-sized packets, each in its own buffer.
-async fn read_tun_offload(tun: Arc<TunDevice>, mtu: u16, inbound: mpsc::Sender<Inbound>) {
+async fn read_tun_offload(
+    tun: Arc<TunDevice>,
+    mtu: u16,
+    headroom: usize,
+    inbound: mpsc::Sender<Inbound>,
+) {
     let mut read = vec![0u8; offload::MAX_READ];
     let mut packets = Vec::new();
     let mut dropped = 0u64;
@@ -202,7 +235,7 @@ async fn read_tun_offload(tun: Arc<TunDevice>, mtu: u16, inbound: mpsc::Sender<I
         match tun.recv(&mut read).await {
             Ok(len) => {
                 if let Err(error) =
-                    offload::split(&read[..len], usize::from(mtu), HEADROOM, &mut packets)
+                    offload::split(&read[..len], usize::from(mtu), headroom, &mut packets)
                 {
                     dropped += 1;
                     if dropped == 1 {
@@ -249,7 +282,7 @@ async fn read_socket(id: InterfaceId, socket: Arc<UdpSocket>, inbound: mpsc::Sen
 
 impl Driver {
     fn new(
-        config: NodeConfig,
+        mut config: NodeConfig,
         common: &CommonConfig,
         port: u16,
         tun: Arc<TunDevice>,
@@ -261,6 +294,10 @@ impl Driver {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         let seed = clock ^ u64::from(std::process::id());
+        // Authentication counters continue from the wall clock (µs), so they
+        // keep growing across restarts; nonces need bits nobody can guess.
+        config.auth.counter_base = clock / 1000;
+        config.auth.entropy = random_u64().unwrap_or(seed);
         let endpoints = common
             .paths
             .interfaces
@@ -822,7 +859,8 @@ async fn run_node(
         }
     }
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-    let tun_reader = tokio::spawn(read_tun(tun.clone(), mtu, inbound_tx.clone()));
+    let headroom = setup.node_config.headroom();
+    let tun_reader = tokio::spawn(read_tun(tun.clone(), mtu, headroom, inbound_tx.clone()));
     let mut driver = Driver::new(
         setup.node_config,
         &setup.common,
@@ -857,6 +895,7 @@ pub async fn run_client(
 ) -> Result<(), ShellError> {
     let node_config = config.node_config(node_id(&config.common)?);
     tracing::info!(node = %node_config.node_id, "mpipd starting");
+    log_auth(&config.common);
     let mpip_metrics = Arc::new(MpipMetrics::default());
     let node = NodeThread::start(NodeSetup {
         node_config,
@@ -906,6 +945,7 @@ pub async fn run_proxy_end(
 ) -> Result<(), ShellError> {
     let node_config = config.node_config(node_id(&config.common)?);
     tracing::info!(node = %node_config.node_id, pool = %config.tunnel.pool, "mpip-proxy starting");
+    log_auth(&config.common);
     let Some((tunnel_address, prefix_len)) = node_config.proxy_tunnel() else {
         unreachable!("a proxy-end node has a tunnel address");
     };

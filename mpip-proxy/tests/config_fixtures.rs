@@ -36,7 +36,7 @@ fn load(path: &Path) -> Result<(), String> {
 #[test]
 fn valid_fixtures_parse() {
     let files = files("valid");
-    assert_eq!(files.len(), 2, "the test read the fixture folder");
+    assert_eq!(files.len(), 3, "the test read the fixture folder");
     for file in files {
         load(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     }
@@ -45,7 +45,7 @@ fn valid_fixtures_parse() {
 #[test]
 fn invalid_fixtures_are_refused_with_their_name() {
     let files = files("invalid");
-    assert_eq!(files.len(), 8, "the test read the fixture folder");
+    assert_eq!(files.len(), 10, "the test read the fixture folder");
     for file in files {
         let error = load(&file).expect_err(&file.display().to_string());
         assert!(error.contains(&file.display().to_string()), "{error}");
@@ -96,5 +96,8 @@ fn defaults_are_the_documented_ones() {
     .unwrap();
     let node = client.node_config(mpip_proxy::wire::NodeId([2, 0, 0, 0, 0, 2]));
     assert_eq!(node.paths, defaults, "the client sends them");
-    assert_eq!(defaults.keepalive_interval, std::time::Duration::from_secs(15));
+    assert_eq!(
+        defaults.keepalive_interval,
+        std::time::Duration::from_secs(15)
+    );
 }
