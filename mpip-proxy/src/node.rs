@@ -1019,8 +1019,19 @@ impl<R: RandomSource> Node<R> {
                 let pinned = self.assignment.map(|(_, p)| p).or(self.config.proxy_node);
                 let assignment = repr.flags.contains(CmFlags::CONFIRM.union(CmFlags::ASSIGN));
                 let foreign = pinned.is_some_and(|p| p != node);
-                let unsolicited =
-                    self.assignment.is_none() && !(assignment && proxy_endpoints.contains(&remote));
+                // The proxy end speaks from the configured endpoints and the
+                // ones it announced from those: a datagram from anywhere
+                // else never makes a path (no path toward an attacker).
+                let trusted = proxy_endpoints.contains(&remote)
+                    || pinned
+                        .and_then(|p| self.paths.nodes().get(p))
+                        .is_some_and(|entry| {
+                            entry.announced.contains(&remote)
+                                || entry.observed.contains_key(&remote)
+                        });
+                let unsolicited = !trusted
+                    || (self.assignment.is_none()
+                        && !(assignment && proxy_endpoints.contains(&remote)));
                 if foreign || unsolicited || enable {
                     self.counters.unsolicited += 1;
                     return Admission::Drop;

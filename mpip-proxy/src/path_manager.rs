@@ -478,7 +478,8 @@ impl PathManager {
         // Discovery only has new pairs to find when the node's endpoints
         // changed or one of its paths went away; not on every datagram.
         let mut endpoints_changed = true;
-        if repr.flags.contains(CmFlags::IP_CHANGE) {
+        // An address change lists the new addresses; one without is bogus.
+        if repr.flags.contains(CmFlags::IP_CHANGE) && !repr.addresses.is_empty() {
             self.nodes
                 .reset_after_ip_change(now, node, remote, &repr.addresses);
             let stale: Vec<PathId> = self

@@ -416,17 +416,6 @@ fn address_change_mid_transfer() {
     );
 }
 
-/// The IPv4 address of `mpip0` in `ns`, once the proxy end assigned one.
-fn tunnel_address(lab: &MpipLab, ns: &str) -> Option<String> {
-    let text = lab
-        .tb
-        .exec(ns, &["ip", "-o", "-4", "addr", "show", "dev", "mpip0"])
-        .ok()?;
-    let mut words = text.split_whitespace();
-    words.find(|w| *w == "inet")?;
-    Some(words.next()?.split('/').next()?.to_owned())
-}
-
 /// Several clients at once: a second `mpipd` on a host of its own, with two
 /// paths of its own (d1, d2 to the proxy end's p4, p5), gets another address
 /// from the pool, and both clients download through the proxy end's HTTP

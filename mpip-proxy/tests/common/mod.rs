@@ -78,6 +78,18 @@ impl MpipLab {
         edit_proxy: impl FnOnce(&mut toml::Table),
         edit_client: impl FnOnce(&mut toml::Table),
     ) -> Option<MpipLab> {
+        Self::with_hook(options, files, edit_proxy, edit_client, |_, _| {})
+    }
+
+    /// Like [`MpipLab::new`]; `before_client` runs once the proxy end is up
+    /// and before mpipd starts (with the testbed and the work folder).
+    pub fn with_hook(
+        options: Options,
+        files: &[(&str, &[u8])],
+        edit_proxy: impl FnOnce(&mut toml::Table),
+        edit_client: impl FnOnce(&mut toml::Table),
+        before_client: impl FnOnce(&Testbed, &Path),
+    ) -> Option<MpipLab> {
         if testbed::skip_unless_root() {
             return None;
         }
@@ -104,6 +116,7 @@ impl MpipLab {
             Duration::from_secs(10),
         )
         .expect("mpip-proxy metrics listener");
+        before_client(&tb, dir.path());
         let mut client_cmd = tb.command(tb.client_ns(), env!("CARGO_BIN_EXE_mpipd"));
         client_cmd
             .arg("--config")
@@ -194,6 +207,16 @@ impl MpipLab {
             .arg(out)
             .args(args);
         Background::start(cmd).expect("curl")
+    }
+
+    /// mpipd's `/metrics`.
+    pub fn client_metrics(&self) -> String {
+        self.tb
+            .exec(
+                self.tb.client_ns(),
+                &["curl", "-sS", "http://127.0.0.1:9465/metrics"],
+            )
+            .expect("scrape")
     }
 
     /// The proxy end's `/metrics`.
@@ -328,4 +351,40 @@ pub fn shaped_download(
     let url = format!("http://{SERVER}/big.bin");
     let curl = lab.curl_background(&out, &["-x", PROXY_HTTP, &url]);
     Some((lab, file, out, curl))
+}
+
+/// A key file with one fresh key (readable by its owner only), in `dir`;
+/// returns its path.
+pub fn write_key_file(dir: &Path, name: &str, id: u8, seed: u64) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let secret: String = pseudo_random(32, seed)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!("[[key]]\nid = {id}\nsecret = \"{secret}\"\n"),
+    )
+    .expect("key file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+/// `[auth] key_file = PATH` (and `data`).
+pub fn with_keys(table: &mut toml::Table, keys: &Path, data: bool) {
+    let auth = section(table, "auth");
+    auth.insert("key_file".into(), keys.display().to_string().into());
+    auth.insert("data".into(), data.into());
+}
+
+/// The IPv4 address of `mpip0` in `ns`, once the proxy end assigned one.
+pub fn tunnel_address(lab: &MpipLab, ns: &str) -> Option<String> {
+    let text = lab
+        .tb
+        .exec(ns, &["ip", "-o", "-4", "addr", "show", "dev", "mpip0"])
+        .ok()?;
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "inet")?;
+    Some(words.next()?.split('/').next()?.to_owned())
 }

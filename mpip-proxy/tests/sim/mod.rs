@@ -73,7 +73,7 @@ impl Lab {
         let client = NodeConfig::new(
             CLIENT_ID,
             Role::Client {
-                proxy_endpoints: vec![proxy_addr(1)],
+                proxy_endpoints: vec![proxy_addr(1), proxy_addr(2)],
             },
         );
         let proxy = NodeConfig::new(
