@@ -340,32 +340,11 @@ struct Peer {
     window: ReplayWindow,
     /// The key the peer authenticates with (we answer with it).
     key_id: Option<u8>,
-    /// Proxy end: the peer proved it is live since this end started, by
-    /// echoing one of our counters.
+    /// Proxy end: the peer proved it is live since this end started (a
+    /// datagram over one of its paths echoed a counter we sent over it).
     verified: bool,
-    /// Our first and latest counters sent to the peer.
-    sent_counters: Option<(u64, u64)>,
     /// The nonce of the peer's latest `ENABLE` (echoed in the `CONFIRM`).
     enable_nonce: u32,
-}
-
-impl Peer {
-    /// The echo of our control packets: the low 32 bits of the peer's latest
-    /// counter, or 0 to challenge a peer that has not proven freshness.
-    fn echo(&self, challenge: bool) -> u32 {
-        if challenge {
-            return 0;
-        }
-        self.window.top().map_or(0, |c| c as u32)
-    }
-
-    /// Whether `echo` is the low 32 bits of a counter we sent this peer.
-    fn echoes_ours(&self, echo: u32) -> bool {
-        self.sent_counters.is_some_and(|(first, last)| {
-            let span = last - first;
-            span < 1 << 31 && u64::from(echo.wrapping_sub(first as u32)) <= span
-        })
-    }
 }
 
 /// Proxy end: tunnel addresses handed to client nodes.
@@ -476,8 +455,8 @@ pub struct Node<R: RandomSource> {
 enum Admission {
     /// Dropped (and counted).
     Drop,
-    /// Processed.
-    Accept,
+    /// Processed; whether it proves its path (`PROTOCOL.md` §11.3).
+    Accept(bool),
     /// Authentic data from a node not proven live: the path manager sees it,
     /// the inner packet is dropped, the node is challenged.
     Challenge,
@@ -493,8 +472,12 @@ impl<R: RandomSource> Node<R> {
             Role::Proxy { pool } => Some(AddressPool::new(*pool)),
             Role::Client { .. } => None,
         };
+        let path_config = PathConfig {
+            require_proof: config.auth.keys.is_some(),
+            ..config.paths
+        };
         Node {
-            paths: PathManager::new(config.paths, config.node_id),
+            paths: PathManager::new(path_config, config.node_id),
             sessions: SessionTable::new(config.node_id),
             peers: HashMap::new(),
             holding: HashSet::new(),
@@ -540,18 +523,18 @@ impl<R: RandomSource> Node<R> {
         ((x ^ (x >> 31)) as u32) | 1
     }
 
-    /// The authentication extension for a datagram to `node` (zero tag; the
-    /// caller signs after emitting), or `None` without keys.
-    fn auth_ext(&mut self, now: Timestamp, node: Option<NodeId>) -> Option<AuthExt> {
+    /// The authentication extension for a datagram to `node` over `path`
+    /// (zero tag; the caller signs after emitting), or `None` without keys.
+    fn auth_ext(&mut self, now: Timestamp, node: Option<NodeId>, path: PathId) -> Option<AuthExt> {
         let send_key = self.config.auth.keys.as_ref()?.send_key().id;
         let counter = self.next_counter(now);
-        let key_id = match node.and_then(|n| self.peers.get_mut(&n)) {
-            Some(peer) => {
-                peer.sent_counters = Some(match peer.sent_counters {
-                    Some((first, _)) => (first, counter),
-                    None => (counter, counter),
-                });
-                peer.key_id.unwrap_or(send_key)
+        let key_id = match node {
+            Some(node) => {
+                self.paths.note_tx_counter(node, path, counter);
+                self.peers
+                    .get(&node)
+                    .and_then(|p| p.key_id)
+                    .unwrap_or(send_key)
             }
             None => send_key,
         };
@@ -814,7 +797,7 @@ impl<R: RandomSource> Node<R> {
         };
         repr.flags.insert(flags);
         if self.config.auth_data() {
-            repr.auth = self.auth_ext(now, Some(node));
+            repr.auth = self.auth_ext(now, Some(node), path);
         }
         // A data CM block has no address list: exactly the headroom.
         let headroom = self.headroom();
@@ -921,7 +904,9 @@ impl<R: RandomSource> Node<R> {
         if !self.handle_handshake(now, remote, &repr, &bytes[cm_len..]) {
             return;
         }
-        self.paths.handle_received(now, interface, remote, &repr);
+        let proves = matches!(admitted, Admission::Accept(true));
+        self.paths
+            .handle_received_proven(now, interface, remote, &repr, proves);
         self.drain_path_events();
         self.paths.note_received(interface, remote, bytes.len());
         if admitted == Admission::Challenge {
@@ -1052,7 +1037,7 @@ impl<R: RandomSource> Node<R> {
             }
         }
         let Some(keys) = self.config.auth.keys.as_ref().filter(|_| keys) else {
-            return Admission::Accept;
+            return Admission::Accept(true);
         };
         let Some(ext) = repr.auth else {
             // Untagged: only data over a path the node already uses, from a
@@ -1066,7 +1051,7 @@ impl<R: RandomSource> Node<R> {
                 self.counters.unauthenticated += 1;
                 return Admission::Drop;
             }
-            return Admission::Accept;
+            return Admission::Accept(false);
         };
         let Some(key) = keys
             .get(ext.key_id)
@@ -1079,27 +1064,27 @@ impl<R: RandomSource> Node<R> {
             self.counters.bad_mac += 1;
             return Admission::Drop;
         }
+        // A control datagram echoing a counter we sent over its path proves
+        // the peer is there and live; so does the answer to our handshake.
+        let proves = is_control
+            && !enable
+            && (self.paths.path_echoes(interface, remote, repr.sequence)
+                || (client
+                    && repr.flags.contains(CmFlags::CONFIRM.union(CmFlags::ASSIGN))
+                    && self.enable_nonces.contains(&repr.sequence)));
         let peer = self.peers.entry(node).or_default();
         if !peer.window.accept(ext.counter) {
             self.counters.replayed += 1;
             return Admission::Drop;
         }
         peer.key_id = Some(ext.key_id);
-        if client {
-            // A control packet echoing 0 is the proxy end's challenge: answer
-            // at once, so the answer echoes its counter.
-            if is_control && repr.sequence == 0 && !repr.flags.contains(CmFlags::CONFIRM) {
-                self.paths.answer(now, interface, remote);
-            }
-            return Admission::Accept;
-        }
-        if is_control && !enable && peer.echoes_ours(repr.sequence) {
+        if proves {
             peer.verified = true;
         }
-        if !is_control && !peer.verified {
+        if !client && !is_control && !peer.verified {
             return Admission::Challenge;
         }
-        Admission::Accept
+        Admission::Accept(proves)
     }
 
     /// Whether an inner packet from `node` carries that node's addresses: a
@@ -1355,10 +1340,8 @@ impl<R: RandomSource> Node<R> {
         assignment: Option<AssignmentRepr>,
     ) {
         // Packet Sequence on control packets: an ENABLE's nonce, the CONFIRM's
-        // echo of it, or with keys the echo of the peer's latest counter
-        // (0: a challenge to a peer that has not proven it is live).
-        let keys = self.config.auth.keys.is_some();
-        let proxy = self.pool.is_some();
+        // echo of it, or with keys the echo of the path's latest counter (set
+        // by the path manager).
         if transmit.repr.flags.contains(CmFlags::ENABLE) {
             let nonce = self.nonce(now);
             if self.enable_nonces.len() == ENABLE_NONCES {
@@ -1366,16 +1349,12 @@ impl<R: RandomSource> Node<R> {
             }
             self.enable_nonces.push_back(nonce);
             transmit.repr.sequence = nonce;
-        } else if let Some(peer) = transmit.node.and_then(|n| self.peers.get(&n)) {
-            transmit.repr.sequence = if transmit.repr.flags.contains(CmFlags::CONFIRM) {
-                peer.enable_nonce
-            } else if keys {
-                peer.echo(proxy && !peer.verified)
-            } else {
-                0
-            };
+        } else if transmit.repr.flags.contains(CmFlags::CONFIRM) {
+            if let Some(peer) = transmit.node.and_then(|n| self.peers.get(&n)) {
+                transmit.repr.sequence = peer.enable_nonce;
+            }
         }
-        transmit.repr.auth = self.auth_ext(now, transmit.node);
+        transmit.repr.auth = self.auth_ext(now, transmit.node, transmit.path);
         let payload = assignment.map(|a| {
             transmit.repr.flags.insert(CmFlags::ASSIGN);
             a.to_bytes()

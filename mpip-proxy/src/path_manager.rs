@@ -58,6 +58,12 @@ pub struct PathConfig {
     /// Whether this end sends keepalives (and probes dead paths) while idle:
     /// the client does; the proxy end answers them instead.
     pub sends_keepalives: bool,
+    /// Authentication on (`PROTOCOL.md` §11.3): a path becomes active only
+    /// once a datagram over it proves the peer answers there (it echoes a
+    /// counter sent over that path), so a recorded datagram delivered from
+    /// another address makes no path toward that address. Control packets
+    /// carry the echo of the path's latest counter in Packet Sequence.
+    pub require_proof: bool,
 }
 
 impl Default for PathConfig {
@@ -71,6 +77,7 @@ impl Default for PathConfig {
             linger: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(15),
             sends_keepalives: true,
+            require_proof: false,
         }
     }
 }
@@ -134,6 +141,13 @@ pub struct Path {
     pub last_sent: Option<Timestamp>,
     /// Traffic.
     pub counters: PathCounters,
+    /// Whether a datagram over the path proved the peer answers there (only
+    /// tracked with [`PathConfig::require_proof`]).
+    pub proven: bool,
+    /// The latest authentication counter received over the path.
+    rx_counter: Option<u64>,
+    /// The first and latest authentication counters sent over the path.
+    tx_counters: Option<(u64, u64)>,
     created: Timestamp,
     next_probe: Timestamp,
     /// The earliest time this path is in the timer queue for.
@@ -471,6 +485,20 @@ impl PathManager {
         remote: SocketAddr,
         repr: &CmRepr,
     ) {
+        self.handle_received_proven(now, interface, remote, repr, true);
+    }
+
+    /// Like [`PathManager::handle_received`], for an authentic datagram that
+    /// `proves` its path or not ([`PathConfig::require_proof`]); its counter,
+    /// if tagged, becomes the path's echo.
+    pub fn handle_received_proven(
+        &mut self,
+        now: Timestamp,
+        interface: InterfaceId,
+        remote: SocketAddr,
+        repr: &CmRepr,
+        proves: bool,
+    ) {
         let node = repr.node_id;
         if node == self.local_node {
             return;
@@ -513,6 +541,17 @@ impl PathManager {
             None => self.create_path(now, node, interface, remote).ok(),
         };
         if let Some(id) = id {
+            if let (Some(auth), Some(path)) = (repr.auth, self.path_mut(node, id)) {
+                path.rx_counter = Some(
+                    path.rx_counter
+                        .map_or(auth.counter, |c| c.max(auth.counter)),
+                );
+            }
+            if proves {
+                if let Some(path) = self.path_mut(node, id) {
+                    path.proven = true;
+                }
+            }
             let was_active = self.mark_heard(now, node, id);
             let busy = self.is_busy(now, node);
             if repr.flags.contains(CmFlags::ENABLE) {
@@ -542,7 +581,10 @@ impl PathManager {
         peer.feedback.record(repr.session_id, repr.path_id, sample);
 
         if let Some(feedback) = repr.feedback {
-            if self.path(node, feedback.path_id).is_some() {
+            let usable = self
+                .path(node, feedback.path_id)
+                .is_some_and(|p| p.proven || !self.config.require_proof);
+            if usable {
                 self.mark_heard(now, node, feedback.path_id);
                 self.events.push_back(PathEvent::DelayFeedback {
                     node,
@@ -576,6 +618,29 @@ impl PathManager {
         let queued = self.replies.iter().any(|(n, p, _)| *n == node && *p == id);
         if !recent && !queued {
             self.replies.push_back((node, id, CmFlags::NONE));
+        }
+    }
+
+    /// Whether `echo` (a control packet's Packet Sequence) is the low 32 bits
+    /// of an authentication counter this node sent over the path on
+    /// `interface` toward `remote`: proof that the peer hears that path.
+    pub fn path_echoes(&self, interface: InterfaceId, remote: SocketAddr, echo: u32) -> bool {
+        self.path_between(interface, remote)
+            .and_then(|p| p.tx_counters)
+            .is_some_and(|(first, last)| {
+                let span = last - first;
+                span < 1 << 31 && u64::from(echo.wrapping_sub(first as u32)) <= span
+            })
+    }
+
+    /// Records the authentication counter of a datagram sent on `path`
+    /// toward `node`.
+    pub fn note_tx_counter(&mut self, node: NodeId, path: PathId, counter: u64) {
+        if let Some(path) = self.path_mut(node, path) {
+            path.tx_counters = Some(match path.tx_counters {
+                Some((first, _)) => (first, counter),
+                None => (counter, counter),
+            });
         }
     }
 
@@ -990,6 +1055,7 @@ impl PathManager {
         }
         path.last_sent = Some(now);
         let (local, remote, iface) = (path.local, path.remote, path.interface);
+        let echo = path.rx_counter.map_or(0, |c| c as u32);
         let mut flags = CmFlags::HEARTBEAT.union(extra);
         if std::mem::take(&mut peer.ip_change_pending) {
             flags.insert(CmFlags::IP_CHANGE);
@@ -1013,7 +1079,7 @@ impl PathManager {
                 path_id: id,
                 feedback,
                 timestamp: now.to_wire(),
-                sequence: 0,
+                sequence: if self.config.require_proof { echo } else { 0 },
                 addresses,
                 auth: None,
             },
@@ -1025,6 +1091,7 @@ impl PathManager {
         let up = self
             .path(node, id)
             .is_some_and(|p| self.interfaces.get(&p.interface).is_some_and(|i| i.up));
+        let require_proof = self.config.require_proof;
         let Some(path) = self.path_mut(node, id) else {
             return false;
         };
@@ -1032,7 +1099,7 @@ impl PathManager {
         if path.state == PathState::Active {
             return true;
         }
-        if up {
+        if up && (path.proven || !require_proof) {
             path.state = PathState::Active;
             self.events.push_back(PathEvent::Up { node, path: id });
             self.schedule_at(now, node, id);
@@ -1118,6 +1185,9 @@ impl PathManager {
                 last_heard: None,
                 last_sent: None,
                 counters: PathCounters::default(),
+                proven: false,
+                rx_counter: None,
+                tx_counters: None,
                 created: now,
                 next_probe: now,
                 scheduled: None,

@@ -419,4 +419,9 @@ fn attacks_on_keyed_ends_change_nothing() {
         .find_map(|line| line.strip_prefix("mpip_peers "))
         .and_then(|value| value.trim().parse::<f64>().ok());
     assert_eq!(peers, Some(1.0), "no peer but the client");
+    let active = sum_metric(&proxy, "mpip_path_active", &[]);
+    assert_eq!(
+        active, 2,
+        "the client's two paths are the only active ones (replays from the attacker's address proved nothing)"
+    );
 }

@@ -474,3 +474,73 @@ fn handshakes_are_rate_limited_per_source() {
         "a token back after a second"
     );
 }
+
+/// An attacker on a path records a tagged datagram the proxy end never got
+/// (the link lost it) and delivers it from its own address: it is authentic
+/// and fresh, but it proves nothing about the attacker's address, so no
+/// path there becomes active and the proxy end sends the client's traffic
+/// only over the client's own paths.
+#[test]
+fn a_datagram_delivered_from_another_address_makes_no_active_path() {
+    let mut lab = deployment_lab(false);
+    lab.link_up = [false, false];
+    lab.record = true;
+    lab.run(Duration::from_secs(16));
+    lab.record = false;
+    lab.link_up = [true, true];
+    let (_, link, _, bytes) = lab
+        .recorded
+        .iter()
+        .find(|(to_proxy, _, _, b)| *to_proxy && b[0] == 2)
+        .cloned()
+        .expect("a tagged keepalive the proxy end never got");
+    let attacker = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 66)), 9999);
+    lab.proxy
+        .handle_datagram(lab.now, InterfaceId(link.into()), attacker, bytes);
+    assert_eq!(lab.proxy.counters().replayed, 0, "fresh and authentic");
+    let toward_attacker = |node: &Node<_>| {
+        node.path_snapshots()
+            .into_iter()
+            .find(|p| p.remote == attacker)
+            .map(|p| p.state)
+    };
+    assert!(
+        toward_attacker(&lab.proxy)
+            .is_some_and(|s| s != mpip_proxy::path_manager::PathState::Active),
+        "a path was noted, not made active: {:?}",
+        toward_attacker(&lab.proxy)
+    );
+    // Traffic to the client goes over its own paths only.
+    let mut to_attacker = 0;
+    for i in 0..200u32 {
+        lab.proxy.handle_tun_packet(
+            lab.now,
+            [
+                vec![0u8; lab.proxy.headroom()],
+                mpip_proxy::packet::build::ipv4_udp(
+                    PROXY_TUN,
+                    CLIENT_TUN,
+                    53,
+                    40000,
+                    &i.to_be_bytes(),
+                ),
+            ]
+            .concat(),
+        );
+        while let Some(d) = lab.proxy.poll_transmit(lab.now) {
+            if d.remote == attacker {
+                to_attacker += 1;
+                assert!(d.bytes.len() < 120, "only control packets to the attacker");
+            }
+        }
+        lab.now += Duration::from_millis(5);
+        lab.proxy.handle_timeout(lab.now);
+    }
+    // The answer, a round of discovery probes, and one more round when the
+    // proxy end turned busy: a bounded echo, no data.
+    assert!(to_attacker <= 11, "{to_attacker} control packets");
+    assert_ne!(
+        toward_attacker(&lab.proxy),
+        Some(mpip_proxy::path_manager::PathState::Active)
+    );
+}

@@ -52,8 +52,8 @@ pub struct Lab {
     pub proxy_tun: Vec<Vec<u8>>,
     /// Datagrams each link carried toward the client and toward the proxy.
     pub carried: [[u64; 2]; 2],
-    /// With `record`, every datagram put on a link: (toward the proxy, link,
-    /// source, bytes), for replay tests.
+    /// With `record`, every datagram put on a link, lost or not: (toward the
+    /// proxy, link, source, bytes), for replay tests.
     pub record: bool,
     pub recorded: Vec<(bool, u8, SocketAddr, Vec<u8>)>,
 }
@@ -144,14 +144,14 @@ impl Lab {
                 } else {
                     (proxy_addr(link), client_addr(link))
                 };
+                if self.record && datagram.remote == expected {
+                    self.recorded
+                        .push((to_proxy, link, from, datagram.bytes.clone()));
+                }
                 if datagram.remote != expected || self.lost(link) {
                     continue;
                 }
                 self.carried[usize::from(link - 1)][usize::from(to_proxy)] += 1;
-                if self.record {
-                    self.recorded
-                        .push((to_proxy, link, from, datagram.bytes.clone()));
-                }
                 self.wire.push(InFlight {
                     arrive: now + self.delay[usize::from(link - 1)],
                     to_proxy,
