@@ -12,7 +12,6 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -714,10 +713,7 @@ async fn serve_metrics(
         .await
         .map_err(error)?;
     tracing::info!(address = %listener.local_addr().map_err(error)?, "metrics listener (/metrics, /healthz, /readyz)");
-    let state = Arc::new(mptcp_proxy::admin::AdminState {
-        metrics,
-        ready: AtomicBool::new(true),
-    });
+    let state = Arc::new(mptcp_proxy::admin::AdminState::new(metrics));
     Ok(tokio::spawn(mptcp_proxy::admin::serve(
         listener, state, stop,
     )))

@@ -489,7 +489,8 @@ impl ThrottleConfig {
     /// that needs the restart. Where state lives (table, qdisc major, IFB prefix), where events come
     /// from, and whether anything is active at all are fixed for a run.
     pub fn needs_restart(&self, new: &ThrottleConfig) -> Option<&'static str> {
-        let active = |c: &ThrottleConfig| c.enabled && !(c.classes.is_empty() && c.rules.is_empty());
+        let active =
+            |c: &ThrottleConfig| c.enabled && !(c.classes.is_empty() && c.rules.is_empty());
         if active(self) != active(new) {
             return Some("enabled");
         }

@@ -481,9 +481,9 @@ fn refuse_policy(running: &ThrottleConfig, new: &ThrottleConfig) -> Option<Strin
     if let Err(error) = new.validate() {
         return Some(error.to_string());
     }
-    running.needs_restart(new).map(|key| {
-        format!("throttle.{key} changed: only a restart of the throttle can apply it")
-    })
+    running
+        .needs_restart(new)
+        .map(|key| format!("throttle.{key} changed: only a restart of the throttle can apply it"))
 }
 
 async fn run_owner<F, B, H>(

@@ -10,8 +10,8 @@ use mptcp_throttle::driver::{
 };
 use mptcp_throttle::kernel::{InterfaceTable, KernelError, StaleReport};
 use mptcp_throttle::{
-    event_channel, policy_channel, run, Change, ConnectionToken, MissingPrivileges, QuickThrottle, SubflowEvent,
-    SubflowInfo, ThrottleConfig, ThrottleError,
+    event_channel, policy_channel, run, Change, ConnectionToken, MissingPrivileges, QuickThrottle,
+    SubflowEvent, SubflowInfo, ThrottleConfig, ThrottleError,
 };
 
 #[derive(Clone, Default)]
@@ -208,7 +208,10 @@ async fn policy_change_updates_classes_in_place_and_keeps_rules() {
     wait_for_log(&log, "add-class").await;
     let mut moved = quick("eth1=1mbit");
     moved.nft_table = "elsewhere".into();
-    assert_eq!(quick("eth1=20mbit").needs_restart(&moved), Some("nft_table"));
+    assert_eq!(
+        quick("eth1=20mbit").needs_restart(&moved),
+        Some("nft_table")
+    );
     policies.send(moved).unwrap();
     for _ in 0..1000 {
         tokio::task::yield_now().await;
@@ -217,7 +220,12 @@ async fn policy_change_updates_classes_in_place_and_keeps_rules() {
     task.await.unwrap().unwrap();
     assert_eq!(
         log.lock().unwrap().clone(),
-        vec!["start", "add-interface eth1", "add-class 4d50:10 20mbit", "shutdown"]
+        vec![
+            "start",
+            "add-interface eth1",
+            "add-class 4d50:10 20mbit",
+            "shutdown"
+        ]
     );
 }
 
