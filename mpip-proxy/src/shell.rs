@@ -882,7 +882,9 @@ pub async fn run_client(
             return Err(error);
         }
     };
+    mptcp_ops::notify::ready("tunnel device up");
     shutdown.await;
+    mptcp_ops::notify::stopping();
     node.stop().await;
     let _ = stop_tx.send(true);
     if let Some(admin) = admin {
@@ -970,6 +972,8 @@ async fn serve_proxy_end(
         match config.common.metrics.address {
             Some(address) => {
                 let admin = serve_metrics(address, registry, http_stop_rx).await?;
+                // Without the HTTP core (which tells systemd itself), ready once the tunnel serves.
+                mptcp_ops::notify::ready("tunnel up");
                 Some(tokio::spawn(async move {
                     let _ = admin.await;
                     Ok(())
