@@ -24,3 +24,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 # --no-fail-fast: one failing binary must not hide how the others fared.
 cargo test --workspace --all-targets --no-fail-fast "$@"
+echo "== the Debian package: build, dpkg-deb, lintian, systemd-analyze, install, run, purge"
+bash deploy/debian/package-test.sh

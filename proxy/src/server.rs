@@ -427,6 +427,10 @@ impl Server {
                             }
                             Err(error) => log_refused(origin, &ReloadError::Config(error)),
                         }
+                        // logrotate's SIGHUP must move the log even when the new file is refused.
+                        if let Err(error) = running.access_log.reopen() {
+                            tracing::warn!(%error, "reopening the access log failed");
+                        }
                     }
                     None => match running.access_log.reopen() {
                         Ok(()) => tracing::info!("access log reopened"),
