@@ -405,6 +405,10 @@ impl NetlinkSocket {
 
     /// Receives one datagram and splits it into messages.
     pub fn recv(&self) -> io::Result<Vec<Message>> {
+        self.recv_with_flags(0)
+    }
+
+    fn recv_with_flags(&self, flags: libc::c_int) -> io::Result<Vec<Message>> {
         let mut buf = vec![0u8; 1 << 16];
         loop {
             // SAFETY: buf is valid for writes of its length.
@@ -413,7 +417,7 @@ impl NetlinkSocket {
                     self.fd.as_raw_fd(),
                     buf.as_mut_ptr() as *mut libc::c_void,
                     buf.len(),
-                    0,
+                    flags,
                 )
             };
             if rc < 0 {
@@ -491,12 +495,26 @@ impl NetlinkSocket {
     /// Collects answers to a batch of messages already sent: waits until
     /// every sequence number in `acked` got an ack or error. Returns the
     /// other messages (echoes) and the errors by sequence number.
+    ///
+    /// A failed nftables batch is aborted and its end message is never
+    /// acked; the kernel has queued every answer by the time `send` returns
+    /// (netlink requests are handled in the sender's context), so once an
+    /// error is seen the rest is drained without blocking.
     pub fn collect_batch_replies(&self, acked: &[u32]) -> io::Result<BatchReplies> {
         let mut pending: std::collections::BTreeSet<u32> = acked.iter().copied().collect();
         let mut others = Vec::new();
         let mut errors = Vec::new();
         while !pending.is_empty() {
-            for msg in self.recv()? {
+            let messages = if errors.is_empty() {
+                self.recv()?
+            } else {
+                match self.recv_with_flags(libc::MSG_DONTWAIT) {
+                    Ok(messages) => messages,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            };
+            for msg in messages {
                 if msg.msg_type == NLMSG_ERROR {
                     let (errno, message) = parse_error(&msg);
                     pending.remove(&msg.seq);
