@@ -336,7 +336,7 @@ const INET_DIAG_MSG_LEN: usize = 72;
 /// kernel's sock_diag ULP information, as `ss -tiO` shows them. `Ok(None)` when the kernel does not
 /// tell (the subflow is gone, or the process lacks `CAP_NET_ADMIN`, which the ULP information needs).
 pub fn subflow_flags(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u32>> {
-    use mptcp_throttle::netlink::{attr_u32, parse_attrs, MessageBuilder, NetlinkSocket};
+    use mptcp_netlink::{attr_u32, parse_attrs, MessageBuilder, NetlinkSocket};
 
     let (local, remote) = (
         SocketAddr::new(local.ip().to_canonical(), local.port()),
@@ -592,7 +592,7 @@ pub fn conntrack_original_destination(
     local: SocketAddr,
     peer: SocketAddr,
 ) -> io::Result<Option<SocketAddr>> {
-    use mptcp_throttle::netlink::{parse_attrs, MessageBuilder, NetlinkSocket};
+    use mptcp_netlink::{parse_attrs, MessageBuilder, NetlinkSocket};
 
     let (local, peer) = (
         SocketAddr::new(local.ip().to_canonical(), local.port()),
