@@ -320,7 +320,9 @@ pub fn tcp_path(fd: BorrowedFd<'_>) -> io::Result<SubflowSample> {
 
 /// `SOCK_DIAG_BY_FAMILY` from `linux/sock_diag.h`.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
-/// `INET_DIAG_ULP_INFO` from `linux/inet_diag.h`, and its nested `INET_ULP_INFO_MPTCP`.
+/// `INET_DIAG_INFO` and `INET_DIAG_ULP_INFO` from `linux/inet_diag.h`, and the nested
+/// `INET_ULP_INFO_MPTCP`.
+const INET_DIAG_INFO: u8 = 2;
 const INET_DIAG_ULP_INFO: u16 = 19;
 const INET_ULP_INFO_MPTCP: u16 = 3;
 /// `MPTCP_SUBFLOW_ATTR_FLAGS` from `linux/mptcp.h`.
@@ -355,7 +357,13 @@ pub fn subflow_flags(local: SocketAddr, remote: SocketAddr) -> io::Result<Option
     };
     // struct inet_diag_req_v2: family, protocol, ext, pad, states, then struct inet_diag_sockid.
     let mut request = Vec::with_capacity(56);
-    request.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    // idiag_ext asks for INET_DIAG_INFO: the kernel adds the ULP information only along with it.
+    request.extend_from_slice(&[
+        family as u8,
+        libc::IPPROTO_TCP as u8,
+        1 << (INET_DIAG_INFO - 1),
+        0,
+    ]);
     request.extend_from_slice(&u32::MAX.to_ne_bytes());
     request.extend_from_slice(&local.port().to_be_bytes());
     request.extend_from_slice(&remote.port().to_be_bytes());
@@ -669,6 +677,28 @@ mod tests {
     fn raw_mptcp_info_matches_the_kernel_layout() {
         // struct mptcp_info in linux/mptcp.h is 96 bytes on all architectures.
         assert_eq!(size_of::<RawMptcpInfo>(), 96);
+    }
+
+    #[test]
+    fn subflow_flags_of_an_mptcp_subflow() {
+        let bound =
+            bind_listener("127.0.0.1:0".parse().expect("literal"), true, false).expect("bind");
+        if !bound.mptcp || !mptcp_throttle::kernel::has_net_admin() {
+            return;
+        }
+        let addr = bound.listener.local_addr().expect("local addr");
+        bound.listener.set_nonblocking(false).expect("blocking");
+        let (client, _) = stream_socket(Domain::IPV4, true).expect("socket");
+        client.connect(&addr.into()).expect("connect");
+        let (accepted, peer) = bound.listener.accept().expect("accept");
+        let local = accepted.local_addr().expect("local");
+        let flags = subflow_flags(local, peer)
+            .expect("sock_diag")
+            .expect("ULP flags");
+        assert_eq!(
+            flags & (MPTCP_SUBFLOW_FLAG_BKUP_REM | MPTCP_SUBFLOW_FLAG_BKUP_LOC),
+            0
+        );
     }
 
     #[test]
