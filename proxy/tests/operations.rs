@@ -358,7 +358,7 @@ fn sd_notify_ready_reloading_stopping() {
         "[[listener]]\naddress = \"127.0.0.1:0\"\n[metrics]\naddress = \"off\"\n",
     )
     .expect("config");
-    let mut proxy = Command::new(env!("CARGO_BIN_EXE_mptcp-proxy"))
+    let proxy = Command::new(env!("CARGO_BIN_EXE_mptcp-proxy"))
         .args(["--config", &config.display().to_string()])
         .env("NOTIFY_SOCKET", &socket_path)
         .stderr(Stdio::piped())
