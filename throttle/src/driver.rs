@@ -13,7 +13,8 @@ use crate::config::{MissingPrivileges, PolicyError, ThrottleConfig};
 use crate::core::{Change, ThrottleState};
 use crate::event::{ConnectionSelector, Destination, SubflowEvent};
 use crate::kernel::{InterfaceTable, KernelBackend, KernelError, StaleReport};
-use crate::pm_events::{self, EventSourceError};
+use crate::pm_events;
+use mptcp_netlink::mptcp_pm::{self, PmError};
 
 /// Why the throttle stopped.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +28,7 @@ pub enum ThrottleError {
     Kernel(#[from] KernelError),
     /// The kernel event source could not be set up.
     #[error(transparent)]
-    EventSource(#[from] EventSourceError),
+    EventSource(#[from] PmError),
 }
 
 /// Sends events (and request destinations) to the owner task.
@@ -74,6 +75,46 @@ pub fn event_channel(capacity: usize) -> (EventSender, mpsc::Receiver<SubflowEve
     (EventSender { tx }, rx)
 }
 
+/// Sends a new policy to a running owner task (a configuration reload). The task diffs the classes and
+/// rules of the new policy against what it installed and changes only the difference: running subflows
+/// keep their rules unless the policy moves them, and HTB classes are changed in place.
+#[derive(Debug, Clone)]
+pub struct PolicySender {
+    tx: tokio::sync::watch::Sender<ThrottleConfig>,
+}
+
+/// The owner task's end of a [`PolicySender`].
+#[derive(Debug)]
+pub struct PolicyReceiver {
+    rx: tokio::sync::watch::Receiver<ThrottleConfig>,
+}
+
+impl PolicySender {
+    /// Hands `config` to the owner task. It must be valid ([`ThrottleConfig::validate`]) and keep what
+    /// only a restart can change ([`ThrottleConfig::needs_restart`]); the task refuses it otherwise and
+    /// keeps the policy it has.
+    pub fn send(&self, config: ThrottleConfig) -> Result<(), ThrottleStopped> {
+        self.tx.send(config).map_err(|_| ThrottleStopped)
+    }
+}
+
+/// A channel for [`run_with_policy_updates`], starting at the policy the task starts with.
+pub fn policy_channel(initial: &ThrottleConfig) -> (PolicySender, PolicyReceiver) {
+    let (tx, mut rx) = tokio::sync::watch::channel(initial.clone());
+    rx.mark_unchanged();
+    (PolicySender { tx }, PolicyReceiver { rx })
+}
+
+impl PolicyReceiver {
+    /// The next policy sent; pending forever once every sender is gone.
+    async fn changed(&mut self) -> ThrottleConfig {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        self.rx.borrow_and_update().clone()
+    }
+}
+
 /// The thread reading `mptcp_pm` events; stops when dropped.
 #[derive(Debug)]
 pub struct KernelEventListener {
@@ -104,11 +145,12 @@ impl Drop for KernelEventListener {
 /// Subscribes to the kernel's `mptcp_pm_events` in the calling thread's
 /// network namespace and forwards decoded events to `events` from a
 /// dedicated thread. Needs `CAP_NET_ADMIN`.
-pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, EventSourceError> {
-    let (socket, family_id) = pm_events::open_event_socket()?;
+pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, PmError> {
+    let (socket, family) = mptcp_pm::open_event_socket()?;
+    let family_id = family.id;
     socket
         .set_recv_timeout(Duration::from_millis(250))
-        .map_err(EventSourceError::Socket)?;
+        .map_err(PmError::Socket)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop_flag = stop.clone();
     let thread = std::thread::Builder::new()
@@ -143,7 +185,7 @@ pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, E
                 }
             }
         })
-        .map_err(EventSourceError::Socket)?;
+        .map_err(PmError::Socket)?;
     Ok(KernelEventListener {
         stop,
         thread: Some(thread),
@@ -157,7 +199,7 @@ pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, E
 pub fn start_event_source(
     config: &ThrottleConfig,
     events: EventSender,
-) -> Result<Option<KernelEventListener>, EventSourceError> {
+) -> Result<Option<KernelEventListener>, PmError> {
     let active = config.enabled && !(config.classes.is_empty() && config.rules.is_empty());
     if !active || config.event_source != crate::config::EventSource::Kernel {
         return Ok(None);
@@ -187,6 +229,11 @@ pub trait ThrottleHooks: Send {
     /// Changes were applied; `state.installed()` is what the kernel now holds.
     fn state_applied(&mut self, state: &ThrottleState) {
         let _ = state;
+    }
+
+    /// A new policy was accepted; its changes are applied next.
+    fn policy_changed(&mut self, config: &ThrottleConfig) {
+        let _ = config;
     }
 }
 
@@ -292,6 +339,19 @@ pub async fn run_with_hooks<F: Future<Output = ()>, H: ThrottleHooks>(
     shutdown: F,
     hooks: H,
 ) -> Result<RunSummary, ThrottleError> {
+    run_with_policy_updates(config, events, None, shutdown, hooks).await
+}
+
+/// [`run_with_hooks`] that also takes new policies from `policies` while it runs (see
+/// [`PolicySender`]). A policy that [`ThrottleConfig::needs_restart`] against the running one is
+/// refused with a log line: stop this task and start another for it.
+pub async fn run_with_policy_updates<F: Future<Output = ()>, H: ThrottleHooks>(
+    config: ThrottleConfig,
+    events: mpsc::Receiver<SubflowEvent>,
+    policies: Option<PolicyReceiver>,
+    shutdown: F,
+    hooks: H,
+) -> Result<RunSummary, ThrottleError> {
     config.validate()?;
     let active = config.enabled && !(config.classes.is_empty() && config.rules.is_empty());
     if !active {
@@ -315,7 +375,7 @@ pub async fn run_with_hooks<F: Future<Output = ()>, H: ThrottleHooks>(
         }
         Err(e) => return Err(e.into()),
     };
-    run_with_backend(config, events, shutdown, backend, hooks).await
+    run_owner(config, events, policies, shutdown, backend, hooks).await
 }
 
 /// Fills in the interface of a subflow the event source could not name (the kernel's events carry
@@ -388,7 +448,50 @@ fn apply_pending<B: ThrottleBackend, H: ThrottleHooks>(
 /// [`run`] with an explicit backend (tests use a recording one).
 pub async fn run_with_backend<F, B, H>(
     config: ThrottleConfig,
+    events: mpsc::Receiver<SubflowEvent>,
+    shutdown: F,
+    backend: B,
+    hooks: H,
+) -> Result<RunSummary, ThrottleError>
+where
+    F: Future<Output = ()>,
+    B: ThrottleBackend,
+    H: ThrottleHooks,
+{
+    run_owner(config, events, None, shutdown, backend, hooks).await
+}
+
+/// [`run_with_backend`] taking new policies from `policies`, as [`run_with_policy_updates`] does.
+pub async fn run_with_backend_and_policies<F, B, H>(
+    config: ThrottleConfig,
+    events: mpsc::Receiver<SubflowEvent>,
+    policies: PolicyReceiver,
+    shutdown: F,
+    backend: B,
+    hooks: H,
+) -> Result<RunSummary, ThrottleError>
+where
+    F: Future<Output = ()>,
+    B: ThrottleBackend,
+    H: ThrottleHooks,
+{
+    run_owner(config, events, Some(policies), shutdown, backend, hooks).await
+}
+
+/// Checks a policy sent to a running task; `None` to take it, else why not.
+fn refuse_policy(running: &ThrottleConfig, new: &ThrottleConfig) -> Option<String> {
+    if let Err(error) = new.validate() {
+        return Some(error.to_string());
+    }
+    running
+        .needs_restart(new)
+        .map(|key| format!("throttle.{key} changed: only a restart of the throttle can apply it"))
+}
+
+async fn run_owner<F, B, H>(
+    config: ThrottleConfig,
     mut events: mpsc::Receiver<SubflowEvent>,
+    mut policies: Option<PolicyReceiver>,
     shutdown: F,
     mut backend: B,
     mut hooks: H,
@@ -410,8 +513,26 @@ where
     tokio::pin!(shutdown);
     let mut open = true;
     while open {
+        let policy = async {
+            match policies.as_mut() {
+                Some(policies) => policies.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => break,
+            new = policy => {
+                match refuse_policy(state.config(), &new) {
+                    Some(reason) => tracing::error!(%reason, "new throttle policy refused; the running one stays"),
+                    None => {
+                        tracing::info!(classes = new.classes.len(), rules = new.rules.len(), "throttle policy changed");
+                        hooks.policy_changed(&new);
+                        state.set_config(new);
+                        refresh_interfaces(&mut backend, &mut state);
+                        apply_pending(&mut state, &mut backend, &mut hooks, &mut summary);
+                    }
+                }
+            }
             event = events.recv() => {
                 let Some(first) = event else {
                     open = false;
