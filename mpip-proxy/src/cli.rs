@@ -26,15 +26,21 @@ pub struct Args {
 }
 
 /// A binary's `main`: parses `args`, sets up logging, loads the configuration
-/// with `load`, and unless only checking, runs `run` until SIGTERM or SIGINT.
-/// An error is printed once, on one line ([`mptcp_ops::report`]).
+/// with `load`, and unless only checking, runs `run` until SIGTERM or SIGINT
+/// (SIGHUP reloads with `load` again). An error is printed once, on one line
+/// ([`mptcp_ops::report`]).
 pub fn main<C, F>(
     program: &str,
     args: Args,
-    load: impl FnOnce(&std::path::Path) -> Result<C, crate::config::ConfigError>,
-    run: impl FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+    load: fn(&std::path::Path) -> Result<C, crate::config::ConfigError>,
+    run: impl FnOnce(
+        C,
+        crate::shell::Reload<C>,
+        std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> F,
 ) -> std::process::ExitCode
 where
+    C: 'static,
     F: std::future::Future<Output = Result<(), crate::shell::ShellError>>,
 {
     init_logging(args.log.log_format);
@@ -43,10 +49,15 @@ where
 
 fn run_main<C, F>(
     args: Args,
-    load: impl FnOnce(&std::path::Path) -> Result<C, crate::config::ConfigError>,
-    run: impl FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+    load: fn(&std::path::Path) -> Result<C, crate::config::ConfigError>,
+    run: impl FnOnce(
+        C,
+        crate::shell::Reload<C>,
+        std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> F,
 ) -> anyhow::Result<()>
 where
+    C: 'static,
     F: std::future::Future<Output = Result<(), crate::shell::ShellError>>,
 {
     if let Some(id) = args.generate_key {
@@ -61,7 +72,8 @@ where
         println!("{}: ok", path.display());
         return Ok(());
     }
+    let reload: crate::shell::Reload<C> = std::sync::Arc::new(move || load(&path));
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(run(config, Box::pin(mptcp_proxy::termination())))?;
+    runtime.block_on(run(config, reload, Box::pin(mptcp_proxy::termination())))?;
     Ok(())
 }

@@ -80,6 +80,32 @@ pub struct ProxyEndConfig {
     /// Handshake rate limits.
     #[serde(default)]
     pub handshake: HandshakeSection,
+    /// Threads.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+}
+
+/// `[runtime]` of the proxy end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// Shards: threads that split the clients by node ID, each with its own
+    /// socket per path interface (one `SO_REUSEPORT` group per interface,
+    /// steered by node ID) and its own TUN queue (steered by tunnel
+    /// address). Default: one per CPU, at most 8.
+    #[serde(default)]
+    pub shards: Option<usize>,
+}
+
+impl RuntimeSection {
+    /// The shard count in force.
+    pub fn shards(&self) -> usize {
+        self.shards.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(8)
+        })
+    }
 }
 
 /// Settings both ends share.
@@ -104,15 +130,12 @@ pub struct CommonConfig {
     /// Session Information Table expiry.
     #[serde(default)]
     pub sessions: SessionsConfig,
-    /// Table IV and coordinated-routing pins.
+    /// Table IV and coordinated-routing pins, with named profiles.
     #[serde(default)]
-    pub routing: RoutingTable,
+    pub routing: RoutingConfig,
     /// `/metrics`.
     #[serde(default)]
     pub metrics: MetricsSection,
-    /// Impairments for experiments; never set them in production.
-    #[serde(default)]
-    pub testing: TestingConfig,
     /// Authentication (`PROTOCOL.md` §11).
     #[serde(default)]
     pub auth: AuthSection,
@@ -410,27 +433,55 @@ fn optional_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr
     mptcp_proxy::config::parse_optional_address(&text).map_err(serde::de::Error::custom)
 }
 
-/// Test-only impairments (this kernel has no netem).
+/// `[routing]`: Table IV (`default` and `[[routing.rule]]`), which is the
+/// profile `"default"`, and any number of named alternatives
+/// (`[routing.profile.NAME]`, each with its own `default` and
+/// `[[routing.profile.NAME.rule]]`). `active` names the profile in force at
+/// start; the admin endpoint switches profiles while running, SIGHUP re-reads
+/// them all (`PROTOCOL.md` §8.4).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TestingConfig {
-    /// Per-interface delay and loss applied by the sender.
+pub struct RoutingConfig {
+    /// Priority of packets no rule matches.
     #[serde(default)]
-    pub impairment: Vec<Impairment>,
+    pub default: crate::routing::Priority,
+    /// The rules of the profile `"default"`.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<crate::routing::RoutingRule>,
+    /// Named profiles.
+    #[serde(default, rename = "profile")]
+    pub profiles: std::collections::BTreeMap<String, RoutingTable>,
+    /// The profile in force at start; default `"default"`.
+    #[serde(default)]
+    pub active: Option<String>,
 }
 
-/// Delay and loss on datagrams sent from one interface.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Impairment {
-    /// The interface.
-    pub interface: String,
-    /// Added one-way delay in milliseconds.
-    #[serde(default)]
-    pub delay_ms: u64,
-    /// Datagrams dropped, in percent.
-    #[serde(default)]
-    pub loss_percent: u8,
+/// The name of the profile made of `[routing]`'s own `default` and rules.
+pub const DEFAULT_PROFILE: &str = "default";
+
+impl RoutingConfig {
+    /// The table of profile `name`.
+    pub fn profile(&self, name: &str) -> Option<RoutingTable> {
+        if name == DEFAULT_PROFILE {
+            return Some(RoutingTable {
+                default: self.default,
+                rules: self.rules.clone(),
+            });
+        }
+        self.profiles.get(name).cloned()
+    }
+
+    /// The name of the profile in force at start.
+    pub fn active_name(&self) -> &str {
+        self.active.as_deref().unwrap_or(DEFAULT_PROFILE)
+    }
+
+    /// Every profile name, `"default"` first.
+    pub fn names(&self) -> Vec<String> {
+        std::iter::once(DEFAULT_PROFILE.to_owned())
+            .chain(self.profiles.keys().cloned())
+            .collect()
+    }
 }
 
 /// The proxy end's tunnel network.
@@ -561,6 +612,13 @@ impl ProxyEndConfig {
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let config: ProxyEndConfig = parse(text, origin)?;
         config.common.validate(origin)?;
+        if config
+            .runtime
+            .shards
+            .is_some_and(|n| !(1..=64).contains(&n))
+        {
+            return Err(invalid(origin, "runtime.shards", "must be in 1..=64"));
+        }
         let limits = [
             (
                 "handshake.rate_per_source",
@@ -693,39 +751,56 @@ impl CommonConfig {
         if self.resequencer.capacity == 0 {
             return Err(invalid(origin, "resequencer.capacity", "must be above 0"));
         }
-        self.routing
-            .validate()
-            .map_err(|e| invalid(origin, "routing", &e.to_string()))?;
-        for rule in &self.routing.rules {
-            for (key, path) in rule
-                .path
-                .iter()
-                .map(|p| ("routing.rule.path", p))
-                .chain(rule.paths.iter().map(|p| ("routing.rule.paths", p)))
-            {
-                if !self.paths.interfaces.contains(path) {
+        if self.routing.profiles.contains_key(DEFAULT_PROFILE) {
+            return Err(invalid(
+                origin,
+                "routing.profile.default",
+                "\"default\" is [routing]'s own table; name the profile otherwise",
+            ));
+        }
+        let active = self.routing.active_name();
+        if self.routing.profile(active).is_none() {
+            return Err(invalid(
+                origin,
+                "routing.active",
+                &format!(
+                    "no profile {active:?} (profiles: {})",
+                    self.routing.names().join(", ")
+                ),
+            ));
+        }
+        for name in self.routing.names() {
+            let table = self.routing.profile(&name).unwrap_or_default();
+            let prefix = if name == DEFAULT_PROFILE {
+                "routing".to_owned()
+            } else {
+                format!("routing.profile.{name}")
+            };
+            table
+                .validate()
+                .map_err(|e| invalid(origin, &prefix, &e.to_string()))?;
+            for rule in &table.rules {
+                for (key, path) in rule
+                    .path
+                    .iter()
+                    .map(|p| ("rule.path", p))
+                    .chain(rule.paths.iter().map(|p| ("rule.paths", p)))
+                {
+                    if !self.paths.interfaces.contains(path) {
+                        return Err(invalid(
+                            origin,
+                            &format!("{prefix}.{key}"),
+                            &format!("{path:?} is not in paths.interfaces"),
+                        ));
+                    }
+                }
+                if rule.path.is_some() && !rule.paths.is_empty() {
                     return Err(invalid(
                         origin,
-                        key,
-                        &format!("{path:?} is not in paths.interfaces"),
+                        &format!("{prefix}.rule"),
+                        "give either path (a pin) or paths (selected-paths), not both",
                     ));
                 }
-            }
-            if rule.path.is_some() && !rule.paths.is_empty() {
-                return Err(invalid(
-                    origin,
-                    "routing.rule",
-                    "give either path (a pin) or paths (selected-paths), not both",
-                ));
-            }
-        }
-        for impairment in &self.testing.impairment {
-            if impairment.loss_percent > 100 {
-                return Err(invalid(
-                    origin,
-                    "testing.impairment.loss_percent",
-                    "above 100",
-                ));
             }
         }
         Ok(())
@@ -754,7 +829,10 @@ impl CommonConfig {
             timeout: ms(self.resequencer.timeout_ms),
         };
         config.session_idle = Duration::from_secs(self.sessions.idle_s);
-        config.routing = self.routing.clone();
+        config.routing = self
+            .routing
+            .profile(self.routing.active_name())
+            .unwrap_or_default();
         config.path_mtu = self.paths.mtu;
         config.auth.keys = self.auth.keys.clone();
         config.auth.data = self.auth.data;

@@ -59,6 +59,21 @@ const COMPRESSION_PROOF: Duration = Duration::from_secs(2);
 /// How often sessions and address assignments are expired.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The shard (of `shards`) that serves `node` on a sharded proxy end:
+/// bytes 2..6 of the node ID (a MAC's most varied ones) as a big-endian
+/// number, modulo the shard count. The path sockets' reuseport program
+/// computes the same from the CM block ([`crate::sys::bpf`]).
+pub fn shard_of_node(node: NodeId, shards: u32) -> u32 {
+    let id = node.0;
+    u32::from_be_bytes([id[2], id[3], id[4], id[5]]) % shards.max(1)
+}
+
+/// The shard that owns tunnel address `address`: the address as a number,
+/// modulo the shard count (the TUN steering program computes the same).
+pub fn shard_of_address(address: Ipv4Addr, shards: u32) -> u32 {
+    u32::from(address) % shards.max(1)
+}
+
 /// Which end of MPIP this node is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
@@ -103,6 +118,10 @@ pub struct NodeConfig {
     pub proxy_node: Option<NodeId>,
     /// Proxy end: handshake rate limits per source address and in total.
     pub handshake_limit: RateLimit,
+    /// Proxy end: this node is shard `.0` of `.1` (threads that split the
+    /// clients by node); it hands out only the pool addresses
+    /// [`shard_of_address`] gives it. (0, 1) when not sharded.
+    pub shard: (u32, u32),
 }
 
 /// How a node authenticates (`PROTOCOL.md` §11).
@@ -151,6 +170,7 @@ impl NodeConfig {
             auth: AuthConfig::default(),
             proxy_node: None,
             handshake_limit: RateLimit::default(),
+            shard: (0, 1),
         }
     }
 
@@ -354,27 +374,45 @@ struct AddressPool {
     proxy: Ipv4Addr,
     by_node: HashMap<NodeId, Ipv4Addr>,
     by_address: HashMap<Ipv4Addr, NodeId>,
+    /// This shard's part of the pool: addresses `a` with
+    /// `shard_of_address(a, shard.1) == shard.0`.
+    shard: (u32, u32),
+    /// Where the search for a free address starts (the lowest free one is
+    /// at or after it).
+    cursor: u32,
 }
 
 impl AddressPool {
-    fn new(network: Ipv4Net) -> Self {
+    fn new(network: Ipv4Net, shard: (u32, u32)) -> Self {
         let proxy = first_host(&network);
         AddressPool {
             network,
             proxy,
             by_node: HashMap::new(),
             by_address: HashMap::new(),
+            shard,
+            cursor: u32::from(network.network()),
         }
+    }
+
+    fn mine(&self, address: Ipv4Addr) -> bool {
+        shard_of_address(address, self.shard.1) == self.shard.0
     }
 
     fn assign(&mut self, node: NodeId) -> Option<Ipv4Addr> {
         if let Some(address) = self.by_node.get(&node) {
             return Some(*address);
         }
-        let free = self
-            .network
-            .hosts()
-            .find(|a| *a != self.proxy && !self.by_address.contains_key(a))?;
+        let start = self.cursor.max(u32::from(self.network.network()));
+        let free = (start..u32::from(self.network.broadcast()))
+            .map(Ipv4Addr::from)
+            .find(|a| {
+                *a != self.proxy
+                    && *a != self.network.network()
+                    && self.mine(*a)
+                    && !self.by_address.contains_key(a)
+            })?;
+        self.cursor = u32::from(free);
         self.bind(node, free);
         Some(free)
     }
@@ -386,6 +424,7 @@ impl AddressPool {
             && address != self.proxy
             && address != self.network.network()
             && address != self.network.broadcast()
+            && self.mine(address)
             && !self.by_address.contains_key(&address)
             && !self.by_node.contains_key(&node);
         if usable {
@@ -402,6 +441,7 @@ impl AddressPool {
     fn release(&mut self, node: NodeId) {
         if let Some(address) = self.by_node.remove(&node) {
             self.by_address.remove(&address);
+            self.cursor = self.cursor.min(u32::from(address));
         }
     }
 
@@ -469,7 +509,7 @@ impl<R: RandomSource> Node<R> {
     /// A node with no interface yet; `rng` drives equation 1.
     pub fn new(config: NodeConfig, rng: R) -> Self {
         let pool = match &config.role {
-            Role::Proxy { pool } => Some(AddressPool::new(*pool)),
+            Role::Proxy { pool } => Some(AddressPool::new(*pool, config.shard)),
             Role::Client { .. } => None,
         };
         let path_config = PathConfig {
@@ -501,6 +541,59 @@ impl<R: RandomSource> Node<R> {
     /// Bytes [`Node::handle_tun_packet`] needs in front of each packet.
     pub fn headroom(&self) -> usize {
         self.config.headroom()
+    }
+
+    /// The routing table in force.
+    pub fn routing(&self) -> &RoutingTable {
+        &self.config.routing
+    }
+
+    /// Replaces the Table IV rules and default (a reload or a profile
+    /// switch). Rules are looked up per packet, so existing sessions follow
+    /// the new table from their next packet; nothing queued is dropped.
+    pub fn set_routing(&mut self, routing: RoutingTable) {
+        self.scheduler.set_routing(routing.clone());
+        self.config.routing = routing;
+    }
+
+    /// Applies what a configuration reload may change while running:
+    /// routing, path timers, Algorithm 1, re-sequencing, session idle time
+    /// and keys. Keys must keep data tags as they were (the tunnel MTU
+    /// depends on them): a change that would turn data tags on or off is
+    /// refused with the reason, and nothing changes.
+    pub fn reconfigure(&mut self, now: Timestamp, new: &NodeConfig) -> Result<(), String> {
+        if new.headroom() != self.headroom() {
+            return Err(
+                "[auth] data (or keys with it) changes the tunnel MTU; restart to apply".into(),
+            );
+        }
+        if new.node_id != self.config.node_id || new.role != self.config.role {
+            return Err(
+                "node_id, the pool or the proxy endpoints changed; restart to apply".into(),
+            );
+        }
+        if self.config.auth.keys.is_some() != new.auth.keys.is_some() {
+            return Err("turning authentication on or off needs a restart".into());
+        }
+        self.set_routing(new.routing.clone());
+        let paths = PathConfig {
+            require_proof: new.auth.keys.is_some(),
+            ..new.paths
+        };
+        self.paths.set_config(now, paths);
+        if new.handshake_limit != self.config.handshake_limit {
+            self.limiter = SourceLimiter::new(new.handshake_limit, self.config.auth.entropy);
+            self.config.handshake_limit = new.handshake_limit;
+        }
+        self.scheduler.set_config(new.scheduler);
+        self.config.paths = new.paths;
+        self.config.scheduler = new.scheduler;
+        self.config.resequencer = new.resequencer;
+        self.config.session_idle = new.session_idle;
+        self.config.handshake = new.handshake;
+        self.config.proxy_node = new.proxy_node;
+        self.config.auth.keys = new.auth.keys.clone();
+        Ok(())
     }
 
     /// The next authentication counter: the wall clock in microseconds, at
@@ -663,6 +756,13 @@ impl<R: RandomSource> Node<R> {
             entry.up = false;
         }
         self.paths.handle_interface_down(now, interface);
+        self.drain_path_events();
+    }
+
+    /// An interface is no longer configured: its paths go.
+    pub fn remove_interface(&mut self, _now: Timestamp, interface: InterfaceId) {
+        self.interfaces.remove(&interface);
+        self.paths.remove_interface(interface);
         self.drain_path_events();
     }
 

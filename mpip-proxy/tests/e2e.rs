@@ -6,7 +6,8 @@
 //! - Failover: a path's link goes down mid-transfer and comes back.
 //! - Fig. 9: two concurrent sessions pinned to different paths (gateway mode).
 //! - Protected-path: 5% loss on one path costs no TCP retransmission.
-//! - Delay impairment, single-path mode, and an address change mid-transfer.
+//! - Delay (the testbed's delay line), single-path mode, and an address
+//!   change mid-transfer.
 //! - Two clients, each with two paths, served at once from the address pool.
 //!
 //! Fig. 4a, the throughput test, is in `fig4a.rs`: its own test binary, so it
@@ -17,7 +18,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use testbed::{pseudo_random, Background, Host, Options};
+use testbed::{pseudo_random, Background, DelayConfig, Direction, Host, Options};
 
 /// Failover: c2's link goes down mid-download and comes back; the TCP session
 /// survives and path 2 carries data again within 1 s of link up.
@@ -291,38 +292,47 @@ fn protected_path_masks_loss_without_retransmission() {
     );
 }
 
-/// `[[testing.impairment]]` adds 30 ms to path 2 in both directions (this
-/// kernel has no netem). The delay feedback shows it in `/metrics`, and
-/// responsiveness-first (single-path) sends the download over path 1.
+/// The testbed's delay line (user space, nfqueue: this kernel has no netem)
+/// adds 30 ms to path 2 in both directions, on the proxy host's p2. The
+/// delay feedback shows it in `/metrics`, and responsiveness-first
+/// (single-path) sends the download over path 1.
 #[test]
-fn delay_impairment_and_single_path_mode() {
+fn delay_and_single_path_mode() {
     let file = pseudo_random(4 << 20, 0xde1a);
-    let impair = |table: &mut toml::Table, interface: &str| {
-        let mut impairment = toml::Table::new();
-        impairment.insert("interface".into(), interface.into());
-        impairment.insert("delay_ms".into(), 30.into());
-        section(table, "testing").insert(
-            "impairment".into(),
-            toml::Value::Array(vec![toml::Value::Table(impairment)]),
-        );
-    };
     let Some(lab) = MpipLab::new(
         Options {
             subflow_endpoint: false,
             ..Options::default()
         },
         &[("file.bin", &file)],
-        |proxy| {
-            impair(proxy, "p2");
-            routing(proxy, "responsiveness-first", &[]);
-        },
-        |client| {
-            impair(client, "c2");
-            routing(client, "responsiveness-first", &[]);
-        },
+        |proxy| routing(proxy, "responsiveness-first", &[]),
+        |client| routing(client, "responsiveness-first", &[]),
     ) else {
         return;
     };
+    let line = |direction| {
+        lab.tb
+            .delay(
+                Host::Proxy,
+                "p2",
+                direction,
+                DelayConfig {
+                    delay: Duration::from_millis(30),
+                    ..DelayConfig::default()
+                },
+            )
+            .expect("delay line")
+    };
+    let _lines = [line(Direction::Egress), line(Direction::Ingress)];
+    // Delay samples ride on data and on the heartbeats that flow while it
+    // does: a little traffic first.
+    lab.curl(&[
+        "-x",
+        PROXY_HTTP,
+        "-o",
+        "/dev/null",
+        &format!("http://{SERVER}/file.bin"),
+    ]);
     // Heartbeats carry the delay samples; give the moving averages time.
     std::thread::sleep(Duration::from_millis(1500));
     let metrics = lab.metrics();
@@ -512,6 +522,17 @@ fn two_clients_are_served_at_once() {
         .find_map(|line| line.strip_prefix("mpip_peers "))
         .and_then(|value| value.trim().parse::<f64>().ok());
     assert_eq!(peers, Some(2.0), "the proxy end counts two peers");
+    // The proxy end runs a shard per CPU; the reuseport and TUN steering
+    // programs give each shard only its own clients' traffic.
+    assert!(
+        metrics.contains("mpip_shard_handovers_total 0"),
+        "no packet reached the wrong shard:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("mpip_shard"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // Both clients' paths carried data: p1/p2 toward the first, p4/p5 toward
     // the second.
     for interface in ["p1", "p2", "p4", "p5"] {

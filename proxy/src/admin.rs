@@ -31,6 +31,14 @@ fn wants_openmetrics(request: &Request<Incoming>) -> bool {
         .any(|v| v.contains("application/openmetrics-text"))
 }
 
+/// Endpoints an embedding program adds to the admin listener (mpip-proxy's
+/// routing profiles). Asked first, for every request.
+pub trait AdminExtension: Send + Sync + std::fmt::Debug {
+    /// The answer to `method path` if it is one of this extension's
+    /// endpoints: status, content type and body.
+    fn answer(&self, method: &Method, path: &str) -> Option<(StatusCode, &'static str, String)>;
+}
+
 /// What the admin endpoints report.
 #[derive(Debug)]
 pub struct AdminState {
@@ -39,6 +47,7 @@ pub struct AdminState {
     /// True while the proxy accepts connections; false before and while draining.
     pub ready: AtomicBool,
     connections: Option<ConnectionsView>,
+    extension: Option<Arc<dyn AdminExtension>>,
 }
 
 /// What `/connections` is made from.
@@ -56,7 +65,14 @@ impl AdminState {
             metrics,
             ready: AtomicBool::new(true),
             connections: None,
+            extension: None,
         }
+    }
+
+    /// Also serves the endpoints of `extension`.
+    pub fn with_extension(mut self, extension: Option<Arc<dyn AdminExtension>>) -> Self {
+        self.extension = extension;
+        self
     }
 
     /// Also serves `/connections` from a server's table of open connections.
@@ -76,7 +92,14 @@ impl AdminState {
 }
 
 fn answer(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let extended = state
+        .extension
+        .as_ref()
+        .and_then(|e| e.answer(request.method(), request.uri().path()));
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        _ if extended.is_some() => {
+            extended.unwrap_or((StatusCode::NOT_FOUND, "text/plain", String::new()))
+        }
         (&Method::GET, "/metrics") if wants_openmetrics(request) => {
             (StatusCode::OK, OPENMETRICS, state.metrics.render())
         }

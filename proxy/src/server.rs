@@ -183,6 +183,7 @@ pub struct Server {
     reload_tx: mpsc::Sender<ReloadRequest>,
     reload_rx: mpsc::Receiver<ReloadRequest>,
     sighup: Option<(String, ConfigSource)>,
+    admin_extension: Option<Arc<dyn crate::admin::AdminExtension>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -340,7 +341,17 @@ impl Server {
             reload_tx,
             reload_rx,
             sighup: None,
+            admin_extension: None,
         })
+    }
+
+    /// Serves the endpoints of `extension` on the admin listener too.
+    pub fn with_admin_extension(
+        mut self,
+        extension: Arc<dyn crate::admin::AdminExtension>,
+    ) -> Self {
+        self.admin_extension = Some(extension);
+        self
     }
 
     /// The admin listener's address, if it is on.
@@ -390,9 +401,18 @@ impl Server {
             reload_tx,
             mut reload_rx,
             sighup,
+            admin_extension,
         } = self;
         drop(reload_tx);
-        let mut running = Running::start(shared, listeners, admin, throttle, registry, classes)?;
+        let mut running = Running::start(
+            shared,
+            listeners,
+            admin,
+            throttle,
+            registry,
+            classes,
+            admin_extension,
+        )?;
         mptcp_ops::notify::ready(&format!("serving on {} listener(s)", running.accept.len()));
         let mut hangups =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -587,6 +607,7 @@ impl Running {
         throttle: Option<ThrottleHandle>,
         registry: Arc<ConnectionRegistry>,
         classes: Arc<SubflowClasses>,
+        admin_extension: Option<Arc<dyn crate::admin::AdminExtension>>,
     ) -> Result<Self, ServerError> {
         let metrics = shared.metrics.clone();
         let sniffer = start_sniffer(&shared.config, &metrics, shared.throttle_events.clone())?;
@@ -601,11 +622,11 @@ impl Running {
         };
         let max_connections = shared.config.limits.max_connections;
         let (stop_tx, _) = watch::channel(false);
-        let admin_state = Arc::new(AdminState::new(metrics.clone()).with_connections(
-            registry.clone(),
-            shared.interfaces.clone(),
-            classes.clone(),
-        ));
+        let admin_state = Arc::new(
+            AdminState::new(metrics.clone())
+                .with_connections(registry.clone(), shared.interfaces.clone(), classes.clone())
+                .with_extension(admin_extension),
+        );
         let mut running = Running {
             live: Arc::new(LiveShared {
                 current: RwLock::new(shared.clone()),

@@ -298,7 +298,9 @@ impl MpipLab {
 /// Sums every sample of `name` whose labels include all of `labels`.
 pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
         .filter(|line| {
             labels
                 .iter()
