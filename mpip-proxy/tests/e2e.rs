@@ -558,3 +558,181 @@ fn two_clients_are_served_at_once() {
     assert!(!links.contains("mpip"), "TUN device left: {links}");
     lab.stop_and_assert_clean();
 }
+
+/// Live coordinated routing and reloads, with keys on both ends:
+///
+/// 1. A download from the server's port 8081 (gateway mode) runs over both
+///    paths (profile "default", all-paths); mid-transfer the admin endpoint
+///    of both ends switches to profile "coordinated" (port 8081 on path 2):
+///    from then on path 1 carries only control packets, and the file
+///    arrives intact with no packet dropped for want of a path.
+/// 2. SIGHUP with a file whose active profile pins port 8081 to path 1: the
+///    next download goes over path 1.
+/// 3. Key rotation: the proxy end's file gets key 2 beside key 1 (SIGHUP),
+///    then the client's lists key 2 first (SIGHUP); traffic goes on and no
+///    datagram is refused.
+#[test]
+fn live_routing_switch_and_reload() {
+    let file = pseudo_random(24 << 20, 0x11fe);
+    let small = pseudo_random(2 << 20, 0x11ff);
+    let keys_dir = tempfile::tempdir().expect("dir");
+    let key1 = write_key_file(keys_dir.path(), "k1.toml", 1, 0x11);
+    let key1_text = std::fs::read_to_string(&key1).unwrap();
+    let Some(lab) = MpipLab::new(
+        Options {
+            path_rate_mbit: [Some(40), Some(40)],
+            subflow_endpoint: false,
+            ..Options::default()
+        },
+        &[("file.bin", &file), ("small.bin", &small)],
+        |proxy| {
+            section(proxy, "gateway").insert("enabled".into(), true.into());
+            routing(proxy, "throughput-first", &[]);
+            profile(proxy, "coordinated", "throughput-first", &[(8081, "p2")]);
+            profile(proxy, "other", "throughput-first", &[(8081, "p1")]);
+            with_keys(proxy, &key1, false);
+        },
+        |client| {
+            client.insert(
+                "routes".into(),
+                toml::Value::Array(vec!["10.0.3.0/24".into()]),
+            );
+            routing(client, "throughput-first", &[]);
+            profile(client, "coordinated", "throughput-first", &[(8081, "c2")]);
+            profile(client, "other", "throughput-first", &[(8081, "c1")]);
+            with_keys(client, &key1, false);
+        },
+    ) else {
+        return;
+    };
+    let routing_state = lab.admin(true, "GET", "/mpip/routing");
+    assert!(
+        routing_state.contains("\"active\":\"default\"")
+            && routing_state.contains("\"coordinated\""),
+        "{routing_state}"
+    );
+    let url = format!("http://{SERVER}:8081/file.bin");
+    let out = lab.out_path("file.out");
+    let mut curl = lab.curl_background(&out, &[&url]);
+    let started = Instant::now();
+    while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) < 3 << 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "download stalled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (p1_spread, p2_spread) = (lab.proxy_path_tx_bytes("p1"), lab.proxy_path_tx_bytes("p2"));
+    assert!(
+        p1_spread > 256 << 10 && p2_spread > 256 << 10,
+        "all-paths used both: p1 {p1_spread}, p2 {p2_spread}"
+    );
+    for proxy_end in [true, false] {
+        let answer = lab.admin(proxy_end, "POST", "/mpip/routing/profile/coordinated");
+        assert!(answer.contains("\"active\":\"coordinated\""), "{answer}");
+    }
+    let unknown = lab
+        .tb
+        .exec(
+            lab.tb.proxy_ns(),
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "http://127.0.0.1:9464/mpip/routing/profile/nope",
+            ],
+        )
+        .unwrap();
+    assert_eq!(unknown, "404", "an unknown profile is refused");
+    // Packets already queued on path 1 drain; then only control.
+    std::thread::sleep(Duration::from_millis(700));
+    let p1_switched = lab.proxy_path_tx_bytes("p1");
+    watch_download(&out, &mut curl, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(700));
+    let p1_after = lab.proxy_path_tx_bytes("p1") - p1_switched;
+    let p2_after = lab.proxy_path_tx_bytes("p2") - p2_spread;
+    eprintln!("live switch: p1 sent {p1_after} bytes after the switch, p2 {p2_after}");
+    assert!(
+        p1_after < 100_000,
+        "path 1 carried only control: {p1_after}"
+    );
+    assert!(p2_after > 4 << 20, "path 2 carried the rest: {p2_after}");
+    assert!(
+        sha256(&std::fs::read(&out).unwrap()) == sha256(&file),
+        "the file is intact"
+    );
+    let metrics = lab.metrics();
+    for reason in ["no_path", "send_failed"] {
+        assert_eq!(
+            sum_metric(
+                &metrics,
+                "mpip_dropped_packets_total",
+                &[("reason", reason)]
+            ),
+            0,
+            "{reason}"
+        );
+    }
+
+    // 2. SIGHUP: the files now make "other" (port 8081 on path 1) active.
+    for (proxy_end, name) in [(true, "mpip-proxy.toml"), (false, "mpipd.toml")] {
+        let path = lab.config_path(name);
+        let mut table: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        section(&mut table, "routing").insert("active".into(), "other".into());
+        std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+        lab.hangup(proxy_end);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab
+        .admin(true, "GET", "/mpip/routing")
+        .contains("\"active\":\"other\"")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the reload took effect\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let small_url = format!("http://{SERVER}:8081/small.bin");
+    let p2_before = lab.proxy_path_tx_bytes("p2");
+    lab.curl(&["-o", "/dev/null", &small_url]);
+    std::thread::sleep(Duration::from_millis(700));
+    let p2_reloaded = lab.proxy_path_tx_bytes("p2") - p2_before;
+    assert!(
+        p2_reloaded < 100_000,
+        "after the reload port 8081 is on path 1: p2 {p2_reloaded}"
+    );
+
+    // 3. Key rotation.
+    let key2 = write_key_file(keys_dir.path(), "k2.toml", 2, 0x22);
+    let key2_text = std::fs::read_to_string(&key2).unwrap();
+    std::fs::write(&key1, format!("{key1_text}{key2_text}")).unwrap();
+    lab.hangup(true);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&key1, format!("{key2_text}{key1_text}")).unwrap();
+    lab.hangup(false);
+    std::thread::sleep(Duration::from_millis(500));
+    let small_out = lab.out_path("small.out");
+    lab.curl(&["-o", small_out.to_str().unwrap(), &small_url]);
+    assert!(sha256(&std::fs::read(&small_out).unwrap()) == sha256(&small));
+    std::thread::sleep(Duration::from_millis(700));
+    let (proxy, client) = (lab.metrics(), lab.client_metrics());
+    for reason in ["unknown_key", "bad_mac", "replayed", "unauthenticated"] {
+        for (end, text) in [("proxy end", &proxy), ("client", &client)] {
+            assert_eq!(
+                sum_metric(text, "mpip_dropped_packets_total", &[("reason", reason)]),
+                0,
+                "{end}: {reason}\n{}",
+                lab.logs()
+            );
+        }
+    }
+    let logs = std::fs::read_to_string(lab.out_path("mpipd.log")).unwrap_or_default();
+    assert!(logs.contains("configuration reloaded"), "{logs}");
+}

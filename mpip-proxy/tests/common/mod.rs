@@ -69,6 +69,25 @@ pub fn routing(table: &mut toml::Table, default: &str, pins: &[(u16, &str)]) {
     routing.insert("rule".into(), toml::Value::Array(rules));
 }
 
+/// `[routing.profile.NAME]` with `default` and `rules` as (port, interface) pins.
+pub fn profile(table: &mut toml::Table, name: &str, default: &str, pins: &[(u16, &str)]) {
+    let profiles = section(section(table, "routing"), "profile");
+    let mut profile = toml::Table::new();
+    profile.insert("default".into(), default.into());
+    let rules: Vec<toml::Value> = pins
+        .iter()
+        .map(|(port, path)| {
+            let mut rule = toml::Table::new();
+            rule.insert("port".into(), i64::from(*port).into());
+            rule.insert("protocol".into(), "tcp".into());
+            rule.insert("path".into(), (*path).into());
+            toml::Value::Table(rule)
+        })
+        .collect();
+    profile.insert("rule".into(), toml::Value::Array(rules));
+    profiles.insert(name.into(), toml::Value::Table(profile));
+}
+
 impl MpipLab {
     /// Builds the lab with `files` served by nginx, or returns None when the
     /// test must skip (not root and CI unset).
@@ -207,6 +226,44 @@ impl MpipLab {
             .arg(out)
             .args(args);
         Background::start(cmd).expect("curl")
+    }
+
+    /// An admin request (`curl -X METHOD`) to the proxy end (port 9464) or
+    /// the client (9465); returns the body.
+    pub fn admin(&self, proxy_end: bool, method: &str, path: &str) -> String {
+        let (ns, port) = if proxy_end {
+            (self.tb.proxy_ns(), 9464)
+        } else {
+            (self.tb.client_ns(), 9465)
+        };
+        self.tb
+            .exec(
+                ns,
+                &[
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    "-X",
+                    method,
+                    &format!("http://127.0.0.1:{port}{path}"),
+                ],
+            )
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()))
+    }
+
+    /// The paths of the configurations the lab started with.
+    pub fn config_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// SIGHUP to the proxy end or the client.
+    pub fn hangup(&self, proxy_end: bool) {
+        let process = if proxy_end { &self.proxy } else { &self.client };
+        process
+            .as_ref()
+            .expect("running")
+            .signal(libc::SIGHUP)
+            .expect("SIGHUP");
     }
 
     /// mpipd's `/metrics`.
