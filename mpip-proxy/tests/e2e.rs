@@ -454,8 +454,7 @@ fn two_clients_are_served_at_once() {
     let second_dir = lab.out_path("second");
     std::fs::create_dir(&second_dir).expect("dir");
     let second_config = config_from_example(&second_dir, "mpipd.toml", |client| {
-        let interfaces = ["d1", "d2"].map(toml::Value::from).to_vec();
-        section(client, "paths").insert("interfaces".into(), interfaces.into());
+        set_interfaces(client, &["d1", "d2"]);
         let endpoints = ["10.0.4.1:4789", "10.0.5.1:4789"]
             .map(toml::Value::from)
             .to_vec();

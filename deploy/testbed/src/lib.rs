@@ -112,6 +112,11 @@ pub struct Options {
     pub subflow_endpoint: bool,
     /// Whether a second client host ([`Host::SecondClient`]) is built.
     pub second_client: bool,
+    /// More two-path clients on two bridged access networks
+    /// ([`Testbed::extra_client_ns`]): client K (1..=N) has `a1` 10.1.K.2/16
+    /// and `a2` 10.2.K.2/16; the proxy has `br1` 10.1.0.1/16 and `br2`
+    /// 10.2.0.1/16.
+    pub extra_clients: usize,
 }
 
 impl Default for Options {
@@ -121,6 +126,7 @@ impl Default for Options {
             path_loss_percent: [None, None],
             subflow_endpoint: true,
             second_client: false,
+            extra_clients: 0,
         }
     }
 }
@@ -206,6 +212,9 @@ impl Testbed {
         if options.second_client {
             cmd.arg("--second-client");
         }
+        if options.extra_clients > 0 {
+            cmd.arg("--clients").arg(options.extra_clients.to_string());
+        }
         run(&mut cmd)?;
         Ok(testbed)
     }
@@ -218,6 +227,11 @@ impl Testbed {
             Host::Server => &self.namespaces[2],
             Host::SecondClient => &self.namespaces[3],
         }
+    }
+
+    /// The namespace of extra client `k` (1-based, [`Options::extra_clients`]).
+    pub fn extra_client_ns(&self, k: usize) -> String {
+        format!("{}-c{k}", self.prefix)
     }
 
     /// The client namespace.

@@ -52,6 +52,14 @@ pub fn section<'a>(table: &'a mut toml::Table, name: &str) -> &'a mut toml::Tabl
         .expect("a table")
 }
 
+/// `[paths] interfaces`; the example's routing profiles name its own
+/// interfaces, so they go.
+pub fn set_interfaces(table: &mut toml::Table, names: &[&str]) {
+    let names: Vec<toml::Value> = names.iter().map(|n| toml::Value::from(*n)).collect();
+    section(table, "paths").insert("interfaces".into(), names.into());
+    section(table, "routing").remove("profile");
+}
+
 /// `[routing]` with `default` and `rules` as (port, interface) pins.
 pub fn routing(table: &mut toml::Table, default: &str, pins: &[(u16, &str)]) {
     let routing = section(table, "routing");
