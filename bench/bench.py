@@ -13,6 +13,8 @@ direct routed path without a proxy. The client is always MPTCP (`mptcpize run cu
       20000 and cannot be raised, as on the sandbox these numbers come from, 10000 do not fit)
   bench.py throttle   [--connections 500]             (e) seed 002 Figs. 6/7 per-path time series;
                                                      rule-install latency; cost of the nft rules
+  bench.py mpip --clients 32 [--seconds 10]          (g) N real mpipd clients at once against one: aggregate
+                                                     Gbit/s and CPU s/GB of each end (capacity, issue 16)
   bench.py mpip [--seconds 10] [--runs 3] [--perf]   (g) MPIP tunnel (mpipd <-> mpip-proxy, two unshaped
                                                      paths) against the direct path: iperf3 throughput,
                                                      CPU s/GB per end, added latency p50/p99 idle and
@@ -59,9 +61,11 @@ def run(cmd, check=True, **kw):
 class Lab:
     """One testbed (three namespaces) with nginx, and the proxies under test in the proxy namespace."""
 
-    def __init__(self, name, rates=(None, None), losses=(None, None), server_rate=None):
+    def __init__(self, name, rates=(None, None), losses=(None, None), server_rate=None, clients=0, extra=()):
         self.prefix = f"b{os.getpid() % 100000}{name}"
-        args = [str(TESTBED), "up", self.prefix]
+        args = [str(TESTBED), "up", self.prefix, *extra]
+        if clients:
+            args += ["--clients", str(clients)]
         for i, rate in enumerate(rates, 1):
             if rate:
                 args += [f"--rate{i}", str(rate)]
@@ -70,6 +74,7 @@ class Lab:
                 args += [f"--loss{i}", str(loss)]
         run(args)
         self.ns = {h: f"{self.prefix}-{h}" for h in ("cli", "prx", "srv")}
+        self.ns.update({f"c{k}": f"{self.prefix}-c{k}" for k in range(1, clients + 1)})
         self.work = Path(tempfile.mkdtemp(prefix="mpx-bench-"))
         self.procs = []
         if server_rate:
@@ -645,6 +650,91 @@ def echo(lab, size, count, interval=0.002):
             for t, d in data.items()}
 
 
+def mpip_clients_up(lab, n):
+    """mpip-proxy on p1, p2 and the access bridges br1, br2 (gateway off), and one mpipd per extra client
+    host c1..cN (paths a1, a2); returns ({name: pid}, [mpipd pids]) once every client has its tunnel."""
+    examples = ROOT / "deploy/examples"
+    prx = (examples / "mpip-proxy.toml").read_text()
+    prx = prx.replace('node_id = "auto"', 'node_id = "02:00:00:00:00:01"').replace(
+        'interfaces = ["p1", "p2"]', 'interfaces = ["p1", "p2", "br1", "br2"]')
+    (lab.work / "mpip-proxy.toml").write_text(prx)
+    proxy = lab.spawn("prx", str(MPIP_PROXY_BIN), "--config", str(lab.work / "mpip-proxy.toml"),
+                      stderr=open(lab.work / "mpip-proxy.log", "w"), stdout=subprocess.DEVNULL)
+    lab.wait_port("prx", "127.0.0.1", 9464)
+    cli = (examples / "mpipd.toml").read_text()
+    cli = cli.replace('interfaces = ["c1", "c2"]', 'interfaces = ["a1", "a2"]').replace(
+        'endpoints = ["10.0.1.1:4789", "10.0.2.1:4789"]', 'endpoints = ["10.1.0.1:4789", "10.2.0.1:4789"]').replace(
+        'address = "127.0.0.1:9465"', 'address = "off"')
+    # The example's coordinated profile names c1/c2.
+    cli = cli[:cli.index("[routing.profile.coordinated]")] + cli[cli.index("# Authentication"):]
+    (lab.work / "mpipd-clients.toml").write_text(cli)
+    daemons = []
+    for k in range(1, n + 1):
+        daemons.append(lab.spawn(f"c{k}", str(MPIPD_BIN), "--config", str(lab.work / "mpipd-clients.toml"),
+                                 stderr=open(lab.work / f"mpipd-c{k}.log", "w"), stdout=subprocess.DEVNULL))
+    end = time.time() + 60
+    for k in range(1, n + 1):
+        # Until the tunnel is up, the default route would reach 10.200.0.1 on the proxy host directly.
+        while "mpip0" not in lab.exec(f"c{k}", "ip", "route", "get", "10.200.0.1", check=False).stdout:
+            if time.time() > end:
+                raise RuntimeError(f"mpipd in c{k}: no tunnel (see {lab.work}/mpipd-c{k}.log)")
+            time.sleep(0.05)
+    return {"mpip-proxy": child_pid(proxy.pid, "mpip-proxy")}, [child_pid(d.pid, "mpipd") for d in daemons]
+
+
+def bench_mpip_clients(clients=32, seconds=10, runs=3):
+    """(g, capacity) N real mpipd clients, two paths each, download with iperf3 -R from the proxy end at once,
+    against one of them alone, interleaved: aggregate throughput and CPU s/GB of the proxy end and of the
+    client ends together."""
+    res = Results(f"mpip-clients{clients}")
+    with Lab("mc", clients=clients) as lab:
+        (pids, client_pids) = mpip_clients_up(lab, clients)
+        for k in range(clients):
+            lab.spawn("prx", "iperf3", "-s", "-p", str(5301 + k))
+        for k in range(clients):
+            lab.wait_port("prx", "10.0.1.1", 5301 + k)
+        time.sleep(1.0)
+        for n in range(1, runs + 1):
+            for scenario, active in (("1 client", 1), (f"{clients} clients", clients)):
+                cpu0 = proc_cpu(pids["mpip-proxy"])
+                client0 = sum(proc_cpu(p) for p in client_pids)
+                procs = [lab.spawn(f"c{k + 1}", "iperf3", "-c", "10.200.0.1", "-p", str(5301 + k), "-t",
+                                   str(seconds), "-R", "-J", stdout=subprocess.PIPE)
+                         for k in range(active)]
+                total_bytes, total_bps, failed = 0, 0.0, 0
+                for p in procs:
+                    out, _ = p.communicate(timeout=seconds + 60)
+                    try:
+                        summary = json.loads(out)["end"]["sum_received"]
+                        total_bytes += summary["bytes"]
+                        total_bps += summary["bits_per_second"]
+                    except (ValueError, KeyError):
+                        failed += 1
+                proxy_cpu = proc_cpu(pids["mpip-proxy"]) - cpu0
+                client_cpu = sum(proc_cpu(p) for p in client_pids) - client0
+                res.add(scenario, "mpip", n, "throughput", total_bps, "bit/s")
+                res.add(scenario, "mpip", n, "bytes", total_bytes, "byte")
+                res.add(scenario, "mpip", n, "failed", failed, "1")
+                res.add(scenario, "mpip", n, "cpu_per_gb_mpip-proxy", proxy_cpu / max(total_bytes / 1e9, 1e-9), "s/GB")
+                res.add(scenario, "mpip", n, "cpu_per_gb_mpipd", client_cpu / max(total_bytes / 1e9, 1e-9), "s/GB")
+                time.sleep(1.0)
+        handovers = re.findall(r"^mpip_shard_handovers_total (\S+)",
+                               lab.exec("prx", "curl", "-s", "http://127.0.0.1:9464/metrics").stdout, re.M)
+        res.add("all", "mpip", 1, "shard_handovers", float(handovers[0]) if handovers else float("nan"), "1")
+    res.save()
+    print(f"\n(g) MPIP capacity: {clients} mpipd clients (two unshaped veth paths each, bridged) against one,"
+          f" iperf3 -R {seconds}s from the proxy end, median of {runs}; the machine runs both ends")
+    print(f"{'scenario':<14}{'Gbit/s':>10}{'failed':>8}{'proxy s/GB':>12}{'mpipd s/GB':>12}")
+    for scenario in ("1 client", f"{clients} clients"):
+        print(f"{scenario:<14}{res.median(scenario, 'mpip', 'throughput') / 1e9:>10.3f}"
+              f"{res.median(scenario, 'mpip', 'failed'):>8.0f}"
+              f"{res.median(scenario, 'mpip', 'cpu_per_gb_mpip-proxy'):>12.2f}"
+              f"{res.median(scenario, 'mpip', 'cpu_per_gb_mpipd'):>12.2f}")
+    one, many = (res.median(s, "mpip", "throughput") for s in ("1 client", f"{clients} clients"))
+    print(f"aggregate {many / one:.2f}x one client; shard hand-overs {res.median('all', 'mpip', 'shard_handovers'):.0f}")
+    return res
+
+
 def bench_mpip(seconds=10, runs=3, perf=False, count=2000):
     res = Results("mpip")
     with Lab("mp") as lab:
@@ -795,6 +885,8 @@ def main():
     parser.add_argument("--tunnels", type=int, default=9900)
     parser.add_argument("--downloads", type=int, default=1000)
     parser.add_argument("--perf", action="store_true", help="mpip: also record a perf profile of both ends")
+    parser.add_argument("--clients", type=int, default=0,
+                        help="mpip: N mpipd clients at once against one (capacity) instead of the tunnel bench")
     a = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.py needs root (network namespaces)")
@@ -818,6 +910,8 @@ def main():
             bench_concurrency(a.tunnels, a.downloads)
         elif name == "throttle":
             bench_throttle(a.connections)
+        elif name == "mpip" and a.clients:
+            bench_mpip_clients(a.clients, a.seconds, min(a.runs, 3))
         elif name == "mpip":
             bench_mpip(a.seconds, min(a.runs, 3), a.perf)
 
