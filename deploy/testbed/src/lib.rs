@@ -301,6 +301,38 @@ impl Testbed {
         DelayLine::start(Some(self.ns(host)), dev, direction, config)
     }
 
+    /// Starts nginx in `host`'s namespace, serving `root` on each of `listen`, and waits for the first.
+    /// Its pid file, logs and temporary files go to `work_dir`, which must differ per instance.
+    pub fn start_nginx_in(
+        &self,
+        host: Host,
+        root: &Path,
+        work_dir: &Path,
+        listen: &[SocketAddr],
+    ) -> Result<Background> {
+        let conf = work_dir.join("nginx.conf");
+        let listens: String = listen.iter().map(|a| format!("listen {a}; ")).collect();
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nuser root;\nworker_processes 1;\npid {work}/nginx.pid;\nerror_log {work}/error.log;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{\n  access_log {work}/access.log;\n  client_body_temp_path {work}/body;\n  \
+                 proxy_temp_path {work}/proxy;\n  fastcgi_temp_path {work}/fastcgi;\n  uwsgi_temp_path {work}/uwsgi;\n  \
+                 scgi_temp_path {work}/scgi;\n  sendfile on;\n  types {{ text/html html; video/mp4 mp4; }}\n  \
+                 server {{ {listens}root {root}; }}\n}}\n",
+                work = work_dir.display(),
+                root = root.display(),
+            ),
+        )?;
+        let conf = conf.to_string_lossy().into_owned();
+        let nginx = self.spawn(self.ns(host), &["nginx", "-c", &conf])?;
+        if let Some(first) = listen.first() {
+            self.wait_for_tcp(self.ns(host), *first, Duration::from_secs(10))?;
+        }
+        Ok(nginx)
+    }
+
     /// Reads an interface's byte counters `(rx_bytes, tx_bytes)` inside `ns`.
     pub fn interface_bytes(&self, ns: &str, interface: &str) -> Result<(u64, u64)> {
         let read = |dir: &str| -> Result<u64> {
