@@ -13,6 +13,9 @@ direct routed path without a proxy. The client is always MPTCP (`mptcpize run cu
       20000 and cannot be raised, as on the sandbox these numbers come from, 10000 do not fit)
   bench.py throttle   [--connections 500]             (e) seed 002 Figs. 6/7 per-path time series;
                                                      rule-install latency; cost of the nft rules
+  bench.py fig9                                     (h) Fig. 9 with headless Chromium: a 720p video and a download
+                                                     over 2 x 2 Mbit/s (+20 ms on one), coordinated routing at 60 s,
+                                                     download stopped at 120 s: per-second CSV and plot
   bench.py mpip --clients 32 [--seconds 10]          (g) N real mpipd clients at once against one: aggregate
                                                      Gbit/s and CPU s/GB of each end (capacity, issue 16)
   bench.py mpip [--seconds 10] [--runs 3] [--perf]   (g) MPIP tunnel (mpipd <-> mpip-proxy, two unshaped
@@ -735,6 +738,115 @@ def bench_mpip_clients(clients=32, seconds=10, runs=3):
     return res
 
 
+FIG9_PLAYER = Path(__file__).resolve().parent / "fig9_player.py"
+
+
+def system_python():
+    """The system Python, which has selenium (python3-selenium); a virtualenv's may not."""
+    return "/usr/bin/python3" if Path("/usr/bin/python3").exists() else "python3"
+
+
+def bench_fig9(seconds=150, switch_at=60, stop_at=120):
+    """(h) Fig. 9 of the MPIP paper with a real browser: headless Chromium behind mpipd plays a 720p video
+    (1.2 Mbit/s H.264) through mpip-proxy's HTTP proxy over two 2 Mbit/s paths, +20 ms on path 2 (the testbed's
+    user-space delay line), while a download from the proxy host competes; all-paths until switch_at, then
+    coordinated routing (video on path 1, download on path 2) on both ends; the download stops at stop_at."""
+    res = Results("fig9")
+    video = run([str(ROOT / "bench/fig9_video.sh"), str(seconds + 60)]).stdout.strip()
+    with Lab("f9", rates=(2, 2), extra=("--no-endpoint",)) as lab:
+        www = lab.work / "www"
+        www.mkdir()
+        shutil.copy(ROOT / "bench/fig9.html", www / "fig9.html")
+        shutil.copy(video, www / "video.mp4")
+        downloads = lab.work / "downloads"
+        downloads.mkdir()
+        with open(downloads / "big.bin", "wb") as f:
+            f.truncate(4 << 30)
+        w = lab.work
+        for name, root, listen, ns in (("srv", www, "10.0.3.2:80", "srv"), ("prx", downloads, "0.0.0.0:8081", "prx")):
+            conf = w / f"nginx-{name}.conf"
+            conf.write_text(
+                f"daemon on; user root; worker_processes 1; pid {w}/nginx-{name}.pid; error_log {w}/nginx-{name}.log;\n"
+                f"events {{ worker_connections 1024; }}\n"
+                f"http {{ access_log off; sendfile on; types {{ text/html html; video/mp4 mp4; }}\n"
+                f"  client_body_temp_path {w}/b{name}; proxy_temp_path {w}/p{name}; fastcgi_temp_path {w}/f{name};\n"
+                f"  uwsgi_temp_path {w}/u{name}; scgi_temp_path {w}/s{name};\n"
+                f"  server {{ listen {listen}; root {root}; }} }}\n")
+            lab.exec(ns, "nginx", "-c", str(conf))
+        lab.wait_port("srv", "10.0.3.2", 80)
+        lab.wait_port("prx", "10.0.3.1", 8081)
+        run([str(TESTBED), "delay", lab.prefix, "prx", "p2", "egress", "20ms"])
+        examples = ROOT / "deploy/examples"
+        (lab.work / "mpip-proxy.toml").write_text((examples / "mpip-proxy.toml").read_text())
+        (lab.work / "mpipd.toml").write_text((examples / "mpipd.toml").read_text())
+        proxy = lab.spawn("prx", str(MPIP_PROXY_BIN), "--config", str(lab.work / "mpip-proxy.toml"),
+                          stderr=open(lab.work / "mpip-proxy.log", "w"))
+        lab.wait_port("prx", "127.0.0.1", 9464)
+        client = lab.spawn("cli", str(MPIPD_BIN), "--config", str(lab.work / "mpipd.toml"),
+                           stderr=open(lab.work / "mpipd.log", "w"))
+        end = time.time() + 20
+        while "mpip0" not in lab.exec("cli", "ip", "route", "get", "10.200.0.1", check=False).stdout:
+            if time.time() > end:
+                raise RuntimeError(f"mpipd: no tunnel (see {lab.work}/mpipd.log)")
+            time.sleep(0.05)
+        lab.wait_port("cli", "10.200.0.1", 3128)
+        switch = "curl -sS --fail -X POST http://127.0.0.1:{}/mpip/routing/profile/coordinated"
+        out = lab.exec("cli", system_python(), str(FIG9_PLAYER), "--page", "http://10.0.3.2/fig9.html",
+                       "--proxy", "http://10.200.0.1:3128", "--download", "http://10.200.0.1:8081/big.bin",
+                       "--seconds", str(seconds), "--switch-at", str(switch_at), "--stop-download-at", str(stop_at),
+                       "--switch", f"ip netns exec {lab.ns['prx']} " + switch.format(9464),
+                       "--switch", switch.format(9465))
+        report = json.loads(out.stdout)
+        for p in (client, proxy):
+            p.terminate()
+            p.wait(timeout=20)
+    samples = report["samples"]
+    rows = []
+    for prev, cur in zip(samples, samples[1:]):
+        dt = cur["t"] - prev["t"]
+        rate = lambda key: (cur.get(key, 0) - prev.get(key, 0)) * 8 / dt / 1000
+        rows.append({"t": cur["t"], "video_kbit_s": rate("video_bytes"), "download_kbit_s": rate("download_bytes"),
+                     "path1_kbit_s": rate("c1_rx_bytes"), "path2_kbit_s": rate("c2_rx_bytes"),
+                     "buffered_s": cur.get("buffered_end", 0) - cur.get("time", 0), "played_s": cur.get("time", 0),
+                     "waiting": cur.get("waiting", 0)})
+    for i, row in enumerate(rows):
+        for metric, unit in (("video_kbit_s", "kbit/s"), ("download_kbit_s", "kbit/s"), ("path1_kbit_s", "kbit/s"),
+                             ("path2_kbit_s", "kbit/s"), ("buffered_s", "s"), ("played_s", "s"), ("waiting", "1")):
+            res.add("timeline", "mpip", i + 1, metric, row[metric], unit)
+    periods = (("all-paths", 10, switch_at), ("coordinated", switch_at + 10, stop_at),
+               ("download stopped", stop_at + 5, seconds))
+    summary = {}
+    for name, start, stop in periods:
+        picked = [r for r in rows if start <= r["t"] < stop]
+        mean = lambda key: statistics.mean(r[key] for r in picked) if picked else float("nan")
+        summary[name] = {k: mean(k) for k in ("video_kbit_s", "download_kbit_s", "buffered_s")}
+        summary[name]["buffered_end"] = picked[-1]["buffered_s"] if picked else float("nan")
+        summary[name]["waiting"] = (picked[-1]["waiting"] - picked[0]["waiting"]) if picked else 0
+        for metric, value in summary[name].items():
+            res.add(name, "mpip", 1, metric, value, "")
+    res.add("all", "mpip", 1, "media_errors", len(report["media_errors"]), "1")
+    res.save()
+    dat = RESULTS / f"fig9-{STAMP}.dat"
+    dat.write_text("".join(f"{r['t']:.1f} {r['video_kbit_s']:.0f} {r['download_kbit_s']:.0f} {r['buffered_s']:.2f}\n"
+                           for r in rows))
+    png = RESULTS / f"fig9-{STAMP}.png"
+    gnuplot(f"set terminal png size 900,700\nset output '{png}'\nset multiplot layout 2,1\n"
+            f"set xlabel 'time (s)'\nset ylabel 'kbit/s'\nset arrow from {switch_at},graph 0 to {switch_at},graph 1 nohead dt 2\n"
+            f"set arrow from {stop_at},graph 0 to {stop_at},graph 1 nohead dt 3\n"
+            f"plot '{dat}' using 1:2 with lines title 'video', '{dat}' using 1:3 with lines title 'download'\n"
+            f"set ylabel 'buffered (s)'\nplot '{dat}' using 1:4 with lines title 'video buffer'\nunset multiplot\n")
+    print(f"\n(h) Fig. 9 with headless Chromium: 720p video (1.2 Mbit/s) and a download over 2 x 2 Mbit/s, +20 ms on path 2;"
+          f" coordinated routing at {switch_at} s, download stopped at {stop_at} s; media errors {len(report['media_errors'])}")
+    print(f"{'period':<18}{'video kbit/s':>14}{'download kbit/s':>17}{'buffer mean s':>15}{'buffer end s':>14}{'waiting':>9}")
+    for name, *_ in periods:
+        v = summary[name]
+        print(f"{name:<18}{v['video_kbit_s']:>14.0f}{v['download_kbit_s']:>17.0f}{v['buffered_s']:>15.1f}"
+              f"{v['buffered_end']:>14.1f}{v['waiting']:>9.0f}")
+    print("paper (Fig. 9, YouTube 720p): video 1500 -> 1900 kbit/s, download 2510 -> 1890 kbit/s, "
+          "buffer grows to 10 s without freezing")
+    return res
+
+
 def bench_mpip(seconds=10, runs=3, perf=False, count=2000):
     res = Results("mpip")
     with Lab("mp") as lab:
@@ -876,7 +988,7 @@ def plot_cdf(res, metric):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=["throughput", "requests", "conversion", "aggregation", "concurrency",
-                                          "throttle", "mpip", "all"])
+                                          "throttle", "mpip", "fig9", "all"])
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
@@ -893,10 +1005,12 @@ def main():
     # Installs what is missing, then stops at once naming any program of deploy/requirements.txt still absent.
     if subprocess.run(["bash", str(ROOT / "deploy/prerequisites.sh"), "bench"]).returncode != 0:
         sys.exit("bench.py: prerequisites missing (see above)")
-    todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle", "mpip"]
+    todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle", "mpip", "fig9"]
             if a.bench == "all" else [a.bench])
+    mpip = "mpip" in todo or "fig9" in todo
     run(["cargo", "build", "--release", "-q", "-p", "mptcp-proxy", "--bin", "mptcp-proxy",
-         *(["-p", "mpip-proxy", "--bin", "mpipd", "--bin", "mpip-proxy"] if "mpip" in todo else [])], cwd=ROOT)
+         *(["-p", "mpip-proxy", "--bin", "mpipd", "--bin", "mpip-proxy"] if mpip else []),
+         *(["-p", "testbed", "--bin", "testbed-delay"] if "fig9" in todo else [])], cwd=ROOT)
     for name in todo:
         if name == "throughput":
             bench_throughput(a.size_mib, a.runs)
@@ -910,6 +1024,8 @@ def main():
             bench_concurrency(a.tunnels, a.downloads)
         elif name == "throttle":
             bench_throttle(a.connections)
+        elif name == "fig9":
+            bench_fig9()
         elif name == "mpip" and a.clients:
             bench_mpip_clients(a.clients, a.seconds, min(a.runs, 3))
         elif name == "mpip":

@@ -354,9 +354,16 @@ pub struct ResequencerSection {
     /// Segments held at most; default 100.
     #[serde(default = "ResequencerSection::default_capacity")]
     pub capacity: usize,
-    /// A held segment is released after this long; default 50 ms.
+    /// A held segment is released after this long when the paths' delays
+    /// are alike; default 50 ms. The node adds the spread of the peer's
+    /// paths' one-way delays (a segment from the fast path waits for the
+    /// slow one's), up to `max_timeout_ms`.
     #[serde(default = "ResequencerSection::default_timeout_ms")]
     pub timeout_ms: u64,
+    /// The longest a held segment waits, however different the paths;
+    /// default 1000 ms.
+    #[serde(default = "ResequencerSection::default_max_timeout_ms")]
+    pub max_timeout_ms: u64,
 }
 
 impl ResequencerSection {
@@ -366,6 +373,9 @@ impl ResequencerSection {
     fn default_timeout_ms() -> u64 {
         50
     }
+    fn default_max_timeout_ms() -> u64 {
+        1000
+    }
 }
 
 impl Default for ResequencerSection {
@@ -373,6 +383,7 @@ impl Default for ResequencerSection {
         ResequencerSection {
             capacity: Self::default_capacity(),
             timeout_ms: Self::default_timeout_ms(),
+            max_timeout_ms: Self::default_max_timeout_ms(),
         }
     }
 }
@@ -751,6 +762,13 @@ impl CommonConfig {
         if self.resequencer.capacity == 0 {
             return Err(invalid(origin, "resequencer.capacity", "must be above 0"));
         }
+        if self.resequencer.max_timeout_ms < self.resequencer.timeout_ms {
+            return Err(invalid(
+                origin,
+                "resequencer.max_timeout_ms",
+                "must be at least timeout_ms",
+            ));
+        }
         if self.routing.profiles.contains_key(DEFAULT_PROFILE) {
             return Err(invalid(
                 origin,
@@ -827,6 +845,7 @@ impl CommonConfig {
         config.resequencer = ResequencerConfig {
             capacity: self.resequencer.capacity,
             timeout: ms(self.resequencer.timeout_ms),
+            max_timeout: ms(self.resequencer.max_timeout_ms),
         };
         config.session_idle = Duration::from_secs(self.sessions.idle_s);
         config.routing = self

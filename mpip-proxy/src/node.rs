@@ -365,6 +365,32 @@ struct Peer {
     verified: bool,
     /// The nonce of the peer's latest `ENABLE` (echoed in the `CONFIRM`).
     enable_nonce: u32,
+    /// Smoothed one-way delay (with the peer's clock offset, the same on
+    /// every path) of what arrives over each of our paths from the peer:
+    /// the spread over the active ones is how long a segment from the
+    /// fastest path may wait for the slowest's.
+    arrivals: BTreeMap<PathId, i64>,
+}
+
+impl Peer {
+    fn note_arrival(&mut self, path: PathId, sample_us: i32) {
+        let sample = i64::from(sample_us);
+        let smoothed = self.arrivals.entry(path).or_insert(sample);
+        // An EWMA of 1/8, as TCP's SRTT.
+        *smoothed += (sample - *smoothed) / 8;
+    }
+
+    /// The spread of the one-way delays of the paths `active` says are up.
+    fn delay_spread(&self, active: impl Fn(PathId) -> bool) -> Duration {
+        let (min, max) = self
+            .arrivals
+            .iter()
+            .filter(|(path, _)| active(**path))
+            .fold((i64::MAX, i64::MIN), |(lo, hi), (_, d)| {
+                (lo.min(*d), hi.max(*d))
+            });
+        Duration::from_micros(u64::try_from(max.saturating_sub(min)).unwrap_or(0))
+    }
 }
 
 /// Proxy end: tunnel addresses handed to client nodes.
@@ -1007,6 +1033,12 @@ impl<R: RandomSource> Node<R> {
         let proves = matches!(admitted, Admission::Accept(true));
         self.paths
             .handle_received_proven(now, interface, remote, &repr, proves);
+        if let Some(path) = self.paths.path_between(interface, remote).map(|p| p.id) {
+            self.peers
+                .entry(node)
+                .or_default()
+                .note_arrival(path, crate::time::one_way_delay_sample(repr.timestamp, now));
+        }
         self.drain_path_events();
         self.paths.note_received(interface, remote, bytes.len());
         if admitted == Admission::Challenge {
@@ -1052,13 +1084,16 @@ impl<R: RandomSource> Node<R> {
         self.paths.note_data(now, node);
         let paths = &self.paths;
         let resequencer = self.config.resequencer;
-        let state = self
-            .peers
-            .entry(node)
-            .or_default()
+        let peer = self.peers.entry(node).or_default();
+        let wait = resequencer.timeout
+            + peer.delay_spread(|id| paths.path(node, id).is_some_and(|p| p.is_active()));
+        let state = peer
             .sessions
             .entry(repr.session_id)
             .or_insert_with(|| Session::new(paths.path_table_for(node), &info, resequencer));
+        if let Some(resequencer) = &mut state.resequencer {
+            resequencer.set_timeout(wait);
+        }
         if repr.flags.contains(CmFlags::DUPLICATE) && !state.dedup.accept(repr.sequence) {
             self.counters.duplicates += 1;
             return;
@@ -1296,6 +1331,9 @@ impl<R: RandomSource> Node<R> {
                 }
             };
             if let Some(peer) = self.peers.get_mut(&node) {
+                if state.is_none() {
+                    peer.arrivals.remove(&path);
+                }
                 for (s, state) in &mut peer.sessions {
                     self.paths.apply_event(node, *s, &event, &mut state.paths);
                 }

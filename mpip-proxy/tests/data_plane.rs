@@ -57,6 +57,7 @@ fn run(mode: Mode, count: u32, resequence: bool) -> (Vec<u32>, usize, [usize; 2]
     let mut reseq = Resequencer::new(ResequencerConfig {
         capacity: 100,
         timeout: Duration::from_millis(50),
+        max_timeout: Duration::from_millis(50),
     });
     // The stream starts at sequence 1, as the SYN (not simulated) would tell.
     reseq.expect(1);
