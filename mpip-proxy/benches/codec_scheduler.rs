@@ -116,11 +116,43 @@ fn scheduler(c: &mut Criterion) {
     group.finish();
 }
 
+/// The inner packet on the data path: header parsing (every packet, both
+/// ends) and the TCP checksum (MSS clamp, TUN offloads).
+fn inner(c: &mut Criterion) {
+    use mpip_proxy::packet::{build, checksum, InnerPacket, TCP_ACK};
+    let source = std::net::Ipv4Addr::new(10, 200, 0, 2);
+    let destination = std::net::Ipv4Addr::new(10, 0, 3, 2);
+    let timestamps = [1u8, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+    let segment = build::ipv4_tcp(
+        source,
+        destination,
+        40000,
+        80,
+        7,
+        TCP_ACK,
+        &timestamps,
+        &[0x5a; 1400],
+    );
+    let ack = build::ipv4_tcp(source, destination, 40000, 80, 7, TCP_ACK, &timestamps, &[]);
+    let mut group = c.benchmark_group("inner_packet");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("parse_1400_byte_segment", |b| {
+        b.iter(|| InnerPacket::parse(black_box(&segment)).unwrap())
+    });
+    group.bench_function("parse_ack", |b| {
+        b.iter(|| InnerPacket::parse(black_box(&ack)).unwrap())
+    });
+    group.bench_function("tcp_checksum_1400_byte_segment", |b| {
+        b.iter(|| checksum::tcp_checksum_ok(black_box(&segment)).unwrap())
+    });
+    group.finish();
+}
+
 mod groups {
     // criterion_group! generates an undocumented public function.
     #![allow(missing_docs)]
-    use super::{codec, scheduler};
-    criterion::criterion_group!(benches, codec, scheduler);
+    use super::{codec, inner, scheduler};
+    criterion::criterion_group!(benches, codec, scheduler, inner);
 }
 
 criterion_main!(groups::benches);

@@ -1605,7 +1605,7 @@ fn restore_ipv4_header(packet: &mut [u8], tuple: crate::table::session::FiveTupl
     header[9] = tuple.protocol.number();
     header[12..16].copy_from_slice(&source.octets());
     header[16..20].copy_from_slice(&destination.octets());
-    let checksum = crate::packet::checksum::finish(crate::packet::checksum::sum16(0, header));
+    let checksum = crate::packet::checksum::checksum(header);
     header[10..12].copy_from_slice(&checksum.to_be_bytes());
     true
 }
@@ -1618,10 +1618,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn with_df(mut packet: Vec<u8>) -> Vec<u8> {
-        use crate::packet::checksum::{finish, sum16};
         packet[6] = 0x40;
         packet[10..12].fill(0);
-        let checksum = finish(sum16(0, &packet[..IPV4_HEADER_LEN]));
+        let checksum = crate::packet::checksum::checksum(&packet[..IPV4_HEADER_LEN]);
         packet[10..12].copy_from_slice(&checksum.to_be_bytes());
         packet
     }

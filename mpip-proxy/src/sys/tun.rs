@@ -691,7 +691,7 @@ mod tests {
                 split(&read, MTU, 25, &mut out).unwrap();
                 let udp = &out[0][25..];
                 let info = InnerPacket::parse(udp).unwrap();
-                let sum = checksum::sum16(
+                let sum = checksum::sum(
                     checksum::pseudo_header_sum(&info, udp.len() - 20),
                     &udp[20..],
                 );
@@ -733,7 +733,7 @@ mod tests {
                     for seg in &out {
                         let seg = &seg[25..];
                         assert!(seg.len() <= MTU);
-                        assert_eq!(checksum::finish(checksum::sum16(0, &seg[..20])), 0);
+                        assert_eq!(checksum::finish(checksum::sum(0, &seg[..20])), 0);
                         assert!(checksum::tcp_checksum_ok(seg).unwrap());
                         let info = InnerPacket::parse(seg).unwrap();
                         let tcp = info.tcp.unwrap();

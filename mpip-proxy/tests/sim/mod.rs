@@ -243,10 +243,10 @@ pub fn connected_lab(client_routing: RoutingTable, proxy_routing: RoutingTable) 
 
 /// Sets DF, as Linux does on TCP and on most UDP, and fixes the checksum.
 pub fn with_df(mut packet: Vec<u8>) -> Vec<u8> {
-    use mpip_proxy::packet::checksum::{finish, sum16};
+    use mpip_proxy::packet::checksum::{finish, sum};
     packet[6] = 0x40;
     packet[10..12].fill(0);
-    let checksum = finish(sum16(0, &packet[..20]));
+    let checksum = finish(sum(0, &packet[..20]));
     packet[10..12].copy_from_slice(&checksum.to_be_bytes());
     packet
 }
