@@ -19,10 +19,18 @@ use crate::metrics::{InterfaceMap, Metrics, PathAccounting, TransportLabel};
 use crate::relay::Activity;
 use crate::sockets::{mptcp_subflows, tcp_path, Transport};
 
-/// Counts client connections per address; a slot is released when dropped.
-#[derive(Debug, Clone, Default)]
+/// Counts client connections per client: per IPv4 address, per IPv6 prefix (one subscriber holds a
+/// whole /64). A slot is released when dropped.
+#[derive(Debug, Clone)]
 pub struct PerClientCounter {
     counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ipv6_prefix: u8,
+}
+
+impl Default for PerClientCounter {
+    fn default() -> Self {
+        Self::with_ipv6_prefix(64)
+    }
 }
 
 /// A held per-client slot.
@@ -33,8 +41,28 @@ pub struct ClientSlot {
 }
 
 impl PerClientCounter {
-    /// Takes a slot for `ip` unless it already holds `limit`.
+    /// A counter that groups IPv6 clients by their first `ipv6_prefix` bits (1-128).
+    pub fn with_ipv6_prefix(ipv6_prefix: u8) -> Self {
+        Self {
+            counts: Arc::default(),
+            ipv6_prefix: ipv6_prefix.clamp(1, 128),
+        }
+    }
+
+    /// The key `ip` is counted under: the IPv4 address (IPv4-mapped ones too), or the IPv6 prefix.
+    pub fn client_key(&self, ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX << (128 - u32::from(self.ipv6_prefix));
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            v4 => v4,
+        }
+    }
+
+    /// Takes a slot for `ip`'s client unless it already holds `limit`.
     pub fn acquire(&self, ip: IpAddr, limit: usize) -> Option<ClientSlot> {
+        let ip = self.client_key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(ip).or_insert(0);
         if *count >= limit {
@@ -493,5 +521,29 @@ mod tests {
             .is_some());
         drop(a);
         assert!(counter.acquire(ip, 2).is_some());
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64_by_default() {
+        let counter = PerClientCounter::default();
+        let ip = |s: &str| -> IpAddr { s.parse().expect("literal") };
+        let _a = counter.acquire(ip("2001:db8:1:2::1"), 2).expect("first");
+        let _b = counter
+            .acquire(ip("2001:db8:1:2:ffff::9"), 2)
+            .expect("second, same /64");
+        assert!(
+            counter.acquire(ip("2001:db8:1:2:aaaa::1"), 2).is_none(),
+            "a third address of the same /64 is the same subscriber"
+        );
+        assert!(
+            counter.acquire(ip("2001:db8:1:3::1"), 2).is_some(),
+            "another /64"
+        );
+        let per_56 = PerClientCounter::with_ipv6_prefix(56);
+        let _c = per_56.acquire(ip("2001:db8:1:200::1"), 1).expect("first");
+        assert!(per_56.acquire(ip("2001:db8:1:2ff::1"), 1).is_none());
+        // IPv4-mapped addresses count as the IPv4 address.
+        let _d = counter.acquire(ip("::ffff:10.0.0.1"), 1).expect("first");
+        assert!(counter.acquire(ip("10.0.0.1"), 1).is_none());
     }
 }

@@ -86,19 +86,26 @@ impl Server {
             tracing::warn!(%error, "cannot list local addresses; deny_own_addresses covers only listeners");
             Vec::new()
         });
-        let mut own = own;
-        own.extend(config.listeners.iter().map(|l| l.address.ip()));
-        let acl = Acl::new(&config.acl, own);
+        let listener_ips = config.listeners.iter().map(|l| l.address.ip()).collect();
+        let acl = Acl::with_listeners(&config.acl, own, listener_ips);
+        if config.acl.deny_own_addresses {
+            // Addresses added while the proxy runs are protected too.
+            if let Err(error) = crate::acl::watch_own_addresses(acl.own_addresses()) {
+                tracing::warn!(%error, "cannot watch local addresses; the list read at start stays");
+            }
+        }
         let credentials = config
             .auth
             .as_ref()
             .map(|auth| Credentials::load(&auth.credentials_file, &auth.realm))
             .transpose()?;
         let access_log =
-            AccessLog::open(&config.access_log).map_err(|source| ServerError::AccessLog {
-                path: config.access_log.path.clone(),
-                source,
-            })?;
+            AccessLog::open_with(&config.access_log, metrics.access_log_dropped.clone()).map_err(
+                |source| ServerError::AccessLog {
+                    path: config.access_log.path.clone(),
+                    source,
+                },
+            )?;
         let mut listeners = Vec::new();
         for listener in &config.listeners {
             let bind_error = |source| ServerError::Bind {
@@ -216,7 +223,8 @@ impl Server {
         let limits = &self.shared.config.limits;
         let max = limits.max_connections;
         let permits = Arc::new(Semaphore::new(max));
-        let per_client = PerClientCounter::default();
+        let per_client = PerClientCounter::with_ipv6_prefix(limits.client_ipv6_prefix);
+        let refusals = Arc::new(Semaphore::new(limits.max_refusals));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut accept_tasks = Vec::new();
         for listener in self.listeners {
@@ -225,6 +233,7 @@ impl Server {
                 self.shared.clone(),
                 permits.clone(),
                 per_client.clone(),
+                refusals.clone(),
                 stop_rx.clone(),
             )));
         }
@@ -279,6 +288,12 @@ impl Server {
                 "drain timeout reached; closing the remaining connections"
             ),
         }
+        // The lines of the last requests reach the log before the process exits.
+        let log = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            log.access_log.flush(std::time::Duration::from_secs(2))
+        })
+        .await;
         let _ = admin_stop_tx.send(true);
         if let Some(admin) = admin {
             let _ = admin.await;
@@ -326,8 +341,25 @@ async fn accept_loop(
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     per_client: PerClientCounter,
+    refusals: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Answers a refused connection from the bounded budget, or closes it at once and counts it.
+    let refuse = |stream: TcpStream, status_line: &'static str, reason: &'static str| match refusals
+        .clone()
+        .try_acquire_owned()
+    {
+        Ok(permit) => {
+            tokio::spawn(async move {
+                refuse(stream, status_line, reason).await;
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            shared.metrics.refusals_dropped.inc();
+            drop(stream);
+        }
+    };
     loop {
         let (stream, client) = tokio::select! {
             accepted = listener.socket.accept() => match accepted {
@@ -349,7 +381,11 @@ async fn accept_loop(
             tracing::info!(%client, "refused: {denied}");
             log_refusal(&shared, transport, client, 403, "TCP_DENIED");
             if forward {
-                tokio::spawn(refuse(stream, "403 Forbidden", denied.to_string()));
+                refuse(
+                    stream,
+                    "403 Forbidden",
+                    "this client is not allowed to use the proxy",
+                );
             }
             continue;
         }
@@ -359,11 +395,7 @@ async fn accept_loop(
             tracing::warn!(%client, "refused: max_connections reached");
             log_refusal(&shared, transport, client, 503, "NONE_NONE");
             if forward {
-                tokio::spawn(refuse(
-                    stream,
-                    "503 Service Unavailable",
-                    "too many connections".into(),
-                ));
+                refuse(stream, "503 Service Unavailable", "too many connections");
             }
             continue;
         };
@@ -372,11 +404,11 @@ async fn accept_loop(
             tracing::warn!(%client, "refused: max_connections_per_client reached");
             log_refusal(&shared, transport, client, 503, "NONE_NONE");
             if forward {
-                tokio::spawn(refuse(
+                refuse(
                     stream,
                     "503 Service Unavailable",
-                    "too many connections from this client".into(),
-                ));
+                    "too many connections from this client",
+                );
             }
             continue;
         };
@@ -414,7 +446,7 @@ fn log_refusal(
     status: u16,
     result: &'static str,
 ) {
-    shared.access_log.write(&Entry {
+    shared.access_log.log(Entry {
         started: SystemTime::now(),
         elapsed: Default::default(),
         client: client.ip(),
@@ -431,15 +463,18 @@ fn log_refusal(
     });
 }
 
+/// How long a refused connection is held to deliver its answer.
+const REFUSAL_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Answers a connection the proxy will not serve, without reading its request.
-async fn refuse(mut stream: TcpStream, status_line: &'static str, reason: String) {
+async fn refuse(mut stream: TcpStream, status_line: &'static str, reason: &'static str) {
     let body = format!("{status_line}: {reason}\n");
     let response = format!(
         "HTTP/1.1 {status_line}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\nVia: 1.1 {}\r\n\r\n{body}",
         body.len(),
         crate::http::VIA_PSEUDONYM
     );
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+    let _ = tokio::time::timeout(REFUSAL_HOLD, async {
         stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await?;
         // Read what the client sent, so closing does not reset the answer away.
@@ -571,7 +606,7 @@ async fn serve_transparent(
     }
     entry.elapsed = started.elapsed();
     entry.subflows = client.max_subflows();
-    shared.access_log.write(&entry);
+    shared.access_log.log(entry);
     client.closed(&stream);
 }
 

@@ -57,7 +57,8 @@ fn download_through_proxy(tunnel: bool) {
     let Some(lab) = Lab::with_options(shaped()) else {
         return;
     };
-    let config = json_log_config(&lab, "");
+    // The tunnel goes to port 80, outside the default CONNECT ports (443).
+    let config = json_log_config(&lab, "[acl]\nconnect_ports = [80, 443]\n");
     let _proxy = lab.start_proxy(&["--config", &config, "--listen", PROXY], proxy_addr());
     let before = (lab.proxy_tx("p1"), lab.proxy_tx("p2"));
     let output = lab.path("big.out");

@@ -116,7 +116,7 @@ fn prometheus_scrapes_the_proxy_and_every_dashboard_expression_has_data() {
     let config = lab.config(
         "proxy.toml",
         &format!(
-            "[access_log]\npath = \"{}\"\nformat = \"squid\"\n",
+            "[access_log]\npath = \"{}\"\nformat = \"squid\"\n[acl]\nconnect_ports = [80, 443]\n",
             log_path.display()
         ),
     );

@@ -102,7 +102,7 @@ impl Drop for LoggedBody {
             pending.entry.bytes = self.head_bytes + self.body_bytes;
             self.connection.subflows();
             pending.entry.subflows = self.connection.max_subflows();
-            self.shared.access_log.write(&pending.entry);
+            self.shared.access_log.log(pending.entry);
         }
     }
 }

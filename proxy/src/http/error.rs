@@ -24,10 +24,11 @@ pub enum ProxyError {
     /// Credentials are missing or wrong (407).
     #[error("proxy authentication required")]
     AuthRequired,
-    /// The server refused, is unreachable or failed (502).
+    /// The server refused, is unreachable or failed (502). The text is what the client sees: name the
+    /// host as the client gave it, never a resolved address.
     #[error("{0}")]
     BadGateway(String),
-    /// Connecting to the server timed out (504).
+    /// Connecting to the server, or its response, timed out (504).
     #[error("{0}")]
     GatewayTimeout(String),
 }
@@ -42,6 +43,16 @@ impl ProxyError {
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ProxyError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The one-line reason sent to the client. It names what the client asked for (host and port as
+    /// given), never a resolved address, a denied network or the proxy's own addresses: those go to
+    /// the log only.
+    pub fn public_message(&self) -> String {
+        match self {
+            ProxyError::Denied(denied) => denied.public_reason(),
+            other => other.to_string(),
         }
     }
 

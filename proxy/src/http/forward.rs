@@ -11,7 +11,9 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
 use super::error::ProxyError;
-use super::headers::{add_via, remove_hop_by_hop};
+use super::headers::{
+    accepts_trailers, add_via, fix_response_framing, forward_trailers_accepted, remove_hop_by_hop,
+};
 use super::target::{parse_target, Target};
 use super::{HttpConnection, Pending, Served, Shared};
 use crate::connection::ClientConnection;
@@ -79,6 +81,7 @@ pub(super) async fn forward(
     pending: &mut Pending,
 ) -> Result<Served, ProxyError> {
     let target = parse_target(request.uri())?;
+    shared.acl.check_safe_port(target.port)?;
     let mut upstream = match connection.take_upstream(&target.host, target.port) {
         Some(upstream) => upstream,
         None => open_upstream(shared, &connection.client, &target).await?,
@@ -89,7 +92,11 @@ pub(super) async fn forward(
     *request.uri_mut() = target.origin_form.clone();
     *request.version_mut() = Version::HTTP_11;
     let headers = request.headers_mut();
+    let trailers = accepts_trailers(headers);
     remove_hop_by_hop(headers);
+    if trailers {
+        forward_trailers_accepted(headers);
+    }
     let host = HeaderValue::from_str(&target.host_header)
         .map_err(|_| ProxyError::BadRequest("invalid host".into()))?;
     headers.insert(header::HOST, host);
@@ -116,7 +123,13 @@ pub(super) async fn forward(
         .metrics
         .first_byte_duration
         .observe(pending.started.elapsed().as_secs_f64());
-    connection.keep_upstream(upstream);
+    // Both Transfer-Encoding and Content-Length: the length goes (it would cut the body), and so does
+    // the server connection.
+    if !fix_response_framing(response.headers_mut()) {
+        connection.keep_upstream(upstream);
+    } else {
+        tracing::info!(%peer, "response with both Transfer-Encoding and Content-Length; Content-Length removed");
+    }
     let version = response.version();
     *response.version_mut() = Version::HTTP_11;
     remove_hop_by_hop(response.headers_mut());

@@ -7,17 +7,82 @@ use super::error::ProxyError;
 use super::VIA_PSEUDONYM;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the de-facto `Proxy-Connection` and `Keep-Alive`.
-const HOP_BY_HOP: [&str; 9] = [
+/// `Trailer` is not one: it announces end-to-end trailer fields (RFC 9110 §6.6.2), which the proxy
+/// passes on both ways.
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "proxy-connection",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
 ];
+
+/// Whether the request's `TE` accepts trailer fields (`TE: trailers`, RFC 9110 §10.1.4). Read before
+/// [`remove_hop_by_hop`] removes `TE`.
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
+/// Tells the server that trailers are accepted, for a client that accepts them: the proxy relays
+/// them. `TE` is hop-by-hop, so it is named in `Connection` (RFC 9110 §10.1.4).
+pub fn forward_trailers_accepted(headers: &mut HeaderMap) {
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("te"));
+}
+
+/// A response with both `Transfer-Encoding` and `Content-Length`: the transfer coding wins and the
+/// `Content-Length` must go before the message is forwarded (RFC 9112 §6.3, item 3); forwarding it
+/// would cut the body at that length. Returns true when it removed one: the server connection is then
+/// not reused (the message may be an attempt at response smuggling).
+pub fn fix_response_framing(headers: &mut HeaderMap) -> bool {
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH)
+    {
+        headers.remove(header::CONTENT_LENGTH);
+        return true;
+    }
+    false
+}
+
+/// What `Max-Forwards` (RFC 9110 §7.6.2) says about an OPTIONS or TRACE request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxForwards {
+    /// Absent: forward unchanged.
+    Absent,
+    /// Zero: the proxy is the final recipient and answers itself.
+    Zero,
+    /// Forward with this (decremented) value.
+    Forward(u64),
+}
+
+/// Reads and decrements `Max-Forwards`; only OPTIONS and TRACE honour it (RFC 9110 §7.6.2). A value
+/// that is not a decimal number is a malformed request.
+pub fn max_forwards(headers: &HeaderMap) -> Result<MaxForwards, ProxyError> {
+    let mut values = headers.get_all(header::MAX_FORWARDS).iter();
+    let Some(value) = values.next() else {
+        return Ok(MaxForwards::Absent);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    let parsed = (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| text.parse::<u64>().unwrap_or(u64::MAX));
+    match (parsed, values.next()) {
+        (Some(0), None) => Ok(MaxForwards::Zero),
+        (Some(n), None) => Ok(MaxForwards::Forward(n - 1)),
+        _ => Err(ProxyError::BadRequest("invalid Max-Forwards".into())),
+    }
+}
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -112,6 +177,7 @@ mod tests {
             ("proxy-authorization", "Basic eA=="),
             ("te", "trailers"),
             ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
             ("accept", "*/*"),
             ("content-length", "3"),
         ]);
@@ -119,6 +185,56 @@ mod tests {
         let mut left: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, vec!["accept", "content-length"]);
+    }
+
+    #[test]
+    fn trailer_is_end_to_end_and_te_trailers_is_seen() {
+        let mut map = headers(&[("trailer", "x-checksum"), ("te", "gzip;q=0.5, Trailers")]);
+        assert!(accepts_trailers(&map));
+        remove_hop_by_hop(&mut map);
+        assert_eq!(
+            map.get("trailer").map(|v| v.as_bytes()),
+            Some(&b"x-checksum"[..])
+        );
+        assert!(!accepts_trailers(&headers(&[("te", "gzip")])));
+        let mut out = HeaderMap::new();
+        forward_trailers_accepted(&mut out);
+        assert_eq!(out["te"], "trailers");
+        assert_eq!(out["connection"], "te");
+    }
+
+    #[test]
+    fn content_length_goes_when_transfer_encoding_is_present() {
+        let mut map = headers(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        assert!(fix_response_framing(&mut map));
+        assert!(!map.contains_key("content-length"));
+        let mut map = headers(&[("content-length", "5")]);
+        assert!(!fix_response_framing(&mut map));
+        assert_eq!(map["content-length"], "5");
+    }
+
+    #[test]
+    fn max_forwards_values() {
+        assert_eq!(max_forwards(&headers(&[])).ok(), Some(MaxForwards::Absent));
+        assert_eq!(
+            max_forwards(&headers(&[("max-forwards", "0")])).ok(),
+            Some(MaxForwards::Zero)
+        );
+        assert_eq!(
+            max_forwards(&headers(&[("max-forwards", "3")])).ok(),
+            Some(MaxForwards::Forward(2))
+        );
+        assert_eq!(
+            max_forwards(&headers(&[("max-forwards", "99999999999999999999999")])).ok(),
+            Some(MaxForwards::Forward(u64::MAX - 1))
+        );
+        for bad in ["-1", "x", "", "1 2"] {
+            assert!(
+                max_forwards(&headers(&[("max-forwards", bad)])).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(max_forwards(&headers(&[("max-forwards", "1"), ("max-forwards", "2")])).is_err());
     }
 
     #[test]

@@ -42,6 +42,7 @@ use body::{head_len, LoggedBody};
 use error::empty;
 pub use error::{text_response, ProxyError};
 use forward::Upstream;
+use headers::MaxForwards;
 pub use headers::{add_via, check_framing, remove_hop_by_hop};
 pub use target::{parse_target, Target};
 
@@ -144,14 +145,8 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let client = &connection.client;
-    let url = if request.method() == Method::CONNECT {
-        request
-            .uri()
-            .authority()
-            .map_or_else(|| request.uri().to_string(), |a| a.to_string())
-    } else {
-        request.uri().to_string()
-    };
+    // Never the user info: it may hold a password.
+    let url = target::loggable(request.uri());
     let mut pending = Pending {
         entry: Entry {
             started: SystemTime::now(),
@@ -184,7 +179,7 @@ pub async fn handle(
         Err(error) => {
             tracing::debug!(client = %client.client, %error, "request refused");
             pending.entry.result = error.result_code();
-            let mut response = text_response(error.status(), &error.to_string());
+            let mut response = text_response(error.status(), &error.public_message());
             if let (ProxyError::AuthRequired, Some(credentials)) = (&error, &shared.credentials) {
                 if let Ok(value) = HeaderValue::from_str(&credentials.challenge()) {
                     response
@@ -227,6 +222,68 @@ pub async fn handle(
     Ok(response)
 }
 
+/// OPTIONS and TRACE with `Max-Forwards: 0`, and `OPTIONS *`, are for the proxy itself (RFC 9110
+/// §7.6.2, §9.3.7): it answers as the final recipient. Other values of `Max-Forwards` are decremented.
+fn answer_as_final_recipient(
+    request: &Request<Incoming>,
+) -> Result<Option<Response<ProxyBody>>, ProxyError> {
+    let method = request.method();
+    if method != Method::OPTIONS && method != Method::TRACE {
+        return Ok(None);
+    }
+    let asterisk = method == Method::OPTIONS && request.uri() == "*";
+    match headers::max_forwards(request.headers())? {
+        MaxForwards::Zero => {}
+        MaxForwards::Absent if asterisk => {}
+        MaxForwards::Absent | MaxForwards::Forward(_) => return Ok(None),
+    }
+    let mut response = if method == Method::OPTIONS {
+        let mut response = Response::new(error::empty());
+        response.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static(
+                "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT",
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        response
+    } else {
+        // The request as received, without fields that may hold secrets (RFC 9110 §9.3.8).
+        let mut echo = format!(
+            "{} {} {:?}\r\n",
+            request.method(),
+            request.uri(),
+            request.version()
+        );
+        for (name, value) in request.headers() {
+            if [
+                header::AUTHORIZATION,
+                header::PROXY_AUTHORIZATION,
+                header::COOKIE,
+            ]
+            .contains(name)
+            {
+                continue;
+            }
+            echo.push_str(name.as_str());
+            echo.push_str(": ");
+            echo.push_str(&String::from_utf8_lossy(value.as_bytes()));
+            echo.push_str("\r\n");
+        }
+        echo.push_str("\r\n");
+        let mut response = Response::new(error::full(echo));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("message/http"),
+        );
+        response
+    };
+    add_via(response.headers_mut(), http::Version::HTTP_11);
+    Ok(Some(response))
+}
+
 pub(crate) enum Served {
     Response(Response<ProxyBody>),
     /// A CONNECT response; the tunnel task writes its log line.
@@ -256,6 +313,9 @@ async fn serve(
         HeadProblem::TooLarge => return Err(ProxyError::HeadTooLarge),
     }
     check_framing(request.headers())?;
+    if let Some(answer) = answer_as_final_recipient(&request)? {
+        return Ok(Served::Response(answer));
+    }
     if request.method() == Method::CONNECT {
         return tunnel::connect(shared, connection, request, pending).await;
     }

@@ -23,17 +23,16 @@ pub(super) async fn connect(
         .authority()
         .cloned()
         .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
-    let port = authority
-        .port_u16()
-        .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a port".into()))?;
+    if authority.as_str().contains('@') {
+        return Err(ProxyError::BadRequest(
+            "CONNECT takes host:port, without user info".into(),
+        ));
+    }
+    let (host, port) = super::target::host_and_port(&authority, None)?;
     shared.acl.check_connect_port(port)?;
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let (upstream, peer) = connect_upstream(shared, host, port).await?;
+    let (upstream, peer) = connect_upstream(shared, &host, port).await?;
     connection.client.upstream_connected();
-    shared.attach_destination(&connection.client, host, peer);
+    shared.attach_destination(&connection.client, &host, peer);
     pending.entry.peer = Some(peer.ip());
     pending.entry.result = "TCP_TUNNEL";
     pending.entry.status = 200;
@@ -74,7 +73,7 @@ pub(super) async fn connect(
         entry.bytes = CONNECT_ESTABLISHED.len() as u64 + stats.download_bytes;
         entry.elapsed = started.elapsed();
         entry.subflows = client.max_subflows();
-        shared.access_log.write(&entry);
+        shared.access_log.log(entry);
         client.closed(&stream);
     });
     Ok(Served::Tunnel(Response::new(empty())))

@@ -121,10 +121,22 @@ impl Lab {
             .1
     }
 
+    /// The JSON access log's lines. The proxy writes them on a thread of its own, a moment after the
+    /// response ends: this waits until the file has stopped growing for 200 ms (at most 3 s).
     pub fn access_log_lines(&self, name: &str) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.path(name))
-            .unwrap_or_default()
-            .lines()
+        let read = || std::fs::read_to_string(self.path(name)).unwrap_or_default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut text = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = read();
+            if (now == text && !now.is_empty()) || std::time::Instant::now() > deadline {
+                text = now;
+                break;
+            }
+            text = now;
+        }
+        text.lines()
             .map(|l| serde_json::from_str(l).expect("access log line is JSON"))
             .collect()
     }
