@@ -155,8 +155,10 @@ impl Server {
             .clone()
             .filter(|t| t.enabled)
             .map(ThrottleHandle::new);
+        let connector = crate::upstream::Connector::new(&config.upstream);
         Ok(Self {
             shared: Arc::new(Shared {
+                connector,
                 config,
                 acl,
                 credentials,

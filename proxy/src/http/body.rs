@@ -94,6 +94,9 @@ impl Drop for LoggedBody {
     fn drop(&mut self) {
         self.connection.expect_next_head();
         if let Some(mut pending) = self.pending.take() {
+            if let Some(gate) = pending.expect.take() {
+                gate.abandon();
+            }
             pending.entry.elapsed = pending.started.elapsed();
             self.shared
                 .metrics

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
-use http::{Request, Version};
+use http::{Request, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
@@ -14,6 +14,7 @@ use super::error::ProxyError;
 use super::headers::{
     accepts_trailers, add_via, fix_response_framing, forward_trailers_accepted, remove_hop_by_hop,
 };
+use super::request_body::{ExpectGate, RequestBody};
 use super::target::{parse_target, Target};
 use super::{HttpConnection, Pending, Served, Shared};
 use crate::connection::ClientConnection;
@@ -25,7 +26,9 @@ pub(super) struct Upstream {
     pub(super) host: String,
     pub(super) port: u16,
     pub(super) peer: SocketAddr,
-    pub(super) sender: SendRequest<Incoming>,
+    pub(super) sender: SendRequest<RequestBody>,
+    /// The task driving the connection, aborted when a request on it is given up.
+    driver: tokio::task::AbortHandle,
 }
 
 async fn open_upstream(
@@ -43,19 +46,25 @@ async fn open_upstream(
         Ok(handshake) => handshake,
         Err(e) => {
             shared.upstream_error("protocol");
-            return Err(ProxyError::BadGateway(format!("upstream {peer}: {e}")));
+            tracing::info!(%peer, error = %e, "upstream handshake failed");
+            return Err(ProxyError::BadGateway(format!(
+                "{}:{}: {e}",
+                target.host, target.port
+            )));
         }
     };
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         if let Err(error) = driver.await {
             tracing::debug!(%peer, %error, "upstream connection ended with an error");
         }
-    });
+    })
+    .abort_handle();
     Ok(Upstream {
         host: target.host.clone(),
         port: target.port,
         peer,
         sender,
+        driver,
     })
 }
 
@@ -71,6 +80,14 @@ impl HttpConnection {
     fn keep_upstream(&self, upstream: Upstream) {
         *self.upstream.lock().unwrap_or_else(|p| p.into_inner()) = Some(upstream);
     }
+}
+
+/// Whether the request carries `Expect: 100-continue`.
+fn expects_continue(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::EXPECT)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Forwards an absolute-form request and returns the server's response head.
@@ -102,21 +119,57 @@ pub(super) async fn forward(
     headers.insert(header::HOST, host);
     add_via(headers, version);
 
+    let protocol_error = |e: hyper::Error| {
+        shared.upstream_error("protocol");
+        tracing::info!(host = %target.host, port = target.port, error = %e, "upstream failed");
+        ProxyError::BadGateway(format!("{}:{}: {e}", target.host, target.port))
+    };
     if upstream.sender.ready().await.is_err() {
         // The kept connection closed since the last request; the body is untouched, so retry once.
         upstream = open_upstream(shared, &connection.client, &target).await?;
-        upstream
-            .sender
-            .ready()
-            .await
-            .map_err(|e| ProxyError::BadGateway(format!("upstream {}: {e}", upstream.peer)))?;
+        pending.entry.peer = Some(upstream.peer.ip());
+        upstream.sender.ready().await.map_err(protocol_error)?;
     }
     let peer = upstream.peer;
-    let mut response = match upstream.sender.send_request(request).await {
-        Ok(response) => response,
-        Err(e) => {
-            shared.upstream_error("protocol");
-            return Err(ProxyError::BadGateway(format!("upstream {peer}: {e}")));
+
+    // Expect: 100-continue holds the body back until the server asks for it (see ExpectGate).
+    let gate = (expects_continue(request.headers()) && !request.body().is_end_stream())
+        .then(|| Arc::new(ExpectGate::default()));
+    if let Some(gate) = &gate {
+        let gate = gate.clone();
+        hyper::ext::on_informational(&mut request, move |informational| {
+            if informational.status() == StatusCode::CONTINUE {
+                gate.open();
+            }
+        });
+    }
+    connection.request_started();
+    let request = request.map(|body| RequestBody::new(body, connection, gate.clone()));
+    let upstream_config = &shared.config.upstream;
+    let sending = upstream.sender.send_request(request);
+    tokio::pin!(sending);
+    let expect_wait = tokio::time::sleep(upstream_config.expect_continue_timeout);
+    tokio::pin!(expect_wait);
+    let response_deadline = connection.response_deadline(upstream_config.response_timeout);
+    tokio::pin!(response_deadline);
+    let mut response = loop {
+        tokio::select! {
+            response = &mut sending => break response.map_err(protocol_error)?,
+            () = &mut expect_wait, if gate.as_ref().is_some_and(|g| g.is_waiting()) => {
+                // The server ignores the expectation: send the body anyway (RFC 9110 §10.1.1).
+                if let Some(gate) = &gate {
+                    gate.open();
+                }
+            }
+            () = &mut response_deadline => {
+                upstream.driver.abort();
+                shared.upstream_error("timeout");
+                tracing::info!(%peer, "no response head within upstream.response_timeout");
+                return Err(ProxyError::GatewayTimeout(format!(
+                    "{}:{} sent no response within {:?}",
+                    target.host, target.port, upstream_config.response_timeout
+                )));
+            }
         }
     };
     shared
@@ -125,10 +178,16 @@ pub(super) async fn forward(
         .observe(pending.started.elapsed().as_secs_f64());
     // Both Transfer-Encoding and Content-Length: the length goes (it would cut the body), and so does
     // the server connection.
-    if !fix_response_framing(response.headers_mut()) {
-        connection.keep_upstream(upstream);
-    } else {
+    let ambiguous = fix_response_framing(response.headers_mut());
+    if ambiguous {
         tracing::info!(%peer, "response with both Transfer-Encoding and Content-Length; Content-Length removed");
+    }
+    match gate {
+        // The final answer came before the body was asked for: the body is never sent, and the
+        // server connection ends once this response has been relayed.
+        Some(gate) if gate.is_waiting() => pending.expect = Some(gate),
+        _ if ambiguous => {}
+        _ => connection.keep_upstream(upstream),
     }
     let version = response.version();
     *response.version_mut() = Version::HTTP_11;

@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -34,6 +35,7 @@ mod body;
 pub mod error;
 mod forward;
 pub mod headers;
+mod request_body;
 pub mod target;
 mod tunnel;
 
@@ -63,6 +65,8 @@ pub struct Shared {
     pub credentials: Option<Credentials>,
     /// The access log.
     pub access_log: AccessLog,
+    /// Resolves and connects to servers.
+    pub connector: crate::upstream::Connector,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     /// Local address → interface names, for per-path metrics.
@@ -120,6 +124,9 @@ pub struct HttpConnection {
     /// The client connection.
     pub client: Arc<ClientConnection>,
     upstream: Mutex<Option<Upstream>>,
+    /// Whether the current request (and its body) has gone out: the response timeout runs from then.
+    request_sent: AtomicBool,
+    request_sent_notify: tokio::sync::Notify,
 }
 
 impl HttpConnection {
@@ -128,7 +135,32 @@ impl HttpConnection {
         Self {
             client,
             upstream: Mutex::new(None),
+            request_sent: AtomicBool::new(false),
+            request_sent_notify: tokio::sync::Notify::new(),
         }
+    }
+
+    /// A request is about to be sent upstream.
+    fn request_started(&self) {
+        self.request_sent.store(false, Ordering::Release);
+    }
+
+    /// The request, body included, has been sent (or given up).
+    fn request_sent(&self) {
+        self.request_sent.store(true, Ordering::Release);
+        self.request_sent_notify.notify_waiters();
+    }
+
+    /// Resolves `timeout` after the current request has been sent: the server is that late.
+    async fn response_deadline(&self, timeout: std::time::Duration) {
+        loop {
+            let notified = self.request_sent_notify.notified();
+            if self.request_sent.load(Ordering::Acquire) {
+                break;
+            }
+            notified.await;
+        }
+        tokio::time::sleep(timeout).await;
     }
 }
 
@@ -136,6 +168,8 @@ impl HttpConnection {
 pub(crate) struct Pending {
     entry: Entry,
     started: Instant,
+    /// Under `Expect: 100-continue`, the gate to give up once the response has been relayed.
+    expect: Option<Arc<request_body::ExpectGate>>,
 }
 
 /// Serves one request. Never fails: errors become responses.
@@ -164,6 +198,7 @@ pub async fn handle(
             subflows: 1,
         },
         started: Instant::now(),
+        expect: None,
     };
     let result = serve(&shared, &connection, request, &mut pending).await;
     let mut response = match result {
@@ -225,7 +260,7 @@ pub async fn handle(
 /// OPTIONS and TRACE with `Max-Forwards: 0`, and `OPTIONS *`, are for the proxy itself (RFC 9110
 /// §7.6.2, §9.3.7): it answers as the final recipient. Other values of `Max-Forwards` are decremented.
 fn answer_as_final_recipient(
-    request: &Request<Incoming>,
+    request: &mut Request<Incoming>,
 ) -> Result<Option<Response<ProxyBody>>, ProxyError> {
     let method = request.method();
     if method != Method::OPTIONS && method != Method::TRACE {
@@ -235,7 +270,13 @@ fn answer_as_final_recipient(
     match headers::max_forwards(request.headers())? {
         MaxForwards::Zero => {}
         MaxForwards::Absent if asterisk => {}
-        MaxForwards::Absent | MaxForwards::Forward(_) => return Ok(None),
+        MaxForwards::Absent => return Ok(None),
+        MaxForwards::Forward(left) => {
+            request
+                .headers_mut()
+                .insert(header::MAX_FORWARDS, HeaderValue::from(left));
+            return Ok(None);
+        }
     }
     let mut response = if method == Method::OPTIONS {
         let mut response = Response::new(error::empty());
@@ -293,7 +334,7 @@ pub(crate) enum Served {
 async fn serve(
     shared: &Arc<Shared>,
     connection: &Arc<HttpConnection>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     pending: &mut Pending,
 ) -> Result<Served, ProxyError> {
     if let Some(credentials) = &shared.credentials {
@@ -313,7 +354,7 @@ async fn serve(
         HeadProblem::TooLarge => return Err(ProxyError::HeadTooLarge),
     }
     check_framing(request.headers())?;
-    if let Some(answer) = answer_as_final_recipient(&request)? {
+    if let Some(answer) = answer_as_final_recipient(&mut request)? {
         return Ok(Served::Response(answer));
     }
     if request.method() == Method::CONNECT {
