@@ -327,29 +327,52 @@ impl HeadScan {
             return;
         }
         self.head.extend_from_slice(bytes);
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&self.head) {
-            Ok(httparse::Status::Partial) if self.head.len() <= limit => return,
-            Ok(httparse::Status::Partial) => connection.set_head_problem(HeadProblem::TooLarge),
-            Ok(httparse::Status::Complete(length)) => {
-                let has = |name: &str| {
-                    request
-                        .headers
-                        .iter()
-                        .any(|h| h.name.eq_ignore_ascii_case(name))
-                };
-                if length > limit {
-                    connection.set_head_problem(HeadProblem::TooLarge);
-                } else if has("content-length") && has("transfer-encoding") {
-                    connection.set_head_problem(HeadProblem::AmbiguousFraming);
-                }
-            }
-            // Malformed (or more than 128 fields): hyper answers it itself.
-            Err(_) => {}
+        match scan_head(&self.head, limit) {
+            HeadScanResult::Partial => return,
+            HeadScanResult::Complete(problem) => connection.set_head_problem(problem),
+            // hyper answers it itself.
+            HeadScanResult::Malformed => {}
         }
         self.head.clear();
         connection.awaiting_head.store(false, Ordering::Relaxed);
+    }
+}
+
+/// What [`scan_head`] found in the bytes of a request head received so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadScanResult {
+    /// The head is not complete yet (and not over the limit).
+    Partial,
+    /// The head is complete (or over the limit): what is wrong with it, if anything.
+    Complete(HeadProblem),
+    /// Not a request head, or more than 128 fields: hyper answers it itself.
+    Malformed,
+}
+
+/// Scans the bytes of one request head (from its first byte) for what hyper would not report: a head
+/// over `limit` bytes, or both `Content-Length` and `Transfer-Encoding`.
+pub fn scan_head(head: &[u8], limit: usize) -> HeadScanResult {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Partial) if head.len() <= limit => HeadScanResult::Partial,
+        Ok(httparse::Status::Partial) => HeadScanResult::Complete(HeadProblem::TooLarge),
+        Ok(httparse::Status::Complete(length)) => {
+            let has = |name: &str| {
+                request
+                    .headers
+                    .iter()
+                    .any(|h| h.name.eq_ignore_ascii_case(name))
+            };
+            HeadScanResult::Complete(if length > limit {
+                HeadProblem::TooLarge
+            } else if has("content-length") && has("transfer-encoding") {
+                HeadProblem::AmbiguousFraming
+            } else {
+                HeadProblem::None
+            })
+        }
+        Err(_) => HeadScanResult::Malformed,
     }
 }
 
