@@ -41,6 +41,8 @@ down() {
       for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
       ip netns del "$ns" 2>/dev/null || true
     fi
+    # Files a test gave the namespace (Testbed::set_etc_file).
+    rm -rf "/etc/netns/$ns"
   done
 }
 

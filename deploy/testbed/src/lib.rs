@@ -326,8 +326,22 @@ impl Testbed {
     }
 }
 
+impl Testbed {
+    /// Gives namespace `ns` its own `/etc/NAME` (e.g. `hosts`, `resolv.conf`): `ip netns exec`
+    /// bind-mounts `/etc/netns/NS/NAME` over it for the programs it starts. Removed on drop.
+    pub fn set_etc_file(&self, ns: &str, name: &str, contents: &str) -> Result<()> {
+        let dir = PathBuf::from("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(name), contents)?;
+        Ok(())
+    }
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns));
+        }
         let result = Command::new(script())
             .arg("down")
             .arg(&self.prefix)

@@ -18,6 +18,9 @@ pub enum ProxyError {
     /// An ACL denies it (403).
     #[error("{0}")]
     Denied(#[from] Denied),
+    /// The request uses something the proxy does not implement, e.g. a transfer coding (501).
+    #[error("{0}")]
+    NotImplemented(String),
     /// The request head exceeds `limits.max_header_bytes` (431).
     #[error("request head too large")]
     HeadTooLarge,
@@ -38,6 +41,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
             ProxyError::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -61,7 +65,9 @@ impl ProxyError {
         match self {
             ProxyError::Denied(_) | ProxyError::AuthRequired => "TCP_DENIED",
             ProxyError::BadGateway(_) | ProxyError::GatewayTimeout(_) => "TCP_MISS",
-            ProxyError::BadRequest(_) | ProxyError::HeadTooLarge => "NONE_NONE",
+            ProxyError::BadRequest(_)
+            | ProxyError::NotImplemented(_)
+            | ProxyError::HeadTooLarge => "NONE_NONE",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Absolute-form forwarding, with one kept upstream connection per client connection.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
@@ -120,6 +121,9 @@ pub(super) async fn forward(
     add_via(headers, version);
 
     let protocol_error = |e: hyper::Error| {
+        if connection.client_body_failed.load(Ordering::Acquire) {
+            return ProxyError::BadRequest("malformed or incomplete request body".into());
+        }
         shared.upstream_error("protocol");
         tracing::info!(host = %target.host, port = target.port, error = %e, "upstream failed");
         ProxyError::BadGateway(format!("{}:{}: {e}", target.host, target.port))

@@ -115,8 +115,10 @@ pub fn add_via(headers: &mut HeaderMap, version: Version) {
     }
 }
 
-/// Rejects ambiguous message framing (request smuggling, RFC 9112 §6.3): both `Content-Length` and
-/// `Transfer-Encoding`, conflicting lengths, or a transfer coding that does not end in `chunked`.
+/// Rejects ambiguous or unsupported message framing (request smuggling, RFC 9112 §6.3): both
+/// `Content-Length` and `Transfer-Encoding`, an invalid or conflicting length, a transfer coding that
+/// does not end in `chunked` or applies it twice (400), and any transfer coding besides `chunked`
+/// (501: the proxy re-frames bodies and would drop a coding it does not decode).
 pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
     let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
     let codings: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
@@ -130,25 +132,61 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
         .flat_map(|v| v.to_str().unwrap_or("invalid").split(','))
         .map(str::trim);
     if let Some(first) = values.next() {
-        if first.parse::<u64>().is_err() || values.any(|v| v != first) {
+        let digits = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+        if !digits(first) || first.parse::<u64>().is_err() || values.any(|v| v != first) {
             return Err(ProxyError::BadRequest(
                 "invalid or conflicting Content-Length".into(),
             ));
         }
     }
-    if let Some(last) = codings.last() {
-        let last_coding = last
-            .to_str()
-            .ok()
-            .and_then(|v| v.rsplit(',').next())
-            .map(|c| c.trim().to_ascii_lowercase());
-        if last_coding.as_deref() != Some("chunked") {
+    if !codings.is_empty() {
+        let mut list = Vec::new();
+        for value in &codings {
+            let value = value
+                .to_str()
+                .map_err(|_| ProxyError::BadRequest("invalid Transfer-Encoding".into()))?;
+            list.extend(
+                value
+                    .split(',')
+                    .map(|c| {
+                        c.split(';')
+                            .next()
+                            .unwrap_or("")
+                            .trim()
+                            .to_ascii_lowercase()
+                    })
+                    .filter(|c| !c.is_empty()),
+            );
+        }
+        if list.last().map(String::as_str) != Some("chunked") {
             return Err(ProxyError::BadRequest(
                 "Transfer-Encoding must end in chunked".into(),
             ));
         }
+        if list.iter().filter(|c| *c == "chunked").count() > 1 {
+            return Err(ProxyError::BadRequest(
+                "chunked applied more than once".into(),
+            ));
+        }
+        if let Some(other) = list.iter().find(|c| *c != "chunked") {
+            return Err(ProxyError::NotImplemented(format!(
+                "transfer coding {other:?} is not supported"
+            )));
+        }
     }
     Ok(())
+}
+
+/// An HTTP/1.1 request needs exactly one `Host` field (RFC 9112 §3.2: 400 without one or with
+/// several). Its value is replaced by the absolute-form target's authority when forwarding.
+pub fn check_host(headers: &HeaderMap, version: http::Version) -> Result<(), ProxyError> {
+    match headers.get_all(header::HOST).iter().count() {
+        0 if version == http::Version::HTTP_11 => Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs Host".into(),
+        )),
+        0 | 1 => Ok(()),
+        _ => Err(ProxyError::BadRequest("more than one Host".into())),
+    }
 }
 
 #[cfg(test)]
@@ -252,13 +290,19 @@ mod tests {
     #[test]
     fn framing_checks() {
         assert!(check_framing(&headers(&[("content-length", "5")])).is_ok());
-        assert!(check_framing(&headers(&[("transfer-encoding", "gzip, chunked")])).is_ok());
+        assert!(check_framing(&headers(&[("transfer-encoding", "Chunked")])).is_ok());
+        let err = check_framing(&headers(&[("transfer-encoding", "gzip, chunked")]))
+            .expect_err("an unsupported coding would be dropped");
+        assert_eq!(err.status(), StatusCode::NOT_IMPLEMENTED);
         for bad in [
             &[("content-length", "5"), ("transfer-encoding", "chunked")][..],
             &[("content-length", "5"), ("content-length", "6")][..],
             &[("content-length", "5, 6")][..],
             &[("content-length", "-1")][..],
             &[("transfer-encoding", "chunked, gzip")][..],
+            &[("transfer-encoding", "chunked, chunked")][..],
+            &[("transfer-encoding", "xchunked")][..],
+            &[("content-length", "+5")][..],
         ] {
             let err = check_framing(&headers(bad)).expect_err("must be rejected");
             assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{bad:?}");

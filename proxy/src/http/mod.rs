@@ -127,6 +127,8 @@ pub struct HttpConnection {
     /// Whether the current request (and its body) has gone out: the response timeout runs from then.
     request_sent: AtomicBool,
     request_sent_notify: tokio::sync::Notify,
+    /// Whether the client's request body failed (malformed chunks, cut short) while being forwarded.
+    client_body_failed: AtomicBool,
 }
 
 impl HttpConnection {
@@ -137,12 +139,14 @@ impl HttpConnection {
             upstream: Mutex::new(None),
             request_sent: AtomicBool::new(false),
             request_sent_notify: tokio::sync::Notify::new(),
+            client_body_failed: AtomicBool::new(false),
         }
     }
 
     /// A request is about to be sent upstream.
     fn request_started(&self) {
         self.request_sent.store(false, Ordering::Release);
+        self.client_body_failed.store(false, Ordering::Release);
     }
 
     /// The request, body included, has been sent (or given up).
@@ -337,6 +341,8 @@ async fn serve(
     mut request: Request<Incoming>,
     pending: &mut Pending,
 ) -> Result<Served, ProxyError> {
+    // First, so the scan result always pairs with its own request.
+    let head_problem = connection.client.take_head_problem();
     if let Some(credentials) = &shared.credentials {
         let header = request
             .headers()
@@ -344,7 +350,7 @@ async fn serve(
             .map(HeaderValue::as_bytes);
         pending.entry.user = Some(credentials.verify(header).ok_or(ProxyError::AuthRequired)?);
     }
-    match connection.client.take_head_problem() {
+    match head_problem {
         HeadProblem::None => {}
         HeadProblem::AmbiguousFraming => {
             return Err(ProxyError::BadRequest(
@@ -354,6 +360,9 @@ async fn serve(
         HeadProblem::TooLarge => return Err(ProxyError::HeadTooLarge),
     }
     check_framing(request.headers())?;
+    if request.method() != Method::CONNECT {
+        headers::check_host(request.headers(), request.version())?;
+    }
     if let Some(answer) = answer_as_final_recipient(&mut request)? {
         return Ok(Served::Response(answer));
     }

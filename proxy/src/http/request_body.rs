@@ -74,7 +74,14 @@ impl Body for RequestBody {
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finished(),
+            Poll::Ready(Some(Err(_))) => {
+                // The client's body is malformed or cut: the request fails because of the client.
+                if let Some(connection) = &self.connection {
+                    connection.client_body_failed.store(true, Ordering::Release);
+                }
+                self.finished();
+            }
+            Poll::Ready(None) => self.finished(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finished(),
             _ => {}
         }
