@@ -78,7 +78,7 @@ fn corpus() -> Vec<Case> {
         case("c17 xchunked", &req(&post("/c17"), "Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"), "400", &[]),
         case("c18 gzip, chunked", &req(&post("/c18"), "Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"), "501", &[]),
         case("c19 chunked, chunked", &req(&post("/c19"), "Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"), "400", &[]),
-        case("c20 HTTP/1.0 with chunked", &"POST http://{O}/c20 HTTP/1.0\r\nHost: {O}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_owned(), "400", &[]),
+        case("c20 HTTP/1.0 with chunked", "POST http://{O}/c20 HTTP/1.0\r\nHost: {O}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400", &[]),
         case("c21 obs-fold", &req(&get("/c21"), "X-A: a\r\n b\r\n\r\n"), "400", &[]),
         case("c22 bare CR in a value", &req(&get("/c22"), "X-A: a\rb\r\n\r\n"), "400", &[]),
         case("c23 NUL in a value", &req(&get("/c23"), "X-A: a\0b\r\n\r\n"), "400", &[]),
@@ -98,7 +98,7 @@ fn corpus() -> Vec<Case> {
         case("c37 percent-encoded host", &req("GET http://%31%30.0.3.2:8080/c37 HTTP/1.1", "\r\n"), "400", &[]),
         case("c38 HTTP/0.9 request line", "GET /c38\r\n\r\n", "400|505", &[]),
         case("c39 HTTP/2.0 request line", &req("GET http://{O}/c39 HTTP/2.0", "\r\n"), "400|505", &[]),
-        case("c40 HTTP/1.1 without Host", &"GET http://{O}/c40 HTTP/1.1\r\nConnection: close\r\n\r\n".to_owned(), "400", &[]),
+        case("c40 HTTP/1.1 without Host", "GET http://{O}/c40 HTTP/1.1\r\nConnection: close\r\n\r\n", "400", &[]),
         case("c41 two Host fields", &req(&get("/c41"), "Host: other\r\n\r\n"), "400", &[]),
         case(
             "c42 two pipelined GETs",
