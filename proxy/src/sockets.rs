@@ -484,7 +484,7 @@ pub fn conntrack_original_destination(
     local: SocketAddr,
     peer: SocketAddr,
 ) -> io::Result<Option<SocketAddr>> {
-    use mptcp_throttle::netlink::{parse_attrs, MessageBuilder, NetlinkSocket};
+    use mptcp_netlink::{parse_attrs, MessageBuilder, NetlinkSocket};
 
     let (local, peer) = (
         SocketAddr::new(local.ip().to_canonical(), local.port()),

@@ -45,7 +45,7 @@ impl ThrottleHandle {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<
         tokio::task::JoinHandle<Result<mptcp_throttle::RunSummary, mptcp_throttle::ThrottleError>>,
-        mptcp_throttle::pm_events::EventSourceError,
+        mptcp_netlink::mptcp_pm::PmError,
     > {
         let listener = mptcp_throttle::start_event_source(&self.config, self.events.clone())?;
         export_classes(&self.config, &metrics);

@@ -13,7 +13,8 @@ use crate::config::{MissingPrivileges, PolicyError, ThrottleConfig};
 use crate::core::{Change, ThrottleState};
 use crate::event::{ConnectionSelector, Destination, SubflowEvent};
 use crate::kernel::{InterfaceTable, KernelBackend, KernelError, StaleReport};
-use crate::pm_events::{self, EventSourceError};
+use crate::pm_events;
+use mptcp_netlink::mptcp_pm::{self, PmError};
 
 /// Why the throttle stopped.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +28,7 @@ pub enum ThrottleError {
     Kernel(#[from] KernelError),
     /// The kernel event source could not be set up.
     #[error(transparent)]
-    EventSource(#[from] EventSourceError),
+    EventSource(#[from] PmError),
 }
 
 /// Sends events (and request destinations) to the owner task.
@@ -104,11 +105,12 @@ impl Drop for KernelEventListener {
 /// Subscribes to the kernel's `mptcp_pm_events` in the calling thread's
 /// network namespace and forwards decoded events to `events` from a
 /// dedicated thread. Needs `CAP_NET_ADMIN`.
-pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, EventSourceError> {
-    let (socket, family_id) = pm_events::open_event_socket()?;
+pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, PmError> {
+    let (socket, family) = mptcp_pm::open_event_socket()?;
+    let family_id = family.id;
     socket
         .set_recv_timeout(Duration::from_millis(250))
-        .map_err(EventSourceError::Socket)?;
+        .map_err(PmError::Socket)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop_flag = stop.clone();
     let thread = std::thread::Builder::new()
@@ -143,7 +145,7 @@ pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, E
                 }
             }
         })
-        .map_err(EventSourceError::Socket)?;
+        .map_err(PmError::Socket)?;
     Ok(KernelEventListener {
         stop,
         thread: Some(thread),
@@ -157,7 +159,7 @@ pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, E
 pub fn start_event_source(
     config: &ThrottleConfig,
     events: EventSender,
-) -> Result<Option<KernelEventListener>, EventSourceError> {
+) -> Result<Option<KernelEventListener>, PmError> {
     let active = config.enabled && !(config.classes.is_empty() && config.rules.is_empty());
     if !active || config.event_source != crate::config::EventSource::Kernel {
         return Ok(None);

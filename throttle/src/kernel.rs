@@ -12,10 +12,10 @@ use std::time::Duration;
 use crate::config::{Direction, ThrottleConfig};
 use crate::core::{Change, ClassSpec, InterfaceSetup, SubflowRule};
 use crate::event::FourTuple;
-use crate::netlink::{MessageBuilder, NetlinkError, NetlinkSocket};
 use crate::nft::{self, RuleChain};
-use crate::pm_events;
 use crate::tc::{self, PschedClock};
+use mptcp_netlink::mptcp_pm;
+use mptcp_netlink::{MessageBuilder, NetlinkError, NetlinkSocket};
 
 /// Why a kernel operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +71,7 @@ pub fn interface_index(name: &str) -> Result<u32, KernelError> {
 }
 
 fn ignore_missing(
-    result: Result<Vec<crate::netlink::Message>, NetlinkError>,
+    result: Result<Vec<mptcp_netlink::Message>, NetlinkError>,
 ) -> Result<(), NetlinkError> {
     match result {
         Ok(_) => Ok(()),
@@ -114,7 +114,7 @@ pub fn route_interface_with(
     route: &mut NetlinkSocket,
     local: IpAddr,
     remote: IpAddr,
-) -> Result<Option<u32>, crate::netlink::NetlinkError> {
+) -> Result<Option<u32>, mptcp_netlink::NetlinkError> {
     let (local, remote) = (local.to_canonical(), remote.to_canonical());
     let (family, bits) = match remote {
         IpAddr::V4(_) => (libc::AF_INET as u8, 32u8),
@@ -144,10 +144,10 @@ pub fn route_interface_with(
     }
     let replies = route.request(request, "route lookup")?;
     Ok(replies.iter().find_map(|reply| {
-        crate::netlink::parse_attrs(reply.payload.get(12..)?)
+        mptcp_netlink::parse_attrs(reply.payload.get(12..)?)
             .into_iter()
             .find(|(kind, _)| *kind == RTA_OIF)
-            .and_then(|(_, value)| crate::netlink::attr_u32(value))
+            .and_then(|(_, value)| mptcp_netlink::attr_u32(value))
     }))
 }
 
@@ -544,14 +544,14 @@ impl KernelBackend {
             socket
                 .set_recv_timeout(Duration::from_secs(5))
                 .map_err(KernelError::Socket)?;
-            let family = pm_events::resolve_family(&mut socket, pm_events::MPTCP_PM_NAME)?;
+            let family = mptcp_netlink::genl::resolve_family(&mut socket, mptcp_pm::MPTCP_PM_NAME)?;
             self.genl = Some((socket, family.id));
         }
         let (socket, family_id) = self.genl.as_mut().expect("set above");
         socket.request(
-            pm_events::set_backup_request(
+            mptcp_pm::set_backup_request(
                 *family_id,
-                request.token,
+                request.token.0,
                 request.tuple.local,
                 request.local_id,
                 request.tuple.remote,

@@ -23,7 +23,6 @@ pub mod driver;
 pub mod event;
 pub mod kernel;
 pub mod metrics;
-pub mod netlink;
 pub mod nft;
 pub mod pm_events;
 pub mod rate;

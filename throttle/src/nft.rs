@@ -8,127 +8,22 @@
 //!   `... meta mark set <fwmark> ct mark set <ct_mark>`, so that `ip rule
 //!   fwmark` routing sees the mark (a route chain re-routes on mark change).
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::net::IpAddr;
-use std::ptr::NonNull;
 
-use nftnl::expr::{Cmp, CmpOp, Counter, Expression, Immediate, Register};
-use nftnl::nftnl_sys as sys;
+use mptcp_netlink::nft::{cstring, PayloadLoad, RegisterExpr};
+use nftnl::expr::{Cmp, CmpOp, Counter, Immediate, Register};
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
 
 use crate::core::SubflowRule;
 use crate::event::FourTuple;
 
+pub use mptcp_netlink::nft::{finalize, parse_rule_echo, NFT_NEWRULE_MSG_TYPE};
+
 /// Name of the chain that sets `skb->priority`.
 pub const CHAIN_POSTROUTING: &str = "postrouting";
 /// Name of the chain that sets marks.
 pub const CHAIN_OUTPUT: &str = "output";
-
-/// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWRULE`.
-pub const NFT_NEWRULE_MSG_TYPE: u16 = (10 << 8) | 6;
-const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_HANDLE: u16 = 3;
-
-/// `payload load` into register 1.
-struct PayloadLoad {
-    base: u32,
-    offset: u32,
-    len: u32,
-}
-
-fn alloc_expr(name: &CStr) -> NonNull<sys::nftnl_expr> {
-    // SAFETY: name is a valid C string; allocation failure is handled.
-    let raw = unsafe { sys::nftnl_expr_alloc(name.as_ptr()) };
-    NonNull::new(raw).expect("nftnl_expr_alloc: out of memory")
-}
-
-impl Expression for PayloadLoad {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = alloc_expr(c"payload");
-        // SAFETY: expr is a live payload expression; the attributes are u32.
-        unsafe {
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_PAYLOAD_DREG as u16,
-                libc::NFT_REG_1 as u32,
-            );
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_PAYLOAD_BASE as u16,
-                self.base,
-            );
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_PAYLOAD_OFFSET as u16,
-                self.offset,
-            );
-            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_PAYLOAD_LEN as u16, self.len);
-        }
-        expr
-    }
-}
-
-/// A `meta` or `ct` expression that moves one key between the packet and register 1: `meta <key>`
-/// (a load), `meta <key> set` and `ct <key> set` (stores). nftnl only offers `meta mark set`; HTB
-/// needs `meta priority set`.
-pub struct RegisterExpr {
-    name: &'static std::ffi::CStr,
-    key_attr: u32,
-    key: u32,
-    register_attr: u32,
-}
-
-impl RegisterExpr {
-    /// `meta <key>` into register 1.
-    fn meta_load(key: u32) -> Self {
-        Self {
-            name: c"meta",
-            key_attr: sys::NFTNL_EXPR_META_KEY,
-            key,
-            register_attr: sys::NFTNL_EXPR_META_DREG,
-        }
-    }
-
-    /// `meta <key> set` from register 1 (`priority` selects the HTB class, `mark` the fwmark).
-    pub fn meta_set(key: u32) -> Self {
-        Self {
-            name: c"meta",
-            key_attr: sys::NFTNL_EXPR_META_KEY,
-            key,
-            register_attr: sys::NFTNL_EXPR_META_SREG,
-        }
-    }
-
-    /// `ct <key> set` from register 1.
-    pub fn ct_set(key: u32) -> Self {
-        Self {
-            name: c"ct",
-            key_attr: sys::NFTNL_EXPR_CT_KEY,
-            key,
-            register_attr: sys::NFTNL_EXPR_CT_SREG,
-        }
-    }
-}
-
-impl Expression for RegisterExpr {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = alloc_expr(self.name);
-        // SAFETY: expr is a live expression of this kind; both attributes are u32.
-        unsafe {
-            sys::nftnl_expr_set_u32(expr.as_ptr(), self.key_attr as u16, self.key);
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                self.register_attr as u16,
-                libc::NFT_REG_1 as u32,
-            );
-        }
-        expr
-    }
-}
-
-fn cstring(text: &str) -> CString {
-    CString::new(text.replace('\0', "")).expect("NUL bytes removed")
-}
 
 /// The table object.
 pub fn table(name: &str) -> Table {
@@ -167,11 +62,7 @@ pub fn reset_table_batch(name: &str) -> Batch {
 
 /// A batch that deletes the table (and everything in it) if it exists.
 pub fn delete_table_batch(name: &str) -> Batch {
-    let table = table(name);
-    let mut batch = Batch::new();
-    batch.add(&table, MsgType::Add);
-    batch.add(&table, MsgType::Del);
-    batch
+    mptcp_netlink::nft::delete_table_batch(name, ProtoFamily::Inet)
 }
 
 fn add_tuple_match(rule: &mut Rule, tuple: &FourTuple) {
@@ -192,20 +83,12 @@ fn add_tuple_match(rule: &mut Rule, tuple: &FourTuple) {
         (saddr_offset, tuple.local.ip()),
         (daddr_offset, tuple.remote.ip()),
     ] {
-        rule.add_expr(&PayloadLoad {
-            base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
-            offset,
-            len: addr_len,
-        });
+        rule.add_expr(&PayloadLoad::network(offset, addr_len));
         let bytes = addr_bytes(ip);
         rule.add_expr(&Cmp::new(CmpOp::Eq, &bytes[..]));
     }
     for (offset, port) in [(0, tuple.local.port()), (2, tuple.remote.port())] {
-        rule.add_expr(&PayloadLoad {
-            base: libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
-            offset,
-            len: 2,
-        });
+        rule.add_expr(&PayloadLoad::transport(offset, 2));
         let bytes = port.to_be_bytes();
         rule.add_expr(&Cmp::new(CmpOp::Eq, &bytes[..]));
     }
@@ -291,52 +174,4 @@ pub fn delete_rule(batch: &mut Batch, table_name: &str, chain: RuleChain, handle
     let mut rule = Rule::new(&chain);
     rule.set_handle(handle);
     batch.add(&rule, MsgType::Del);
-}
-
-/// A finalized batch as one buffer, with `NLM_F_ECHO` set on rule additions
-/// so the kernel reports their handles. Returns the bytes, the sequence
-/// numbers of messages that request an ack, and those of rule additions.
-pub fn finalize(batch: Batch) -> (Vec<u8>, Vec<u32>, Vec<u32>) {
-    let finalized = batch.finalize();
-    let mut bytes = Vec::new();
-    for chunk in &finalized {
-        bytes.extend_from_slice(chunk);
-    }
-    let mut acked = Vec::new();
-    let mut rule_adds = Vec::new();
-    let mut pos = 0;
-    while pos + 16 <= bytes.len() {
-        let len = u32::from_ne_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-        if len < 16 {
-            break;
-        }
-        let msg_type = u16::from_ne_bytes([bytes[pos + 4], bytes[pos + 5]]);
-        let mut flags = u16::from_ne_bytes([bytes[pos + 6], bytes[pos + 7]]);
-        let seq = u32::from_ne_bytes(bytes[pos + 8..pos + 12].try_into().expect("4 bytes"));
-        if msg_type == NFT_NEWRULE_MSG_TYPE {
-            flags |= crate::netlink::NLM_F_ECHO;
-            bytes[pos + 6..pos + 8].copy_from_slice(&flags.to_ne_bytes());
-            rule_adds.push(seq);
-        }
-        if flags & crate::netlink::NLM_F_ACK != 0 {
-            acked.push(seq);
-        }
-        pos += (len + 3) & !3;
-    }
-    (bytes, acked, rule_adds)
-}
-
-/// Reads an echoed `NEWRULE`: chain name and handle.
-pub fn parse_rule_echo(payload: &[u8]) -> Option<(String, u64)> {
-    let attrs = crate::netlink::parse_attrs(payload.get(4..)?);
-    let chain = attrs
-        .iter()
-        .find(|(k, _)| *k == NFTA_RULE_CHAIN)
-        .map(|(_, v)| crate::netlink::attr_string(v))?;
-    let handle = attrs
-        .iter()
-        .find(|(k, _)| *k == NFTA_RULE_HANDLE)
-        .and_then(|(_, v)| v.get(..8))
-        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))?;
-    Some((chain, handle))
 }

@@ -1,8 +1,8 @@
 //! Reading back the installed HTB classes' statistics (bytes, packets, drops, overlimits), for metrics.
 
 use crate::kernel::KernelError;
-use crate::netlink::{parse_attrs, MessageBuilder, NetlinkSocket};
 use crate::tc::{self, parse_link, parse_tc_object};
+use mptcp_netlink::{parse_attrs, MessageBuilder, NetlinkSocket};
 
 /// `RTM_GETTCLASS`.
 const RTM_GETTCLASS: u16 = 42;

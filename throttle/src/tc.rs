@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use crate::core::{ClassId, ClassSpec};
 use crate::event::FourTuple;
-use crate::netlink::{MessageBuilder, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use mptcp_netlink::{MessageBuilder, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 
 /// `RTM_NEWLINK`.
 pub const RTM_NEWLINK: u16 = 16;
@@ -460,10 +460,10 @@ pub fn parse_tc_object(payload: &[u8]) -> Option<TcObject> {
     let handle = u32::from_ne_bytes(header[8..12].try_into().ok()?);
     let parent = u32::from_ne_bytes(header[12..16].try_into().ok()?);
     let info = u32::from_ne_bytes(header[16..20].try_into().ok()?);
-    let kind = crate::netlink::parse_attrs(&payload[20..])
+    let kind = mptcp_netlink::parse_attrs(&payload[20..])
         .into_iter()
         .find(|(k, _)| *k == TCA_KIND)
-        .map(|(_, v)| crate::netlink::attr_string(v))
+        .map(|(_, v)| mptcp_netlink::attr_string(v))
         .unwrap_or_default();
     Some(TcObject {
         ifindex,
@@ -477,10 +477,10 @@ pub fn parse_tc_object(payload: &[u8]) -> Option<TcObject> {
 /// Reads a link reply: index and name.
 pub fn parse_link(payload: &[u8]) -> Option<(u32, String)> {
     let index = i32::from_ne_bytes(payload.get(4..8)?.try_into().ok()?) as u32;
-    let name = crate::netlink::parse_attrs(payload.get(16..)?)
+    let name = mptcp_netlink::parse_attrs(payload.get(16..)?)
         .into_iter()
         .find(|(k, _)| *k == IFLA_IFNAME)
-        .map(|(_, v)| crate::netlink::attr_string(v))?;
+        .map(|(_, v)| mptcp_netlink::attr_string(v))?;
     Some((index, name))
 }
 
@@ -491,7 +491,7 @@ pub fn parse_address(payload: &[u8]) -> Option<(u32, IpAddr)> {
     let index = u32::from_ne_bytes(payload.get(4..8)?.try_into().ok()?);
     const IFA_ADDRESS: u16 = 1;
     const IFA_LOCAL: u16 = 2;
-    let attrs = crate::netlink::parse_attrs(payload.get(8..)?);
+    let attrs = mptcp_netlink::parse_attrs(payload.get(8..)?);
     let pick = attrs
         .iter()
         .find(|(k, _)| *k == IFA_LOCAL)

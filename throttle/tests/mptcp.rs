@@ -355,7 +355,7 @@ fn shaping_limits_a_subflow_to_its_class_rate() {
 /// Reads `mptcp_pm` events in the calling thread's namespace until `want`
 /// accepts one or the deadline passes.
 fn await_event(
-    socket: &mptcp_throttle::netlink::NetlinkSocket,
+    socket: &mptcp_netlink::NetlinkSocket,
     family: u16,
     mut want: impl FnMut(&SubflowEvent) -> bool,
 ) -> Option<SubflowEvent> {
@@ -403,7 +403,8 @@ fn set_backup_sends_mp_prio_with_userspace_pm() {
 
     let client_thread = std::thread::spawn(move || {
         enter_netns(&client_name);
-        let (socket, family) = mptcp_throttle::pm_events::open_event_socket().unwrap();
+        let (socket, family) = mptcp_netlink::mptcp_pm::open_event_socket().unwrap();
+        let family = family.id;
         client_ready_tx.send(()).unwrap();
         ready_rx.recv().unwrap();
         let _stream = connect("10.80.0.1:7002", true);
@@ -416,7 +417,8 @@ fn set_backup_sends_mp_prio_with_userspace_pm() {
 
     let proxy_thread = std::thread::spawn(move || {
         enter_netns(&proxy_name);
-        let (socket, family) = mptcp_throttle::pm_events::open_event_socket().unwrap();
+        let (socket, family) = mptcp_netlink::mptcp_pm::open_event_socket().unwrap();
+        let family = family.id;
         let server = listener("0.0.0.0:7002", true);
         client_ready_rx.recv().unwrap();
         ready_tx.send(()).unwrap();

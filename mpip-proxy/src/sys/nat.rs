@@ -22,16 +22,14 @@
 //! in another table's forward chain (every base chain sees the packet).
 //!
 //! Batches are built with libnftnl and sent over `NETLINK_NETFILTER` with the
-//! helpers of [`mptcp_throttle::nft`] and [`mptcp_throttle::netlink`]; they
+//! helpers of [`mptcp_netlink::nft`]; they
 //! act on the calling thread's network namespace, as does the
 //! `/proc/sys/net/ipv4/ip_forward` switch.
 
 use std::ffi::CString;
 use std::io;
-use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use mptcp_throttle::netlink::NetlinkSocket;
 use nftnl::expr::{Bitwise, Cmp, CmpOp, Counter, Masquerade as MasqExpr, Meta};
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
 
@@ -58,19 +56,9 @@ pub enum NatError {
         /// What is wrong with it.
         why: &'static str,
     },
-    /// The netfilter netlink socket failed.
-    #[error("nftables netlink socket: {0}")]
-    Socket(#[source] io::Error),
-    /// The kernel refused the batch (nothing in it was applied).
-    #[error("nftables batch ({operation}): {source}{}", message.as_ref().map(|m| format!(" ({m})")).unwrap_or_default())]
-    Nftables {
-        /// What the batch did.
-        operation: String,
-        /// The errno.
-        source: io::Error,
-        /// Extended ack message, if the kernel sent one.
-        message: Option<String>,
-    },
+    /// The kernel refused the batch (nothing in it was applied), or the netfilter netlink socket failed.
+    #[error("nftables: {0}")]
+    Netlink(#[from] mptcp_netlink::NetlinkError),
     /// Reading or writing `net.ipv4.ip_forward` failed.
     #[error("{IP_FORWARD_PATH}: {0}")]
     IpForward(#[source] io::Error),
@@ -176,22 +164,7 @@ fn install_batch(name: &CString, pool: Ipv4Net, tun: &[u8; libc::IFNAMSIZ]) -> B
 
 /// Sends a batch and waits for every ack; the first error, if any.
 fn send_batch(batch: Batch, operation: &str) -> Result<(), NatError> {
-    let (bytes, acked, _) = mptcp_throttle::nft::finalize(batch);
-    let socket = NetlinkSocket::open(libc::NETLINK_NETFILTER).map_err(NatError::Socket)?;
-    socket
-        .set_recv_timeout(Duration::from_secs(5))
-        .map_err(NatError::Socket)?;
-    socket.send(&bytes).map_err(NatError::Socket)?;
-    let (_, errors) = socket
-        .collect_batch_replies(&acked)
-        .map_err(NatError::Socket)?;
-    if let Some((_, errno, message)) = errors.into_iter().next() {
-        return Err(NatError::Nftables {
-            operation: operation.to_owned(),
-            source: io::Error::from_raw_os_error(-errno),
-            message,
-        });
-    }
+    mptcp_netlink::nft::send_batch(batch, operation)?;
     Ok(())
 }
 
@@ -325,14 +298,14 @@ mod tests {
         let tun = interface_name_bytes("tun0").unwrap();
         for pool in ["10.0.0.0/24", "10.0.0.1/32", "0.0.0.0/0"] {
             let (bytes, acked, rule_adds) =
-                mptcp_throttle::nft::finalize(install_batch(&name, pool.parse().unwrap(), &tun));
+                mptcp_netlink::nft::finalize(install_batch(&name, pool.parse().unwrap(), &tun));
             assert!(!bytes.is_empty());
             // 3 table, 2 chain, 3 rule messages, plus batch begin and end
             // when the kernel acks those (nftnl probes it).
             assert!(acked.len() == 8 || acked.len() == 10, "{pool}: {acked:?}");
             assert_eq!(rule_adds.len(), 3, "{pool}");
         }
-        let (_, acked, _) = mptcp_throttle::nft::finalize(delete_batch(&name));
+        let (_, acked, _) = mptcp_netlink::nft::finalize(delete_batch(&name));
         assert!(acked.len() == 2 || acked.len() == 4, "{acked:?}");
     }
 

@@ -9,7 +9,7 @@ use std::io;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use mptcp_throttle::netlink::{
+use mptcp_netlink::{
     MessageBuilder, NetlinkError, NetlinkSocket, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE,
 };
 
@@ -195,7 +195,7 @@ mod tests {
     use super::*;
     use crate::sys::testns::{in_netns, run, runtime};
     use crate::sys::tun::TunDevice;
-    use mptcp_throttle::netlink::{parse_attrs, NLMSG_HDRLEN};
+    use mptcp_netlink::{parse_attrs, NLMSG_HDRLEN};
 
     #[test]
     fn message_layout_v4() {

@@ -1,0 +1,18 @@
+//! The workspace's one netlink layer, used by the throttle, MPIP, the proxy and the detour daemons:
+//!
+//! - [`socket`] (re-exported at the root): a blocking netlink socket of any protocol, a message builder
+//!   and attribute walkers; rtnetlink, nfnetlink and generic netlink all share this framing.
+//! - [`genl`]: generic netlink family resolution.
+//! - [`mptcp_pm`]: the kernel's MPTCP path manager family: events, endpoints and userspace-PM commands.
+//! - [`nft`]: nftables batches over libnftnl, with the expressions nftnl lacks.
+//! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
+//!
+//! Every call acts on the network namespace of the calling thread.
+
+pub mod genl;
+pub mod mptcp_pm;
+pub mod nfqueue;
+pub mod nft;
+pub mod socket;
+
+pub use crate::socket::*;
