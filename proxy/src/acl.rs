@@ -199,7 +199,7 @@ pub const OWN_ADDRESS_REFRESH: Duration = Duration::from_secs(30);
 /// address added while the proxy runs is protected within milliseconds. The thread ends once `own` is
 /// dropped.
 pub fn watch_own_addresses(own: &Arc<OwnAddresses>) -> std::io::Result<()> {
-    use mptcp_throttle::netlink::NetlinkSocket;
+    use mptcp_netlink::NetlinkSocket;
     const RTNLGRP_IPV4_IFADDR: u32 = 5;
     const RTNLGRP_IPV6_IFADDR: u32 = 9;
     let socket = NetlinkSocket::open(libc::NETLINK_ROUTE)?;
