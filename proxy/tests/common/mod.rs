@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+pub mod dns;
+
 use sha2::{Digest, Sha256};
 use testbed::{Background, Options, Testbed};
 
