@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use mptcp_proxy::{Config, Server};
 
+mod common;
+use common::{read_head, status_of};
+
 /// The proxy, serving on a thread of its own until dropped.
 struct Proxy {
     addr: SocketAddr,
@@ -148,22 +151,6 @@ fn origin(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
     addr
 }
 
-/// Reads a request head; returns its lines (without CRLF).
-fn read_head(reader: &mut impl BufRead) -> Vec<String> {
-    let mut lines = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return lines;
-        }
-        let line = line.trim_end_matches(['\r', '\n']).to_owned();
-        if line.is_empty() {
-            return lines;
-        }
-        lines.push(line);
-    }
-}
-
 fn header<'a>(head: &'a [String], name: &str) -> Option<&'a str> {
     head.iter().find_map(|l| {
         let (n, v) = l.split_once(':')?;
@@ -188,14 +175,6 @@ fn read_chunked(reader: &mut impl BufRead) -> (Vec<u8>, Vec<String>) {
         let mut crlf = [0u8; 2];
         reader.read_exact(&mut crlf).expect("crlf");
     }
-}
-
-fn status_of(response: &str) -> u16 {
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A port nothing listens on.

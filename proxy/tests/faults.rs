@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -21,22 +21,6 @@ fn proxy_addr() -> SocketAddr {
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
-}
-
-/// Reads a request head.
-fn read_head(reader: &mut impl BufRead) -> Vec<String> {
-    let mut lines = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return lines;
-        }
-        let line = line.trim_end().to_owned();
-        if line.is_empty() {
-            return lines;
-        }
-        lines.push(line);
-    }
 }
 
 /// An origin in the server namespace that runs `serve` on a thread per connection.

@@ -284,3 +284,20 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Reads an HTTP head (request or response) line by line, until the blank line or the end; returns
+/// its lines without line ends.
+pub fn read_head(reader: &mut impl BufRead) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return lines;
+        }
+        let line = line.trim_end_matches(['\r', '\n']).to_owned();
+        if line.is_empty() {
+            return lines;
+        }
+        lines.push(line);
+    }
+}
