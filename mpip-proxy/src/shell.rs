@@ -717,6 +717,7 @@ async fn serve_metrics(
     let state = Arc::new(mptcp_proxy::admin::AdminState {
         metrics,
         ready: AtomicBool::new(true),
+        drain: None,
     });
     Ok(tokio::spawn(mptcp_proxy::admin::serve(
         listener, state, stop,

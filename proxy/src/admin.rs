@@ -1,6 +1,8 @@
-//! The admin listener: `/metrics` (OpenMetrics text), `/healthz` and `/readyz`.
+//! The admin listener: `/metrics` (OpenMetrics text), `/healthz`, `/readyz`, and `POST /drain` (the same
+//! drain as SIGTERM; accepted only from the proxy's own host).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -36,10 +38,78 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// True while the proxy accepts connections; false before and while draining.
     pub ready: AtomicBool,
+    /// What `POST /drain` triggers; without it the endpoint answers 404.
+    pub drain: Option<DrainSignal>,
 }
 
-fn answer(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+/// Asks a running server to drain, as SIGTERM does; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct DrainSignal(Arc<watch::Sender<bool>>);
+
+impl Default for DrainSignal {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl DrainSignal {
+    /// Requests the drain (idempotent).
+    pub fn request(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Whether a drain was requested.
+    pub fn is_requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once a drain is requested.
+    pub async fn requested(&self) {
+        let mut requests = self.0.subscribe();
+        // The sender lives in `self`, so this only ends with a request.
+        let _ = requests.wait_for(|requested| *requested).await;
+    }
+}
+
+/// Where an admin request came from and arrived: `POST /drain` is taken only from the same host.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    remote: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+}
+
+impl Peer {
+    fn is_same_host(&self) -> bool {
+        match (self.remote, self.local) {
+            (Some(remote), Some(local)) => {
+                remote.ip().to_canonical().is_loopback() || remote.ip() == local.ip()
+            }
+            _ => false,
+        }
+    }
+}
+
+fn answer(request: &Request<Incoming>, state: &AdminState, peer: Peer) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::POST, "/drain") => match &state.drain {
+            Some(_) if !peer.is_same_host() => (
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "drain only from this host\n".to_owned(),
+            ),
+            Some(drain) => {
+                if !drain.is_requested() {
+                    tracing::info!(peer = ?peer.remote, "POST /drain");
+                }
+                drain.request();
+                (StatusCode::ACCEPTED, "text/plain", "draining\n".to_owned())
+            }
+            None => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found\n".to_owned(),
+            ),
+        },
         (&Method::GET, "/metrics") if wants_openmetrics(request) => {
             (StatusCode::OK, OPENMETRICS, state.metrics.render())
         }
@@ -63,7 +133,7 @@ fn answer(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byte
         _ => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "only GET\n".to_owned(),
+            "only GET, and POST /drain\n".to_owned(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -77,9 +147,9 @@ fn answer(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byte
 /// Serves the admin endpoints until `stop` turns true.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
     loop {
-        let stream = tokio::select! {
+        let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "admin accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -89,9 +159,13 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
             _ = stop.changed() => return,
         };
         let state = state.clone();
+        let peer = Peer {
+            remote: Some(remote),
+            local: stream.local_addr().ok(),
+        };
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = answer(&request, &state);
+                let response = answer(&request, &state, peer);
                 async move { Ok::<_, Infallible>(response) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();

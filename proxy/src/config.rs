@@ -81,6 +81,10 @@ pub struct Config {
     /// The async runtime.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Cluster mode (several instances behind ECMP, issue 14); off unless the table or `--announce`
+    /// is given.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// The async runtime's shape.
@@ -107,6 +111,7 @@ impl Default for Config {
             throttle: None,
             sniffer: crate::sniffer::SnifferConfig::default(),
             runtime: RuntimeConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -512,7 +517,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
 }
@@ -629,6 +634,11 @@ impl Config {
         }
         if self.sniffer.multipath_threshold == 0 {
             return Err(invalid("sniffer.multipath_threshold", "must be at least 1"));
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster
+                .validate(&self.listeners)
+                .map_err(|(key, reason)| invalid(&key, &reason))?;
         }
         if self.access_log.path.is_empty() {
             return Err(invalid(

@@ -34,6 +34,15 @@ struct Args {
     /// Diagnostic log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Cluster mode: announce this instance's own ADDR to clients (ADD_ADDR) and take their further
+    /// subflows there, while the --listen addresses are shared with other instances behind ECMP
+    /// (sets or adds to [cluster]; see deploy/SCALING.md).
+    #[arg(long, value_name = "ADDR")]
+    announce: Option<std::net::IpAddr>,
+    /// Undo the kernel changes a crashed cluster-mode run left in this network namespace (C flag,
+    /// endpoint, service addresses; see [cluster] state_dir) and exit.
+    #[arg(long)]
+    cluster_cleanup: bool,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -72,6 +81,27 @@ fn main() -> anyhow::Result<()> {
             .get_or_insert_with(Default::default)
             .add_quick_throttles(&args.throttle)?;
     }
+    if let Some(announce) = args.announce {
+        config
+            .cluster
+            .get_or_insert_with(|| mptcp_proxy::cluster::ClusterConfig::new(announce))
+            .announce = announce;
+    }
+    if args.cluster_cleanup {
+        // Only the state directory matters here ([cluster] state_dir, or the default).
+        let state_dir = config.cluster.as_ref().map(|c| c.state_dir.clone());
+        let mut cluster = mptcp_proxy::cluster::ClusterConfig::new([0, 0, 0, 0].into());
+        if let Some(dir) = state_dir {
+            cluster.state_dir = dir;
+        }
+        if mptcp_proxy::cluster::cleanup_stale(&cluster)? {
+            println!("cluster state restored");
+        } else {
+            println!("no cluster state to restore");
+        }
+        return Ok(());
+    }
+    config.add_cluster_listeners();
     config.validate("command line")?;
     if args.check_config {
         println!("configuration OK");

@@ -14,7 +14,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::access_log::{AccessLog, Entry};
 use crate::acl::{local_addresses, Acl};
-use crate::admin::AdminState;
+use crate::admin::{AdminState, DrainSignal};
 use crate::auth::{AuthError, Credentials};
 use crate::config::{Config, ListenerConfig, ListenerMode};
 use crate::connection::{
@@ -54,6 +54,9 @@ pub enum ServerError {
     /// Subflow throttling could not start or failed.
     #[error("throttle: {0}")]
     Throttle(String),
+    /// Cluster mode could not start or restore the kernel state.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A bound listener and what it serves.
@@ -71,6 +74,17 @@ pub struct Server {
     listeners: Vec<Listener>,
     admin: Option<TcpListener>,
     throttle: Option<ThrottleHandle>,
+    drain: DrainSignal,
+    before_drain: Option<BeforeDrain>,
+}
+
+/// What runs between the drain request and the end of accepting (see [`Server::before_drain`]).
+struct BeforeDrain(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl std::fmt::Debug for BeforeDrain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeDrain")
+    }
 }
 
 impl Server {
@@ -162,7 +176,33 @@ impl Server {
             listeners,
             admin,
             throttle,
+            drain: DrainSignal::default(),
+            before_drain: None,
         })
+    }
+
+    /// A handle that drains this server as SIGTERM does (`POST /drain` on the admin listener uses it).
+    pub fn drain_signal(&self) -> DrainSignal {
+        self.drain.clone()
+    }
+
+    /// Runs `step` once a drain starts, before the listeners stop accepting (cluster mode withdraws
+    /// its route there and waits for routers to converge). /readyz fails from the drain's start.
+    pub fn before_drain(mut self, step: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.before_drain = Some(BeforeDrain(Box::pin(step)));
+        self
+    }
+
+    /// A second descriptor of the listening socket bound to `address`: the kernel keeps the socket,
+    /// and accepts MP_JOINs on it, while any descriptor is open, also after the server stops accepting.
+    pub fn listener_fd(
+        &self,
+        address: SocketAddr,
+    ) -> Option<std::io::Result<std::os::fd::OwnedFd>> {
+        self.listeners
+            .iter()
+            .find(|l| l.socket.local_addr().ok() == Some(address))
+            .map(|l| l.socket.as_fd().try_clone_to_owned())
     }
 
     /// The admin listener's address, if it is on.
@@ -178,7 +218,8 @@ impl Server {
             .collect()
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and tunnels
+    /// Serves until `shutdown` resolves or a drain is requested ([`Server::drain_signal`]), runs the
+    /// [`Server::before_drain`] step, then stops accepting, lets in-flight requests and tunnels
     /// finish for at most `limits.drain_timeout`, removes what the throttle installed, and returns.
     /// A throttle that fails stops the proxy with its error.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
@@ -232,7 +273,15 @@ impl Server {
         let admin_state = Arc::new(AdminState {
             metrics: self.shared.metrics.clone(),
             ready: true.into(),
+            drain: Some(self.drain.clone()),
         });
+        let drain = self.drain.clone();
+        let shutdown = async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = drain.requested() => tracing::info!("drain requested on the admin listener"),
+            }
+        };
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let admin = self.admin.map(|listener| {
             tokio::spawn(crate::admin::serve(
@@ -262,6 +311,9 @@ impl Server {
         admin_state
             .ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Some(step) = self.before_drain {
+            step.0.await;
+        }
         let _ = stop_tx.send(true);
         for task in accept_tasks {
             let _ = task.await;
@@ -303,8 +355,11 @@ impl Server {
     }
 }
 
-/// Binds and serves until `shutdown` resolves.
+/// Binds and serves until `shutdown` resolves (or `POST /drain`); with `[cluster]`, in cluster mode.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    if config.cluster.is_some() {
+        return crate::cluster::run(config, shutdown).await;
+    }
     Server::bind(config)?.serve(shutdown).await
 }
 
