@@ -5,12 +5,14 @@
 //! - [`genl`]: generic netlink family resolution.
 //! - [`mptcp_pm`]: the kernel's MPTCP path manager family: events, endpoints and userspace-PM commands.
 //! - [`nft`]: nftables batches over libnftnl, with the expressions nftnl lacks.
+//! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
 //! - [`rtnl`]: rtnetlink link and address requests (link up, add and delete an address).
 //!
 //! Every call acts on the network namespace of the calling thread.
 
 pub mod genl;
 pub mod mptcp_pm;
+pub mod nfqueue;
 pub mod nft;
 pub mod rtnl;
 pub mod socket;
