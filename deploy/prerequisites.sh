@@ -10,6 +10,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 packages=(build-essential pkg-config libnftnl-dev libmnl-dev)
 if [ "$need" = test ]; then
   packages+=(iproute2 nftables mptcpd nginx-light curl tshark tcpdump iperf3 prometheus jq)
+  # The cluster tests (issue 14): bird2 on the router and beside every instance; python3-yaml reads
+  # the Kubernetes manifests.
+  packages+=(bird2 python3-yaml)
 fi
 missing=()
 for p in "${packages[@]}"; do
@@ -24,9 +27,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
-# Installing nginx or prometheus may start their services; the tests start their own instances.
+# Installing nginx, prometheus or bird2 may start their services; the tests start their own instances.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-  as_root systemctl stop nginx prometheus 2>/dev/null || true
+  as_root systemctl stop nginx prometheus bird 2>/dev/null || true
 fi
 
 # Rust: the dependencies need a recent toolchain (rust-version in Cargo.toml); distribution cargo is

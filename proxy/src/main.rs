@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         config
             .cluster
             .get_or_insert_with(|| mptcp_proxy::cluster::ClusterConfig::new(announce))
-            .announce = announce;
+            .announce = Some(announce);
     }
     if args.cluster_cleanup {
         // Only the state directory matters here ([cluster] state_dir, or the default).
@@ -100,6 +100,9 @@ fn main() -> anyhow::Result<()> {
             println!("no cluster state to restore");
         }
         return Ok(());
+    }
+    if let Some(cluster) = &config.cluster {
+        cluster.announce()?;
     }
     config.add_cluster_listeners();
     config.validate("command line")?;

@@ -45,9 +45,10 @@ pub const DEFAULT_ANNOUNCE_DEVICE: &str = "mptcp-anycast";
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// This instance's own address, announced to clients (ADD_ADDR); clients send every further
-    /// subflow there. Required; it must be local and reach clients without ECMP (not the service
-    /// address).
-    pub announce: IpAddr,
+    /// subflow there. It must be local and reach clients without ECMP (not the service address).
+    /// Required, here or with `--announce` (which a fleet's shared file leaves to each host).
+    #[serde(default)]
+    pub announce: Option<IpAddr>,
     /// The TUN device whose presence makes bird announce the service address, or `off` when routing
     /// is steered otherwise; default `mptcp-anycast`, the name in `deploy/bird/instance.conf`.
     #[serde(
@@ -95,7 +96,7 @@ impl ClusterConfig {
     /// Cluster mode with the defaults, announcing `announce` (what `--announce` makes).
     pub fn new(announce: IpAddr) -> Self {
         Self {
-            announce,
+            announce: Some(announce),
             announce_device: Self::default_announce_device(),
             withdraw_delay: Self::default_withdraw_delay(),
             add_service_addresses: true,
@@ -106,7 +107,11 @@ impl ClusterConfig {
     /// Checks the section against the listeners: `Err((key, reason))`.
     pub fn validate(&self, listeners: &[ListenerConfig]) -> Result<(), (String, String)> {
         let bad = |key: &str, reason: String| Err((format!("cluster.{key}"), reason));
-        let announce = self.announce;
+        self.validate_device()?;
+        // Without an address yet, the command line gives it ([`ClusterConfig::announce`]).
+        let Some(announce) = self.announce else {
+            return Ok(());
+        };
         if announce.is_unspecified() || announce.is_loopback() || announce.is_multicast() {
             return bad(
                 "announce",
@@ -123,6 +128,20 @@ impl ClusterConfig {
                     .into(),
             );
         }
+        Ok(())
+    }
+
+    /// The announced address, which the file or `--announce` must give.
+    pub fn announce(&self) -> Result<IpAddr, ClusterError> {
+        self.announce.ok_or_else(|| {
+            ClusterError::Unsupported(
+                "cluster.announce: no address to announce: set it in [cluster] or pass --announce ADDR"
+                    .into(),
+            )
+        })
+    }
+
+    fn validate_device(&self) -> Result<(), (String, String)> {
         if let Some(name) = &self.announce_device {
             if name.is_empty()
                 || name.len() > 15
@@ -130,10 +149,10 @@ impl ClusterConfig {
                     .bytes()
                     .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == b'%')
             {
-                return bad(
-                    "announce_device",
+                return Err((
+                    "cluster.announce_device".into(),
                     format!("{name:?} is not an interface name (1 to 15 bytes, no '/', ':', '%' or spaces)"),
-                );
+                ));
             }
         }
         Ok(())
@@ -213,8 +232,9 @@ impl Config {
     /// Adds, for every listener on a service address, a listener with the same settings on the
     /// announced address and port (unless one exists): joins arrive there. A no-op without `[cluster]`.
     pub fn add_cluster_listeners(&mut self) {
-        let Some(cluster) = &self.cluster else { return };
-        let announce = cluster.announce;
+        let Some(announce) = self.cluster.as_ref().and_then(|c| c.announce) else {
+            return;
+        };
         let mut extra = Vec::new();
         for listener in &self.listeners {
             let ip = listener.address.ip();
@@ -239,7 +259,7 @@ impl Config {
 
     /// The shared service addresses: the listeners' addresses other than the announced one.
     pub fn service_addresses(&self) -> Vec<IpAddr> {
-        let announce = self.cluster.as_ref().map(|c| c.announce);
+        let announce = self.cluster.as_ref().and_then(|c| c.announce);
         let mut services = Vec::new();
         for listener in &self.listeners {
             let ip = listener.address.ip();
@@ -255,6 +275,7 @@ impl Config {
 #[derive(Debug)]
 pub struct Cluster {
     config: ClusterConfig,
+    announce: IpAddr,
     state_path: PathBuf,
     state: state::SavedState,
     services: Vec<IpAddr>,
@@ -273,6 +294,7 @@ impl Cluster {
             .cluster
             .clone()
             .ok_or_else(|| ClusterError::Unsupported("no [cluster] section".into()))?;
+        let announce = cluster.announce()?;
         kernel::check_mptcp()?;
         let state_path = kernel::state_path(&cluster.state_dir)?;
         let saved = kernel::read_state(&state_path)?;
@@ -290,7 +312,7 @@ impl Cluster {
             );
         }
         let wanted = state::Wanted {
-            announce: cluster.announce,
+            announce,
             services: config.service_addresses(),
             add_services: cluster.add_service_addresses,
         };
@@ -299,6 +321,7 @@ impl Cluster {
         kernel::write_state(&state_path, &plan.state)?;
         let started = Self {
             config: cluster,
+            announce,
             state_path,
             state: plan.state.clone(),
             services: wanted.services.clone(),
@@ -319,7 +342,7 @@ impl Cluster {
             tracing::warn!("cluster: the MPTCP subflow limit is 0, so joins are refused; raise it with `ip mptcp limits set subflow 2`");
         }
         tracing::info!(
-            announce = %started.config.announce,
+            announce = %started.announce,
             services = ?wanted.services,
             c_flag = true,
             endpoint_added = plan.add_endpoint,
@@ -338,7 +361,7 @@ impl Cluster {
         server: Server,
         metrics: Arc<Metrics>,
     ) -> Result<Server, ClusterError> {
-        let announce = self.config.announce;
+        let announce = self.announce;
         for address in server.local_addrs() {
             if address.ip() == announce {
                 let fd = server
@@ -381,7 +404,7 @@ impl Cluster {
         // Only joins arrive at the announced address. Initial subflows (to the service address) of
         // a drained instance are not waited for: after the withdrawal their packets reach other
         // instances, so they retransmit into the void until the kernel gives up, whatever we wait.
-        let addresses = [self.config.announce];
+        let addresses = [self.announce];
         let started = std::time::Instant::now();
         let mut busy = kernel::busy_subflows_now(&addresses, &self.ports);
         if busy > 0 {
