@@ -24,7 +24,8 @@ struct Args {
     /// Listen on ADDR:PORT as a forward proxy (repeatable); replaces the configured listeners.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
-    /// Serve /metrics, /healthz and /readyz on ADDR:PORT, or "off" [default: 127.0.0.1:9464].
+    /// Serve /metrics, /healthz and /readyz (and POST /drain from this host) on ADDR:PORT, or "off"
+    /// [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<mptcp_proxy::config::OptionalAddress>,
     /// Throttle every subflow arriving on IFACE to RATE (ceil CEIL) once its connection has two or more
