@@ -177,3 +177,50 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(remote: &str, local: &str) -> Peer {
+        Peer {
+            remote: Some(remote.parse().expect("literal")),
+            local: Some(local.parse().expect("literal")),
+        }
+    }
+
+    #[test]
+    fn drain_is_taken_only_from_the_same_host() {
+        assert!(peer("127.0.0.1:5000", "127.0.0.1:9464").is_same_host());
+        assert!(peer("[::1]:5000", "[::1]:9464").is_same_host());
+        assert!(peer("[::ffff:127.0.0.1]:5000", "[::ffff:127.0.0.1]:9464").is_same_host());
+        assert!(peer("10.2.1.2:5000", "10.2.1.2:9464").is_same_host());
+        assert!(!peer("10.2.1.1:5000", "10.2.1.2:9464").is_same_host());
+        assert!(!Peer {
+            remote: None,
+            local: None
+        }
+        .is_same_host());
+    }
+
+    #[tokio::test]
+    async fn a_drain_request_wakes_every_waiter_once_and_for_all() {
+        let signal = DrainSignal::default();
+        assert!(!signal.is_requested());
+        let waiter = tokio::spawn({
+            let signal = signal.clone();
+            async move { signal.requested().await }
+        });
+        signal.request();
+        signal.request();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert!(signal.is_requested());
+        // A late waiter returns at once.
+        tokio::time::timeout(std::time::Duration::from_secs(1), signal.requested())
+            .await
+            .expect("already requested");
+    }
+}

@@ -10,7 +10,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::{command_in, run, unique_prefix, Result, TestbedError};
@@ -165,14 +165,7 @@ pub fn parse_next_hops(routes: &str, instances: usize) -> Vec<usize> {
 
 impl Drop for ClusterLab {
     fn drop(&mut self) {
-        let result = Command::new(script())
-            .arg("down")
-            .arg(&self.prefix)
-            .stdout(Stdio::null())
-            .status();
-        if !matches!(result, Ok(s) if s.success()) {
-            eprintln!("cluster lab {}: teardown failed: {result:?}", self.prefix);
-        }
+        crate::tear_down(&script(), &self.prefix);
     }
 }
 

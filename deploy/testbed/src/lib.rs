@@ -380,14 +380,22 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        let result = Command::new(script())
-            .arg("down")
-            .arg(&self.prefix)
-            .stdout(Stdio::null())
-            .status();
-        if !matches!(result, Ok(s) if s.success()) {
-            eprintln!("testbed {}: teardown failed: {result:?}", self.prefix);
-        }
+        tear_down(&script(), &self.prefix);
+    }
+}
+
+/// Runs `SCRIPT down PREFIX`, reporting (not panicking: it runs in `Drop`) when it fails.
+pub(crate) fn tear_down(script: &Path, prefix: &str) {
+    let result = Command::new(script)
+        .arg("down")
+        .arg(prefix)
+        .stdout(Stdio::null())
+        .status();
+    if !matches!(result, Ok(s) if s.success()) {
+        eprintln!(
+            "{} down {prefix}: teardown failed: {result:?}",
+            script.display()
+        );
     }
 }
 
