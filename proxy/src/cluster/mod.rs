@@ -135,8 +135,7 @@ impl ClusterConfig {
     pub fn announce(&self) -> Result<IpAddr, ClusterError> {
         self.announce.ok_or_else(|| {
             ClusterError::Unsupported(
-                "cluster.announce: no address to announce: set it in [cluster] or pass --announce ADDR"
-                    .into(),
+                "no address to announce: set [cluster] announce or pass --announce ADDR".into(),
             )
         })
     }
@@ -489,16 +488,17 @@ pub fn cleanup_stale(config: &ClusterConfig) -> Result<bool, ClusterError> {
 }
 
 /// Runs the proxy in cluster mode until `shutdown` resolves or a drain is requested, then drains as
-/// described in the module documentation.
+/// described in the module documentation; `customize` is applied to the bound server (SIGHUP reload).
 pub async fn run(
     mut config: Config,
     shutdown: impl Future<Output = ()>,
+    customize: impl FnOnce(Server) -> Server,
 ) -> Result<(), ServerError> {
     config.add_cluster_listeners();
     let mut cluster = Cluster::start(&config)?;
     let metrics = Arc::new(Metrics::new());
     let server = Server::bind_with_metrics(config, metrics.clone())?;
-    let server = cluster.attach(server, metrics)?;
+    let server = cluster.attach(customize(server), metrics)?;
     let served = server.serve(shutdown).await;
     let finished = cluster.finish().await;
     served?;
