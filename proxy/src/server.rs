@@ -444,12 +444,23 @@ impl Server {
             (registry, classes),
             drain.clone(),
         )?;
-        mptcp_ops::notify::ready(&format!("serving on {} listener(s)", running.accept.len()));
+        // Signal handlers before READY=1: a manager may send SIGHUP or SIGTERM as soon as it reads it,
+        // and their default action ends the process. `termination()` installs its handlers when first
+        // polled, so `shutdown` is polled once here.
         let mut hangups =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::pin!(shutdown);
+        let stopped_early = tokio::select! {
+            biased;
+            () = &mut shutdown => true,
+            () = std::future::ready(()) => false,
+        };
+        mptcp_ops::notify::ready(&format!("serving on {} listener(s)", running.accept.len()));
         let mut throttle_failure = None;
         loop {
+            if stopped_early {
+                break;
+            }
             let hangup = async {
                 match hangups.as_mut() {
                     Some(signal) => signal.recv().await,
