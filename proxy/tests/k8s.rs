@@ -222,3 +222,30 @@ fn every_manifest_field_is_explained() {
     }
     assert!(checked >= 80, "only {checked} fields checked");
 }
+
+/// The systemd drop-in for cluster mode (`deploy/debian/mptcp-proxy-cluster.conf`) loads over the
+/// packaged unit without a complaint about its own lines.
+#[test]
+fn the_cluster_drop_in_verifies_with_the_unit() {
+    let debian = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/debian");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit = dir.path().join("mptcp-proxy.service");
+    std::fs::copy(debian.join("mptcp-proxy.service"), &unit).expect("unit");
+    let drop_in = dir.path().join("mptcp-proxy.service.d");
+    std::fs::create_dir(&drop_in).expect("drop-in dir");
+    let text = std::fs::read_to_string(debian.join("mptcp-proxy-cluster.conf")).expect("drop-in");
+    assert!(text.contains("--cluster-cleanup") && text.contains("/dev/net/tun"));
+    std::fs::write(drop_in.join("cluster.conf"), &text).expect("write");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (systemd, deploy/prerequisites.sh)");
+    let report = String::from_utf8_lossy(&out.stderr);
+    // Offline, the only complaint allowed is that the packaged binary is not installed here.
+    let problems: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.contains("is not executable") && !l.trim().is_empty())
+        .collect();
+    assert!(problems.is_empty(), "systemd-analyze: {report}");
+}
