@@ -168,7 +168,16 @@ type Swap = Arc<Mutex<Option<(Sink, Option<AccessLogFormat>)>>>;
 /// [`AccessLog::log`] never blocks a request: it puts the entry in a bounded channel
 /// (`access_log.queue_lines`), and when the writer has fallen behind (a slow disk, a stdout nobody
 /// reads) the entry is dropped and counted in `mptcp_proxy_access_log_dropped_total`.
+///
+/// A cheap handle: clones share one queue and writer, so a configuration reload can move every holder
+/// (running tunnels included) to a new path or format with [`AccessLog::reconfigure`], and
+/// logrotate's SIGHUP reopens the file with [`AccessLog::reopen`].
+#[derive(Clone)]
 pub struct AccessLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     queue: mpsc::SyncSender<Message>,
     enabled: AtomicBool,
     path: Mutex<Option<PathBuf>>,
@@ -179,8 +188,8 @@ pub struct AccessLog {
 impl std::fmt::Debug for AccessLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccessLog")
-            .field("path", &self.path)
-            .field("dropped", &self.dropped.get())
+            .field("path", &self.inner.path)
+            .field("dropped", &self.inner.dropped.get())
             .finish()
     }
 }
@@ -207,67 +216,75 @@ impl AccessLog {
             .name("access-log".into())
             .spawn(move || writer(lines, sink, format, &writer_swap))?;
         Ok(Self {
-            queue,
-            enabled: AtomicBool::new(enabled),
-            path: Mutex::new(path),
-            swap,
-            dropped,
+            inner: Arc::new(Inner {
+                queue,
+                enabled: AtomicBool::new(enabled),
+                path: Mutex::new(path),
+                swap,
+                dropped,
+            }),
         })
     }
 
     /// Queues one entry for the writer; drops it (and counts it) when the queue is full. Never blocks.
     pub fn log(&self, entry: Entry) {
-        if !self.enabled.load(Ordering::Relaxed) {
+        if !self.inner.enabled.load(Ordering::Relaxed) {
             return;
         }
         if let Err(mpsc::TrySendError::Full(_)) =
-            self.queue.try_send(Message::Line(Box::new(entry)))
+            self.inner.queue.try_send(Message::Line(Box::new(entry)))
         {
-            self.dropped.inc();
+            self.inner.dropped.inc();
         }
     }
 
     /// [`AccessLog::log`] for a borrowed entry (clones it).
     pub fn write(&self, entry: &Entry) {
-        if self.enabled.load(Ordering::Relaxed) {
+        if self.inner.enabled.load(Ordering::Relaxed) {
             self.log(entry.clone());
         }
     }
 
     /// Lines dropped so far because the writer fell behind.
     pub fn dropped(&self) -> u64 {
-        self.dropped.get()
+        self.inner.dropped.get()
     }
 
     /// Reopens the file at the same path (after logrotate moved it; SIGHUP).
     pub fn reopen(&self) -> io::Result<()> {
-        let path = self.path.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let path = self
+            .inner
+            .path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let Some(path) = path else { return Ok(()) };
         let sink = Sink::File(io::BufWriter::new(open(&path)?));
         self.hand_over(sink, None);
         Ok(())
     }
 
-    /// Switches to another path and format (a configuration reload). The new file is opened here, so
-    /// an error leaves the old log as it was.
-    pub fn reopen_with(&self, config: &AccessLogConfig) -> io::Result<()> {
+    /// Moves the log to `config`'s path and format (a reload). The new file is opened here first: if
+    /// that fails, the log stays where it was and the error is returned.
+    pub fn reconfigure(&self, config: &AccessLogConfig) -> io::Result<()> {
         let (path, sink) = Sink::open(config)?;
-        self.enabled
+        self.inner
+            .enabled
             .store(!matches!(sink, Sink::Off), Ordering::Relaxed);
-        *self.path.lock().unwrap_or_else(|p| p.into_inner()) = path;
+        *self.inner.path.lock().unwrap_or_else(|p| p.into_inner()) = path;
         self.hand_over(sink, Some(config.format));
         Ok(())
     }
 
     fn hand_over(&self, sink: Sink, format: Option<AccessLogFormat>) {
         {
-            let mut swap = self.swap.lock().unwrap_or_else(|p| p.into_inner());
+            let mut swap = self.inner.swap.lock().unwrap_or_else(|p| p.into_inner());
             // A reopen right after a reload keeps the reload's format.
             let format = format.or_else(|| swap.as_ref().and_then(|(_, f)| *f));
             *swap = Some((sink, format));
         }
         // A full queue wakes the writer anyway.
-        let _ = self.queue.try_send(Message::Wake);
+        let _ = self.inner.queue.try_send(Message::Wake);
     }
 
     /// Waits until everything queued so far is written and flushed, at most `timeout`. Blocks: call
@@ -277,7 +294,7 @@ impl AccessLog {
         let (ack, acked) = mpsc::sync_channel(1);
         let mut message = Message::Flush(ack);
         loop {
-            match self.queue.try_send(message) {
+            match self.inner.queue.try_send(message) {
                 Ok(()) => break,
                 Err(mpsc::TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
                     message = back;
@@ -393,6 +410,55 @@ mod tests {
         assert_eq!(value["subflows"], 2);
         assert_eq!(value["status"], 200);
         assert_eq!(value["url"], "http://10.0.3.2/a b");
+    }
+
+    #[test]
+    fn reconfigure_moves_every_clone_to_the_new_path_and_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = dir.path().join("first.log");
+        let second = dir.path().join("second.log");
+        let log = AccessLog::open(&AccessLogConfig {
+            path: first.display().to_string(),
+            format: AccessLogFormat::Squid,
+            ..AccessLogConfig::default()
+        })
+        .expect("open");
+        let held_by_a_tunnel = log.clone();
+        log.write(&entry());
+        assert!(log.flush(Duration::from_secs(5)));
+        log.reconfigure(&AccessLogConfig {
+            path: second.display().to_string(),
+            format: AccessLogFormat::Json,
+            ..AccessLogConfig::default()
+        })
+        .expect("reconfigure");
+        held_by_a_tunnel.write(&entry());
+        assert!(log.flush(Duration::from_secs(5)));
+        assert_eq!(
+            std::fs::read_to_string(&first)
+                .expect("read")
+                .lines()
+                .count(),
+            1
+        );
+        let moved = std::fs::read_to_string(&second).expect("read");
+        let value: serde_json::Value = serde_json::from_str(moved.trim()).expect("json line");
+        assert_eq!(value["status"], 200);
+        let unwritable = AccessLogConfig {
+            path: dir.path().join("no/such/dir.log").display().to_string(),
+            format: AccessLogFormat::Squid,
+            ..AccessLogConfig::default()
+        };
+        assert!(log.reconfigure(&unwritable).is_err());
+        log.write(&entry());
+        assert!(log.flush(Duration::from_secs(5)));
+        assert_eq!(
+            std::fs::read_to_string(&second)
+                .expect("read")
+                .lines()
+                .count(),
+            2
+        );
     }
 
     #[test]
