@@ -788,6 +788,21 @@ impl Running {
                 .needs_restart
                 .push("runtime.worker_threads".to_owned());
         }
+        // The per-client counter and the refusal budget are built once, at start.
+        for (key, differs) in [
+            (
+                "limits.client_ipv6_prefix",
+                old.config.limits.client_ipv6_prefix != new.limits.client_ipv6_prefix,
+            ),
+            (
+                "limits.max_refusals",
+                old.config.limits.max_refusals != new.limits.max_refusals,
+            ),
+        ] {
+            if differs {
+                summary.needs_restart.push(key.to_owned());
+            }
+        }
         // The endpoint, the C flag and the announcement belong to the running instance.
         if old.config.cluster != new.cluster {
             summary.needs_restart.push("cluster".to_owned());
