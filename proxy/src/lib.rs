@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod convert;
 pub mod http;
 pub mod metrics;
 pub mod relay;

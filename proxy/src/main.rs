@@ -24,6 +24,9 @@ struct Args {
     /// Listen on ADDR:PORT as a forward proxy (repeatable); replaces the configured listeners.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
+    /// Also run an RFC 8803 converter on ADDR[:PORT] (port 5124 by default; repeatable).
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = mptcp_proxy::convert::parse_listen_address)]
+    convert: Vec<SocketAddr>,
     /// Serve /metrics, /healthz and /readyz on ADDR:PORT, or "off" [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<mptcp_proxy::config::OptionalAddress>,
@@ -63,6 +66,9 @@ fn main() -> anyhow::Result<()> {
             .map(ListenerConfig::forward)
             .collect();
     }
+    config
+        .listeners
+        .extend(args.convert.iter().copied().map(ListenerConfig::convert));
     if let Some(metrics) = args.metrics {
         config.metrics.address = metrics.0;
     }

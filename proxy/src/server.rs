@@ -20,6 +20,7 @@ use crate::config::{Config, ListenerConfig, ListenerMode};
 use crate::connection::{
     ClientConnection, ClientIo, ConnectionContext, PerClientCounter, SAMPLE_INTERVAL,
 };
+use crate::convert::wire::ErrorCode as ConvertError;
 use crate::http::{connect_upstream, handle, HttpConnection, Shared};
 use crate::metrics::{InterfaceMap, Metrics};
 use crate::relay::relay;
@@ -62,6 +63,8 @@ struct Listener {
     socket: TcpListener,
     mptcp: bool,
     config: ListenerConfig,
+    /// The RFC 8803 converter of a `convert` listener.
+    convert: Option<Arc<crate::convert::Converter>>,
 }
 
 /// A proxy with its listeners bound, ready to serve.
@@ -107,6 +110,16 @@ impl Server {
             };
             let bound = bind_listener(listener.address, listener.mptcp, listener.tproxy)
                 .map_err(bind_error)?;
+            let convert = match listener.mode {
+                ListenerMode::Convert => {
+                    crate::convert::enable_fastopen(&bound.listener, config.convert.fastopen_queue)
+                        .map_err(bind_error)?;
+                    Some(Arc::new(
+                        crate::convert::Converter::new(&config.convert).map_err(bind_error)?,
+                    ))
+                }
+                _ => None,
+            };
             let socket = TcpListener::from_std(bound.listener).map_err(bind_error)?;
             let local = socket.local_addr().map_err(bind_error)?;
             tracing::info!(
@@ -119,6 +132,7 @@ impl Server {
                 socket,
                 mptcp: bound.mptcp,
                 config: listener.clone(),
+                convert,
             });
         }
         let admin = match config.metrics.address {
@@ -350,6 +364,8 @@ async fn accept_loop(
             log_refusal(&shared, transport, client, 403, "TCP_DENIED");
             if forward {
                 tokio::spawn(refuse(stream, "403 Forbidden", denied.to_string()));
+            } else if listener.convert.is_some() {
+                tokio::spawn(crate::convert::refuse(stream, ConvertError::NotAuthorized));
             }
             continue;
         }
@@ -364,6 +380,11 @@ async fn accept_loop(
                     "503 Service Unavailable",
                     "too many connections".into(),
                 ));
+            } else if listener.convert.is_some() {
+                tokio::spawn(crate::convert::refuse(
+                    stream,
+                    ConvertError::ResourceExceeded,
+                ));
             }
             continue;
         };
@@ -376,6 +397,11 @@ async fn accept_loop(
                     stream,
                     "503 Service Unavailable",
                     "too many connections from this client".into(),
+                ));
+            } else if listener.convert.is_some() {
+                tokio::spawn(crate::convert::refuse(
+                    stream,
+                    ConvertError::ResourceExceeded,
                 ));
             }
             continue;
@@ -394,7 +420,14 @@ async fn accept_loop(
             },
         ));
         tracing::debug!(%client, transport = transport.as_str(), "accepted");
-        if forward {
+        if let Some(converter) = &listener.convert {
+            tokio::spawn(crate::convert::serve(
+                shared.clone(),
+                converter.clone(),
+                stream,
+                connection,
+            ));
+        } else if forward {
             tokio::spawn(serve_http(shared.clone(), stream, connection, stop.clone()));
         } else {
             tokio::spawn(serve_transparent(
