@@ -60,6 +60,9 @@ pub enum AgentError {
 /// write, carrying its data when a TFO cookie for the converter is cached.
 const TCP_FASTOPEN_CONNECT: libc::c_int = 30;
 
+/// The receive buffer of connections to the converter (see [`Client::open`]).
+const RECEIVE_BUFFER: usize = 8 << 20;
+
 /// The agent's connection maker: the converter, its cookie (if it asked for one), the timeout.
 #[derive(Debug)]
 pub struct Client {
@@ -167,6 +170,11 @@ impl Client {
         };
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
+        // A fixed receive buffer: with data in its SYN (TFO), an MPTCP socket's receive-buffer
+        // autotuning leaves its MPTCP-level window behind its subflows' (Linux 6.18: downloads stall
+        // in 200 ms retransmission steps, MPTcpExtNoDSSInWindow counting the drops); without
+        // autotuning the window is right from the start. The kernel caps it at net.core.rmem_max.
+        socket.set_recv_buffer_size(RECEIVE_BUFFER)?;
         match socket.connect(&self.converter.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
