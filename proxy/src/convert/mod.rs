@@ -166,7 +166,10 @@ pub async fn refuse(mut stream: TcpStream, code: ErrorCode) {
 /// Why reading a request stopped.
 enum ReadEnd {
     Decided(Decision, Vec<u8>),
-    Closed,
+    /// EOF or an error; `partial` when part of a message had arrived.
+    Closed {
+        partial: bool,
+    },
     TimedOut,
 }
 
@@ -185,7 +188,7 @@ async fn read_request(
         match decide(&buffer[..filled], client, policy) {
             Decision::NeedMore { .. } if filled == buffer.len() => {
                 // Cannot happen: a message is at most 1020 bytes.
-                return ReadEnd::Closed;
+                return ReadEnd::Closed { partial: true };
             }
             Decision::NeedMore { .. } => {}
             decision => {
@@ -205,7 +208,11 @@ async fn read_request(
         .await;
         match read {
             Err(_) => return ReadEnd::TimedOut,
-            Ok(Ok(0)) | Ok(Err(_)) => return ReadEnd::Closed,
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return ReadEnd::Closed {
+                    partial: filled > 0,
+                }
+            }
             Ok(Ok(n)) => filled += n,
         }
     }
@@ -354,9 +361,16 @@ pub async fn serve(
             answer_and_close(&stream, &message).await;
             return finish(&shared, &client, &stream, entry, started);
         }
-        ReadEnd::Decided(Decision::NeedMore { .. }, _) | ReadEnd::Closed => {
+        ReadEnd::Decided(Decision::NeedMore { .. }, _) | ReadEnd::Closed { partial: false } => {
             entry.status = 400;
             entry.result = "NONE_NONE";
+            return finish(&shared, &client, &stream, entry, started);
+        }
+        ReadEnd::Closed { partial: true } => {
+            // The client half-closed mid-message: it can still read why it failed.
+            let message = MessageRepr::new(vec![TlvRepr::error(ErrorCode::MalformedMessage, &[])]);
+            (entry.status, entry.result) = (400, "NONE_NONE");
+            answer_and_close(&stream, &message).await;
             return finish(&shared, &client, &stream, entry, started);
         }
         ReadEnd::TimedOut => {
