@@ -97,6 +97,19 @@ fn parse_answer(answer: &[u8]) -> MessageRepr {
     }
 }
 
+/// The converter's access-log lines once one satisfies `done` (a tunnel's line is written when it
+/// closes, just after the client saw its last byte); waits up to 10 s.
+fn log_until(lab: &Lab, done: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = lab.access_log_lines("convert-access.log");
+        if log.iter().any(&done) || std::time::Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn connect_request(destination: &str) -> Vec<u8> {
     MessageRepr::new(vec![TlvRepr::connect(addr(destination), &[])])
         .to_bytes()
@@ -137,7 +150,7 @@ fn curl_through_the_agent_downloads_64_mib_intact_over_two_subflows() {
         p1 > minimum && p2 > minimum,
         "both paths must carry data: p1 {p1} bytes, p2 {p2} bytes"
     );
-    let log = lab.access_log_lines("convert-access.log");
+    let log = log_until(&lab, |l| l["result"] == "TCP_TUNNEL");
     let line = log.last().expect("an access log line");
     assert_eq!(line["method"], "CONVERT", "{line}");
     assert_eq!(line["url"], "10.0.3.2:80", "{line}");
@@ -177,7 +190,7 @@ fn denied_and_failed_destinations_get_their_error_tlvs() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("(2)"), "{stderr}");
-    let log = lab.access_log_lines("convert-access.log");
+    let log = log_until(&lab, |l| l["url"] == "127.0.0.1:80");
     assert!(
         log.iter().any(|l| l["url"] == "127.0.0.1:80"
             && l["result"] == "TCP_DENIED"
@@ -477,7 +490,7 @@ fn transparent_mode_behind_nftables_redirect() {
         String::from_utf8_lossy(&out.stdout),
         "hello through mptcp-proxy\n"
     );
-    let log = lab.access_log_lines("convert-access.log");
+    let log = log_until(&lab, |l| l["url"] == "10.0.3.2:80");
     let line = log.last().expect("an access log line");
     assert_eq!(line["method"], "CONVERT", "{line}");
     assert_eq!(line["url"], "10.0.3.2:80", "{line}");
