@@ -11,6 +11,7 @@ pub mod convert;
 pub mod fuzz;
 pub mod http;
 pub mod metrics;
+pub mod registry;
 pub mod relay;
 pub mod server;
 pub mod sniffer;
