@@ -184,12 +184,27 @@ fn denied_and_failed_destinations_get_their_error_tlvs() {
         answer.error(),
         Some((ErrorCode::UnsupportedVersion, &[1u8][..]))
     );
-    // Through the agent, curl sees the SOCKS5 failure of Not Authorized ("connection not allowed").
-    let _agent = start_agent(&lab, &[], SOCKS);
-    let out = lab.client(&["curl", "-sS", "--socks5", SOCKS, "http://127.0.0.1:80/"]);
+    // Through a strict agent, curl sees the SOCKS5 failure of Not Authorized ("not allowed", 2).
+    let strict = start_agent(
+        &lab,
+        &["--strict", "--socks", "127.0.0.1:1082"],
+        "127.0.0.1:1082",
+    );
+    let out = lab.client(&[
+        "curl",
+        "-sS",
+        "--socks5",
+        "127.0.0.1:1082",
+        "http://127.0.0.1:80/",
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("(2)"), "{stderr}");
+    drop(strict);
+    // An optimistic agent (the default) has already said yes: the refusal resets the connection.
+    let _agent = start_agent(&lab, &[], SOCKS);
+    let out = lab.client(&["curl", "-sS", "--socks5", SOCKS, "http://127.0.0.1:80/"]);
+    assert!(!out.status.success(), "a refused conversion must fail curl");
     let log = log_until(&lab, |l| l["url"] == "127.0.0.1:80");
     assert!(
         log.iter().any(|l| l["url"] == "127.0.0.1:80"
@@ -451,6 +466,12 @@ fn with_a_cached_tfo_cookie_the_connect_tlv_rides_in_the_syn_and_the_upstream_sy
     // (Type 10, 5 words, port 80, ::ffff:10.0.3.2).
     let expected = "01062263".to_owned() + "0a050050" + "00000000000000000000ffff0a000302";
     assert!(syn.payload.starts_with(&expected), "{}", syn.payload);
+    // ... followed by curl's request: the agent's optimistic SOCKS5 reply let it ride in the SYN.
+    let request: String = b"GET /small.txt"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(syn.payload[48..].starts_with(&request), "{}", syn.payload);
     let third_ack = segments
         .iter()
         .find(|s| s.sport == syn.sport && s.dport == 5124 && s.ack && !s.syn && s.time > syn.time)

@@ -29,6 +29,14 @@ struct Args {
     /// Close a connection with no bytes either way for this long.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = mptcp_proxy::config::parse_duration)]
     idle_timeout: Duration,
+    /// SOCKS5: wait for the converter's answer before replying, so a refusal arrives as its SOCKS5
+    /// error code (costs one round trip: by default the reply is immediate and the application's
+    /// first bytes ride in the SYN; a refusal then resets the connection).
+    #[arg(long)]
+    strict: bool,
+    /// How long to wait for the application's first bytes before sending the SYN without them.
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = mptcp_proxy::config::parse_duration)]
+    early_data_wait: Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +57,8 @@ fn main() -> anyhow::Result<()> {
         transparent: args.transparent,
         connect_timeout: args.connect_timeout,
         idle_timeout: args.idle_timeout,
+        optimistic: !args.strict,
+        early_data_wait: args.early_data_wait,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

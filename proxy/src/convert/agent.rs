@@ -5,9 +5,13 @@
 //! carries the Convert message (fixed header, Connect TLV and the cached Cookie TLV if the converter
 //! asked for one) and, in transparent mode, whatever the application already sent.
 //!
-//! The agent reads the converter's answer before relaying: an Error TLV becomes a SOCKS5 failure
-//! reply (or a reset in transparent mode), and a Missing Cookie answer is retried once with the
-//! cookie it carried.
+//! By default the SOCKS5 reply is immediate and the application's first bytes (an HTTP request, a TLS
+//! ClientHello) ride in the SYN with the Convert message ("optimistic data"): an MPTCP converter
+//! cannot answer before the client's third ACK (Linux 6.18), so waiting for its answer before letting
+//! the application speak would cost the round trip Convert saves. A converter's Error TLV then resets
+//! the application's connection (and is logged); with `strict` the SOCKS5 reply waits for the answer
+//! and carries the error as its reply code. Transparent mode always sends early data and resets on
+//! errors. A Missing Cookie answer is retried once with the cookie it carried.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -37,6 +41,13 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// Close a relay with no bytes either way for this long.
     pub idle_timeout: Duration,
+    /// SOCKS5: answer success at once and send the application's first bytes in the SYN to the
+    /// converter (optimistic data); a converter error then resets the application's connection. When
+    /// false, the SOCKS5 reply waits for the converter's answer and carries its error.
+    pub optimistic: bool,
+    /// How long to wait for the application's first bytes before sending the SYN without them
+    /// (optimistic SOCKS5 and transparent mode; protocols where the server speaks first pay this once).
+    pub early_data_wait: Duration,
 }
 
 /// Why a connection through the converter failed.
@@ -314,18 +325,60 @@ async fn splice_through(
     Ok(())
 }
 
-async fn serve_socks(client: Arc<Client>, mut app: TcpStream, idle_timeout: Duration) {
+/// The application's first bytes, if it sends any within `wait` (they ride in the SYN).
+async fn early_data(app: &mut TcpStream, wait: Duration) -> io::Result<Vec<u8>> {
+    let mut early = vec![0u8; 4096];
+    let n = match tokio::time::timeout(wait, app.read(&mut early)).await {
+        Ok(read) => read?,
+        Err(_) => 0,
+    };
+    early.truncate(n);
+    Ok(early)
+}
+
+/// Resets the application's connection: it sees a refused connection, as if the server had refused.
+fn reset(app: &TcpStream) {
+    let _ = SockRef::from(app).set_linger(Some(Duration::ZERO));
+}
+
+async fn serve_socks(client: Arc<Client>, mut app: TcpStream, settings: AppSettings) {
     let destination = match socks_handshake(&mut app).await {
         Ok(Some(destination)) => destination,
         Ok(None) | Err(_) => return,
     };
+    if settings.optimistic {
+        // SOCKS5 success now, so the application's request can ride in the SYN (saves a round trip:
+        // an MPTCP converter cannot answer before the client's third ACK).
+        if app
+            .write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let Ok(early) = early_data(&mut app, settings.early_data_wait).await else {
+            return;
+        };
+        match client.connect(destination, &early).await {
+            Ok(converted) => {
+                if let Err(error) = splice_through(app, converted, settings.idle_timeout).await {
+                    tracing::debug!(%destination, %error, "relay ended with an error");
+                }
+            }
+            Err(error) => {
+                tracing::info!(%destination, %error, "SOCKS connection refused; resetting it");
+                reset(&app);
+            }
+        }
+        return;
+    }
     match client.connect(destination, b"").await {
         Ok(converted) => {
             let ok = [5, 0, 0, 1, 0, 0, 0, 0, 0, 0];
             if app.write_all(&ok).await.is_err() {
                 return;
             }
-            if let Err(error) = splice_through(app, converted, idle_timeout).await {
+            if let Err(error) = splice_through(app, converted, settings.idle_timeout).await {
                 tracing::debug!(%destination, %error, "relay ended with an error");
             }
         }
@@ -338,7 +391,7 @@ async fn serve_socks(client: Arc<Client>, mut app: TcpStream, idle_timeout: Dura
     }
 }
 
-async fn serve_transparent(client: Arc<Client>, app: TcpStream, idle_timeout: Duration) {
+async fn serve_transparent(client: Arc<Client>, mut app: TcpStream, settings: AppSettings) {
     let destination = match original_destination(&app) {
         Ok(Some(destination)) => destination,
         Ok(None) => {
@@ -350,22 +403,29 @@ async fn serve_transparent(client: Arc<Client>, app: TcpStream, idle_timeout: Du
             return;
         }
     };
-    // Whatever the application already sent rides in the SYN to the converter.
-    let mut early = vec![0u8; 1024];
-    let n = app.try_read(&mut early).unwrap_or(0);
-    early.truncate(n);
+    // The application's first bytes ride in the SYN to the converter.
+    let Ok(early) = early_data(&mut app, settings.early_data_wait).await else {
+        return;
+    };
     match client.connect(destination, &early).await {
         Ok(converted) => {
-            if let Err(error) = splice_through(app, converted, idle_timeout).await {
+            if let Err(error) = splice_through(app, converted, settings.idle_timeout).await {
                 tracing::debug!(%destination, %error, "relay ended with an error");
             }
         }
         Err(error) => {
-            tracing::info!(%destination, %error, "transparent connection refused");
-            // A reset tells the application the connection failed, as a refused connect would.
-            let _ = SockRef::from(&app).set_linger(Some(Duration::ZERO));
+            tracing::info!(%destination, %error, "transparent connection refused; resetting it");
+            reset(&app);
         }
     }
+}
+
+/// What each application connection needs of the configuration.
+#[derive(Debug, Clone, Copy)]
+struct AppSettings {
+    idle_timeout: Duration,
+    optimistic: bool,
+    early_data_wait: Duration,
 }
 
 /// Serves until `shutdown` resolves.
@@ -385,7 +445,11 @@ pub async fn run(
             "listening"
         );
         let client = client.clone();
-        let idle = config.idle_timeout;
+        let settings = AppSettings {
+            idle_timeout: config.idle_timeout,
+            optimistic: config.optimistic,
+            early_data_wait: config.early_data_wait,
+        };
         tasks.spawn(async move {
             loop {
                 let (app, peer) = match listener.accept().await {
@@ -400,9 +464,9 @@ pub async fn run(
                 tracing::debug!(%peer, "accepted");
                 let client = client.clone();
                 if transparent {
-                    tokio::spawn(serve_transparent(client, app, idle));
+                    tokio::spawn(serve_transparent(client, app, settings));
                 } else {
-                    tokio::spawn(serve_socks(client, app, idle));
+                    tokio::spawn(serve_socks(client, app, settings));
                 }
             }
         });
