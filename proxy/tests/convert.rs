@@ -472,6 +472,12 @@ fn with_a_cached_tfo_cookie_the_connect_tlv_rides_in_the_syn_and_the_upstream_sy
         .map(|b| format!("{b:02x}"))
         .collect();
     assert!(syn.payload[48..].starts_with(&request), "{}", syn.payload);
+    // ... followed by curl's request: the agent's optimistic SOCKS5 reply let it ride in the SYN.
+    let request: String = b"GET /small.txt"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(syn.payload[48..].starts_with(&request), "{}", syn.payload);
     let third_ack = segments
         .iter()
         .find(|s| s.sport == syn.sport && s.dport == 5124 && s.ack && !s.syn && s.time > syn.time)
