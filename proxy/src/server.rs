@@ -1064,12 +1064,7 @@ async fn accept_loop(
         );
         tracing::debug!(%client, transport = transport.as_str(), "accepted");
         if let Some(converter) = &listener.convert {
-            tokio::spawn(crate::convert::serve(
-                shared.clone(),
-                converter.clone(),
-                stream,
-                connection,
-            ));
+            crate::convert::accepted(shared.clone(), converter.clone(), stream, connection);
         } else if forward {
             tokio::spawn(serve_http(live.clone(), stream, connection, stop.clone()));
         } else {

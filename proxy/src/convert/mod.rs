@@ -32,7 +32,8 @@ use crate::connection::ClientConnection;
 use crate::http::Shared;
 use crate::metrics::KindLabel;
 use crate::relay::{relay, write_all};
-use crate::sockets::upstream_socket;
+use crate::sockets::stream_socket;
+use socket2::Domain;
 
 use converter::{answer_for, connect_error, decide, ConnectRequest, Decision};
 pub use converter::{CookieJar, Policy};
@@ -176,14 +177,15 @@ enum ReadEnd {
 /// Reads until [`decide`] can decide, within `limit`. The TFO SYN's data is usually all there already.
 async fn read_request(
     stream: &TcpStream,
+    received: &[u8],
     client: IpAddr,
     policy: &Policy,
     limit: std::time::Duration,
 ) -> ReadEnd {
     let deadline = tokio::time::Instant::now() + limit;
-    // A whole message plus early data that came with it.
-    let mut buffer = vec![0u8; 4096];
-    let mut filled = 0;
+    let mut buffer = vec![0u8; REQUEST_BUFFER.max(received.len())];
+    buffer[..received.len()].copy_from_slice(received);
+    let mut filled = received.len();
     loop {
         match decide(&buffer[..filled], client, policy) {
             Decision::NeedMore { .. } if filled == buffer.len() => {
@@ -218,52 +220,118 @@ async fn read_request(
     }
 }
 
-/// Connects to the Connect TLV's destination: destination ACL, the client's TCP options on the socket
-/// (MSS, MPTCP), `upstream.connect_timeout`. Convert names an address, never a host name, so there is
-/// nothing to resolve; the options must be set before `connect`, and the RFC's error codes need the
-/// OS error, so this does not go through the HTTP proxy's `connect_upstream`.
-async fn connect(shared: &Shared, request: &ConnectRequest) -> Result<TcpStream, ErrorCode> {
-    let count = |kind: &'static str| {
-        shared
-            .metrics
-            .upstream_errors
-            .get_or_create(&KindLabel { kind })
-            .inc()
-    };
+/// Bytes read for a request: a whole message (at most 1020 bytes) plus early data that came with it.
+const REQUEST_BUFFER: usize = 4096;
+
+fn count_upstream_error(shared: &Shared, kind: &'static str) {
+    shared
+        .metrics
+        .upstream_errors
+        .get_or_create(&KindLabel { kind })
+        .inc();
+}
+
+/// Starts connecting to the Connect TLV's destination, without waiting: destination ACL, the client's
+/// TCP options on the socket (MSS, MPTCP), then a non-blocking `connect`, which sends the SYN now.
+/// Convert names an address, never a host name, so there is nothing to resolve; the options must be
+/// set before `connect`, and the RFC's error codes need the OS error, so this does not go through the
+/// HTTP proxy's `connect_upstream`. [`finish_connect`] waits for the handshake.
+fn start_connect(shared: &Shared, request: &ConnectRequest) -> Result<TcpStream, ErrorCode> {
     let destination = request.destination;
     if let Err(denied) = shared.acl.check_destination(destination.ip()) {
-        count("denied");
+        count_upstream_error(shared, "denied");
         tracing::info!(%destination, "convert refused: {denied}");
         return Err(ErrorCode::NotAuthorized);
     }
     let mptcp = shared.config.upstream.mptcp || request.mptcp;
-    let socket = upstream_socket(destination, mptcp).map_err(|e| connect_error(&e))?;
+    let (socket, _) =
+        stream_socket(Domain::for_address(destination), mptcp).map_err(|e| connect_error(&e))?;
+    let setup = socket
+        .set_nonblocking(true)
+        .and_then(|()| socket.set_tcp_nodelay(true));
+    setup.map_err(|e| connect_error(&e))?;
     if let Some(mss) = request.mss {
         // Best effort: the kernel clamps it to what the route allows.
-        let _ = SockRef::from(&socket).set_tcp_mss(u32::from(mss));
+        let _ = socket.set_tcp_mss(u32::from(mss));
     }
-    match tokio::time::timeout(
-        shared.config.upstream.connect_timeout,
-        socket.connect(destination),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(error)) => {
-            let code = connect_error(&error);
-            count(if code == ErrorCode::ConnectionReset {
-                "refused"
-            } else {
-                "unreachable"
-            });
-            tracing::info!(%destination, %error, "convert: upstream connection failed");
-            Err(code)
+    match socket.connect(&destination.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(error) => return Err(upstream_failed(shared, destination, &error)),
+    }
+    TcpStream::from_std(socket.into()).map_err(|e| connect_error(&e))
+}
+
+fn upstream_failed(shared: &Shared, destination: SocketAddr, error: &io::Error) -> ErrorCode {
+    let code = connect_error(error);
+    count_upstream_error(
+        shared,
+        if code == ErrorCode::ConnectionReset {
+            "refused"
+        } else {
+            "unreachable"
+        },
+    );
+    tracing::info!(%destination, %error, "convert: upstream connection failed");
+    code
+}
+
+/// Waits until a started connection is established (or fails), within `upstream.connect_timeout`.
+async fn finish_connect(
+    shared: &Shared,
+    destination: SocketAddr,
+    stream: TcpStream,
+) -> Result<TcpStream, ErrorCode> {
+    let established = tokio::time::timeout(shared.config.upstream.connect_timeout, async {
+        stream.writable().await?;
+        match stream.take_error()? {
+            Some(error) => Err(error),
+            // Writable without an error: connected (peer_addr fails otherwise).
+            None => stream.peer_addr().map(|_| ()),
         }
+    })
+    .await;
+    match established {
+        Ok(Ok(())) => Ok(stream),
+        Ok(Err(error)) => Err(upstream_failed(shared, destination, &error)),
         Err(_) => {
-            count("timeout");
+            count_upstream_error(shared, "timeout");
             Err(ErrorCode::DestinationUnreachable)
         }
     }
+}
+
+/// A request already read, and its upstream connection already started, by [`accepted`].
+struct Prefetched {
+    received: Vec<u8>,
+    started: Option<(ConnectRequest, Result<TcpStream, ErrorCode>)>,
+}
+
+/// Takes a just-accepted connection of a `convert` listener. With TFO the Convert message came in
+/// the SYN and is readable already: it is read and decided, and the upstream SYN sent, right here in
+/// the accept loop, before any hand-over to another task; [`serve`] does the rest (waiting for the
+/// bytes when they were not there yet).
+pub fn accepted(
+    shared: Arc<Shared>,
+    converter: Arc<Converter>,
+    stream: TcpStream,
+    client: Arc<ClientConnection>,
+) {
+    let mut buffer = vec![0u8; REQUEST_BUFFER];
+    let n = stream.try_read(&mut buffer).unwrap_or(0);
+    buffer.truncate(n);
+    let started = match decide(&buffer, client.client.ip(), &converter.policy) {
+        Decision::Connect(request) => {
+            let connecting = start_connect(&shared, &request);
+            Some((request, connecting))
+        }
+        _ => None,
+    };
+    let prefetched = Prefetched {
+        received: buffer,
+        started,
+    };
+    tokio::spawn(serve(shared, converter, stream, client, prefetched));
 }
 
 /// `struct tcp_info` offsets (linux/tcp.h): options bits, window scales, the send MSS.
@@ -316,13 +384,14 @@ fn server_options(stream: &TcpStream) -> Vec<u8> {
     options
 }
 
-/// Serves one client connection of a `convert` listener: reads its Convert message, connects
-/// upstream at once, answers, relays, and logs one access-log line.
-pub async fn serve(
+/// Serves one client connection of a `convert` listener: reads its Convert message (unless
+/// [`accepted`] did), connects upstream, answers, relays, and logs one access-log line.
+async fn serve(
     shared: Arc<Shared>,
     converter: Arc<Converter>,
     stream: TcpStream,
     client: Arc<ClientConnection>,
+    prefetched: Prefetched,
 ) {
     let started = Instant::now();
     let mut entry = Entry {
@@ -340,48 +409,48 @@ pub async fn serve(
         transport: client.transport,
         subflows: 1,
     };
-    let limit = shared.config.limits.header_read_timeout;
-    let (request, received) = match read_request(
-        &stream,
-        client.client.ip(),
-        &converter.policy,
-        limit,
-    )
-    .await
-    {
-        ReadEnd::Decided(Decision::Connect(request), received) => (request, received),
-        ReadEnd::Decided(Decision::Answer(message), _) => {
-            if let Some((code, _)) = message.error() {
-                (entry.status, entry.result) = log_status(code);
-                tracing::info!(client = %client.client, error = %code, "convert request refused");
-            } else {
-                entry.result = "NONE_NONE";
+    let (request, received, connecting) = match prefetched.started {
+        Some((request, connecting)) => (request, prefetched.received, Some(connecting)),
+        None => {
+            let limit = shared.config.limits.header_read_timeout;
+            let ip = client.client.ip();
+            match read_request(&stream, &prefetched.received, ip, &converter.policy, limit).await {
+                ReadEnd::Decided(Decision::Connect(request), received) => (request, received, None),
+                ReadEnd::Decided(Decision::Answer(message), _) => {
+                    if let Some((code, _)) = message.error() {
+                        (entry.status, entry.result) = log_status(code);
+                        tracing::info!(client = %client.client, error = %code, "convert request refused");
+                    } else {
+                        entry.result = "NONE_NONE";
+                    }
+                    entry.bytes = message.buffer_len() as u64;
+                    answer_and_close(&stream, &message).await;
+                    return finish(&shared, &client, &stream, entry, started);
+                }
+                ReadEnd::Decided(Decision::NeedMore { .. }, _)
+                | ReadEnd::Closed { partial: false } => {
+                    entry.status = 400;
+                    entry.result = "NONE_NONE";
+                    return finish(&shared, &client, &stream, entry, started);
+                }
+                ReadEnd::Closed { partial: true } | ReadEnd::TimedOut => {
+                    // Cut short (the client half-closed and can still read why) or too slow.
+                    let message =
+                        MessageRepr::new(vec![TlvRepr::error(ErrorCode::MalformedMessage, &[])]);
+                    (entry.status, entry.result) = (400, "NONE_NONE");
+                    answer_and_close(&stream, &message).await;
+                    return finish(&shared, &client, &stream, entry, started);
+                }
             }
-            entry.bytes = message.buffer_len() as u64;
-            answer_and_close(&stream, &message).await;
-            return finish(&shared, &client, &stream, entry, started);
-        }
-        ReadEnd::Decided(Decision::NeedMore { .. }, _) | ReadEnd::Closed { partial: false } => {
-            entry.status = 400;
-            entry.result = "NONE_NONE";
-            return finish(&shared, &client, &stream, entry, started);
-        }
-        ReadEnd::Closed { partial: true } => {
-            // The client half-closed mid-message: it can still read why it failed.
-            let message = MessageRepr::new(vec![TlvRepr::error(ErrorCode::MalformedMessage, &[])]);
-            (entry.status, entry.result) = (400, "NONE_NONE");
-            answer_and_close(&stream, &message).await;
-            return finish(&shared, &client, &stream, entry, started);
-        }
-        ReadEnd::TimedOut => {
-            let message = MessageRepr::new(vec![TlvRepr::error(ErrorCode::MalformedMessage, &[])]);
-            (entry.status, entry.result) = (408, "NONE_NONE");
-            answer_and_close(&stream, &message).await;
-            return finish(&shared, &client, &stream, entry, started);
         }
     };
     entry.url = request.destination.to_string();
-    let upstream = match connect(&shared, &request).await {
+    let connecting = connecting.unwrap_or_else(|| start_connect(&shared, &request));
+    let connected = match connecting {
+        Ok(stream) => finish_connect(&shared, request.destination, stream).await,
+        Err(code) => Err(code),
+    };
+    let upstream = match connected {
         Ok(upstream) => upstream,
         Err(code) => {
             (entry.status, entry.result) = log_status(code);
