@@ -1048,6 +1048,11 @@ async fn accept_loop(
             }
             continue;
         };
+        // A converter sends the upstream SYN before any bookkeeping (RFC 8803: 0-RTT conversion).
+        let prefetched = listener
+            .convert
+            .as_ref()
+            .map(|converter| crate::convert::prefetch(&shared, converter, &stream, client.ip()));
         count("accepted");
         let _ = stream.set_nodelay(true);
         let connection = ClientConnection::accepted(
@@ -1063,8 +1068,14 @@ async fn accept_loop(
             },
         );
         tracing::debug!(%client, transport = transport.as_str(), "accepted");
-        if let Some(converter) = &listener.convert {
-            crate::convert::accepted(shared.clone(), converter.clone(), stream, connection);
+        if let (Some(converter), Some(prefetched)) = (&listener.convert, prefetched) {
+            crate::convert::spawn(
+                shared.clone(),
+                converter.clone(),
+                stream,
+                connection,
+                prefetched,
+            );
         } else if forward {
             tokio::spawn(serve_http(live.clone(), stream, connection, stop.clone()));
         } else {

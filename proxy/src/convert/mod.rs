@@ -301,36 +301,48 @@ async fn finish_connect(
     }
 }
 
-/// A request already read, and its upstream connection already started, by [`accepted`].
-struct Prefetched {
+/// A request already read, and its upstream connection already started, by [`prefetch`].
+#[derive(Debug)]
+pub struct Prefetched {
     received: Vec<u8>,
     started: Option<(ConnectRequest, Result<TcpStream, ErrorCode>)>,
 }
 
-/// Takes a just-accepted connection of a `convert` listener. With TFO the Convert message came in
-/// the SYN and is readable already: it is read and decided, and the upstream SYN sent, right here in
-/// the accept loop, before any hand-over to another task; [`serve`] does the rest (waiting for the
-/// bytes when they were not there yet).
-pub fn accepted(
-    shared: Arc<Shared>,
-    converter: Arc<Converter>,
-    stream: TcpStream,
-    client: Arc<ClientConnection>,
-) {
+/// The first step for a just-accepted connection of a `convert` listener, once the client ACL and the
+/// limits let it in: with TFO the Convert message came in the SYN and is readable already, so it is
+/// read and decided, and the upstream SYN sent, right here in the accept loop, before any bookkeeping
+/// or hand-over to another task. [`spawn`] does the rest (and reads the message when it was not
+/// there yet).
+pub fn prefetch(
+    shared: &Shared,
+    converter: &Converter,
+    stream: &TcpStream,
+    client: IpAddr,
+) -> Prefetched {
     let mut buffer = vec![0u8; REQUEST_BUFFER];
     let n = stream.try_read(&mut buffer).unwrap_or(0);
     buffer.truncate(n);
-    let started = match decide(&buffer, client.client.ip(), &converter.policy) {
+    let started = match decide(&buffer, client, &converter.policy) {
         Decision::Connect(request) => {
-            let connecting = start_connect(&shared, &request);
+            let connecting = start_connect(shared, &request);
             Some((request, connecting))
         }
         _ => None,
     };
-    let prefetched = Prefetched {
+    Prefetched {
         received: buffer,
         started,
-    };
+    }
+}
+
+/// Serves the connection [`prefetch`] started, in its own task.
+pub fn spawn(
+    shared: Arc<Shared>,
+    converter: Arc<Converter>,
+    stream: TcpStream,
+    client: Arc<ClientConnection>,
+    prefetched: Prefetched,
+) {
     tokio::spawn(serve(shared, converter, stream, client, prefetched));
 }
 
@@ -385,7 +397,7 @@ fn server_options(stream: &TcpStream) -> Vec<u8> {
 }
 
 /// Serves one client connection of a `convert` listener: reads its Convert message (unless
-/// [`accepted`] did), connects upstream, answers, relays, and logs one access-log line.
+/// [`prefetch`] did), connects upstream, answers, relays, and logs one access-log line.
 async fn serve(
     shared: Arc<Shared>,
     converter: Arc<Converter>,
