@@ -341,6 +341,30 @@ fn reset(app: &TcpStream) {
     let _ = SockRef::from(app).set_linger(Some(Duration::ZERO));
 }
 
+/// Connects through the converter with the application's first bytes in the SYN, then relays; a
+/// refusal resets the application's connection.
+async fn convert_with_early_data(
+    client: &Client,
+    mut app: TcpStream,
+    destination: SocketAddr,
+    settings: AppSettings,
+) {
+    let Ok(early) = early_data(&mut app, settings.early_data_wait).await else {
+        return;
+    };
+    match client.connect(destination, &early).await {
+        Ok(converted) => {
+            if let Err(error) = splice_through(app, converted, settings.idle_timeout).await {
+                tracing::debug!(%destination, %error, "relay ended with an error");
+            }
+        }
+        Err(error) => {
+            tracing::info!(%destination, %error, "conversion refused; resetting the connection");
+            reset(&app);
+        }
+    }
+}
+
 async fn serve_socks(client: Arc<Client>, mut app: TcpStream, settings: AppSettings) {
     let destination = match socks_handshake(&mut app).await {
         Ok(Some(destination)) => destination,
@@ -356,21 +380,7 @@ async fn serve_socks(client: Arc<Client>, mut app: TcpStream, settings: AppSetti
         {
             return;
         }
-        let Ok(early) = early_data(&mut app, settings.early_data_wait).await else {
-            return;
-        };
-        match client.connect(destination, &early).await {
-            Ok(converted) => {
-                if let Err(error) = splice_through(app, converted, settings.idle_timeout).await {
-                    tracing::debug!(%destination, %error, "relay ended with an error");
-                }
-            }
-            Err(error) => {
-                tracing::info!(%destination, %error, "SOCKS connection refused; resetting it");
-                reset(&app);
-            }
-        }
-        return;
+        return convert_with_early_data(&client, app, destination, settings).await;
     }
     match client.connect(destination, b"").await {
         Ok(converted) => {
@@ -391,7 +401,7 @@ async fn serve_socks(client: Arc<Client>, mut app: TcpStream, settings: AppSetti
     }
 }
 
-async fn serve_transparent(client: Arc<Client>, mut app: TcpStream, settings: AppSettings) {
+async fn serve_transparent(client: Arc<Client>, app: TcpStream, settings: AppSettings) {
     let destination = match original_destination(&app) {
         Ok(Some(destination)) => destination,
         Ok(None) => {
@@ -403,21 +413,7 @@ async fn serve_transparent(client: Arc<Client>, mut app: TcpStream, settings: Ap
             return;
         }
     };
-    // The application's first bytes ride in the SYN to the converter.
-    let Ok(early) = early_data(&mut app, settings.early_data_wait).await else {
-        return;
-    };
-    match client.connect(destination, &early).await {
-        Ok(converted) => {
-            if let Err(error) = splice_through(app, converted, settings.idle_timeout).await {
-                tracing::debug!(%destination, %error, "relay ended with an error");
-            }
-        }
-        Err(error) => {
-            tracing::info!(%destination, %error, "transparent connection refused; resetting it");
-            reset(&app);
-        }
-    }
+    convert_with_early_data(&client, app, destination, settings).await;
 }
 
 /// What each application connection needs of the configuration.
