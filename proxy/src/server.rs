@@ -407,12 +407,20 @@ impl Server {
         } = self;
         drop(reload_tx);
         let mut running = Running::start(shared, listeners, admin, throttle, registry, classes)?;
-        mptcp_ops::notify::ready(&format!("serving on {} listener(s)", running.accept.len()));
+        // Signal handlers before READY: a manager may reload or stop right after READY, and the
+        // default actions of SIGHUP and SIGTERM end the process (seen: the operations test
+        // sd_notify_ready_reloading_stopping failed 3 runs in 5). `shutdown` registers its handlers
+        // when first polled, which `select!`'s random order could put off past a SIGHUP.
         let mut hangups =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::pin!(shutdown);
+        let stopped_already = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(shutdown.as_mut().poll(cx).is_ready())
+        })
+        .await;
+        mptcp_ops::notify::ready(&format!("serving on {} listener(s)", running.accept.len()));
         let mut throttle_failure = None;
-        loop {
+        while !stopped_already {
             let hangup = async {
                 match hangups.as_mut() {
                     Some(signal) => signal.recv().await,
