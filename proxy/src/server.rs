@@ -420,7 +420,10 @@ impl Server {
         .await;
         mptcp_ops::notify::ready(&format!("serving on {} listener(s)", running.accept.len()));
         let mut throttle_failure = None;
-        while !stopped_already {
+        loop {
+            if stopped_already {
+                break;
+            }
             let hangup = async {
                 match hangups.as_mut() {
                     Some(signal) => signal.recv().await,
