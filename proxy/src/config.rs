@@ -95,6 +95,10 @@ pub struct Config {
     /// RFC 8803 converters (listeners with `mode = "convert"`).
     #[serde(default)]
     pub convert: ConvertConfig,
+    /// Cluster mode (several instances behind ECMP, issue 14); off unless the table or `--announce`
+    /// is given.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Settings of the RFC 8803 converter listeners.
@@ -157,6 +161,7 @@ impl Default for Config {
             sniffer: crate::sniffer::SnifferConfig::default(),
             runtime: RuntimeConfig::default(),
             convert: ConvertConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -575,7 +580,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
 }
@@ -693,6 +698,11 @@ impl Config {
         }
         if self.convert.fastopen_queue == 0 {
             return Err(invalid("convert.fastopen_queue", "must be at least 1"));
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster
+                .validate(&self.listeners)
+                .map_err(|(key, reason)| invalid(&key, &reason))?;
         }
         if self.access_log.path.is_empty() {
             return Err(invalid(

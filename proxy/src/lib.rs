@@ -5,6 +5,7 @@ pub mod access_log;
 pub mod acl;
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod convert;

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::access_log::{AccessLog, Entry};
 use crate::acl::{local_addresses, Acl};
-use crate::admin::AdminState;
+use crate::admin::{AdminState, DrainSignal};
 use crate::auth::{AuthError, Credentials};
 use crate::config::{Config, ConfigError, ConvertConfig, ListenerConfig, ListenerMode};
 use crate::connection::{
@@ -66,6 +66,9 @@ pub enum ServerError {
     /// Subflow throttling could not start or failed.
     #[error("throttle: {0}")]
     Throttle(String),
+    /// Cluster mode could not start or restore the kernel state.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl ServerError {
@@ -77,6 +80,7 @@ impl ServerError {
             ServerError::Auth(_) => "auth.credentials_file",
             ServerError::Sniffer(_) => "sniffer.interfaces",
             ServerError::Throttle(_) => "throttle",
+            ServerError::Cluster(_) => "cluster",
         }
     }
 }
@@ -186,6 +190,17 @@ pub struct Server {
     reload_tx: mpsc::Sender<ReloadRequest>,
     reload_rx: mpsc::Receiver<ReloadRequest>,
     sighup: Option<(String, ConfigSource)>,
+    drain: DrainSignal,
+    before_drain: Option<BeforeDrain>,
+}
+
+/// What runs between the drain request and the end of accepting (see [`Server::before_drain`]).
+struct BeforeDrain(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl std::fmt::Debug for BeforeDrain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeDrain")
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -354,7 +369,33 @@ impl Server {
             reload_tx,
             reload_rx,
             sighup: None,
+            drain: DrainSignal::default(),
+            before_drain: None,
         })
+    }
+
+    /// A handle that drains this server as SIGTERM does (`POST /drain` on the admin listener uses it).
+    pub fn drain_signal(&self) -> DrainSignal {
+        self.drain.clone()
+    }
+
+    /// Runs `step` once a drain starts, before the listeners stop accepting (cluster mode withdraws
+    /// its route there and waits for routers to converge). /readyz fails from the drain's start.
+    pub fn before_drain(mut self, step: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.before_drain = Some(BeforeDrain(Box::pin(step)));
+        self
+    }
+
+    /// A second descriptor of the listening socket bound to `address`: the kernel keeps the socket,
+    /// and accepts MP_JOINs on it, while any descriptor is open, also after the server stops accepting.
+    pub fn listener_fd(
+        &self,
+        address: SocketAddr,
+    ) -> Option<std::io::Result<std::os::fd::OwnedFd>> {
+        self.listeners
+            .iter()
+            .find(|l| l.socket.local_addr().ok() == Some(address))
+            .map(|l| l.socket.as_fd().try_clone_to_owned())
     }
 
     /// The admin listener's address, if it is on.
@@ -389,7 +430,8 @@ impl Server {
         self
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and tunnels
+    /// Serves until `shutdown` resolves or a drain is requested ([`Server::drain_signal`]), runs the
+    /// [`Server::before_drain`] step, then stops accepting, lets in-flight requests and tunnels
     /// finish for at most `limits.drain_timeout`, removes what the throttle installed, and returns.
     /// A throttle that fails stops the proxy with its error. Tells systemd (`$NOTIFY_SOCKET`) when it
     /// is ready, reloading and stopping.
@@ -404,24 +446,33 @@ impl Server {
             reload_tx,
             mut reload_rx,
             sighup,
+            drain,
+            before_drain,
         } = self;
         drop(reload_tx);
-        let mut running = Running::start(shared, listeners, admin, throttle, registry, classes)?;
-        // Signal handlers before READY: a manager may reload or stop right after READY, and the
-        // default actions of SIGHUP and SIGTERM end the process (seen: the operations test
-        // sd_notify_ready_reloading_stopping failed 3 runs in 5). `shutdown` registers its handlers
-        // when first polled, which `select!`'s random order could put off past a SIGHUP.
+        let mut running = Running::start(
+            shared,
+            listeners,
+            admin,
+            throttle,
+            (registry, classes),
+            drain.clone(),
+        )?;
+        // Signal handlers before READY=1: a manager may send SIGHUP or SIGTERM as soon as it reads it,
+        // and their default action ends the process. `termination()` installs its handlers when first
+        // polled, so `shutdown` is polled once here.
         let mut hangups =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::pin!(shutdown);
-        let stopped_already = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(shutdown.as_mut().poll(cx).is_ready())
-        })
-        .await;
+        let stopped_early = tokio::select! {
+            biased;
+            () = &mut shutdown => true,
+            () = std::future::ready(()) => false,
+        };
         mptcp_ops::notify::ready(&format!("serving on {} listener(s)", running.accept.len()));
         let mut throttle_failure = None;
         loop {
-            if stopped_already {
+            if stopped_early {
                 break;
             }
             let hangup = async {
@@ -432,6 +483,10 @@ impl Server {
             };
             tokio::select! {
                 () = &mut shutdown => break,
+                () = drain.requested() => {
+                    tracing::info!("drain requested on the admin listener");
+                    break;
+                }
                 error = running.throttle_failed() => {
                     tracing::error!(%error, "throttle failed; shutting down");
                     throttle_failure = Some(error);
@@ -465,7 +520,7 @@ impl Server {
             }
         }
         mptcp_ops::notify::stopping();
-        running.stop(throttle_failure).await
+        running.stop(throttle_failure, before_drain).await
     }
 }
 
@@ -478,11 +533,6 @@ fn log_refused(origin: &str, error: &ReloadError) {
         ),
         error => tracing::error!("configuration refused, the running one stays: {origin}: {error}"),
     }
-}
-
-/// Binds and serves until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    Server::bind(config)?.serve(shutdown).await
 }
 
 /// A running accept loop.
@@ -601,6 +651,7 @@ fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
     check("throttle", old.throttle != new.throttle);
     check("sniffer", old.sniffer != new.sniffer);
     check("runtime", old.runtime != new.runtime);
+    check("cluster", old.cluster != new.cluster);
     changed
 }
 
@@ -610,8 +661,8 @@ impl Running {
         listeners: Vec<Listener>,
         admin: Option<TcpListener>,
         throttle: Option<ThrottleHandle>,
-        registry: Arc<ConnectionRegistry>,
-        classes: Arc<SubflowClasses>,
+        (registry, classes): (Arc<ConnectionRegistry>, Arc<SubflowClasses>),
+        drain: DrainSignal,
     ) -> Result<Self, ServerError> {
         let metrics = shared.metrics.clone();
         let sniffer = start_sniffer(&shared.config, &metrics, shared.throttle_events.clone())?;
@@ -626,11 +677,11 @@ impl Running {
         };
         let max_connections = shared.config.limits.max_connections;
         let (stop_tx, _) = watch::channel(false);
-        let admin_state = Arc::new(AdminState::new(metrics.clone()).with_connections(
-            registry.clone(),
-            shared.interfaces.clone(),
-            classes.clone(),
-        ));
+        let admin_state = Arc::new(
+            AdminState::new(metrics.clone())
+                .with_connections(registry.clone(), shared.interfaces.clone(), classes.clone())
+                .with_drain(drain),
+        );
         let mut running = Running {
             live: Arc::new(LiveShared {
                 current: RwLock::new(shared.clone()),
@@ -737,6 +788,10 @@ impl Running {
         if old.config.convert != new.convert {
             // Converters keep their cookie key for the listener's lifetime.
             summary.needs_restart.push("convert".to_owned());
+        }
+        // The endpoint, the C flag and the announcement belong to the running instance.
+        if old.config.cluster != new.cluster {
+            summary.needs_restart.push("cluster".to_owned());
         }
 
         // 1. Everything that can fail, nothing swapped yet.
@@ -933,12 +988,20 @@ impl Running {
         self.max_connections = max;
     }
 
-    /// Stops accepting, drains, stops the admin listener, the sniffer and the throttle.
-    async fn stop(mut self, mut throttle_failure: Option<String>) -> Result<(), ServerError> {
+    /// Runs the `before_drain` step, stops accepting, drains, stops the admin listener, the sniffer
+    /// and the throttle.
+    async fn stop(
+        mut self,
+        mut throttle_failure: Option<String>,
+        before_drain: Option<BeforeDrain>,
+    ) -> Result<(), ServerError> {
         tracing::info!("shutting down: no new connections; draining");
         self.admin_state
             .ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Some(step) = before_drain {
+            step.0.await;
+        }
         let _ = self.stop_tx.send(true);
         for (_, task) in std::mem::take(&mut self.accept) {
             let _ = task.task.await;
@@ -971,6 +1034,24 @@ impl Running {
             None => Ok(()),
         }
     }
+}
+
+/// Binds and serves until `shutdown` resolves (or `POST /drain`); with `[cluster]`, in cluster mode.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    run_with(config, shutdown, |server| server).await
+}
+
+/// [`run`], with `customize` applied to the bound server before it serves (`mptcp-proxy` adds its
+/// SIGHUP reload there).
+pub async fn run_with(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    customize: impl FnOnce(Server) -> Server,
+) -> Result<(), ServerError> {
+    if config.cluster.is_some() {
+        return crate::cluster::run(config, shutdown, customize).await;
+    }
+    customize(Server::bind(config)?).serve(shutdown).await
 }
 
 /// What every accept loop shares besides the [`Shared`] state.
