@@ -8,6 +8,8 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Uri;
 
 use crate::connection::{scan_head, HeadScanResult};
+use crate::convert::converter::{decide, CookieJar, Policy};
+use crate::convert::wire::{MessageRepr, Parsed};
 use crate::http::headers;
 use crate::http::target::{host_and_port, loggable, parse_target};
 
@@ -69,4 +71,25 @@ pub fn config(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = crate::Config::from_toml(text, "fuzz");
     }
+}
+
+/// RFC 8803 Convert messages: the parser never panics, whatever parses re-emits to bytes that parse
+/// the same, and the converter's decisions (open, and requiring cookies) never panic.
+pub fn convert_message(data: &[u8]) {
+    if let Ok(Parsed::Complete { message, .. }) = MessageRepr::parse(data) {
+        let bytes = message.to_bytes().expect("a parsed message fits");
+        match MessageRepr::parse(&bytes) {
+            Ok(Parsed::Complete { message: again, .. }) => assert_eq!(again, message),
+            other => panic!("re-emitted message does not parse: {other:?}"),
+        }
+    }
+    let client = std::net::IpAddr::from([10, 0, 1, 2]);
+    let _ = decide(data, client, &Policy { cookies: None });
+    let _ = decide(
+        data,
+        client,
+        &Policy {
+            cookies: Some(CookieJar::new([1; 32])),
+        },
+    );
 }
