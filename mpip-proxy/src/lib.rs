@@ -35,6 +35,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod fuzz;
 pub mod metrics;
 pub mod mss;
 pub mod node;

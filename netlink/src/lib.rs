@@ -6,6 +6,7 @@
 //! - [`mptcp_pm`]: the kernel's MPTCP path manager family: events, endpoints and userspace-PM commands.
 //! - [`nft`]: nftables batches over libnftnl, with the expressions nftnl lacks.
 //! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
+//! - [`rtnl`]: rtnetlink link and address requests (link up, add and delete an address).
 //!
 //! Every call acts on the network namespace of the calling thread.
 
@@ -13,6 +14,7 @@ pub mod genl;
 pub mod mptcp_pm;
 pub mod nfqueue;
 pub mod nft;
+pub mod rtnl;
 pub mod socket;
 
 pub use crate::socket::*;
