@@ -82,6 +82,11 @@ for unit in mptcp-proxy mpip-proxy mpipd; do
   [ -n "$problems" ] && echo "$problems" | sed 's/^/  systemd-analyze: /'
   check "systemd-analyze verify $unit.service" test "$rc" = 0 -a -z "$problems"
 done
+# Each daemon reloads its configuration on SIGHUP (before READY=1 the handlers are in place).
+for unit in mptcp-proxy mpip-proxy mpipd; do
+  check "$unit.service reloads with SIGHUP" \
+    grep -qx 'ExecReload=/bin/kill -HUP \$MAINPID' "/lib/systemd/system/$unit.service"
+done
 check "logrotate accepts /etc/logrotate.d/mptcp-proxy" \
   logrotate --debug --state /dev/null /etc/logrotate.d/mptcp-proxy
 check "the installed configuration checks" /usr/bin/mptcp-proxy --config /etc/mptcp-proxy/mptcp-proxy.toml --check-config

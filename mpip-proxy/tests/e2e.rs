@@ -735,3 +735,98 @@ fn live_routing_switch_and_reload() {
     let logs = std::fs::read_to_string(lab.out_path("mpipd.log")).unwrap_or_default();
     assert!(logs.contains("configuration reloaded"), "{logs}");
 }
+
+/// The systemd units' `ExecReload=/bin/kill -HUP $MAINPID` against a fake
+/// service manager: each binary says READY=1 only once its SIGHUP and SIGTERM
+/// handlers are in place (a SIGHUP or SIGTERM right after READY=1 reloads or
+/// stops it cleanly instead of killing it), reloads on SIGHUP (RELOADING=1,
+/// READY=1) and says STOPPING=1 on SIGTERM, leaving no TUN device or
+/// nftables table behind.
+#[test]
+fn sd_notify_reload_and_stop_right_after_ready() {
+    use std::os::unix::net::UnixDatagram;
+    if testbed::skip_unless_root() {
+        return;
+    }
+    let tb = testbed::Testbed::new(Options::default()).expect("testbed");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy_config = config_from_example(dir.path(), "mpip-proxy.toml", |proxy| {
+        section(proxy, "gateway").insert("enabled".into(), true.into());
+    });
+    let client_config = config_from_example(dir.path(), "mpipd.toml", |_| {});
+    let start = |name: &str, ns: &str, binary: &str, config: &std::path::Path| {
+        let socket_path = dir.path().join(format!("{name}.notify"));
+        let manager = UnixDatagram::bind(&socket_path).expect("bind");
+        manager
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut cmd = tb.command(ns, binary);
+        cmd.arg("--config")
+            .arg(config)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stderr(std::fs::File::create(dir.path().join(format!("{name}.log"))).expect("log"));
+        (Background::start(cmd).expect(name), manager)
+    };
+    let log = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    };
+    let next = |manager: &UnixDatagram, name: &str| {
+        let mut buf = [0u8; 512];
+        let n = manager
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{name}: no notification ({e})\n{}", log(name)));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let (mut proxy, proxy_manager) = start(
+        "mpip-proxy",
+        tb.proxy_ns(),
+        env!("CARGO_BIN_EXE_mpip-proxy"),
+        &proxy_config,
+    );
+    let (mut client, client_manager) = start(
+        "mpipd",
+        tb.client_ns(),
+        env!("CARGO_BIN_EXE_mpipd"),
+        &client_config,
+    );
+    for (name, process, manager) in [
+        ("mpip-proxy", &proxy, &proxy_manager),
+        ("mpipd", &client, &client_manager),
+    ] {
+        let ready = next(manager, name);
+        assert!(ready.starts_with("READY=1\n"), "{name}: {ready}");
+        // At once, as systemctl reload may.
+        process.signal(libc::SIGHUP).expect("SIGHUP");
+        let reloading = next(manager, name);
+        assert!(
+            reloading.starts_with("RELOADING=1\n"),
+            "{name}: {reloading}"
+        );
+        let ready = next(manager, name);
+        assert!(ready.starts_with("READY=1\n"), "{name}: {ready}");
+    }
+    for (name, process, manager) in [
+        ("mpipd", &mut client, &client_manager),
+        ("mpip-proxy", &mut proxy, &proxy_manager),
+    ] {
+        process.signal(libc::SIGTERM).expect("SIGTERM");
+        let stopping = next(manager, name);
+        assert!(stopping.starts_with("STOPPING=1"), "{name}: {stopping}");
+        let status = process.wait_timeout(Duration::from_secs(20)).expect("exit");
+        assert!(
+            status.success(),
+            "{name} exited with {status}\n{}",
+            log(name)
+        );
+    }
+    for ns in [tb.client_ns(), tb.proxy_ns()] {
+        let links = tb.exec(ns, &["ip", "-o", "link", "show"]).expect("ip link");
+        assert!(!links.contains("mpip"), "TUN device left in {ns}:\n{links}");
+        let tables = tb.exec(ns, &["nft", "list", "tables"]).expect("nft");
+        assert!(
+            !tables.contains("mpip"),
+            "nftables table left in {ns}:\n{tables}"
+        );
+    }
+    assert!(log("mpipd").contains("reload"), "{}", log("mpipd"));
+}

@@ -241,6 +241,17 @@ async fn next_hangup(signal: &mut Option<tokio::signal::unix::Signal>) {
     }
 }
 
+/// Polls `shutdown` once, so that it installs its signal handlers
+/// (`mptcp_proxy::termination` does on its first poll); true if it has
+/// already resolved.
+async fn signal_handlers_installed(shutdown: std::pin::Pin<&mut impl Future<Output = ()>>) -> bool {
+    tokio::select! {
+        biased;
+        () = shutdown => true,
+        () = std::future::ready(()) => false,
+    }
+}
+
 /// Runs `mpipd`, the client end, until `shutdown` resolves; then removes the
 /// routes it added and the TUN device. SIGHUP re-reads the configuration
 /// with `reload`.
@@ -289,15 +300,21 @@ pub async fn run_client(
             return Err(error);
         }
     };
+    // Signal handlers before READY=1: a manager may send SIGHUP (ExecReload) or SIGTERM as soon as
+    // it reads it, and their default action ends the process.
+    let mut hangup = hangups();
+    let mut shutdown = pin!(shutdown);
+    let stopped_early = signal_handlers_installed(shutdown.as_mut()).await;
     mptcp_ops::notify::ready("tunnel device up");
     let mut running = config;
     let mut scan = tokio::time::interval(std::time::Duration::from_millis(
         running.common.paths.scan_interval_ms,
     ));
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut hangup = hangups();
-    let mut shutdown = pin!(shutdown);
     loop {
+        if stopped_early {
+            break;
+        }
         tokio::select! {
             () = &mut shutdown => break,
             _ = scan.tick() => supervisor.scan(),
@@ -421,6 +438,12 @@ async fn serve_proxy_end(
     } else {
         None
     };
+    // Signal handlers before the HTTP core (or this function) says READY=1: a manager may send
+    // SIGHUP (ExecReload) or SIGTERM at once, and their default action would end the process
+    // without removing the masquerade table.
+    let mut hangup = hangups();
+    let mut shutdown = pin!(shutdown);
+    let stopped_early = signal_handlers_installed(shutdown.as_mut()).await;
     let registry = registry_with(&mpip_metrics);
     let (http_stop_tx, http_stop_rx) = watch::channel(false);
     let mut service = if config.http.port != 0 {
@@ -446,8 +469,6 @@ async fn serve_proxy_end(
         match config.common.metrics.address {
             Some(address) => {
                 let admin = serve_admin(address, registry, routing.clone(), http_stop_rx).await?;
-                // Without the HTTP core (which tells systemd itself), ready once the tunnel serves.
-                mptcp_ops::notify::ready("tunnel up");
                 Some(tokio::spawn(async move {
                     let _ = admin.await;
                     Ok(())
@@ -456,16 +477,21 @@ async fn serve_proxy_end(
             None => None,
         }
     };
+    if config.http.port == 0 {
+        // Without the HTTP core (which tells systemd itself), ready once the tunnel serves.
+        mptcp_ops::notify::ready("tunnel up");
+    }
     let mut running = config.clone();
     let node_id = node_id(&running.common)?;
     let mut scan = tokio::time::interval(std::time::Duration::from_millis(
         running.common.paths.scan_interval_ms,
     ));
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut hangup = hangups();
-    let mut shutdown = pin!(shutdown);
     let mut result = Ok(());
     loop {
+        if stopped_early {
+            break;
+        }
         let finished = async {
             match service.as_mut() {
                 Some(service) => service.await,
