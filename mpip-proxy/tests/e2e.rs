@@ -741,17 +741,26 @@ fn live_routing_switch_and_reload() {
 /// handlers are in place (a SIGHUP or SIGTERM right after READY=1 reloads or
 /// stops it cleanly instead of killing it), reloads on SIGHUP (RELOADING=1,
 /// READY=1) and says STOPPING=1 on SIGTERM, leaving no TUN device or
-/// nftables table behind.
+/// nftables table behind. The proxy end with its HTTP core (which notifies
+/// for itself) and without (`http.port = 0`).
 #[test]
 fn sd_notify_reload_and_stop_right_after_ready() {
-    use std::os::unix::net::UnixDatagram;
     if testbed::skip_unless_root() {
         return;
     }
+    sd_notify_run(true);
+    sd_notify_run(false);
+}
+
+fn sd_notify_run(http: bool) {
+    use std::os::unix::net::UnixDatagram;
     let tb = testbed::Testbed::new(Options::default()).expect("testbed");
     let dir = tempfile::tempdir().expect("tempdir");
     let proxy_config = config_from_example(dir.path(), "mpip-proxy.toml", |proxy| {
         section(proxy, "gateway").insert("enabled".into(), true.into());
+        if !http {
+            section(proxy, "http").insert("port".into(), 0.into());
+        }
     });
     let client_config = config_from_example(dir.path(), "mpipd.toml", |_| {});
     let start = |name: &str, ns: &str, binary: &str, config: &std::path::Path| {

@@ -507,6 +507,11 @@ async fn serve_proxy_end(
             }
             _ = scan.tick() => supervisor.scan(),
             () = next_hangup(&mut hangup) => {
+                // The HTTP core tells systemd about its own reload; without it, this does.
+                let notify = config.http.port == 0;
+                if notify {
+                    mptcp_ops::notify::reloading();
+                }
                 match reload() {
                     Ok(new) => {
                         let mut extra = Vec::new();
@@ -520,8 +525,14 @@ async fn serve_proxy_end(
                     }
                     Err(error) => tracing::error!(error = %mptcp_ops::report::one_line(&error), "reload refused; the running configuration stays"),
                 }
+                if notify {
+                    mptcp_ops::notify::ready("reloaded");
+                }
             }
         }
+    }
+    if config.http.port == 0 {
+        mptcp_ops::notify::stopping();
     }
     if let Some(service) = service {
         let _ = http_stop_tx.send(true);
