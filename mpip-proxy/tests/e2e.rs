@@ -621,10 +621,20 @@ fn live_routing_switch_and_reload() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (p1_spread, p2_spread) = (lab.proxy_path_tx_bytes("p1"), lab.proxy_path_tx_bytes("p2"));
+    // The shards publish their counters every 500 ms; at 80 Mbit/s the first
+    // 3 MiB can arrive before the first publication.
+    let metrics_deadline = Instant::now() + Duration::from_secs(3);
+    let (p1_spread, p2_spread) = loop {
+        let spread = (lab.proxy_path_tx_bytes("p1"), lab.proxy_path_tx_bytes("p2"));
+        if (spread.0 > 256 << 10 && spread.1 > 256 << 10) || Instant::now() > metrics_deadline {
+            break spread;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(
         p1_spread > 256 << 10 && p2_spread > 256 << 10,
-        "all-paths used both: p1 {p1_spread}, p2 {p2_spread}"
+        "all-paths used both: p1 {p1_spread}, p2 {p2_spread}\n{}",
+        lab.logs()
     );
     for proxy_end in [true, false] {
         let answer = lab.admin(proxy_end, "POST", "/mpip/routing/profile/coordinated");
