@@ -5,12 +5,17 @@
 //! - [`genl`]: generic netlink family resolution.
 //! - [`mptcp_pm`]: the kernel's MPTCP path manager family: events, endpoints and userspace-PM commands.
 //! - [`nft`]: nftables batches over libnftnl, with the expressions nftnl lacks.
+//! - [`nft_expr`]: expressions with explicit registers (concatenated keys, map lookups, NAT from a map).
+//! - [`nft_set`]: named sets and maps, their elements (added and deleted in batches), and element dumps
+//!   with per-element counters.
 //!
 //! Every call acts on the network namespace of the calling thread.
 
 pub mod genl;
 pub mod mptcp_pm;
 pub mod nft;
+pub mod nft_expr;
+pub mod nft_set;
 pub mod socket;
 
 pub use crate::socket::*;
