@@ -1,0 +1,3 @@
+//! `mptcp-detour`: the client daemon (work in progress).
+
+fn main() {}
