@@ -213,6 +213,36 @@ impl Expression for FibDaddrType {
     }
 }
 
+/// `tcp option maxseg size set` from register 1 (load the value with an `Immediate` first): rewrites the
+/// MSS option of a SYN in place, with the checksum fixed up by the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpMaxsegSet;
+
+/// `NFT_EXTHDR_OP_TCPOPT` (not in the libc crate).
+const NFT_EXTHDR_OP_TCPOPT: u32 = 1;
+/// TCP option kind 2, maximum segment size.
+const TCPOPT_MAXSEG: u32 = 2;
+
+impl Expression for TcpMaxsegSet {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        let expr = alloc_expr(c"exthdr");
+        set_u32(expr, sys::NFTNL_EXPR_EXTHDR_SREG, REG_1);
+        // SAFETY: NFTNL_EXPR_EXTHDR_TYPE is a u8 attribute of an exthdr expression.
+        unsafe {
+            sys::nftnl_expr_set_u8(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_EXTHDR_TYPE as u16,
+                TCPOPT_MAXSEG as u8,
+            )
+        };
+        // The option's value: two bytes after kind and length.
+        set_u32(expr, sys::NFTNL_EXPR_EXTHDR_OFFSET, 2);
+        set_u32(expr, sys::NFTNL_EXPR_EXTHDR_LEN, 2);
+        set_u32(expr, sys::NFTNL_EXPR_EXTHDR_OP, NFT_EXTHDR_OP_TCPOPT);
+        expr
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
