@@ -8,11 +8,13 @@
 //! - [`nft_expr`]: expressions with explicit registers (concatenated keys, map lookups, NAT from a map).
 //! - [`nft_set`]: named sets and maps, their elements (added and deleted in batches), and element dumps
 //!   with per-element counters.
+//! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
 //!
 //! Every call acts on the network namespace of the calling thread.
 
 pub mod genl;
 pub mod mptcp_pm;
+pub mod nfqueue;
 pub mod nft;
 pub mod nft_expr;
 pub mod nft_set;
