@@ -15,7 +15,8 @@
 # link, so shaping link k means both ends' `lk`.
 #
 # Usage:
-#   detour.sh up PREFIX [--mode none|core-limited|symmetric] [--loss2 PCT] [--second-address]
+#   detour.sh up PREFIX [--mode none|core-limited|symmetric] [--loss2 PCT] [--delay2 MS]
+#                       [--second-address]
 #   detour.sh vpn PREFIX WORKDIR      start OpenVPN (detour: server, client: tun0 10.8.0.2) and wait
 #   detour.sh down PREFIX
 #   detour.sh exec PREFIX cli|r1|r2|r3|dtr|srv CMD...
@@ -23,8 +24,9 @@
 # Modes (HTB on both ends of each link, so both directions): core-limited = access 20 Mbit/s, core
 # 10 Mbit/s (the detour path has its own core bottleneck, so MPTCP can aggregate); symmetric = every
 # link 10 Mbit/s (both subflows share link 1). Loss on link 2 is nftables `numgen random` in r1's
-# forward chain, both directions (this kernel has no netem); delay on link 2 is a user-space delay line
-# started by the testbed crate. --second-address gives the client a second interface (l7 10.1.7.2 on
+# forward chain, both directions (this kernel has no netem). --delay2 MS delays each direction of link 2
+# by MS (as Mininet's link `delay` in the thesis: the round trip grows by twice that) with the testbed's
+# user-space delay line (`testbed-delay` on r1's and r2's l2 egress). --second-address gives the client a second interface (l7 10.1.7.2 on
 # r1) with an MPTCP `subflow` endpoint, for the two-homed client test.
 set -euo pipefail
 
@@ -35,6 +37,10 @@ action=$1 prefix=$2
 shift 2
 hosts=(cli r1 r2 r3 dtr srv)
 ns() { echo "$prefix-$1"; }
+# Where this lab's delay lines keep their logs.
+delay_dir="${TMPDIR:-/tmp}/mpx-detour-$prefix"
+# shellcheck source=deploy/testbed/delay-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/delay-lib.sh"
 
 down() {
   local h n
@@ -45,6 +51,7 @@ down() {
       ip netns del "$n" 2>/dev/null || true
     fi
   done
+  rm -rf "$delay_dir"
 }
 
 link() { # host-a host-b link-number addr-a addr-b
@@ -64,11 +71,12 @@ shape() { # link-number mbit host-a host-b
 }
 
 up() {
-  local mode=none loss2="" second=0
+  local mode=none loss2="" delay2="" second=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --mode) mode=$2; shift 2 ;;
       --loss2) loss2=$2; shift 2 ;;
+      --delay2) delay2=$2; shift 2 ;;
       --second-address) second=1; shift ;;
       *) die "unknown option $1" ;;
     esac
@@ -142,6 +150,10 @@ table inet testbed_loss {
   }
 }
 EOF
+  fi
+  if [ -n "$delay2" ]; then
+    start_delay "$(ns r1)" l2 egress "${delay2}ms" >/dev/null
+    start_delay "$(ns r2)" l2 egress "${delay2}ms" >/dev/null
   fi
 }
 

@@ -8,6 +8,7 @@
 //! - [`nft_expr`]: expressions with explicit registers (concatenated keys, map lookups, NAT from a map).
 //! - [`nft_set`]: named sets and maps, their elements (added and deleted in batches), and element dumps
 //!   with per-element counters.
+//! - [`sock_diag`]: `inet_diag` socket listings (listening TCP ports).
 //! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
 //!
 //! Every call acts on the network namespace of the calling thread.
@@ -18,6 +19,7 @@ pub mod nfqueue;
 pub mod nft;
 pub mod nft_expr;
 pub mod nft_set;
+pub mod sock_diag;
 pub mod socket;
 
 pub use crate::socket::*;

@@ -14,8 +14,11 @@
 //!
 //! With [`Options::second_client`], a second client namespace joins the proxy over two more paths:
 //! `d1 10.0.4.2 <-> p4 10.0.4.1` and `d2 10.0.5.2 <-> p5 10.0.5.1` (IPv4 only, no shaping).
+//!
+//! [`detour::DetourLab`] builds the detour lab of seed 003's Fig. 5.1 (`detour.sh`) the same way.
 
 pub mod delay;
+pub mod detour;
 
 pub use delay::{DelayConfig, DelayLine, Direction};
 

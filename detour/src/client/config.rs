@@ -210,13 +210,15 @@ impl ClientConfig {
             match detour.version {
                 1 => {}
                 2 if self.key_file(i).is_some() => {}
-                2 => return Err(invalid(
-                    key("psk_file"),
-                    format!(
+                2 => {
+                    return Err(invalid(
+                        key("psk_file"),
+                        format!(
                         "{}: version 2 needs a key (psk_file here or at the top, or --psk-file)",
                         detour.address
                     ),
-                )),
+                    ))
+                }
                 other => {
                     return Err(invalid(
                         key("version"),

@@ -69,9 +69,13 @@ impl Host for SystemHost {
     }
 }
 
-/// TCP ports in LISTEN state in this network namespace (`/proc/net/tcp` and `tcp6`; MPTCP listeners
-/// show there too).
+/// TCP ports in LISTEN state in this network namespace (MPTCP listeners included): from sock_diag, or
+/// where that is missing (no `tcp_diag`), from `/proc/net/tcp` and `tcp6` (about 15 ms per read).
 pub fn listening_tcp_ports() -> HashSet<u16> {
+    match mptcp_netlink::sock_diag::listening_tcp_ports() {
+        Ok(ports) => return ports.into_iter().collect(),
+        Err(error) => tracing::debug!(%error, "sock_diag; reading /proc/net/tcp instead"),
+    }
     let mut ports = HashSet::new();
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(file) else {
