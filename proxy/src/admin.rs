@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics` (OpenMetrics text), `/healthz` and `/readyz`.
+//! The admin listener: `/metrics` (OpenMetrics text), `/healthz`, `/readyz` and `/connections` (JSON: the
+//! open client connections and their subflows now, see [`crate::registry`]).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +14,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::metrics::{InterfaceMap, Metrics};
+use crate::registry::{ConnectionRegistry, SubflowClasses};
 
 /// The OpenMetrics content type Prometheus negotiates.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -36,6 +38,41 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// True while the proxy accepts connections; false before and while draining.
     pub ready: AtomicBool,
+    connections: Option<ConnectionsView>,
+}
+
+/// What `/connections` is made from.
+#[derive(Debug)]
+struct ConnectionsView {
+    registry: Arc<ConnectionRegistry>,
+    interfaces: Arc<InterfaceMap>,
+    classes: Arc<SubflowClasses>,
+}
+
+impl AdminState {
+    /// Metrics and health only, ready.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            ready: AtomicBool::new(true),
+            connections: None,
+        }
+    }
+
+    /// Also serves `/connections` from a server's table of open connections.
+    pub fn with_connections(
+        mut self,
+        registry: Arc<ConnectionRegistry>,
+        interfaces: Arc<InterfaceMap>,
+        classes: Arc<SubflowClasses>,
+    ) -> Self {
+        self.connections = Some(ConnectionsView {
+            registry,
+            interfaces,
+            classes,
+        });
+        self
+    }
 }
 
 fn answer(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
@@ -47,6 +84,15 @@ fn answer(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byte
             (StatusCode::OK, CLASSIC_TEXT, state.metrics.render_classic())
         }
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        (&Method::GET, "/connections") if state.connections.is_some() => {
+            let view = state
+                .connections
+                .as_ref()
+                .map(|v| v.registry.view(&v.interfaces, &v.classes));
+            let mut body = view.unwrap_or_default().to_string();
+            body.push('\n');
+            (StatusCode::OK, "application/json", body)
+        }
         (&Method::GET, "/readyz") if state.ready.load(Ordering::Relaxed) => {
             (StatusCode::OK, "text/plain", "ready\n".to_owned())
         }

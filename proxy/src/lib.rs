@@ -9,6 +9,7 @@ pub mod config;
 pub mod connection;
 pub mod http;
 pub mod metrics;
+pub mod registry;
 pub mod relay;
 pub mod server;
 pub mod sniffer;

@@ -714,6 +714,7 @@ mod tests {
             remote: remote.parse().expect("literal"),
             bytes_acked: acked,
             bytes_received: received,
+            rtt_us: 0,
         }
     }
 

@@ -8,19 +8,24 @@ use std::time::Duration;
 use mptcp_throttle::core::ThrottleState;
 use mptcp_throttle::{
     Change, ClassDirection, ConnectionSelector, Destination, EventSender, FourTuple, KernelError,
-    SubflowEvent, ThrottleConfig, ThrottleHooks,
+    PolicyReceiver, PolicySender, SubflowEvent, ThrottleConfig, ThrottleHooks,
 };
 use tokio::sync::mpsc;
 
 use crate::metrics::{ClassLabel, ClassLabels, Metrics};
+use crate::registry::SubflowClasses;
 
 /// The throttle's side of the proxy: the event channel and what the owner task needs to start.
 #[derive(Debug)]
 pub struct ThrottleHandle {
     /// Where subflow events and destinations go.
     pub events: EventSender,
+    /// Where a reload sends a new policy (classes and rules) for the running owner task.
+    pub policies: PolicySender,
     receiver: mpsc::Receiver<SubflowEvent>,
+    policy_receiver: PolicyReceiver,
     config: ThrottleConfig,
+    classes: Arc<SubflowClasses>,
 }
 
 /// How many events may wait for the owner task.
@@ -29,12 +34,26 @@ const EVENT_QUEUE: usize = 4096;
 impl ThrottleHandle {
     /// Prepares the channel for a validated policy.
     pub fn new(config: ThrottleConfig) -> Self {
+        Self::with_classes(config, Arc::default())
+    }
+
+    /// [`ThrottleHandle::new`], publishing each subflow's class into `classes` (the `/connections` view).
+    pub fn with_classes(config: ThrottleConfig, classes: Arc<SubflowClasses>) -> Self {
         let (events, receiver) = mptcp_throttle::event_channel(EVENT_QUEUE);
+        let (policies, policy_receiver) = mptcp_throttle::policy_channel(&config);
         Self {
             events,
+            policies,
             receiver,
+            policy_receiver,
             config,
+            classes,
         }
+    }
+
+    /// The policy the owner task starts with.
+    pub fn config(&self) -> &ThrottleConfig {
+        &self.config
     }
 
     /// Starts the event source and the owner task; the task removes everything it installed once
@@ -52,11 +71,19 @@ impl ThrottleHandle {
         let hooks = ThrottleMetrics {
             metrics: metrics.clone(),
             classes: self.config.classes.iter().map(|c| c.name.clone()).collect(),
+            placed: self.classes.clone(),
         };
         let config = self.config;
         Ok(tokio::spawn(async move {
-            let result =
-                mptcp_throttle::run_with_hooks(config, self.receiver, shutdown, hooks).await;
+            let result = mptcp_throttle::run_with_policy_updates(
+                config,
+                self.receiver,
+                Some(self.policy_receiver),
+                shutdown,
+                hooks,
+            )
+            .await;
+            self.classes.replace(Default::default());
             // The kernel listener stops when dropped, after the owner task is done.
             drop(listener);
             result
@@ -88,8 +115,15 @@ pub fn attach_destination(
     });
 }
 
-/// Sets the class rate and ceil gauges, and installs the tc statistics reader for scrapes.
+/// Sets the class rate and ceil gauges, and installs the tc statistics reader for scrapes. Series of an
+/// earlier policy go first (a reload): counters restart from the kernel's values.
 fn export_classes(config: &ThrottleConfig, metrics: &Metrics) {
+    metrics.class_rate.clear();
+    metrics.class_ceil.clear();
+    metrics.class_bytes.clear();
+    metrics.class_drops.clear();
+    metrics.class_overlimits.clear();
+    metrics.class_subflows.clear();
     let state = ThrottleState::new(config.clone());
     let mut by_handle: HashMap<(u32, String, &'static str), String> = HashMap::new();
     for class in &config.classes {
@@ -191,6 +225,7 @@ fn interface_name(index: u32) -> String {
 struct ThrottleMetrics {
     metrics: Arc<Metrics>,
     classes: BTreeSet<String>,
+    placed: Arc<SubflowClasses>,
 }
 
 impl ThrottleHooks for ThrottleMetrics {
@@ -204,8 +239,14 @@ impl ThrottleHooks for ThrottleMetrics {
         self.metrics.throttle_change_failures.inc();
     }
 
+    fn policy_changed(&mut self, config: &ThrottleConfig) {
+        export_classes(config, &self.metrics);
+        self.classes = config.classes.iter().map(|c| c.name.clone()).collect();
+    }
+
     fn state_applied(&mut self, state: &ThrottleState) {
         let mut subflows: BTreeMap<&str, BTreeSet<FourTuple>> = BTreeMap::new();
+        let mut placed = HashMap::new();
         for (tuple, rule) in &state.installed().rules {
             for placement in [&rule.download, &rule.upload].into_iter().flatten() {
                 subflows
@@ -213,7 +254,23 @@ impl ThrottleHooks for ThrottleMetrics {
                     .or_default()
                     .insert(*tuple);
             }
+            let names: BTreeSet<&str> = [&rule.download, &rule.upload]
+                .into_iter()
+                .flatten()
+                .map(|p| p.name.as_str())
+                .collect();
+            if !names.is_empty() {
+                let names: Vec<&str> = names.into_iter().collect();
+                let canonical = |a: std::net::SocketAddr| {
+                    std::net::SocketAddr::new(a.ip().to_canonical(), a.port())
+                };
+                placed.insert(
+                    (canonical(tuple.local), canonical(tuple.remote)),
+                    names.join("+"),
+                );
+            }
         }
+        self.placed.replace(placed);
         for class in &self.classes {
             let count = subflows.get(class.as_str()).map_or(0, BTreeSet::len);
             self.metrics

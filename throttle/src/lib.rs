@@ -36,8 +36,9 @@ pub use crate::config::{
 };
 pub use crate::core::{Change, ClassId, DesiredState, ThrottleState};
 pub use crate::driver::{
-    event_channel, run, run_with_hooks, spawn_kernel_events, start_event_source, EventSender,
-    KernelEventListener, RunSummary, ThrottleError, ThrottleHooks,
+    event_channel, policy_channel, run, run_with_hooks, run_with_policy_updates,
+    spawn_kernel_events, start_event_source, EventSender, KernelEventListener, PolicyReceiver,
+    PolicySender, RunSummary, ThrottleError, ThrottleHooks,
 };
 pub use crate::event::{
     ConnectionSelector, ConnectionToken, Destination, FourTuple, InterfaceRef, SubflowEvent,
