@@ -117,16 +117,6 @@ pub fn optional_address<'de, D: Deserializer<'de>>(
     })
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 /// The Unix time in milliseconds.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()

@@ -7,8 +7,9 @@
 //! - [`key`]: pre-shared keys, HMAC-SHA256 signing and checking.
 //! - [`host`]: `mptcp-detourd`, the NAT detour host.
 //! - [`client`]: `mptcp-detour`, the client daemon and its userspace path manager.
-//! - [`config`]: what both configurations share.
+//! - [`config`], [`admin`]: what both daemons share (configuration helpers, the metrics listener).
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod host;

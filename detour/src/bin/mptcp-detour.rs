@@ -32,6 +32,9 @@ struct Args {
     /// Check the configuration and key files, then exit.
     #[arg(long)]
     check_config: bool,
+    /// `--log-format`.
+    #[command(flatten)]
+    log: mptcp_ops::LogArgs,
 }
 
 fn load(args: &Args) -> anyhow::Result<ClientConfig> {
@@ -74,10 +77,14 @@ fn load(args: &Args) -> anyhow::Result<ClientConfig> {
     Ok(config)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    mptcp_detour::config::init_logging();
-    let config = load(&args)?;
+    mptcp_ops::logging::init(args.log.log_format);
+    mptcp_ops::report::exit("mptcp-detour", run_main(&args))
+}
+
+fn run_main(args: &Args) -> anyhow::Result<()> {
+    let config = load(args)?;
     if args.check_config {
         println!("configuration ok");
         return Ok(());

@@ -319,26 +319,16 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = match config.metrics.address {
         Some(address) => {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|source| ClientError::Socket {
-                    what: "binding the metrics listener",
-                    address,
-                    source,
-                })?;
-            let registry = {
-                let metrics = metrics.clone();
-                Arc::new(mptcp_proxy::metrics::Metrics::with_extension(move |r| {
-                    metrics.register(r)
-                }))
-            };
-            let state = Arc::new(mptcp_proxy::admin::AdminState {
-                metrics: registry,
-                ready: AtomicBool::new(true),
-            });
-            Some(tokio::spawn(mptcp_proxy::admin::serve(
-                listener, state, stop_rx,
-            )))
+            let metrics = metrics.clone();
+            Some(
+                crate::admin::serve_metrics(address, move |r| metrics.register(r), stop_rx)
+                    .await
+                    .map_err(|source| ClientError::Socket {
+                        what: "binding the metrics listener",
+                        address,
+                        source,
+                    })?,
+            )
         }
         None => None,
     };
@@ -379,6 +369,7 @@ pub async fn run(
         max_detours = config.max_detours,
         "running the userspace path manager"
     );
+    mptcp_ops::notify::ready("userspace path manager running");
     let mut timers = tokio::time::interval(Duration::from_secs(1));
     timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -400,6 +391,7 @@ pub async fn run(
         shell.drain();
     }
 
+    mptcp_ops::notify::stopping();
     tracing::info!("shutting down: closing detour subflows and releasing mappings");
     shell.core.shutdown();
     shell.drain();

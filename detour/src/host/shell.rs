@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -228,28 +227,16 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = match config.metrics.address {
         Some(address) => {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|source| HostError::Socket {
-                    what: "binding the metrics listener",
-                    address,
-                    source,
-                })?;
-            let registry = {
-                let metrics = metrics.clone();
-                Arc::new(mptcp_proxy::metrics::Metrics::with_extension(move |r| {
-                    metrics.register(r)
-                }))
-            };
-            let state = Arc::new(mptcp_proxy::admin::AdminState {
-                metrics: registry,
-                ready: AtomicBool::new(true),
-            });
-            Some(tokio::spawn(mptcp_proxy::admin::serve(
-                listener,
-                state,
-                stop_rx.clone(),
-            )))
+            let metrics = metrics.clone();
+            Some(
+                crate::admin::serve_metrics(address, move |r| metrics.register(r), stop_rx.clone())
+                    .await
+                    .map_err(|source| HostError::Socket {
+                        what: "binding the metrics listener",
+                        address,
+                        source,
+                    })?,
+            )
         }
         None => None,
     };
@@ -282,6 +269,7 @@ pub async fn run(
     let mut host = SystemHost {
         table: table.0.clone(),
     };
+    mptcp_ops::notify::ready("answering NAT detour requests");
     let mut sweep = tokio::time::interval(config.metrics.counter_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -296,6 +284,7 @@ pub async fn run(
             _ = sweep.tick() => sweep_once(&mut core, &mut host, &metrics),
         }
     }
+    mptcp_ops::notify::stopping();
     let _ = stop_tx.send(true);
     for reader in readers {
         reader.abort();
