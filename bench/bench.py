@@ -17,6 +17,11 @@ direct routed path without a proxy. The client is always MPTCP (`mptcpize run cu
                                                      paths) against the direct path: iperf3 throughput,
                                                      CPU s/GB per end, added latency p50/p99 idle and
                                                      loaded; --perf also records a perf profile
+  bench.py detour [--runs 5] [--seconds 10]          (h) thesis Table 1 (seed 003): symmetric and core-limited,
+                                                     plain, 1% loss and 100 ms delay on link 2; TCP, TCP via
+                                                     the NAT detour, TCP via OpenVPN, 1-subflow MPTCP, MPTCP +
+                                                     NAT detour, MPTCP + tunnel detour (iperf3 upload, bytes
+                                                     of seconds 1-10 / 9 s, as the thesis measured)
   bench.py all
 
 Each run writes bench/results/<bench>-<UTC time>.csv (bench,scenario,subject,run,metric,value,unit),
@@ -747,6 +752,189 @@ def bench_mpip(seconds=10, runs=3, perf=False, count=2000):
     return res
 
 
+DETOUR_LAB = ROOT / "deploy/testbed/detour.sh"
+DETOURD_BIN = TARGET / "release/mptcp-detourd"
+DETOUR_CLIENT_BIN = TARGET / "release/mptcp-detour"
+DETOUR_KEY = "3f0c9a1e5b7d2468ace013579bdf2468ace0f1e2d3c4b5a6"
+DETOUR_SUBJECTS = ["tcp", "tcp_nat", "tcp_vpn", "mptcp_1sf", "mptcp_nat", "mptcp_vpn"]
+# Thesis Table 1 (means, Mbit/s; 60 trials) for the rows bench detour reproduces.
+THESIS_TABLE1 = {
+    "core-limited": dict(mptcp_1sf=9.41, mptcp_nat=18.81, mptcp_vpn=18.30, tcp=9.55, tcp_nat=9.55, tcp_vpn=9.11),
+    "core-limited 1% loss": dict(mptcp_1sf=4.21, mptcp_nat=13.76, mptcp_vpn=13.05, tcp=6.16, tcp_nat=9.55,
+                                 tcp_vpn=9.11),
+    "core-limited 100ms delay": dict(mptcp_1sf=9.09, mptcp_nat=17.73, mptcp_vpn=15.41, tcp=9.22, tcp_nat=9.55,
+                                     tcp_vpn=9.11),
+    "symmetric": dict(mptcp_1sf=9.41, mptcp_nat=9.41, mptcp_vpn=9.14, tcp=9.54, tcp_nat=9.35, tcp_vpn=8.91),
+    "symmetric 1% loss": dict(mptcp_1sf=4.36, mptcp_nat=9.39, mptcp_vpn=8.93, tcp=6.45, tcp_nat=9.35,
+                              tcp_vpn=8.91),
+    "symmetric 100ms delay": dict(mptcp_1sf=9.10, mptcp_nat=9.37, mptcp_vpn=9.03, tcp=9.22, tcp_nat=9.35,
+                                  tcp_vpn=8.90),
+}
+
+
+def detour_request(lab, rip, rpt):
+    """Asks the lab's mptcp-detourd for a mapping with an authenticated (version 2) request, written here
+    independently of the Rust implementation; returns the detour port."""
+    code = f"""
+import hashlib, hmac, os, socket, struct, time
+key = bytes.fromhex("{DETOUR_KEY}")
+kid = hashlib.sha256(b"mptcp-detour key id\\0" + key).digest()[:4]
+nonce = struct.unpack("!Q", os.urandom(8))[0]
+body = struct.pack("!BBBB4sQQ4sHHI", 2, 0, 0, 0, kid, nonce, int(time.time() * 1000),
+                   socket.inet_aton("{rip}"), {rpt}, {rpt}, 0)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.connect(("10.1.6.2", 45672))
+s.send(body + hmac.new(key, body, hashlib.sha256).digest())
+a = s.recv(100)
+assert hmac.compare_digest(a[36:68], hmac.new(key, a[:36], hashlib.sha256).digest()), "bad MAC"
+assert a[1] == 1 and a[2] == 0 and a[8:16] == body[8:16], a
+print(struct.unpack("!H", a[30:32])[0])
+"""
+    return int(lab.exec("cli", sys.executable, "-c", code).stdout)
+
+
+class DetourLab(Lab):
+    """The thesis's Fig. 5.1 (deploy/testbed/detour.sh) with mptcp-detourd, OpenVPN and an iperf3 server."""
+
+    def __init__(self, mode, loss2=None, delay2=None):
+        self.prefix = f"b{os.getpid() % 100000}dt"
+        args = [str(DETOUR_LAB), "up", self.prefix, "--mode", mode]
+        if loss2:
+            args += ["--loss2", str(loss2)]
+        if delay2:
+            args += ["--delay2", str(delay2)]
+        run(args, env={**os.environ, "TESTBED_DELAY": str(TARGET / "release/testbed-delay")})
+        self.ns = {h: f"{self.prefix}-{h}" for h in ("cli", "r1", "r2", "r3", "dtr", "srv")}
+        self.work = Path(tempfile.mkdtemp(prefix="mpx-bench-detour-"))
+        self.procs = []
+        (self.work / "psk").write_text(DETOUR_KEY + "\n")
+        run([str(DETOUR_LAB), "vpn", self.prefix, str(self.work / "vpn")])
+        self.spawn("dtr", str(DETOURD_BIN), "--listen", "10.1.6.2", "--psk-file", str(self.work / "psk"))
+        self.spawn("srv", *MPTCP, "iperf3", "-s")
+        self.wait_port("srv", "10.1.3.2", 5201)
+        time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        run([str(DETOUR_LAB), "down", self.prefix], check=False)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def client_daemon(self, *args):
+        p = self.spawn("cli", str(DETOUR_CLIENT_BIN), "--psk-file", str(self.work / "psk"), *args)
+        self.wait_port("cli", "127.0.0.1", 9467)
+        return p
+
+    def iperf(self, seconds, target="10.1.3.2", port=5201, mptcp=False, bind=None):
+        """One upload (client to server, as the thesis measured): the receiver's bytes from second 1 to
+        `seconds`, divided by `seconds` - 1, in bit/s."""
+        cmd = [*(MPTCP if mptcp else []), "iperf3", "-c", target, "-p", str(port), "-t", str(seconds), "-J",
+               "--get-server-output"]
+        if bind:
+            cmd += ["-B", bind]
+        r = self.exec("cli", *cmd, check=False)
+        try:
+            out = json.loads(r.stdout)
+            intervals = out["server_output_json"]["intervals"]
+        except (ValueError, KeyError):
+            raise RuntimeError(f"iperf3 {' '.join(cmd)}: {r.stdout[-400:]} {r.stderr[-400:]}")
+        total = sum(i["sum"]["bytes"] for i in intervals
+                    if i["sum"]["start"] >= 0.999 and i["sum"]["end"] <= seconds + 0.001)
+        return total * 8 / (seconds - 1)
+
+
+def bench_detour(seconds=10, runs=5, only=None):
+    """(h) The thesis's Table 1 in its Fig. 5.1 lab; subjects interleaved within each run. `only`: run just
+    the scenarios whose names contain one of these strings."""
+    res = Results("detour")
+    scenarios = {
+        "symmetric": dict(mode="symmetric"),
+        "symmetric 1% loss": dict(mode="symmetric", loss2=1),
+        "symmetric 100ms delay": dict(mode="symmetric", delay2=100),
+        "core-limited": dict(mode="core-limited"),
+        "core-limited 1% loss": dict(mode="core-limited", loss2=1),
+        "core-limited 100ms delay": dict(mode="core-limited", delay2=100),
+    }
+    if only:
+        scenarios = {k: v for k, v in scenarios.items() if any(o in k for o in only)}
+    for scenario, kw in scenarios.items():
+        with DetourLab(**kw) as lab:
+            for n in range(1, runs + 1):
+                for subject in DETOUR_SUBJECTS:
+                    daemon = None
+                    if subject == "mptcp_nat":
+                        daemon = lab.client_daemon("--nat-detour", "10.1.6.2")
+                    elif subject == "mptcp_vpn":
+                        daemon = lab.client_daemon("--tunnel-detour", "tun0")
+                    try:
+                        if subject == "tcp":
+                            bps = lab.iperf(seconds)
+                        elif subject == "tcp_nat":
+                            bps = lab.iperf(seconds, "10.1.6.2", detour_request(lab, "10.1.3.2", 5201))
+                        elif subject == "tcp_vpn":
+                            bps = lab.iperf(seconds, bind="10.8.0.2")
+                        else:
+                            bps = lab.iperf(seconds, mptcp=True)
+                    finally:
+                        if daemon:
+                            daemon.terminate()
+                            daemon.wait(10)
+                    res.add(scenario, subject, n, "throughput", bps, "bit/s")
+                    print(f"  {scenario:<26}{subject:<11} run {n}: {bps / 1e6:6.2f} Mbit/s", flush=True)
+    res.save()
+    med = lambda sc, su: res.median(sc, su, "throughput") / 1e6
+    print(f"\n(h) thesis Table 1: {seconds - 1} s measured after the first second, median of {runs} "
+          f"(thesis: mean of 60 in parentheses), Mbit/s")
+    print(f"{'scenario':<26}" + "".join(f"{s:>16}" for s in DETOUR_SUBJECTS))
+    for sc in scenarios:
+        print(f"{sc:<26}" + "".join(f"{med(sc, su):>8.2f} ({THESIS_TABLE1[sc][su]:5.2f})" for su in DETOUR_SUBJECTS))
+    cl, sy = "core-limited", "symmetric"
+    if cl not in scenarios or sy not in scenarios:
+        plot_boxes(res, list(scenarios), DETOUR_SUBJECTS)
+        return res
+    agg = med(cl, "mptcp_nat") / (med(cl, "tcp") + med(cl, "tcp_nat"))
+    print(f"core-limited MPTCP + NAT detour: {100 * agg:.1f}% of TCP + TCP (NAT)   (target >= 99%; thesis 98.5%)")
+    vpn_agg = med(cl, "mptcp_vpn") / (med(cl, "tcp") + med(cl, "tcp_vpn"))
+    print(f"core-limited MPTCP + tunnel detour: {100 * vpn_agg:.1f}% of TCP + TCP (VPN)   (thesis 98.1%)")
+    sym = med(sy, "mptcp_nat") / med(sy, "mptcp_1sf") - 1
+    print(f"symmetric MPTCP + NAT detour vs 1-subflow MPTCP: {100 * sym:+.2f}%   (target within 1.5%; thesis 0.0%)")
+    for sc in (sy, cl):
+        nat = 1 - med(sc, "tcp_nat") / med(sc, "tcp")
+        vpn = 1 - med(sc, "tcp_vpn") / med(sc, "tcp")
+        print(f"{sc}: NAT detour overhead {100 * nat:.2f}% (target <= 2%; thesis 2.0% symmetric), "
+              f"tunnel overhead {100 * vpn:.2f}% (thesis 6.6%)")
+    plot_boxes(res, list(scenarios), DETOUR_SUBJECTS)
+    return res
+
+
+def plot_boxes(res, scenarios, subjects):
+    """Box plots like the thesis's Figs. 5.2-5.7: one panel per scenario, one box per subject."""
+    panels = []
+    for k, sc in enumerate(scenarios):
+        dat = RESULTS / f"{res.bench}-{STAMP}-{k}.box.dat"
+        rows = []
+        for i, su in enumerate(subjects, 1):
+            rows += [f"{i} {v / 1e6:.4f}" for v in res.values(sc, su, "throughput")]
+        dat.write_text("\n".join(rows) + "\n")
+        panels.append((sc, dat))
+    png = RESULTS / f"{res.bench}-{STAMP}.png"
+    labels = ", ".join(f'"{su}" {i}' for i, su in enumerate(subjects, 1))
+    script = [f"set terminal png size 1500,900\nset output '{png}'\nset multiplot layout 2,3",
+              "set style data boxplot\nset style boxplot outliers pointtype 6\nset style fill empty",
+              f"set xtics ({labels}) rotate by -30\nset ylabel 'Throughput (Mbit/s)'\nset yrange [0:*]",
+              "set boxwidth 0.5\nunset key"]
+    for sc, dat in panels:
+        script.append(f"set title '{sc}'\nplot for [i=1:{len(subjects)}] '{dat}' "
+                      f"using (i):(column(1) == i ? column(2) : NaN)")
+    script.append("unset multiplot")
+    gnuplot("\n".join(script) + "\n")
+
+
 def gnuplot(script):
     if shutil.which("gnuplot"):
         subprocess.run(["gnuplot"], input=script, text=True, check=False)
@@ -786,7 +974,7 @@ def plot_cdf(res, metric):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=["throughput", "requests", "conversion", "aggregation", "concurrency",
-                                          "throttle", "mpip", "all"])
+                                          "throttle", "mpip", "detour", "all"])
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
@@ -795,16 +983,20 @@ def main():
     parser.add_argument("--tunnels", type=int, default=9900)
     parser.add_argument("--downloads", type=int, default=1000)
     parser.add_argument("--perf", action="store_true", help="mpip: also record a perf profile of both ends")
+    parser.add_argument("--scenario", action="append",
+                        help="detour: only scenarios whose name contains this (repeatable)")
     a = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.py needs root (network namespaces)")
     # Installs what is missing, then stops at once naming any program of deploy/requirements.txt still absent.
     if subprocess.run(["bash", str(ROOT / "deploy/prerequisites.sh"), "bench"]).returncode != 0:
         sys.exit("bench.py: prerequisites missing (see above)")
-    todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle", "mpip"]
+    todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle", "mpip", "detour"]
             if a.bench == "all" else [a.bench])
     run(["cargo", "build", "--release", "-q", "-p", "mptcp-proxy", "--bin", "mptcp-proxy",
-         *(["-p", "mpip-proxy", "--bin", "mpipd", "--bin", "mpip-proxy"] if "mpip" in todo else [])], cwd=ROOT)
+         *(["-p", "mpip-proxy", "--bin", "mpipd", "--bin", "mpip-proxy"] if "mpip" in todo else []),
+         *(["-p", "mptcp-detour", "--bins", "-p", "testbed", "--bin", "testbed-delay"] if "detour" in todo else [])],
+        cwd=ROOT)
     for name in todo:
         if name == "throughput":
             bench_throughput(a.size_mib, a.runs)
@@ -820,6 +1012,8 @@ def main():
             bench_throttle(a.connections)
         elif name == "mpip":
             bench_mpip(a.seconds, min(a.runs, 3), a.perf)
+        elif name == "detour":
+            bench_detour(a.seconds, a.runs, a.scenario)
 
 
 if __name__ == "__main__":
