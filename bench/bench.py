@@ -795,9 +795,10 @@ print(struct.unpack("!H", a[30:32])[0])
 class DetourLab(Lab):
     """The thesis's Fig. 5.1 (deploy/testbed/detour.sh) with mptcp-detourd, OpenVPN and an iperf3 server."""
 
-    def __init__(self, mode, loss2=None, delay2=None):
+    def __init__(self, mode, loss2=None, delay2=None, link_delay=5):
         self.prefix = f"b{os.getpid() % 100000}dt"
-        args = [str(DETOUR_LAB), "up", self.prefix, "--mode", mode]
+        # Every link 5 ms each way, as in the thesis (§5.1.3); link 2's 100 ms replaces its 5.
+        args = [str(DETOUR_LAB), "up", self.prefix, "--mode", mode, "--link-delay", str(link_delay)]
         if loss2:
             args += ["--loss2", str(loss2)]
         if delay2:
@@ -809,7 +810,7 @@ class DetourLab(Lab):
         (self.work / "psk").write_text(DETOUR_KEY + "\n")
         run([str(DETOUR_LAB), "vpn", self.prefix, str(self.work / "vpn")])
         self.spawn("dtr", str(DETOURD_BIN), "--listen", "10.1.6.2", "--psk-file", str(self.work / "psk"))
-        self.spawn("srv", *MPTCP, "iperf3", "-s")
+        self.spawn("srv", *MPTCP, "iperf3", "-s", "-J")
         self.wait_port("srv", "10.1.3.2", 5201)
         time.sleep(0.5)
 
@@ -833,8 +834,10 @@ class DetourLab(Lab):
     def iperf(self, seconds, target="10.1.3.2", port=5201, mptcp=False, bind=None):
         """One upload (client to server, as the thesis measured): the receiver's bytes from second 1 to
         `seconds`, divided by `seconds` - 1, in bit/s."""
+        # CUBIC, as in the thesis (this host's default is BBR, and a namespace may not change its default to
+        # a congestion control outside tcp_allowed_congestion_control); MPTCP passes it on to every subflow.
         cmd = [*(MPTCP if mptcp else []), "iperf3", "-c", target, "-p", str(port), "-t", str(seconds), "-J",
-               "--get-server-output"]
+               "--get-server-output", "-C", "cubic"]
         if bind:
             cmd += ["-B", bind]
         r = self.exec("cli", *cmd, check=False)
@@ -927,7 +930,7 @@ def plot_boxes(res, scenarios, subjects):
     script = [f"set terminal png size 1500,900\nset output '{png}'\nset multiplot layout 2,3",
               "set style data boxplot\nset style boxplot outliers pointtype 6\nset style fill empty",
               f"set xtics ({labels}) rotate by -30\nset ylabel 'Throughput (Mbit/s)'\nset yrange [0:*]",
-              "set boxwidth 0.5\nunset key"]
+              f"set boxwidth 0.5\nunset key\nset xrange [0.5:{len(subjects) + 0.5}]"]
     for sc, dat in panels:
         script.append(f"set title '{sc}'\nplot for [i=1:{len(subjects)}] '{dat}' "
                       f"using (i):(column(1) == i ? column(2) : NaN)")

@@ -15,8 +15,8 @@
 # link, so shaping link k means both ends' `lk`.
 #
 # Usage:
-#   detour.sh up PREFIX [--mode none|core-limited|symmetric] [--loss2 PCT] [--delay2 MS]
-#                       [--second-address]
+#   detour.sh up PREFIX [--mode none|core-limited|symmetric] [--link-delay MS] [--loss2 PCT]
+#                       [--delay2 MS] [--second-address]
 #   detour.sh vpn PREFIX WORKDIR      start OpenVPN (detour: server, client: tun0 10.8.0.2) and wait
 #   detour.sh down PREFIX
 #   detour.sh exec PREFIX cli|r1|r2|r3|dtr|srv CMD...
@@ -24,9 +24,10 @@
 # Modes (HTB on both ends of each link, so both directions): core-limited = access 20 Mbit/s, core
 # 10 Mbit/s (the detour path has its own core bottleneck, so MPTCP can aggregate); symmetric = every
 # link 10 Mbit/s (both subflows share link 1). Loss on link 2 is nftables `numgen random` in r1's
-# forward chain, both directions (this kernel has no netem). --delay2 MS delays each direction of link 2
-# by MS (as Mininet's link `delay` in the thesis: the round trip grows by twice that) with the testbed's
-# user-space delay line (`testbed-delay` on r1's and r2's l2 egress). --second-address gives the client a second interface (l7 10.1.7.2 on
+# forward chain, both directions (this kernel has no netem). Delay comes from the testbed's user-space
+# delay line (`testbed-delay`, on each link end's egress): --link-delay MS on every link, each direction
+# (the thesis gave every link 5 ms, as Mininet's link `delay`: a round trip crosses it twice);
+# --delay2 MS on link 2 instead (the thesis's 100 ms "delayed" variant). --second-address gives the client a second interface (l7 10.1.7.2 on
 # r1) with an MPTCP `subflow` endpoint, for the two-homed client test.
 set -euo pipefail
 
@@ -71,12 +72,13 @@ shape() { # link-number mbit host-a host-b
 }
 
 up() {
-  local mode=none loss2="" delay2="" second=0
+  local mode=none loss2="" delay2="" link_delay="" second=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --mode) mode=$2; shift 2 ;;
       --loss2) loss2=$2; shift 2 ;;
       --delay2) delay2=$2; shift 2 ;;
+      --link-delay) link_delay=$2; shift 2 ;;
       --second-address) second=1; shift ;;
       *) die "unknown option $1" ;;
     esac
@@ -151,10 +153,19 @@ table inet testbed_loss {
 }
 EOF
   fi
-  if [ -n "$delay2" ]; then
-    start_delay "$(ns r1)" l2 egress "${delay2}ms" >/dev/null
-    start_delay "$(ns r2)" l2 egress "${delay2}ms" >/dev/null
-  fi
+  # Each link's two ends: link 2 gets --delay2 when given, every link --link-delay.
+  local k a b d
+  for k in 1 2 3 4 5 6 7; do
+    case $k in
+      1) a=cli b=r1 ;; 2) a=r1 b=r2 ;; 3) a=r2 b=srv ;; 4) a=r1 b=r3 ;; 5) a=r3 b=r2 ;; 6) a=r3 b=dtr ;;
+      7) [ "$second" = 1 ] || continue; a=cli b=r1 ;;
+    esac
+    d=$link_delay
+    [ "$k" = 2 ] && [ -n "$delay2" ] && d=$delay2
+    [ -n "$d" ] && [ "$d" != 0 ] || continue
+    start_delay "$(ns "$a")" "l$k" egress "${d}ms" >/dev/null
+    start_delay "$(ns "$b")" "l$k" egress "${d}ms" >/dev/null
+  done
 }
 
 vpn() { # WORKDIR: certificates, configs and logs go there
