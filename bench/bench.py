@@ -840,12 +840,18 @@ class DetourLab(Lab):
                "--get-server-output", "-C", "cubic"]
         if bind:
             cmd += ["-B", bind]
-        r = self.exec("cli", *cmd, check=False)
-        try:
-            out = json.loads(r.stdout)
-            intervals = out["server_output_json"]["intervals"]
-        except (ValueError, KeyError):
-            raise RuntimeError(f"iperf3 {' '.join(cmd)}: {r.stdout[-400:]} {r.stderr[-400:]}")
+        for attempt in range(10):
+            r = self.exec("cli", *cmd, check=False)
+            try:
+                out = json.loads(r.stdout)
+                intervals = out["server_output_json"]["intervals"]
+                break
+            except (ValueError, KeyError):
+                # The one-test-at-a-time server may still be finishing the previous test.
+                if "busy" in r.stdout and attempt < 9:
+                    time.sleep(1)
+                    continue
+                raise RuntimeError(f"iperf3 {' '.join(cmd)}: {r.stdout[-400:]} {r.stderr[-400:]}")
         total = sum(i["sum"]["bytes"] for i in intervals
                     if i["sum"]["start"] >= 0.999 and i["sum"]["end"] <= seconds + 0.001)
         return total * 8 / (seconds - 1)

@@ -153,18 +153,23 @@ table inet testbed_loss {
 }
 EOF
   fi
-  # Each link's two ends: link 2 gets --delay2 when given, every link --link-delay.
-  local k a b d
+  # Each link, each direction: link 2 gets --delay2 when given, every link --link-delay. A line sits on a
+  # router (egress of both ends between routers; egress and ingress of the router's end of an access
+  # link), never on an end host's egress, where held packets would count against TCP Small Queues and
+  # throttle the sender.
+  local k d
   for k in 1 2 3 4 5 6 7; do
-    case $k in
-      1) a=cli b=r1 ;; 2) a=r1 b=r2 ;; 3) a=r2 b=srv ;; 4) a=r1 b=r3 ;; 5) a=r3 b=r2 ;; 6) a=r3 b=dtr ;;
-      7) [ "$second" = 1 ] || continue; a=cli b=r1 ;;
-    esac
     d=$link_delay
     [ "$k" = 2 ] && [ -n "$delay2" ] && d=$delay2
     [ -n "$d" ] && [ "$d" != 0 ] || continue
-    start_delay "$(ns "$a")" "l$k" egress "${d}ms" >/dev/null
-    start_delay "$(ns "$b")" "l$k" egress "${d}ms" >/dev/null
+    case $k in
+      2) lines="r1:egress r2:egress" ;; 4) lines="r1:egress r3:egress" ;; 5) lines="r3:egress r2:egress" ;;
+      1) lines="r1:egress r1:ingress" ;; 3) lines="r2:egress r2:ingress" ;; 6) lines="r3:egress r3:ingress" ;;
+      7) [ "$second" = 1 ] || continue; lines="r1:egress r1:ingress" ;;
+    esac
+    for line in $lines; do
+      start_delay "$(ns "${line%%:*}")" "l$k" "${line##*:}" "${d}ms" >/dev/null
+    done
   done
 }
 
