@@ -833,7 +833,7 @@ class DetourLab(Lab):
 
     def iperf(self, seconds, target="10.1.3.2", port=5201, mptcp=False, bind=None):
         """One upload (client to server, as the thesis measured): the receiver's bytes from second 1 to
-        `seconds`, divided by `seconds` - 1, in bit/s."""
+        `seconds` over that time (the thesis's 9 s after the first second), in bit/s."""
         # CUBIC, as in the thesis (this host's default is BBR, and a namespace may not change its default to
         # a congestion control outside tcp_allowed_congestion_control); MPTCP passes it on to every subflow.
         cmd = [*(MPTCP if mptcp else []), "iperf3", "-c", target, "-p", str(port), "-t", str(seconds), "-J",
@@ -847,14 +847,19 @@ class DetourLab(Lab):
                 intervals = out["server_output_json"]["intervals"]
                 break
             except (ValueError, KeyError):
-                # The one-test-at-a-time server may still be finishing the previous test.
-                if "busy" in r.stdout and attempt < 9:
-                    time.sleep(1)
+                # The one-test-at-a-time server may still be finishing the previous test (busy), or drop
+                # the control connection of a test that starts as the last one ends (reset): try again.
+                if ("busy" in r.stdout or "reset" in r.stdout) and attempt < 9:
+                    print(f"  (iperf3 retry: {r.stdout.strip().splitlines()[-2][:80]})", flush=True)
+                    time.sleep(2)
                     continue
                 raise RuntimeError(f"iperf3 {' '.join(cmd)}: {r.stdout[-400:]} {r.stderr[-400:]}")
-        total = sum(i["sum"]["bytes"] for i in intervals
-                    if i["sum"]["start"] >= 0.999 and i["sum"]["end"] <= seconds + 0.001)
-        return total * 8 / (seconds - 1)
+        # The receiver's one-second intervals from second 1 to `seconds` (its clock starts a little after
+        # the sender's, so the last whole interval may end just past `seconds`): bytes over their time.
+        kept = [i["sum"] for i in intervals if 0.999 <= i["sum"]["start"] < seconds - 0.5]
+        if len(kept) != seconds - 1:
+            raise RuntimeError(f"iperf3 gave {len(kept)} intervals after the first second, not {seconds - 1}")
+        return sum(i["bytes"] for i in kept) * 8 / sum(i["seconds"] for i in kept)
 
 
 def bench_detour(seconds=10, runs=5, only=None):

@@ -51,6 +51,32 @@ impl ConfigError {
     }
 }
 
+/// A configuration schema: parsed with serde (`deny_unknown_fields`), then checked for values that parse
+/// but cannot work.
+pub trait Validated: serde::de::DeserializeOwned {
+    /// Checks the values; `origin` names the file in errors.
+    fn validate(&self, origin: &str) -> Result<(), ConfigError>;
+
+    /// Parses and validates TOML text.
+    fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Self = parse_toml(text, origin)?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+}
+
+/// `Default` from the serde defaults (what an empty table parses to), so each default is written once.
+#[macro_export]
+macro_rules! defaults_from_serde {
+    ($($schema:ty),* $(,)?) => {
+        $(impl Default for $schema {
+            fn default() -> Self {
+                $crate::config::parse_toml("", "defaults").expect("the defaults parse")
+            }
+        })*
+    };
+}
+
 /// Reads a TOML file into `T`.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -7,9 +7,11 @@
 //! - [`key`]: pre-shared keys, HMAC-SHA256 signing and checking.
 //! - [`host`]: `mptcp-detourd`, the NAT detour host.
 //! - [`client`]: `mptcp-detour`, the client daemon and its userspace path manager.
-//! - [`config`], [`admin`]: what both daemons share (configuration helpers, the metrics listener).
+//! - [`config`], [`admin`], [`cli`]: what both daemons share (configuration helpers, the metrics listener,
+//!   the binaries' main).
 
 pub mod admin;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod host;

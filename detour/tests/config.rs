@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mptcp_detour::client::ClientConfig;
+use mptcp_detour::config::Validated;
 use mptcp_detour::host::HostConfig;
 
 fn fixtures(kind: &str, validity: &str) -> Vec<PathBuf> {

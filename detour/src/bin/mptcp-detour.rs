@@ -3,10 +3,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
 use mptcp_detour::client::config::{ClientConfig, NatDetourConfig, TunnelDetourConfig};
-use mptcp_detour::config::parse_endpoint;
+use mptcp_detour::config::{parse_endpoint, Validated};
 
 /// Client daemon for MPTCP detour routing (mptcp-detourd on the detours).
 #[derive(Debug, Parser)]
@@ -79,20 +78,11 @@ fn load(args: &Args) -> anyhow::Result<ClientConfig> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    mptcp_ops::logging::init(args.log.log_format);
-    mptcp_ops::report::exit("mptcp-detour", run_main(&args))
-}
-
-fn run_main(args: &Args) -> anyhow::Result<()> {
-    let config = load(args)?;
-    if args.check_config {
-        println!("configuration ok");
-        return Ok(());
-    }
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    runtime.block_on(mptcp_detour::client::run(
-        config,
-        mptcp_proxy::termination(),
-    ))?;
-    Ok(())
+    mptcp_detour::cli::main(
+        "mptcp-detour",
+        args.log.log_format,
+        args.check_config,
+        || load(&args),
+        mptcp_detour::client::run,
+    )
 }

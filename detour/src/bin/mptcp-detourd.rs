@@ -3,9 +3,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
-use mptcp_detour::config::parse_endpoint;
+use mptcp_detour::config::{parse_endpoint, Validated};
 use mptcp_detour::host::config::{HostConfig, KeyConfig};
 
 /// NAT detour host for MPTCP detour routing (mptcp-detour).
@@ -65,17 +64,11 @@ fn load(args: &Args) -> anyhow::Result<HostConfig> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    mptcp_ops::logging::init(args.log.log_format);
-    mptcp_ops::report::exit("mptcp-detourd", run_main(&args))
-}
-
-fn run_main(args: &Args) -> anyhow::Result<()> {
-    let config = load(args)?;
-    if args.check_config {
-        println!("configuration ok");
-        return Ok(());
-    }
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    runtime.block_on(mptcp_detour::host::run(config, mptcp_proxy::termination()))?;
-    Ok(())
+    mptcp_detour::cli::main(
+        "mptcp-detourd",
+        args.log.log_format,
+        args.check_config,
+        || load(&args),
+        mptcp_detour::host::run,
+    )
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::config::{duration, endpoint, optional_address, ConfigError};
+use crate::config::{duration, endpoint, optional_address, ConfigError, Validated};
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -136,23 +136,7 @@ fn default_metrics_address() -> Option<SocketAddr> {
     Some(SocketAddr::from(([127, 0, 0, 1], 9467)))
 }
 
-impl Default for PolicyConfig {
-    fn default() -> Self {
-        crate::config::parse_toml("", "defaults").expect("defaults parse")
-    }
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        crate::config::parse_toml("", "defaults").expect("defaults parse")
-    }
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        crate::config::parse_toml("", "defaults").expect("defaults parse")
-    }
-}
+crate::defaults_from_serde!(PolicyConfig, MetricsConfig, ClientConfig);
 
 impl PolicyConfig {
     /// Whether a connection to `remote` gets detours.
@@ -169,13 +153,6 @@ impl PolicyConfig {
 }
 
 impl ClientConfig {
-    /// Parses and validates TOML text.
-    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Self = crate::config::parse_toml(text, origin)?;
-        config.validate(origin)?;
-        Ok(config)
-    }
-
     /// The key file of NAT detour `index`.
     pub fn key_file(&self, index: usize) -> Option<&PathBuf> {
         self.nat_detours[index]
@@ -183,9 +160,11 @@ impl ClientConfig {
             .as_ref()
             .or(self.psk_file.as_ref())
     }
+}
 
+impl Validated for ClientConfig {
     /// Checks values that parse but cannot work.
-    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |key: String, reason: String| ConfigError::invalid(origin, &key, reason);
         if self.nat_detours.is_empty() && self.tunnel_detours.is_empty() {
             return Err(invalid(

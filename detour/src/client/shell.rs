@@ -5,11 +5,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mptcp_netlink::mptcp_pm::{self, flags, PathManager, PmAddress, PmEvent};
+use mptcp_netlink::mptcp_pm::{self, flags, Delivery, EventListener, PathManager, PmAddress};
 use tokio::sync::{mpsc, watch};
 
 use super::config::ClientConfig;
@@ -73,50 +72,6 @@ impl AddressIds {
         self.ids.insert(addr, id);
         Some(id)
     }
-}
-
-/// Reads `mptcp_pm` events on a thread until `stop`.
-fn spawn_event_thread(
-    tx: mpsc::UnboundedSender<PmEvent>,
-    stop: Arc<AtomicBool>,
-) -> Result<std::thread::JoinHandle<()>, ClientError> {
-    let (socket, family) = mptcp_pm::open_event_socket()?;
-    socket
-        .set_recv_timeout(Duration::from_millis(200))
-        .map_err(|source| ClientError::Pm(mptcp_pm::PmError::Socket(source)))?;
-    Ok(std::thread::Builder::new()
-        .name("mptcp_pm events".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match socket.recv() {
-                    Ok(messages) => {
-                        for message in messages {
-                            if message.msg_type != family.id {
-                                continue;
-                            }
-                            if let Some(event) = mptcp_pm::decode_event(&message.payload) {
-                                if tx.send(event).is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                        tracing::warn!("mptcp_pm events overran the socket buffer; some were lost");
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "reading mptcp_pm events");
-                        return;
-                    }
-                }
-            }
-        })
-        .expect("spawning the event thread"))
 }
 
 struct Shell {
@@ -302,8 +257,13 @@ pub async fn run(
     }
 
     let (event_tx, mut events) = mpsc::unbounded_channel();
-    let stop_events = Arc::new(AtomicBool::new(false));
-    let event_thread = spawn_event_thread(event_tx, stop_events.clone())?;
+    let mut listener = EventListener::spawn(move |delivery| match delivery {
+        Delivery::Event(event) => event_tx.send(event).is_ok(),
+        Delivery::Lost => {
+            tracing::warn!("mptcp_pm events overran the socket buffer; some were lost");
+            true
+        }
+    })?;
     let pm_guard = UserspacePm::enable().map_err(ClientError::Sysctl)?;
     let clamps: Vec<(String, u16)> = config
         .tunnel_detours
@@ -409,11 +369,15 @@ pub async fn run(
     }
     drop(pm_guard);
     drop(clamp);
-    stop_events.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     if let Some(admin) = admin {
         let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
     }
-    let _ = tokio::task::spawn_blocking(move || event_thread.join()).await;
+    if let Err(error) = tokio::task::spawn_blocking(move || listener.stop())
+        .await
+        .unwrap_or(Ok(()))
+    {
+        tracing::warn!(%error, "the mptcp_pm event socket had failed");
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
-use crate::config::{duration, endpoints, optional_address, ConfigError};
+use crate::config::{duration, endpoints, optional_address, ConfigError, Validated};
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -172,29 +172,7 @@ fn default_counter_interval() -> Duration {
     Duration::from_secs(10)
 }
 
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        crate::config::parse_toml("", "defaults").expect("defaults parse")
-    }
-}
-
-impl Default for AclConfig {
-    fn default() -> Self {
-        crate::config::parse_toml("", "defaults").expect("defaults parse")
-    }
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        crate::config::parse_toml("", "defaults").expect("defaults parse")
-    }
-}
-
-impl Default for HostConfig {
-    fn default() -> Self {
-        crate::config::parse_toml("", "defaults").expect("defaults parse")
-    }
-}
+crate::defaults_from_serde!(LimitsConfig, AclConfig, MetricsConfig, HostConfig);
 
 /// Parses `LOW-HIGH`.
 pub fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -213,25 +191,9 @@ pub fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, Str
     Ok(low..=high)
 }
 
-impl HostConfig {
-    /// Parses and validates TOML text.
-    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Self = crate::config::parse_toml(text, origin)?;
-        config.validate(origin)?;
-        Ok(config)
-    }
-
-    /// Reads and validates a file.
-    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_toml(&text, &path.display().to_string())
-    }
-
+impl Validated for HostConfig {
     /// Checks values that parse but cannot work.
-    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |key: &str, reason: String| ConfigError::invalid(origin, key, reason);
         if self.listen.is_empty() {
             return Err(invalid("listen", "at least one address".into()));
