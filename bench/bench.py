@@ -17,11 +17,14 @@ direct routed path without a proxy. The client is always MPTCP (`mptcpize run cu
                                                      paths) against the direct path: iperf3 throughput,
                                                      CPU s/GB per end, added latency p50/p99 idle and
                                                      loaded; --perf also records a perf profile
-  bench.py detour [--runs 5] [--seconds 10]          (h) thesis Table 1 (seed 003): symmetric and core-limited,
+  bench.py detour [--runs 5] [--seconds 10] [--scenario S]
+                                                     (h) thesis Table 1 (seed 003): symmetric and core-limited,
                                                      plain, 1% loss and 100 ms delay on link 2; TCP, TCP via
                                                      the NAT detour, TCP via OpenVPN, 1-subflow MPTCP, MPTCP +
                                                      NAT detour, MPTCP + tunnel detour (iperf3 upload, bytes
-                                                     of seconds 1-10 / 9 s, as the thesis measured)
+                                                     of seconds 1-10 / 9 s, as the thesis measured); and
+                                                     TCP through the NAT detour with 10 vs 10,000 mappings
+                                                     (--scenario scale runs only that)
   bench.py all
 
 Each run writes bench/results/<bench>-<UTC time>.csv (bench,scenario,subject,run,metric,value,unit),
@@ -772,33 +775,46 @@ THESIS_TABLE1 = {
 }
 
 
+DETOUR_CLIENT_CODE = f"""
+import hashlib, hmac, os, socket, struct, sys, time
+key = bytes.fromhex("{DETOUR_KEY}")
+kid = hashlib.sha256(b"mptcp-detour key id\\0" + key).digest()[:4]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.connect(("10.1.6.2", 45672))
+def ask(op, rip, rpt, dpt):
+    nonce = struct.unpack("!Q", os.urandom(8))[0]
+    body = struct.pack("!BBBB4sQQ4sHHI", 2, op, 0, 0, kid, nonce, int(time.time() * 1000),
+                       socket.inet_aton(rip), rpt, dpt, 0)
+    s.send(body + hmac.new(key, body, hashlib.sha256).digest())
+    a = s.recv(100)
+    assert hmac.compare_digest(a[36:68], hmac.new(key, a[:36], hashlib.sha256).digest()), "bad MAC"
+    assert a[2] == 0 and a[8:16] == body[8:16], a
+    return struct.unpack("!H", a[30:32])[0]
+"""
+
+
+def detour_mappings(lab, op, first_port, count):
+    """Requests (op 0) or releases (op 2) mappings to 10.1.3.2 ports first_port..first_port+count-1."""
+    code = DETOUR_CLIENT_CODE + (f"for p in range({first_port}, {first_port + count}):\n"
+                                 f"    ask({op}, '10.1.3.2', p, p)\n")
+    lab.exec("cli", sys.executable, "-c", code)
+
+
 def detour_request(lab, rip, rpt):
     """Asks the lab's mptcp-detourd for a mapping with an authenticated (version 2) request, written here
     independently of the Rust implementation; returns the detour port."""
-    code = f"""
-import hashlib, hmac, os, socket, struct, time
-key = bytes.fromhex("{DETOUR_KEY}")
-kid = hashlib.sha256(b"mptcp-detour key id\\0" + key).digest()[:4]
-nonce = struct.unpack("!Q", os.urandom(8))[0]
-body = struct.pack("!BBBB4sQQ4sHHI", 2, 0, 0, 0, kid, nonce, int(time.time() * 1000),
-                   socket.inet_aton("{rip}"), {rpt}, {rpt}, 0)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.connect(("10.1.6.2", 45672))
-s.send(body + hmac.new(key, body, hashlib.sha256).digest())
-a = s.recv(100)
-assert hmac.compare_digest(a[36:68], hmac.new(key, a[:36], hashlib.sha256).digest()), "bad MAC"
-assert a[1] == 1 and a[2] == 0 and a[8:16] == body[8:16], a
-print(struct.unpack("!H", a[30:32])[0])
-"""
+    code = DETOUR_CLIENT_CODE + f"print(ask(0, '{rip}', {rpt}, {rpt}))\n"
     return int(lab.exec("cli", sys.executable, "-c", code).stdout)
 
 
 class DetourLab(Lab):
     """The thesis's Fig. 5.1 (deploy/testbed/detour.sh) with mptcp-detourd, OpenVPN and an iperf3 server."""
 
-    def __init__(self, mode, loss2=None, delay2=None, link_delay=5):
+    def __init__(self, mode, loss2=None, delay2=None, link_delay=5, detourd_config=""):
         self.prefix = f"b{os.getpid() % 100000}dt"
         # Every link 5 ms each way, as in the thesis (§5.1.3); link 2's 100 ms replaces its 5.
-        args = [str(DETOUR_LAB), "up", self.prefix, "--mode", mode, "--link-delay", str(link_delay)]
+        args = [str(DETOUR_LAB), "up", self.prefix, "--mode", mode]
+        if link_delay:
+            args += ["--link-delay", str(link_delay)]
         if loss2:
             args += ["--loss2", str(loss2)]
         if delay2:
@@ -809,7 +825,9 @@ class DetourLab(Lab):
         self.procs = []
         (self.work / "psk").write_text(DETOUR_KEY + "\n")
         run([str(DETOUR_LAB), "vpn", self.prefix, str(self.work / "vpn")])
-        self.spawn("dtr", str(DETOURD_BIN), "--listen", "10.1.6.2", "--psk-file", str(self.work / "psk"))
+        (self.work / "detourd.toml").write_text(detourd_config)
+        self.spawn("dtr", str(DETOURD_BIN), "--listen", "10.1.6.2", "--psk-file", str(self.work / "psk"),
+                   "--config", str(self.work / "detourd.toml"))
         self.spawn("srv", *MPTCP, "iperf3", "-s", "-J")
         self.wait_port("srv", "10.1.3.2", 5201)
         time.sleep(0.5)
@@ -857,8 +875,12 @@ class DetourLab(Lab):
         # The receiver's one-second intervals from second 1 to `seconds` (its clock starts a little after
         # the sender's, so the last whole interval may end just past `seconds`): bytes over their time.
         kept = [i["sum"] for i in intervals if 0.999 <= i["sum"]["start"] < seconds - 0.5]
-        if len(kept) != seconds - 1:
+        if len(kept) < seconds - 3:
             raise RuntimeError(f"iperf3 gave {len(kept)} intervals after the first second, not {seconds - 1}")
+        if len(kept) != seconds - 1:
+            # A receiver that stalls under loss may report a second less; its rate is still its bytes over
+            # its time.
+            print(f"  (iperf3: {len(kept)} receiver intervals after the first second)", flush=True)
         return sum(i["bytes"] for i in kept) * 8 / sum(i["seconds"] for i in kept)
 
 
@@ -900,7 +922,15 @@ def bench_detour(seconds=10, runs=5, only=None):
                             daemon.wait(10)
                     res.add(scenario, subject, n, "throughput", bps, "bit/s")
                     print(f"  {scenario:<26}{subject:<11} run {n}: {bps / 1e6:6.2f} Mbit/s", flush=True)
-    res.save()
+        res.save()  # after every scenario, so an interrupted run keeps what it measured
+    report_detour(res, seconds)
+    return res
+
+
+def report_detour(res, seconds=10):
+    """Table 1 beside the thesis's, the targets, and the box plots, from measured rows."""
+    scenarios = [sc for sc in THESIS_TABLE1 if res.values(sc, "tcp", "throughput")]
+    runs = max((r["run"] for r in res.rows), default=0)
     med = lambda sc, su: res.median(sc, su, "throughput") / 1e6
     print(f"\n(h) thesis Table 1: {seconds - 1} s measured after the first second, median of {runs} "
           f"(thesis: mean of 60 in parentheses), Mbit/s")
@@ -909,8 +939,8 @@ def bench_detour(seconds=10, runs=5, only=None):
         print(f"{sc:<26}" + "".join(f"{med(sc, su):>8.2f} ({THESIS_TABLE1[sc][su]:5.2f})" for su in DETOUR_SUBJECTS))
     cl, sy = "core-limited", "symmetric"
     if cl not in scenarios or sy not in scenarios:
-        plot_boxes(res, list(scenarios), DETOUR_SUBJECTS)
-        return res
+        plot_boxes(res, scenarios, DETOUR_SUBJECTS)
+        return
     agg = med(cl, "mptcp_nat") / (med(cl, "tcp") + med(cl, "tcp_nat"))
     print(f"core-limited MPTCP + NAT detour: {100 * agg:.1f}% of TCP + TCP (NAT)   (target >= 99%; thesis 98.5%)")
     vpn_agg = med(cl, "mptcp_vpn") / (med(cl, "tcp") + med(cl, "tcp_vpn"))
@@ -922,7 +952,45 @@ def bench_detour(seconds=10, runs=5, only=None):
         vpn = 1 - med(sc, "tcp_vpn") / med(sc, "tcp")
         print(f"{sc}: NAT detour overhead {100 * nat:.2f}% (target <= 2%; thesis 2.0% symmetric), "
               f"tunnel overhead {100 * vpn:.2f}% (thesis 6.6%)")
-    plot_boxes(res, list(scenarios), DETOUR_SUBJECTS)
+    plot_boxes(res, scenarios, DETOUR_SUBJECTS)
+
+
+def load_results(paths):
+    """Rows of earlier runs (CSV files bench.py wrote), as one Results."""
+    res = Results("detour")
+    for path in paths:
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                res.add(row["scenario"], row["subject"], int(row["run"]), row["metric"], float(row["value"]),
+                        row["unit"])
+    return res
+
+
+def bench_detour_scale(seconds=10, runs=3, many=10000):
+    """The NAT detour's packet path with 10 and with `many` mappings: TCP through the detour on the
+    unshaped lab (CPU-bound veth forwarding), the two interleaved. One map lookup per packet whatever the
+    number of elements, so the rates should match."""
+    res = Results("detour-scale")
+    limits = (f"[limits]\nmappings_per_client = {many + 100}\nmax_mappings = {many + 100}\n"
+              f"requests_per_second = 1000000\nrequest_burst = {many + 100}\n")
+    with DetourLab("none", link_delay=None, detourd_config=limits) as lab:
+        detour_mappings(lab, 0, 20000, 9)
+        for n in range(1, runs + 1):
+            for subject in ("10 mappings", f"{many} mappings"):
+                if subject != "10 mappings":
+                    detour_mappings(lab, 0, 30000, many - 10)
+                bps = lab.iperf(seconds, "10.1.6.2", detour_request(lab, "10.1.3.2", 5201))
+                rules = lab.exec("dtr", "nft", "-a", "list", "table", "ip", "mptcp_detour").stdout
+                rule_count = sum(1 for line in rules.splitlines() if "# handle" in line and "{" not in line)
+                res.add("unshaped", subject, n, "throughput", bps, "bit/s")
+                res.add("unshaped", subject, n, "rules", rule_count, "rules")
+                print(f"  {subject:<16} run {n}: {bps / 1e9:6.2f} Gbit/s, {rule_count} rules", flush=True)
+                if subject != "10 mappings":
+                    detour_mappings(lab, 2, 30000, many - 10)
+    res.save()
+    few, lots = (res.median("unshaped", s, "throughput") for s in ("10 mappings", f"{many} mappings"))
+    print(f"\nTCP through the NAT detour, unshaped, median of {runs}: 10 mappings {few / 1e9:.2f} Gbit/s, "
+          f"{many} mappings {lots / 1e9:.2f} Gbit/s ({lots / few:.3f}x)")
     return res
 
 
@@ -999,7 +1067,12 @@ def main():
     parser.add_argument("--perf", action="store_true", help="mpip: also record a perf profile of both ends")
     parser.add_argument("--scenario", action="append",
                         help="detour: only scenarios whose name contains this (repeatable)")
+    parser.add_argument("--report", nargs="+", metavar="CSV",
+                        help="detour: print Table 1 and draw the plots from these results, measuring nothing")
     a = parser.parse_args()
+    if a.bench == "detour" and a.report:
+        report_detour(load_results(a.report), a.seconds)
+        return
     if os.geteuid() != 0:
         sys.exit("bench.py needs root (network namespaces)")
     # Installs what is missing, then stops at once naming any program of deploy/requirements.txt still absent.
@@ -1027,7 +1100,10 @@ def main():
         elif name == "mpip":
             bench_mpip(a.seconds, min(a.runs, 3), a.perf)
         elif name == "detour":
-            bench_detour(a.seconds, a.runs, a.scenario)
+            if not a.scenario or any("scale" in sc for sc in a.scenario):
+                bench_detour_scale(a.seconds, min(a.runs, 3))
+            if not a.scenario or any("scale" not in sc for sc in a.scenario):
+                bench_detour(a.seconds, a.runs, a.scenario)
 
 
 if __name__ == "__main__":
