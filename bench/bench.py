@@ -1005,8 +1005,10 @@ def plot_boxes(res, scenarios, subjects):
         dat.write_text("\n".join(rows) + "\n")
         panels.append((sc, dat))
     png = RESULTS / f"{res.bench}-{STAMP}.png"
-    labels = ", ".join(f'"{su}" {i}' for i, su in enumerate(subjects, 1))
-    script = [f"set terminal png size 1500,900\nset output '{png}'\nset multiplot layout 2,3",
+    names = {"tcp": "TCP", "tcp_nat": "TCP (NAT)", "tcp_vpn": "TCP (VPN)", "mptcp_1sf": "1-Subflow",
+             "mptcp_nat": "NAT", "mptcp_vpn": "VPN"}  # the thesis's labels
+    labels = ", ".join(f'"{names.get(su, su)}" {i}' for i, su in enumerate(subjects, 1))
+    script = [f"set terminal png size 1500,900 noenhanced\nset output '{png}'\nset multiplot layout 2,3",
               "set style data boxplot\nset style boxplot outliers pointtype 6\nset style fill empty",
               f"set xtics ({labels}) rotate by -30\nset ylabel 'Throughput (Mbit/s)'\nset yrange [0:*]",
               f"set boxwidth 0.5\nunset key\nset xrange [0.5:{len(subjects) + 0.5}]"]
