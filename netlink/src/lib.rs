@@ -10,6 +10,7 @@
 //!   with per-element counters.
 //! - [`sock_diag`]: `inet_diag` socket listings (listening TCP ports).
 //! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
+//! - [`rtnl`]: rtnetlink link and address requests (link up, add and delete an address).
 //!
 //! Every call acts on the network namespace of the calling thread.
 
@@ -19,6 +20,7 @@ pub mod nfqueue;
 pub mod nft;
 pub mod nft_expr;
 pub mod nft_set;
+pub mod rtnl;
 pub mod sock_diag;
 pub mod socket;
 

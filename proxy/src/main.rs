@@ -20,7 +20,11 @@ struct Args {
     /// Listen on ADDR:PORT as a forward proxy (repeatable); replaces the configured listeners.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
-    /// Serve /metrics, /healthz, /readyz and /connections on ADDR:PORT, or "off" [default: 127.0.0.1:9464].
+    /// Also run an RFC 8803 converter on ADDR[:PORT] (port 5124 by default; repeatable).
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = mptcp_proxy::convert::parse_listen_address)]
+    convert: Vec<SocketAddr>,
+    /// Serve /metrics, /healthz, /readyz and /connections (and POST /drain from this host) on
+    /// ADDR:PORT, or "off" [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<mptcp_proxy::config::OptionalAddress>,
     /// Throttle every subflow arriving on IFACE to RATE (ceil CEIL) once its connection has two or more
@@ -29,6 +33,15 @@ struct Args {
     throttle: Vec<mptcp_throttle::QuickThrottle>,
     #[command(flatten)]
     log: mptcp_ops::LogArgs,
+    /// Cluster mode: announce this instance's own ADDR to clients (ADD_ADDR) and take their further
+    /// subflows there, while the --listen addresses are shared with other instances behind ECMP
+    /// (sets or adds to [cluster]; see deploy/SCALING.md).
+    #[arg(long, value_name = "ADDR")]
+    announce: Option<std::net::IpAddr>,
+    /// Undo the kernel changes a crashed cluster-mode run left in this network namespace (C flag,
+    /// endpoint, service addresses; see [cluster] state_dir) and exit.
+    #[arg(long)]
+    cluster_cleanup: bool,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -89,6 +102,9 @@ fn load(args: &Args) -> Result<Config, ConfigError> {
             .map(ListenerConfig::forward)
             .collect();
     }
+    config
+        .listeners
+        .extend(args.convert.iter().copied().map(ListenerConfig::convert));
     if let Some(metrics) = args.metrics {
         config.metrics.address = metrics.0;
     }
@@ -103,6 +119,20 @@ fn load(args: &Args) -> Result<Config, ConfigError> {
                 reason: error.to_string(),
             })?;
     }
+    if let Some(announce) = args.announce {
+        config
+            .cluster
+            .get_or_insert_with(|| mptcp_proxy::cluster::ClusterConfig::new(announce))
+            .announce = Some(announce);
+    }
+    if let Some(cluster) = &config.cluster {
+        cluster.announce().map_err(|error| ConfigError::Invalid {
+            origin: "command line".into(),
+            key: "cluster.announce".into(),
+            reason: error.to_string(),
+        })?;
+    }
+    config.add_cluster_listeners();
     config.validate("command line")?;
     Ok(config)
 }
@@ -120,6 +150,23 @@ fn run(args: Args) -> anyhow::Result<()> {
             println!("{view:#}");
         } else {
             print!("{}", mptcp_proxy::registry::render_table(&view));
+        }
+        return Ok(());
+    }
+    if args.cluster_cleanup {
+        // Only the state directory matters here ([cluster] state_dir, or the default).
+        let file = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::embedded()?,
+        };
+        let mut cluster = mptcp_proxy::cluster::ClusterConfig::new([0, 0, 0, 0].into());
+        if let Some(dir) = file.cluster.map(|c| c.state_dir) {
+            cluster.state_dir = dir;
+        }
+        if mptcp_proxy::cluster::cleanup_stale(&cluster)? {
+            println!("cluster state restored");
+        } else {
+            println!("no cluster state to restore");
         }
         return Ok(());
     }
@@ -142,9 +189,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         |p| p.display().to_string(),
     );
     runtime.block_on(async move {
-        let server =
-            mptcp_proxy::Server::bind(config)?.reload_on_sighup(origin, move || load(&args));
-        server.serve(mptcp_proxy::termination()).await?;
+        // With [cluster], the instance runs in cluster mode around the same server.
+        mptcp_proxy::server::run_with(config, mptcp_proxy::termination(), move |server| {
+            server.reload_on_sighup(origin, move || load(&args))
+        })
+        .await?;
         anyhow::Ok(())
     })?;
     // Tasks still running after the drain timeout are dropped with the runtime.
