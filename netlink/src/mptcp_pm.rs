@@ -595,24 +595,6 @@ impl PathManager {
             .collect())
     }
 
-    /// The in-kernel path manager's limits: `(subflows, add_addr_accepted)` (`ip mptcp limits show`).
-    pub fn limits(&mut self) -> Result<(u32, u32), NetlinkError> {
-        let replies = self
-            .socket
-            .request(command(self.family.id, cmd::GET_LIMITS), "get mptcp limits")?;
-        let mut limits = (0, 0);
-        for reply in &replies {
-            for (kind, value) in parse_attrs(reply.payload.get(GENL_HDRLEN..).unwrap_or(&[])) {
-                match kind {
-                    pm_attr::SUBFLOWS => limits.0 = attr_u32(value).unwrap_or(0),
-                    pm_attr::RCV_ADD_ADDRS => limits.1 = attr_u32(value).unwrap_or(0),
-                    _ => {}
-                }
-            }
-        }
-        Ok(limits)
-    }
-
     /// Adds an endpoint.
     pub fn add_endpoint(&mut self, endpoint: &PmAddress) -> Result<(), NetlinkError> {
         let b = add_endpoint_request(self.family.id, endpoint);

@@ -199,6 +199,14 @@ pub async fn run(
     config: ClientConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ClientError> {
+    // Signal handlers before anything else (and before READY=1): `termination()` installs its handlers
+    // when first polled, and a SIGTERM that finds none ends the process with nothing cleaned up.
+    tokio::pin!(shutdown);
+    let stopped_early = tokio::select! {
+        biased;
+        () = &mut shutdown => true,
+        () = std::future::ready(()) => false,
+    };
     let mut detours = Vec::new();
     for (i, nat) in config.nat_detours.iter().enumerate() {
         let psk = if nat.version == 2 {
@@ -332,8 +340,10 @@ pub async fn run(
     mptcp_ops::notify::ready("userspace path manager running");
     let mut timers = tokio::time::interval(Duration::from_secs(1));
     timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
     loop {
+        if stopped_early {
+            break;
+        }
         tokio::select! {
             _ = &mut shutdown => break,
             event = events.recv() => {

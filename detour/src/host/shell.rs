@@ -197,6 +197,14 @@ pub async fn run(
     config: HostConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), HostError> {
+    // Signal handlers before anything else (and before READY=1): `termination()` installs its handlers
+    // when first polled, and a SIGTERM that finds none ends the process with nothing cleaned up.
+    tokio::pin!(shutdown);
+    let stopped_early = tokio::select! {
+        biased;
+        () = &mut shutdown => true,
+        () = std::future::ready(()) => false,
+    };
     let core_config = core_config(&config)?;
     let mut sockets = Vec::new();
     for address in &config.listen {
@@ -272,8 +280,10 @@ pub async fn run(
     mptcp_ops::notify::ready("answering NAT detour requests");
     let mut sweep = tokio::time::interval(config.metrics.counter_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
     loop {
+        if stopped_early {
+            break;
+        }
         tokio::select! {
             _ = &mut shutdown => break,
             received = rx.recv() => {
