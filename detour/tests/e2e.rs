@@ -590,6 +590,11 @@ fn forged_replayed_and_over_quota_requests_change_nothing() {
         Status::QuotaExceeded
     );
     assert_eq!(lab.mappings(), full);
+    assert_eq!(
+        lab.metric(DetourHost::Detour, 9466, "detour_mappings "),
+        2.0
+    );
+    assert_eq!(lab.metric(DetourHost::Detour, 9466, "detour_clients "), 1.0);
 
     for (result, count) in [
         ("created", 2.0),
