@@ -16,6 +16,11 @@ use tokio::net::UdpSocket;
 const KEY: &str = "00112233445566778899aabbccddeeff00112233";
 const SERVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 80), 443);
 const TIMEOUT: Duration = Duration::from_millis(150);
+/// What the scripted detour grants (`answer(.., 9000)`).
+const GRANTED: MappingResult = MappingResult::Granted {
+    dpt: 9000,
+    lifetime: Duration::from_secs(60),
+};
 
 fn psk() -> Psk {
     Psk::parse(KEY).unwrap()
@@ -40,6 +45,12 @@ async fn pair(key: Option<Psk>) -> (UdpSocket, Arc<Requester>, Arc<ClientMetrics
         metrics.clone(),
     );
     (detour, requester, metrics)
+}
+
+/// Asks the detour for a mapping to [`SERVER`] on a task.
+fn ask(requester: &Arc<Requester>) -> tokio::task::JoinHandle<MappingResult> {
+    let requester = requester.clone();
+    tokio::spawn(async move { requester.request(0, SERVER).await })
 }
 
 /// Receives one request at the detour: its parsed version 2 form and where it came from.
@@ -90,10 +101,7 @@ fn value(metrics: &ClientMetrics, series: &str) -> f64 {
 #[tokio::test]
 async fn a_lost_request_is_retried_with_a_fresh_nonce() {
     let (detour, requester, metrics) = pair(Some(psk())).await;
-    let asking = tokio::spawn({
-        let requester = requester.clone();
-        async move { requester.request(0, SERVER).await }
-    });
+    let asking = ask(&requester);
     let (first, _) = receive(&detour).await;
     assert_eq!(
         (first.op, first.rip, first.rpt),
@@ -108,13 +116,7 @@ async fn a_lost_request_is_retried_with_a_fresh_nonce() {
         .send_to(&psk().sign(&answer(&second, Op::Response, 9000)), from)
         .await
         .unwrap();
-    assert_eq!(
-        asking.await.unwrap(),
-        MappingResult::Granted {
-            dpt: 9000,
-            lifetime: Duration::from_secs(60)
-        }
-    );
+    assert_eq!(asking.await.unwrap(), GRANTED);
     // A late answer to the first attempt is no longer awaited.
     detour
         .send_to(&psk().sign(&answer(&first, Op::Response, 9001)), from)
@@ -139,10 +141,7 @@ async fn a_lost_request_is_retried_with_a_fresh_nonce() {
 async fn a_silent_detour_is_asked_request_attempts_times_then_given_up() {
     let (detour, requester, metrics) = pair(Some(psk())).await;
     let started = Instant::now();
-    let asking = tokio::spawn({
-        let requester = requester.clone();
-        async move { requester.request(0, SERVER).await }
-    });
+    let asking = ask(&requester);
     let mut nonces = Vec::new();
     for _ in 0..3 {
         nonces.push(receive(&detour).await.0.nonce);
@@ -164,10 +163,7 @@ async fn a_silent_detour_is_asked_request_attempts_times_then_given_up() {
 #[tokio::test]
 async fn forged_and_off_path_answers_are_dropped_and_the_real_one_taken() {
     let (detour, requester, metrics) = pair(Some(psk())).await;
-    let asking = tokio::spawn({
-        let requester = requester.clone();
-        async move { requester.request(0, SERVER).await }
-    });
+    let asking = ask(&requester);
     let (request, from) = receive(&detour).await;
     // An off-path attacker who saw the request answers from another socket: the requester's socket
     // is connected to the detour, so the kernel never delivers it.
@@ -192,13 +188,7 @@ async fn forged_and_off_path_answers_are_dropped_and_the_real_one_taken() {
         .send_to(&psk().sign(&answer(&request, Op::Response, 9000)), from)
         .await
         .unwrap();
-    assert_eq!(
-        asking.await.unwrap(),
-        MappingResult::Granted {
-            dpt: 9000,
-            lifetime: Duration::from_secs(60)
-        }
-    );
+    assert_eq!(asking.await.unwrap(), GRANTED);
     tokio::time::sleep(Duration::from_millis(50)).await;
     for (reason, count) in [("bad_mac", 1.0), ("mismatch", 1.0), ("malformed", 1.0)] {
         assert_eq!(
@@ -223,10 +213,7 @@ async fn forged_and_off_path_answers_are_dropped_and_the_real_one_taken() {
 #[tokio::test]
 async fn a_refusal_is_reported_and_a_release_confirmed() {
     let (detour, requester, _) = pair(Some(psk())).await;
-    let asking = tokio::spawn({
-        let requester = requester.clone();
-        async move { requester.request(0, SERVER).await }
-    });
+    let asking = ask(&requester);
     let (request, from) = receive(&detour).await;
     let refusal = V2Repr {
         status: Status::QuotaExceeded,
@@ -254,10 +241,7 @@ async fn a_refusal_is_reported_and_a_release_confirmed() {
 #[tokio::test]
 async fn version_1_answers_and_no_release() {
     let (detour, requester, _) = pair(None).await;
-    let asking = tokio::spawn({
-        let requester = requester.clone();
-        async move { requester.request(0, SERVER).await }
-    });
+    let asking = ask(&requester);
     let mut buf = [0u8; 256];
     let (len, from) = detour.recv_from(&mut buf).await.unwrap();
     let Repr::V1(request) = Repr::parse(&Packet::new_checked(&buf[..len]).unwrap()).unwrap() else {

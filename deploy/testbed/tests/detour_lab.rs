@@ -2,27 +2,24 @@
 //! delay each way on link 2 only (the detour path does not cross it), `--loss2` drops about its share on
 //! link 2, and teardown removes the namespaces.
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use testbed::detour::{DetourHost, DetourLab, DetourOptions, CLIENT, DETOUR, SERVER};
+use testbed::detour::{DetourHost, DetourLab, DetourOptions, DETOUR, SERVER};
 
 /// Median time of a refused TCP connection (SYN, RST: one round trip) from the client to `dest`.
 fn connect_rtt(lab: &DetourLab, dest: Ipv4Addr) -> Duration {
-    let mut rtts = lab
+    let target = SocketAddr::from((dest, 9));
+    let mut rtts: Vec<Duration> = lab
         .in_ns(DetourHost::Client, || {
             (0..5)
                 .map(|_| {
-                    let socket =
-                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                            .unwrap();
-                    socket.bind(&SocketAddr::from((CLIENT, 0)).into()).unwrap();
                     let start = Instant::now();
-                    let refused = socket.connect(&SocketAddr::from((dest, 9)).into());
+                    let refused = TcpStream::connect_timeout(&target, Duration::from_secs(2));
                     assert!(refused.is_err(), "nothing listens on port 9");
                     start.elapsed()
                 })
-                .collect::<Vec<_>>()
+                .collect()
         })
         .unwrap();
     rtts.sort();
