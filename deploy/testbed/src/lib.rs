@@ -416,6 +416,27 @@ pub(crate) fn tear_down(script: &Path, prefix: &str) {
     }
 }
 
+/// Sets a socket's receive buffer past `net.core.rmem_max` (SO_RCVBUFFORCE, needs CAP_NET_ADMIN): a test
+/// that counts datagrams must not mistake a full socket buffer (a reader not scheduled in time on a
+/// loaded machine) for loss on the path.
+pub fn force_receive_buffer(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid socket descriptor and a pointer to a c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Runs `f` on a new thread inside the named network namespace (`/var/run/netns/NAME`).
 pub fn in_namespace<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
     std::thread::scope(|scope| {

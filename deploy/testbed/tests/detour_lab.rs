@@ -77,6 +77,8 @@ fn loss2_drops_about_its_share_on_link_2() {
     receiver
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
+    // A full socket buffer must not look like loss on link 2.
+    testbed::force_receive_buffer(&receiver, 8 << 20).expect("SO_RCVBUFFORCE");
     let server = receiver.local_addr().unwrap();
     let counter = std::thread::spawn(move || {
         let mut buf = [0u8; 64];
