@@ -780,3 +780,84 @@ fn a_two_homed_client_keeps_both_paths() {
     stop(client, "mptcp-detour");
     stop(detourd, "mptcp-detourd");
 }
+
+/// Starts `argv` on `host` with a NOTIFY_SOCKET, sends SIGTERM the moment READY=1 arrives (a service
+/// manager may), and checks the daemon still says STOPPING=1 and exits cleanly.
+fn terminate_at_ready(lab: &Lab, host: DetourHost, argv: &[&str]) {
+    let socket_path = lab.dir.path().join(format!("notify-{host:?}"));
+    let _ = std::fs::remove_file(&socket_path);
+    let manager = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let (program, args) = argv.split_first().unwrap();
+    let mut command = lab.lab.command(host, program);
+    command
+        .args(args)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdin(std::process::Stdio::null());
+    let mut daemon = Background::start(command).unwrap();
+    let mut buf = [0u8; 512];
+    let mut next = || {
+        let n = manager.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1"), "{ready}");
+    daemon.signal(libc::SIGTERM).unwrap();
+    let stopping = next();
+    assert!(stopping.starts_with("STOPPING=1"), "{stopping}");
+    let status = daemon.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{argv:?} exited with {status}");
+}
+
+/// SIGTERM right after READY=1 (the daemons install their signal handlers before they report ready):
+/// both daemons still stop cleanly, leaving no table, forwarding and the path manager as they were.
+#[test]
+fn sigterm_right_after_ready_still_cleans_up() {
+    if testbed::skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new(DetourOptions::default());
+    let key = lab.key_file();
+    for _ in 0..3 {
+        terminate_at_ready(
+            &lab,
+            DetourHost::Detour,
+            &[
+                env!("CARGO_BIN_EXE_mptcp-detourd"),
+                "--listen",
+                "10.1.6.2",
+                "--psk-file",
+                &key,
+            ],
+        );
+        let tables = lab.tables(DetourHost::Detour);
+        assert!(!tables.contains("mptcp_detour"), "{tables}");
+        let forward = lab
+            .lab
+            .exec(DetourHost::Detour, &["sysctl", "-n", "net.ipv4.ip_forward"])
+            .unwrap();
+        assert_eq!(forward.trim(), "0");
+
+        terminate_at_ready(
+            &lab,
+            DetourHost::Client,
+            &[
+                env!("CARGO_BIN_EXE_mptcp-detour"),
+                "--nat-detour",
+                "10.1.6.2",
+                "--psk-file",
+                &key,
+            ],
+        );
+        let manager = lab
+            .lab
+            .exec(
+                DetourHost::Client,
+                &["sysctl", "-n", "net.mptcp.path_manager"],
+            )
+            .unwrap();
+        assert_eq!(manager.trim(), "kernel");
+    }
+}
