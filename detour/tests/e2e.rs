@@ -7,7 +7,6 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,8 @@ use testbed::detour::{
 };
 use testbed::{pseudo_random, Background};
 
+/// A download that receives nothing for this long has stalled: fail instead of hanging CI.
+const STALL: Duration = Duration::from_secs(60);
 const KEY: &str = "3f0c9a1e5b7d2468ace013579bdf2468ace0f1e2d3c4b5a6";
 static TRANSFER: Mutex<()> = Mutex::new(());
 
@@ -192,8 +193,11 @@ fn download(lab: &DetourLab, port: u16, len: usize) -> Vec<u8> {
             .connect(&SocketAddr::from((SERVER, port)).into())
             .unwrap();
         let mut stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(STALL)).unwrap();
         let mut got = Vec::with_capacity(len);
-        stream.read_to_end(&mut got).unwrap();
+        if let Err(error) = stream.read_to_end(&mut got) {
+            panic!("download stalled after {} bytes: {error}", got.len());
+        }
         got
     })
     .unwrap()
@@ -330,32 +334,92 @@ fn nat_detour_carries_a_third_of_a_64_mib_download() {
     stop(detourd, "mptcp-detourd");
 }
 
-/// The largest `mss:` (send) and `rcvmss:` (receive) `ss -ti` has shown for the client's sockets bound
-/// to the tunnel address, polled until `done`.
-fn tunnel_subflow_mss(lab: &DetourLab, done: &AtomicBool) -> (u32, u32) {
-    let src = TUNNEL_CLIENT.to_string();
-    let mut seen = (0, 0);
-    while !done.load(Ordering::Relaxed) {
+/// The send MSS (`ss -ti` `mss:`) of the TCP socket from `local` to `peer` on `host`, once it is
+/// established (in SYN-SENT it shows the default 524).
+fn subflow_mss(lab: &DetourLab, host: DetourHost, local: Ipv4Addr, peer: Ipv4Addr) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (local, peer) = (local.to_string(), peer.to_string());
         let text = lab
-            .exec(DetourHost::Client, &["ss", "-tniH", "src", &src])
+            .exec(
+                host,
+                &[
+                    "ss",
+                    "-tniH",
+                    "state",
+                    "established",
+                    "src",
+                    &local,
+                    "dst",
+                    &peer,
+                ],
+            )
             .unwrap_or_default();
-        for token in text.split_whitespace() {
-            let field = |name: &str| token.strip_prefix(name).and_then(|v| v.parse::<u32>().ok());
-            if let Some(mss) = field("mss:") {
-                seen.0 = seen.0.max(mss);
-            }
-            if let Some(mss) = field("rcvmss:") {
-                seen.1 = seen.1.max(mss);
-            }
+        if let Some(mss) = text
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix("mss:")?.parse().ok())
+        {
+            return mss;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            Instant::now() < deadline,
+            "no socket {local} -> {peer} on {host:?}: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
-    seen
+}
+
+/// Opens an idle MPTCP connection to the server's `port` and returns the send MSS of its tunnel subflow
+/// at the client (set by the SYN-ACK's MSS option) and at the server (set by the SYN's); the detour
+/// masquerades the tunnel, so the server sees the subflow from the detour's address. Only a byte each
+/// way flows: `ss` reads the handshake's result, not a transfer in progress.
+fn tunnel_subflow_mss(lab: &DetourLab, port: u16) -> (u32, u32) {
+    let listener: TcpListener = lab
+        .in_ns(DetourHost::Server, || {
+            let socket = mptcp_socket();
+            socket.set_reuse_address(true).unwrap();
+            socket
+                .bind(&SocketAddr::from((SERVER, port)).into())
+                .unwrap();
+            socket.listen(8).unwrap();
+            // SAFETY: a listening stream socket is a TcpListener for std's purposes.
+            unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) }
+        })
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).unwrap();
+        stream.write_all(&byte).unwrap();
+        // Held open until the client closes.
+        let _ = stream.read(&mut byte);
+    });
+    let client = lab
+        .in_ns(DetourHost::Client, || {
+            let socket = mptcp_socket();
+            socket
+                .connect(&SocketAddr::from((SERVER, port)).into())
+                .unwrap();
+            let mut stream = TcpStream::from(socket);
+            // One byte each way: the client's connection is fully established (and the path manager
+            // hears ESTABLISHED) once it has data from the server.
+            stream.set_read_timeout(Some(STALL)).unwrap();
+            stream.write_all(b"x").unwrap();
+            stream.read_exact(&mut [0u8; 1]).unwrap();
+            stream
+        })
+        .unwrap();
+    let at_client = subflow_mss(lab, DetourHost::Client, TUNNEL_CLIENT, SERVER);
+    let at_server = subflow_mss(lab, DetourHost::Server, SERVER, DETOUR);
+    drop(client);
+    server.join().unwrap();
+    (at_client, at_server)
 }
 
 /// The same through an OpenVPN tunnel detour (Debian's openvpn, the thesis's §4.1.1 set-up): the
 /// subflow is bound to tun0 and its address, and carries at least a third. The tunnel's `mss` clamps
-/// both SYNs of that subflow (below OpenVPN's own mssfix), and the clamp's table is gone after exit.
+/// both SYNs of that subflow (below OpenVPN's own mssfix: checked on an idle connection first), and the
+/// clamp's table is gone after exit.
 #[test]
 fn openvpn_tunnel_detour_carries_a_third_of_a_64_mib_download() {
     if testbed::skip_unless_root() {
@@ -376,21 +440,16 @@ fn openvpn_tunnel_detour_carries_a_third_of_a_64_mib_download() {
     assert!(lab
         .tables(DetourHost::Client)
         .contains(mptcp_detour::client::shell::CLAMP_TABLE));
-    let done = AtomicBool::new(false);
-    let (share, (mss, rcvmss)) = std::thread::scope(|scope| {
-        let watcher = scope.spawn(|| tunnel_subflow_mss(&lab.lab, &done));
-        let (_, share) = measured_download(&lab.lab, 5002, 64 * MIB, "iifname \"tun0\"");
-        done.store(true, Ordering::Relaxed);
-        (share, watcher.join().unwrap())
-    });
+    let (at_client, at_server) = tunnel_subflow_mss(&lab.lab, 5012);
+    eprintln!("tunnel subflow send MSS: client {at_client}, server {at_server}");
+    assert!(at_client > 0 && at_client <= 1200, "client {at_client}");
+    assert!(at_server > 0 && at_server <= 1200, "server {at_server}");
+    let (_, share) = measured_download(&lab.lab, 5002, 64 * MIB, "iifname \"tun0\"");
     assert!(
         share >= 1.0 / 3.0,
         "the tunnel carried {:.1}%",
         share * 100.0
     );
-    eprintln!("tunnel subflow: mss {mss}, rcvmss {rcvmss}");
-    assert!(mss > 0 && mss <= 1200, "send MSS {mss}");
-    assert!(rcvmss > 1000 && rcvmss <= 1200, "receive MSS {rcvmss}");
     stop(client, "mptcp-detour");
     let tables = lab.tables(DetourHost::Client);
     assert!(
@@ -464,6 +523,7 @@ fn a_client_downloads_through_mptcp_proxy_over_a_detour() {
                 .connect(&SocketAddr::from((SERVER, 3128)).into())
                 .unwrap();
             let mut stream: TcpStream = socket.into();
+            stream.set_read_timeout(Some(STALL)).unwrap();
             write!(
                 stream,
                 "GET http://127.0.0.1:8080/big HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nConnection: close\r\n\r\n"
