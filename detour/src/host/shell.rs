@@ -223,7 +223,7 @@ pub async fn run(
     let table = TableGuard(table);
     tracing::info!(
         table = table.0.name(),
-        "nftables table installed (a stale one was replaced)"
+        "nftables table installed (replacing any a crashed run left)"
     );
     let _forward = if config.manage_ip_forward {
         Some(IpForward::enable()?)
