@@ -38,6 +38,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -369,6 +370,23 @@ def perf_profile(pid, seconds, name):
     return report
 
 
+PERF_COUNTS = ["raw_syscalls:sys_enter", "sched:sched_switch", "sched:sched_wakeup", "syscalls:sys_enter_futex",
+               "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_recvmsg",
+               "syscalls:sys_enter_read", "syscalls:sys_enter_writev", "syscalls:sys_enter_sendmsg",
+               "syscalls:sys_enter_sendto", "syscalls:sys_enter_write"]
+PERF_NAMES = [e.split(":")[1].replace("sys_enter_", "") for e in PERF_COUNTS]
+
+
+def perf_stat_counts(text):
+    """{event: count} from `perf stat -x,` output (event names without their tracepoint group)."""
+    counts = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) > 3 and fields[0].replace(".", "", 1).isdigit():
+            counts[fields[2].split(":")[-1].replace("sys_enter_", "")] = float(fields[0])
+    return counts
+
+
 REQUEST_METRICS = (("requests_per_second", "req/s", 1, ".0f"), ("latency_p50", "p50 ms", 1e3, ".3f"),
                    ("latency_p99", "p99 ms", 1e3, ".3f"), ("cpu_per_request", "CPU us", 1e6, ".1f"),
                    ("switches_per_request", "cs/req", 1, ".2f"))
@@ -417,6 +435,16 @@ def bench_requests(seconds=10, connections=32, runs=3, compare=None, perf=False)
             for subject in [s for s in procs if s.startswith("mptcp-proxy")] + ["haproxy"]:
                 cmd = subjects[subject]
                 prog, rest = cmd[:cmd.index("wrk") + 1], cmd[cmd.index("wrk") + 1:]
+                # System calls, context switches and wakeups per request: counts that do not depend on how
+                # busy the shared machine is.
+                counting = subprocess.Popen(["perf", "stat", "-x,", "-e", ",".join(PERF_COUNTS), "-p",
+                                             str(pids[subject])], stderr=subprocess.PIPE, text=True)
+                time.sleep(0.5)
+                out = lab.exec("cli", *prog, "-t2", f"-c{connections}", f"-d{seconds}s", *rest)
+                counting.send_signal(signal.SIGINT)
+                requests = wrk_counts(out.stdout)[0]
+                for event, count in perf_stat_counts(counting.communicate()[1]).items():
+                    res.add("keep-alive", subject, 1, f"{event}_per_request", count / requests, "1")
                 load = lab.spawn("cli", *prog, "-t2", f"-c{connections}", f"-d{seconds + 4}s", *rest)
                 time.sleep(2.0)
                 perf_profile(pids[subject], seconds, f"requests-{subject}")
@@ -432,6 +460,12 @@ def bench_requests(seconds=10, connections=32, runs=3, compare=None, perf=False)
             ratio = v / res.median("keep-alive", "haproxy", metric)
             line += f"{format(v * scale, fmt):>10}{ratio:>7.2f}" if v == v else f"{'-':>10}{'':>7}"
         print(line)
+    if perf:
+        print("\nper request, perf stat over one more run (syscalls, context switches, wakeups it causes, ...)")
+        print(f"{'subject':<22}" + "".join(f"{e[:8]:>9}" for e in PERF_NAMES))
+        for subject in [s for s in names if s.startswith("mptcp-proxy")] + ["haproxy"]:
+            print(f"{subject:<22}" + "".join(f"{res.median('keep-alive', subject, f'{e}_per_request'):>9.2f}"
+                                             for e in PERF_NAMES))
     squid = res.median("keep-alive", "squid", "requests_per_second")
     print(f"mptcp-proxy x squid: {res.median('keep-alive', 'mptcp-proxy', 'requests_per_second') / squid:.2f} req/s")
     return res
