@@ -92,10 +92,48 @@ pub struct Config {
     /// The async runtime.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// RFC 8803 converters (listeners with `mode = "convert"`).
+    #[serde(default)]
+    pub convert: ConvertConfig,
     /// Cluster mode (several instances behind ECMP, issue 14); off unless the table or `--announce`
     /// is given.
     #[serde(default)]
     pub cluster: Option<crate::cluster::ClusterConfig>,
+}
+
+/// Settings of the RFC 8803 converter listeners.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvertConfig {
+    /// Require the Cookie TLV (RFC 8803 §4.7): a client first gets Missing Cookie with its cookie, then
+    /// retries with it, proving it receives at its address; default false (the client ACL already
+    /// bounds who may convert).
+    #[serde(default)]
+    pub require_cookie: bool,
+    /// A file of at least 16 random bytes keying the cookies, so converters sharing it accept each
+    /// other's cookies and restarts keep them valid; default none: a random key per process.
+    #[serde(default)]
+    pub cookie_secret_file: Option<PathBuf>,
+    /// Pending TCP Fast Open connections per listener (`TCP_FASTOPEN` queue length); default 4096, the
+    /// accept backlog's order of magnitude.
+    #[serde(default = "ConvertConfig::default_fastopen_queue")]
+    pub fastopen_queue: u32,
+}
+
+impl ConvertConfig {
+    fn default_fastopen_queue() -> u32 {
+        4096
+    }
+}
+
+impl Default for ConvertConfig {
+    fn default() -> Self {
+        Self {
+            require_cookie: false,
+            cookie_secret_file: None,
+            fastopen_queue: Self::default_fastopen_queue(),
+        }
+    }
 }
 
 /// The async runtime's shape.
@@ -122,6 +160,7 @@ impl Default for Config {
             throttle: None,
             sniffer: crate::sniffer::SnifferConfig::default(),
             runtime: RuntimeConfig::default(),
+            convert: ConvertConfig::default(),
             cluster: None,
         }
     }
@@ -145,6 +184,9 @@ pub enum ListenerMode {
     /// Connections redirected by nftables REDIRECT or TPROXY, relayed to their original destination
     /// without parsing HTTP.
     Transparent,
+    /// An RFC 8803 Transport Converter: the client names the server in a Convert message in its SYN
+    /// (TCP Fast Open); relayed like a CONNECT tunnel. Port 5124 is the IANA-assigned one.
+    Convert,
 }
 
 /// One listening socket.
@@ -167,6 +209,16 @@ pub struct ListenerConfig {
 impl ListenerConfig {
     fn default_mode() -> ListenerMode {
         ListenerMode::Forward
+    }
+
+    /// A converter listener with the defaults, as `--convert` creates.
+    pub fn convert(address: SocketAddr) -> Self {
+        Self {
+            address,
+            mode: ListenerMode::Convert,
+            mptcp: true,
+            tproxy: false,
+        }
     }
 
     /// A forward listener with the defaults, as `--listen` creates.
@@ -644,6 +696,9 @@ impl Config {
         if self.sniffer.multipath_threshold == 0 {
             return Err(invalid("sniffer.multipath_threshold", "must be at least 1"));
         }
+        if self.convert.fastopen_queue == 0 {
+            return Err(invalid("convert.fastopen_queue", "must be at least 1"));
+        }
         if let Some(cluster) = &self.cluster {
             cluster
                 .validate(&self.listeners)
@@ -683,5 +738,27 @@ mod tests {
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("10 parsecs").is_err());
         assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn convert_listeners_and_section() {
+        let config = Config::from_toml(
+            "[[listener]]\naddress = \"0.0.0.0:5124\"\nmode = \"convert\"\n\
+             [convert]\nrequire_cookie = true\nfastopen_queue = 64\n",
+            "test",
+        )
+        .expect("valid");
+        assert_eq!(config.listeners[0].mode, ListenerMode::Convert);
+        assert!(config.convert.require_cookie);
+        assert_eq!(config.convert.fastopen_queue, 64);
+        let error =
+            Config::from_toml("[convert]\nfastopen_queue = 0\n", "test").expect_err("zero queue");
+        assert!(
+            error.to_string().contains("convert.fastopen_queue"),
+            "{error}"
+        );
+        let error =
+            Config::from_toml("[convert]\ncookies = true\n", "test").expect_err("unknown key");
+        assert!(error.to_string().contains("cookies"), "{error}");
     }
 }

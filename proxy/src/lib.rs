@@ -8,6 +8,8 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod convert;
+pub mod fuzz;
 pub mod http;
 pub mod metrics;
 pub mod registry;

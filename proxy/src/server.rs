@@ -26,10 +26,11 @@ use crate::access_log::{AccessLog, Entry};
 use crate::acl::{local_addresses, Acl};
 use crate::admin::{AdminState, DrainSignal};
 use crate::auth::{AuthError, Credentials};
-use crate::config::{Config, ConfigError, ListenerConfig, ListenerMode};
+use crate::config::{Config, ConfigError, ConvertConfig, ListenerConfig, ListenerMode};
 use crate::connection::{
     ClientConnection, ClientIo, ConnectionContext, PerClientCounter, SAMPLE_INTERVAL,
 };
+use crate::convert::wire::ErrorCode as ConvertError;
 use crate::http::{connect_upstream, handle, HttpConnection, Shared};
 use crate::metrics::{InterfaceMap, Metrics};
 use crate::registry::{ConnectionRegistry, SubflowClasses};
@@ -174,6 +175,8 @@ struct Listener {
     socket: TcpListener,
     mptcp: bool,
     config: ListenerConfig,
+    /// The RFC 8803 converter of a `convert` listener.
+    convert: Option<Arc<crate::convert::Converter>>,
 }
 
 /// A proxy with its listeners bound, ready to serve.
@@ -249,13 +252,23 @@ fn prepare(config: &Config) -> Result<Prepared, ServerError> {
     })
 }
 
-fn bind_one(listener: &ListenerConfig) -> Result<Listener, ServerError> {
+fn bind_one(listener: &ListenerConfig, convert: &ConvertConfig) -> Result<Listener, ServerError> {
     let bind_error = |source| ServerError::Bind {
         address: listener.address,
         source,
     };
     let bound =
         bind_listener(listener.address, listener.mptcp, listener.tproxy).map_err(bind_error)?;
+    let convert = match listener.mode {
+        ListenerMode::Convert => {
+            crate::convert::enable_fastopen(&bound.listener, convert.fastopen_queue)
+                .map_err(bind_error)?;
+            Some(Arc::new(
+                crate::convert::Converter::new(convert).map_err(bind_error)?,
+            ))
+        }
+        _ => None,
+    };
     let socket = TcpListener::from_std(bound.listener).map_err(bind_error)?;
     let local = socket.local_addr().map_err(bind_error)?;
     tracing::info!(
@@ -268,6 +281,7 @@ fn bind_one(listener: &ListenerConfig) -> Result<Listener, ServerError> {
         socket,
         mptcp: bound.mptcp,
         config: listener.clone(),
+        convert,
     })
 }
 
@@ -326,7 +340,7 @@ impl Server {
         let listeners = config
             .listeners
             .iter()
-            .map(bind_one)
+            .map(|listener| bind_one(listener, &config.convert))
             .collect::<Result<Vec<_>, _>>()?;
         let admin = config.metrics.address.map(bind_admin).transpose()?;
         let classes = Arc::new(SubflowClasses::default());
@@ -771,6 +785,10 @@ impl Running {
                 .needs_restart
                 .push("runtime.worker_threads".to_owned());
         }
+        if old.config.convert != new.convert {
+            // Converters keep their cookie key for the listener's lifetime.
+            summary.needs_restart.push("convert".to_owned());
+        }
         // The endpoint, the C flag and the announcement belong to the running instance.
         if old.config.cluster != new.cluster {
             summary.needs_restart.push("cluster".to_owned());
@@ -785,7 +803,7 @@ impl Running {
             .collect();
         let mut bound = Vec::new();
         for listener in added {
-            bound.push(bind_one(listener)?);
+            bound.push(bind_one(listener, &new.convert)?);
         }
         let admin = match new.metrics.address {
             Some(address) if old.config.metrics.address != Some(address) => {
@@ -915,9 +933,9 @@ impl Running {
             };
             let _ = old_task.close.send(true);
             let _ = old_task.task.await;
-            match bind_one(&listener).or_else(|error| {
+            match bind_one(&listener, &new.convert).or_else(|error| {
                 tracing::error!(%error, "rebinding the changed listener failed; restoring the old one");
-                bind_one(&old_task.config)
+                bind_one(&old_task.config, &new.convert)
             }) {
                 Ok(bound) => self.spawn_accept(bound),
                 Err(error) => tracing::error!(%error, "the listener could not be restored"),
@@ -1080,6 +1098,8 @@ async fn accept_loop(
             log_refusal(&shared, transport, client, 403, "TCP_DENIED");
             if forward {
                 tokio::spawn(refuse(stream, "403 Forbidden", denied.to_string()));
+            } else if listener.convert.is_some() {
+                tokio::spawn(crate::convert::refuse(stream, ConvertError::NotAuthorized));
             }
             continue;
         }
@@ -1094,6 +1114,11 @@ async fn accept_loop(
                     "503 Service Unavailable",
                     "too many connections".into(),
                 ));
+            } else if listener.convert.is_some() {
+                tokio::spawn(crate::convert::refuse(
+                    stream,
+                    ConvertError::ResourceExceeded,
+                ));
             }
             continue;
         };
@@ -1107,9 +1132,19 @@ async fn accept_loop(
                     "503 Service Unavailable",
                     "too many connections from this client".into(),
                 ));
+            } else if listener.convert.is_some() {
+                tokio::spawn(crate::convert::refuse(
+                    stream,
+                    ConvertError::ResourceExceeded,
+                ));
             }
             continue;
         };
+        // A converter sends the upstream SYN before any bookkeeping (RFC 8803: 0-RTT conversion).
+        let prefetched = listener
+            .convert
+            .as_ref()
+            .map(|converter| crate::convert::prefetch(&shared, converter, &stream, client.ip()));
         count("accepted");
         let _ = stream.set_nodelay(true);
         let connection = ClientConnection::accepted(
@@ -1125,7 +1160,15 @@ async fn accept_loop(
             },
         );
         tracing::debug!(%client, transport = transport.as_str(), "accepted");
-        if forward {
+        if let (Some(converter), Some(prefetched)) = (&listener.convert, prefetched) {
+            crate::convert::spawn(
+                shared.clone(),
+                converter.clone(),
+                stream,
+                connection,
+                prefetched,
+            );
+        } else if forward {
             tokio::spawn(serve_http(live.clone(), stream, connection, stop.clone()));
         } else {
             tokio::spawn(serve_transparent(
