@@ -165,7 +165,8 @@ class Lab:
     def proxy(self, port, mode="copy", extra="", binary=None):
         conf = self.work / f"proxy-{port}.toml"
         conf.write_text(f'[[listener]]\naddress = "0.0.0.0:{port}"\n[access_log]\npath = "off"\n'
-                        f'[metrics]\naddress = "off"\n[relay]\nmode = "{mode}"\n{extra}')
+                        f'[metrics]\naddress = "off"\n[relay]\nmode = "{mode}"\n'
+                        f'[acl]\nconnect_ports = [80, 443]\n{extra}')
         p = self.spawn("prx", "prlimit", "--nofile=20000", str(binary or PROXY_BIN), "--config", str(conf))
         self.wait_port("prx", "10.0.1.1", port)
         return p

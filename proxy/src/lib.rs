@@ -18,6 +18,7 @@ pub mod server;
 pub mod sniffer;
 pub mod sockets;
 pub mod throttle;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::{run, termination, Server, ServerError};

@@ -215,6 +215,7 @@ impl std::fmt::Debug for Server {
 /// What a configuration compiles to, before it is swapped in: everything here could fail.
 struct Prepared {
     acl: Acl,
+    connector: crate::upstream::Connector,
     credentials: Option<Credentials>,
     client_limiters: Option<(
         Arc<mptcp_throttle::ClientRateLimiter>,
@@ -223,12 +224,19 @@ struct Prepared {
 }
 
 fn prepare(config: &Config) -> Result<Prepared, ServerError> {
-    let mut own = local_addresses().unwrap_or_else(|error| {
+    let own = local_addresses().unwrap_or_else(|error| {
         tracing::warn!(%error, "cannot list local addresses; deny_own_addresses covers only listeners");
         Vec::new()
     });
-    own.extend(config.listeners.iter().map(|l| l.address.ip()));
-    let acl = Acl::new(&config.acl, own);
+    let listener_ips = config.listeners.iter().map(|l| l.address.ip()).collect();
+    let acl = Acl::with_listeners(&config.acl, own, listener_ips);
+    if config.acl.deny_own_addresses {
+        // Addresses added while the proxy runs are protected too (the watcher ends with this Acl).
+        if let Err(error) = crate::acl::watch_own_addresses(acl.own_addresses()) {
+            tracing::warn!(%error, "cannot watch local addresses; the list read at start stays");
+        }
+    }
+    let connector = crate::upstream::Connector::new(&config.upstream);
     let credentials = config
         .auth
         .as_ref()
@@ -247,6 +255,7 @@ fn prepare(config: &Config) -> Result<Prepared, ServerError> {
     };
     Ok(Prepared {
         acl,
+        connector,
         credentials,
         client_limiters,
     })
@@ -329,14 +338,17 @@ impl Server {
         check_fd_limit(config.limits.max_connections);
         let Prepared {
             acl,
+            connector,
             credentials,
             client_limiters,
         } = prepare(&config)?;
         let access_log =
-            AccessLog::open(&config.access_log).map_err(|source| ServerError::AccessLog {
-                path: config.access_log.path.clone(),
-                source,
-            })?;
+            AccessLog::open_with(&config.access_log, metrics.access_log_dropped.clone()).map_err(
+                |source| ServerError::AccessLog {
+                    path: config.access_log.path.clone(),
+                    source,
+                },
+            )?;
         let listeners = config
             .listeners
             .iter()
@@ -354,6 +366,7 @@ impl Server {
             shared: Arc::new(Shared {
                 config,
                 acl,
+                connector,
                 credentials,
                 access_log,
                 metrics,
@@ -603,6 +616,8 @@ struct Running {
     /// Tasks taking permits out of the semaphore after max_connections was lowered.
     shrinking: Vec<JoinHandle<()>>,
     per_client: PerClientCounter,
+    /// Refusals (403/503) answered at once; beyond, refused connections close at once.
+    refusals: Arc<Semaphore>,
     stop_tx: watch::Sender<bool>,
     accept: BTreeMap<SocketAddr, AcceptTask>,
     admin_state: Arc<AdminState>,
@@ -694,7 +709,8 @@ impl Running {
             permits: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             shrinking: Vec::new(),
-            per_client: PerClientCounter::default(),
+            per_client: PerClientCounter::with_ipv6_prefix(shared.config.limits.client_ipv6_prefix),
+            refusals: Arc::new(Semaphore::new(shared.config.limits.max_refusals)),
             stop_tx,
             accept: BTreeMap::new(),
             admin_state,
@@ -720,6 +736,7 @@ impl Running {
             AcceptContext {
                 permits: self.permits.clone(),
                 per_client: self.per_client.clone(),
+                refusals: self.refusals.clone(),
                 registry: self.registry.clone(),
             },
             self.stop_tx.subscribe(),
@@ -788,6 +805,21 @@ impl Running {
         if old.config.convert != new.convert {
             // Converters keep their cookie key for the listener's lifetime.
             summary.needs_restart.push("convert".to_owned());
+        }
+        // The per-client counter and the refusal budget are built once, at start.
+        for (key, differs) in [
+            (
+                "limits.client_ipv6_prefix",
+                old.config.limits.client_ipv6_prefix != new.limits.client_ipv6_prefix,
+            ),
+            (
+                "limits.max_refusals",
+                old.config.limits.max_refusals != new.limits.max_refusals,
+            ),
+        ] {
+            if differs {
+                summary.needs_restart.push(key.to_owned());
+            }
         }
         // The endpoint, the C flag and the announcement belong to the running instance.
         if old.config.cluster != new.cluster {
@@ -909,6 +941,7 @@ impl Running {
         self.live.replace(Arc::new(Shared {
             config: new.clone(),
             acl: prepared.acl,
+            connector: prepared.connector,
             credentials: prepared.credentials,
             access_log: self.access_log.clone(),
             metrics: self.metrics.clone(),
@@ -1017,6 +1050,10 @@ impl Running {
                 "drain timeout reached; closing the remaining connections"
             ),
         }
+        // The lines of the last requests reach the log before the process exits.
+        let log = self.access_log.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || log.flush(std::time::Duration::from_secs(2))).await;
         if let Some((_, stop, task)) = self.admin.take() {
             let _ = stop.send(true);
             let _ = task.await;
@@ -1058,6 +1095,7 @@ pub async fn run_with(
 struct AcceptContext {
     permits: Arc<Semaphore>,
     per_client: PerClientCounter,
+    refusals: Arc<Semaphore>,
     registry: Arc<ConnectionRegistry>,
 }
 
@@ -1071,8 +1109,25 @@ async fn accept_loop(
     let AcceptContext {
         permits,
         per_client,
+        refusals,
         registry,
     } = context;
+    // Answers a refused connection from the bounded budget, or closes it at once and counts it.
+    let refuse =
+        |metrics: &Metrics, stream: TcpStream, status_line: &'static str, reason: &'static str| {
+            match refusals.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(async move {
+                        refuse(stream, status_line, reason).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    metrics.refusals_dropped.inc();
+                    drop(stream);
+                }
+            }
+        };
     loop {
         let (stream, client) = tokio::select! {
             accepted = listener.socket.accept() => match accepted {
@@ -1097,7 +1152,12 @@ async fn accept_loop(
             tracing::info!(%client, "refused: {denied}");
             log_refusal(&shared, transport, client, 403, "TCP_DENIED");
             if forward {
-                tokio::spawn(refuse(stream, "403 Forbidden", denied.to_string()));
+                refuse(
+                    &shared.metrics,
+                    stream,
+                    "403 Forbidden",
+                    "this client is not allowed to use the proxy",
+                );
             } else if listener.convert.is_some() {
                 tokio::spawn(crate::convert::refuse(stream, ConvertError::NotAuthorized));
             }
@@ -1109,11 +1169,12 @@ async fn accept_loop(
             tracing::warn!(%client, "refused: max_connections reached");
             log_refusal(&shared, transport, client, 503, "NONE_NONE");
             if forward {
-                tokio::spawn(refuse(
+                refuse(
+                    &shared.metrics,
                     stream,
                     "503 Service Unavailable",
-                    "too many connections".into(),
-                ));
+                    "too many connections",
+                );
             } else if listener.convert.is_some() {
                 tokio::spawn(crate::convert::refuse(
                     stream,
@@ -1127,11 +1188,12 @@ async fn accept_loop(
             tracing::warn!(%client, "refused: max_connections_per_client reached");
             log_refusal(&shared, transport, client, 503, "NONE_NONE");
             if forward {
-                tokio::spawn(refuse(
+                refuse(
+                    &shared.metrics,
                     stream,
                     "503 Service Unavailable",
-                    "too many connections from this client".into(),
-                ));
+                    "too many connections from this client",
+                );
             } else if listener.convert.is_some() {
                 tokio::spawn(crate::convert::refuse(
                     stream,
@@ -1188,7 +1250,7 @@ fn log_refusal(
     status: u16,
     result: &'static str,
 ) {
-    shared.access_log.write(&Entry {
+    shared.access_log.log(Entry {
         started: SystemTime::now(),
         elapsed: Default::default(),
         client: client.ip(),
@@ -1205,15 +1267,18 @@ fn log_refusal(
     });
 }
 
+/// How long a refused connection is held to deliver its answer.
+const REFUSAL_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Answers a connection the proxy will not serve, without reading its request.
-async fn refuse(mut stream: TcpStream, status_line: &'static str, reason: String) {
+async fn refuse(mut stream: TcpStream, status_line: &'static str, reason: &'static str) {
     let body = format!("{status_line}: {reason}\n");
     let response = format!(
         "HTTP/1.1 {status_line}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\nVia: 1.1 {}\r\n\r\n{body}",
         body.len(),
         crate::http::VIA_PSEUDONYM
     );
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+    let _ = tokio::time::timeout(REFUSAL_HOLD, async {
         stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await?;
         // Read what the client sent, so closing does not reset the answer away.
@@ -1346,7 +1411,7 @@ async fn serve_transparent(
     }
     entry.elapsed = started.elapsed();
     entry.subflows = client.max_subflows();
-    shared.access_log.write(&entry);
+    shared.access_log.log(entry);
     client.closed(&stream);
 }
 
