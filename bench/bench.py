@@ -7,7 +7,7 @@ the seeds; and the direct routed path without a proxy. The client is always MPTC
 with two paths. Proxies' CPU (user + system, all threads) comes from /proc/PID/stat.
 
   bench.py throughput [--size-mib 256] [--runs 5]   (a) bulk download, plus the iperf3 -R MPTCP limit
-  bench.py requests   [--seconds 10] [--runs 3] [--compare BIN] [--perf]
+  bench.py requests   [--seconds 10] [--runs 3] [--compare BIN]... [--perf] [--skip squid]
                                                     (b) keep-alive small objects with wrk: req/s, p50/p99,
                                                     CPU and context switches per request; --compare adds a
                                                     second mptcp-proxy build (A/B in the same run); --perf
@@ -416,24 +416,29 @@ REQUEST_METRICS = (("requests_per_second", "req/s", 1, ".0f"), ("latency_p50", "
                    ("switches_per_request", "cs/req", 1, ".2f"))
 
 
-def bench_requests(seconds=10, connections=32, runs=3, compare=None, perf=False):
+def bench_requests(seconds=10, connections=32, runs=3, compare=None, perf=False, skip=()):
     """Keep-alive 1 KiB objects through each subject with `wrk -t2 -cN`, subjects interleaved round by round
-    (the order rotates each round). `compare` is another mptcp-proxy binary measured the same way, as the
-    subject `mptcp-proxy-compare` (an A/B of two builds in one run)."""
+    (the order rotates each round). `compare` lists more mptcp-proxy binaries measured the same way, each as the
+    subject `mptcp-proxy@NAME` (an A/B of builds in one run)."""
     res = Results("requests")
     with Lab("rq") as lab:
         lab.nginx({"small.txt": 1024})
-        procs = {"mptcp-proxy": lab.proxy(3128), "haproxy": lab.haproxy(3140, 3141), "squid": lab.squid(3129)}
-        if compare:
-            procs["mptcp-proxy-compare"] = lab.proxy(3138, binary=compare)
+        procs = {"mptcp-proxy": lab.proxy(3128), "haproxy": lab.haproxy(3140, 3141)}
+        if "squid" not in skip:
+            procs["squid"] = lab.squid(3129)
+        ports = {"mptcp-proxy": 3128, "haproxy": 3140, "squid": 3129}
+        for i, binary in enumerate(compare or []):
+            subject = f"mptcp-proxy@{Path(binary).name}"
+            procs[subject] = lab.proxy(3150 + i, binary=binary)
+            ports[subject] = 3150 + i
         pids = proxy_pids(lab, procs)
         script = lab.work / "absolute.lua"
         # Every proxy gets the same absolute-form request over MPTCP, with the Host a proxy client sends
         # (curl -x): HAProxy answers 400 when Host differs from the absolute-form authority.
         script.write_text('wrk.path = "http://10.0.3.2/small.txt"\nwrk.headers["Host"] = "10.0.3.2"\n')
-        ports = {"mptcp-proxy": 3128, "mptcp-proxy-compare": 3138, "haproxy": 3140, "squid": 3129}
         subjects = {s: ["mptcpize", "run", "wrk", "-s", str(script), f"http://10.0.1.1:{ports[s]}"] for s in procs}
-        subjects["direct_tcp"] = ["wrk", "http://10.0.3.2/small.txt"]
+        if "direct_tcp" not in skip:
+            subjects["direct_tcp"] = ["wrk", "http://10.0.3.2/small.txt"]
         names = list(subjects)
         for n in range(1, runs + 1):
             for subject in names[n % len(names):] + names[:n % len(names)]:
@@ -490,8 +495,9 @@ def bench_requests(seconds=10, connections=32, runs=3, compare=None, perf=False)
         for subject in [s for s in names if s.startswith("mptcp-proxy")] + ["haproxy"]:
             print(f"{subject:<22}" + "".join(f"{res.median('keep-alive', subject, f'{e}_per_request'):>9.2f}"
                                              for e in PERF_NAMES))
-    squid = res.median("keep-alive", "squid", "requests_per_second")
-    print(f"mptcp-proxy x squid: {res.median('keep-alive', 'mptcp-proxy', 'requests_per_second') / squid:.2f} req/s")
+    if "squid" not in skip:
+        squid = res.median("keep-alive", "squid", "requests_per_second")
+        print(f"mptcp-proxy x squid: {res.median('keep-alive', 'mptcp-proxy', 'requests_per_second') / squid:.2f} req/s")
     return res
 
 
@@ -1095,8 +1101,10 @@ def main():
     parser.add_argument("--downloads", type=int, default=1000)
     parser.add_argument("--perf", action="store_true",
                         help="mpip: also record a perf profile of both ends; requests: of mptcp-proxy and haproxy")
-    parser.add_argument("--compare", metavar="BIN",
-                        help="requests: also measure this mptcp-proxy binary (an A/B of two builds in one run)")
+    parser.add_argument("--compare", metavar="BIN", action="append",
+                        help="requests: also measure this mptcp-proxy binary (A/B of builds in one run; repeatable)")
+    parser.add_argument("--skip", metavar="SUBJECT", action="append", choices=["squid", "direct_tcp"],
+                        help="requests: leave out a peer (for quick A/B runs of builds)")
     a = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.py needs root (network namespaces)")
@@ -1114,7 +1122,7 @@ def main():
         if name == "throughput":
             bench_throughput(a.size_mib, a.runs or 5)
         elif name == "requests":
-            bench_requests(a.seconds, runs=a.runs or 3, compare=a.compare, perf=a.perf)
+            bench_requests(a.seconds, runs=a.runs or 3, compare=a.compare, perf=a.perf, skip=a.skip or ())
         elif name == "conversion":
             bench_conversion(a.requests, a.rounds)
         elif name == "aggregation":
