@@ -8,7 +8,7 @@
 # crate or a [[bin]] is picked up without editing this script. Each run starts from the checked-in
 # corpus (CRATE/fuzz/corpus/TARGET, replayed by that crate's `cargo test`), writes new inputs to the
 # ignored CRATE/fuzz/work/TARGET, and at the end merges into the checked-in corpus only the inputs that
-# add coverage (libFuzzer -merge=1), so it stays small. Crashes land in CRATE/fuzz/artifacts/TARGET.
+# add a coverage edge (libFuzzer -merge=1 -use_counters=0), so it stays small. Crashes land in CRATE/fuzz/artifacts/TARGET.
 # It prints one Markdown row per target: | target | seconds | executions | exec/s | crashes | corpus |,
 # and appends it to target/fuzz-results.md.
 #
@@ -47,7 +47,7 @@ run_one() { # CRATE_DIR/TARGET SECONDS
   execs=$(awk '/stat::number_of_executed_units/ {s += $NF} END {print s + 0}' "$log")
   local crashes
   crashes=$(find "$fuzz/artifacts/$name" -type f | wc -l)
-  (cd "$dir" && cargo fuzz run -s none "$name" -- -merge=1 "$fuzz/corpus/$name" "$fuzz/work/$name") \
+  (cd "$dir" && cargo fuzz run -s none "$name" -- -merge=1 -use_counters=0 "$fuzz/corpus/$name" "$fuzz/work/$name") \
     >"$fuzz/work/$name.merge.log" 2>&1 || true
   local corpus
   corpus=$(find "$fuzz/corpus/$name" -type f | wc -l)

@@ -35,6 +35,9 @@ pub enum Denied {
     /// An absolute-form request to a port outside `acl.safe_ports`.
     #[error("requests to port {0} are not allowed")]
     SafePort(u16),
+    /// A converter's Connect TLV to a port outside `acl.convert_ports`.
+    #[error("conversion to port {0} is not allowed")]
+    ConvertPort(u16),
     /// A cloud metadata address ([`METADATA_ADDRESSES`]).
     #[error("destination {0} is a cloud metadata service")]
     Metadata(IpAddr),
@@ -50,6 +53,7 @@ impl Denied {
             }
             Denied::ConnectPort(port) => format!("CONNECT to port {port} is not allowed"),
             Denied::SafePort(port) => format!("requests to port {port} are not allowed"),
+            Denied::ConvertPort(port) => format!("conversion to port {port} is not allowed"),
         }
     }
 }
@@ -63,6 +67,7 @@ pub struct Acl {
     own_addresses: Arc<OwnAddresses>,
     connect_ports: Vec<PortRange>,
     safe_ports: Vec<PortRange>,
+    convert_ports: Vec<PortRange>,
 }
 
 /// The proxy host's own addresses, refreshed while the proxy runs ([`watch_own_addresses`]).
@@ -130,6 +135,7 @@ impl Acl {
             own_addresses: Arc::new(own),
             connect_ports: config.connect_ports.clone(),
             safe_ports: config.safe_ports.clone(),
+            convert_ports: config.convert_ports.clone(),
         }
     }
 
@@ -178,6 +184,15 @@ impl Acl {
             Ok(())
         } else {
             Err(Denied::SafePort(port))
+        }
+    }
+
+    /// Checks the port of a converter's Connect TLV against `acl.convert_ports`.
+    pub fn check_convert_port(&self, port: u16) -> Result<(), Denied> {
+        if self.convert_ports.iter().any(|r| r.contains(port)) {
+            Ok(())
+        } else {
+            Err(Denied::ConvertPort(port))
         }
     }
 }

@@ -440,6 +440,11 @@ pub struct AclConfig {
     /// 1025-65535, 280, 488, 591, 777), which keeps plain-text protocols on low ports out of reach.
     #[serde(default = "AclConfig::default_safe_ports")]
     pub safe_ports: Vec<PortRange>,
+    /// Ports an RFC 8803 converter may connect to; default every port but 25. A converter carries
+    /// all of a subscriber's TCP (as in 5G ATSSS), so it cannot keep to web ports, but an ISP's
+    /// appliance must not relay SMTP from its own address. An empty list refuses every Connect TLV.
+    #[serde(default = "AclConfig::default_convert_ports")]
+    pub convert_ports: Vec<PortRange>,
 }
 
 /// A port or an inclusive range of ports: `443` or `"1025-65535"` in TOML.
@@ -546,6 +551,15 @@ impl AclConfig {
             })
             .collect()
     }
+    fn default_convert_ports() -> Vec<PortRange> {
+        vec![
+            PortRange { first: 1, last: 24 },
+            PortRange {
+                first: 26,
+                last: 65535,
+            },
+        ]
+    }
     fn default_deny_destinations() -> Vec<IpNet> {
         parse_nets(&[
             "0.0.0.0/8",
@@ -572,6 +586,7 @@ impl Default for AclConfig {
             deny_own_addresses: true,
             connect_ports: Self::default_connect_ports(),
             safe_ports: Self::default_safe_ports(),
+            convert_ports: Self::default_convert_ports(),
         }
     }
 }

@@ -4,32 +4,13 @@
 //! Adding a target: write `pub fn NAME(data: &[u8])` here, a `fuzz/fuzz_targets/NAME.rs` that calls
 //! it, a `[[bin]]` in `fuzz/Cargo.toml`, a seed in `fuzz/corpus/NAME/`, and a row in the replay test.
 
+use http::Uri;
+
 use crate::convert::converter::{decide, CookieJar, Policy};
 use crate::convert::wire::{MessageRepr, Parsed};
 use crate::http::headers::{self, Fields, MaxForwards};
 use crate::http::target::{host_and_port, loggable, parse_target};
 use crate::http::wire::{self, RequestRewrite};
-use http::Uri;
-/// RFC 8803 Convert messages: the parser never panics, whatever parses re-emits to bytes that parse
-/// the same, and the converter's decisions (open, and requiring cookies) never panic.
-pub fn convert_message(data: &[u8]) {
-    if let Ok(Parsed::Complete { message, .. }) = MessageRepr::parse(data) {
-        let bytes = message.to_bytes().expect("a parsed message fits");
-        match MessageRepr::parse(&bytes) {
-            Ok(Parsed::Complete { message: again, .. }) => assert_eq!(again, message),
-            other => panic!("re-emitted message does not parse: {other:?}"),
-        }
-    }
-    let client = std::net::IpAddr::from([10, 0, 1, 2]);
-    let _ = decide(data, client, &Policy { cookies: None });
-    let _ = decide(
-        data,
-        client,
-        &Policy {
-            cookies: Some(CookieJar::new([1; 32])),
-        },
-    );
-}
 
 /// The request-head parser and every parser a request target and its fields go through: never a
 /// panic; a head parsed whole or in two pieces gets the same verdict; what `parse_target` accepts
@@ -118,4 +99,25 @@ pub fn config(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = crate::Config::from_toml(text, "fuzz");
     }
+}
+
+/// RFC 8803 Convert messages: the parser never panics, whatever parses re-emits to bytes that parse
+/// the same, and the converter's decisions (open, and requiring cookies) never panic.
+pub fn convert_message(data: &[u8]) {
+    if let Ok(Parsed::Complete { message, .. }) = MessageRepr::parse(data) {
+        let bytes = message.to_bytes().expect("a parsed message fits");
+        match MessageRepr::parse(&bytes) {
+            Ok(Parsed::Complete { message: again, .. }) => assert_eq!(again, message),
+            other => panic!("re-emitted message does not parse: {other:?}"),
+        }
+    }
+    let client = std::net::IpAddr::from([10, 0, 1, 2]);
+    let _ = decide(data, client, &Policy { cookies: None });
+    let _ = decide(
+        data,
+        client,
+        &Policy {
+            cookies: Some(CookieJar::new([1; 32])),
+        },
+    );
 }

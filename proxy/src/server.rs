@@ -798,10 +798,6 @@ impl Running {
                 .needs_restart
                 .push("runtime.worker_threads".to_owned());
         }
-        if old.config.convert != new.convert {
-            // Converters keep their cookie key for the listener's lifetime.
-            summary.needs_restart.push("convert".to_owned());
-        }
         // The per-client counter and the refusal budget are built once, at start.
         for (key, differs) in [
             (
@@ -816,6 +812,10 @@ impl Running {
             if differs {
                 summary.needs_restart.push(key.to_owned());
             }
+        }
+        if old.config.convert != new.convert {
+            // Converters keep their cookie key for the listener's lifetime.
+            summary.needs_restart.push("convert".to_owned());
         }
         // The endpoint, the C flag and the announcement belong to the running instance.
         if old.config.cluster != new.cluster {
@@ -1095,6 +1095,14 @@ struct AcceptContext {
     registry: Arc<ConnectionRegistry>,
 }
 
+/// How a refused connection is answered.
+enum Refusal {
+    /// An HTTP status line and a one-line reason (forward listeners).
+    Http(&'static str, &'static str),
+    /// An RFC 8803 Error TLV (converters).
+    Convert(ConvertError),
+}
+
 async fn accept_loop(
     listener: Listener,
     live: Arc<LiveShared>,
@@ -1108,22 +1116,40 @@ async fn accept_loop(
         refusals,
         registry,
     } = context;
+    let forward = listener.config.mode == ListenerMode::Forward;
+    // How this listener answers a refusal: HTTP status, RFC 8803 Error TLV, or (transparent) nothing.
+    let answer = |status_line: &'static str, reason: &'static str, code: ConvertError| {
+        if forward {
+            Some(Refusal::Http(status_line, reason))
+        } else if listener.convert.is_some() {
+            Some(Refusal::Convert(code))
+        } else {
+            None
+        }
+    };
     // Answers a refused connection from the bounded budget, or closes it at once and counts it.
-    let refuse =
-        |metrics: &Metrics, stream: TcpStream, status_line: &'static str, reason: &'static str| {
-            match refusals.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    tokio::spawn(async move {
-                        refuse(stream, status_line, reason).await;
-                        drop(permit);
-                    });
-                }
-                Err(_) => {
-                    metrics.refusals_dropped.inc();
-                    drop(stream);
-                }
-            }
+    let refuse = |metrics: &Metrics, stream: TcpStream, answer: Option<Refusal>| {
+        let Some(answer) = answer else {
+            return;
         };
+        match refusals.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    match answer {
+                        Refusal::Http(status_line, reason) => {
+                            refuse(stream, status_line, reason).await
+                        }
+                        Refusal::Convert(code) => crate::convert::refuse(stream, code).await,
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                metrics.refusals_dropped.inc();
+                drop(stream);
+            }
+        }
+    };
     loop {
         let (stream, client) = tokio::select! {
             accepted = listener.socket.accept() => match accepted {
@@ -1140,23 +1166,15 @@ async fn accept_loop(
         };
         // The configuration in force now: a reload applies from the next connection on.
         let shared = live.current();
-        let forward = listener.config.mode == ListenerMode::Forward;
         let transport = transport_of(stream.as_fd(), listener.mptcp);
         let count = |outcome| shared.metrics.connection(transport.as_str(), outcome);
         if let Err(denied) = shared.acl.check_client(client.ip()) {
             count("denied");
             tracing::info!(%client, "refused: {denied}");
             log_refusal(&shared, transport, client, 403, "TCP_DENIED");
-            if forward {
-                refuse(
-                    &shared.metrics,
-                    stream,
-                    "403 Forbidden",
-                    "this client is not allowed to use the proxy",
-                );
-            } else if listener.convert.is_some() {
-                tokio::spawn(crate::convert::refuse(stream, ConvertError::NotAuthorized));
-            }
+            let reason = "this client is not allowed to use the proxy";
+            let answer = answer("403 Forbidden", reason, ConvertError::NotAuthorized);
+            refuse(&shared.metrics, stream, answer);
             continue;
         }
         let limits = &shared.config.limits;
@@ -1164,38 +1182,26 @@ async fn accept_loop(
             count("over_limit");
             tracing::warn!(%client, "refused: max_connections reached");
             log_refusal(&shared, transport, client, 503, "NONE_NONE");
-            if forward {
-                refuse(
-                    &shared.metrics,
-                    stream,
-                    "503 Service Unavailable",
-                    "too many connections",
-                );
-            } else if listener.convert.is_some() {
-                tokio::spawn(crate::convert::refuse(
-                    stream,
-                    ConvertError::ResourceExceeded,
-                ));
-            }
+            let reason = "too many connections";
+            let answer = answer(
+                "503 Service Unavailable",
+                reason,
+                ConvertError::ResourceExceeded,
+            );
+            refuse(&shared.metrics, stream, answer);
             continue;
         };
         let Some(slot) = per_client.acquire(client.ip(), limits.max_connections_per_client) else {
             count("over_limit");
             tracing::warn!(%client, "refused: max_connections_per_client reached");
             log_refusal(&shared, transport, client, 503, "NONE_NONE");
-            if forward {
-                refuse(
-                    &shared.metrics,
-                    stream,
-                    "503 Service Unavailable",
-                    "too many connections from this client",
-                );
-            } else if listener.convert.is_some() {
-                tokio::spawn(crate::convert::refuse(
-                    stream,
-                    ConvertError::ResourceExceeded,
-                ));
-            }
+            let reason = "too many connections from this client";
+            let answer = answer(
+                "503 Service Unavailable",
+                reason,
+                ConvertError::ResourceExceeded,
+            );
+            refuse(&shared.metrics, stream, answer);
             continue;
         };
         // A converter sends the upstream SYN before any bookkeeping (RFC 8803: 0-RTT conversion).

@@ -170,6 +170,10 @@ fn denied_and_failed_destinations_get_their_error_tlvs() {
     // So is the converter's own address.
     let answer = parse_answer(&exchange(&lab, &connect_request("10.0.3.1:80")));
     assert_eq!(answer.error().map(|e| e.0), Some(ErrorCode::NotAuthorized));
+    // SMTP is outside the default acl.convert_ports: Not Authorized, and the server never sees a SYN
+    // (nothing listens on 25 there, so an attempted connection would have been Connection Reset).
+    let answer = parse_answer(&exchange(&lab, &connect_request("10.0.3.2:25")));
+    assert_eq!(answer.error().map(|e| e.0), Some(ErrorCode::NotAuthorized));
     // Nothing listens on port 81: the server's RST is Connection Reset (96).
     let answer = parse_answer(&exchange(&lab, &connect_request("10.0.3.2:81")));
     assert_eq!(
@@ -273,6 +277,43 @@ fn clients_outside_the_acl_and_cookies_are_enforced() {
     .expect("emit");
     let answer = parse_answer(&from_path2(&forged));
     assert_eq!(answer.error().map(|e| e.0), Some(ErrorCode::NotAuthorized));
+}
+
+#[test]
+fn refusals_beyond_the_budget_are_closed_at_once() {
+    let Some(lab) = Lab::new() else { return };
+    let _proxy = start_converter(
+        &lab,
+        "[limits]\nmax_refusals = 2\n[acl]\nallow_clients = [\"10.0.2.0/24\", \"127.0.0.0/8\"]\n",
+    );
+    // From path 1, which the client ACL refuses: clients that never close hold their answers'
+    // budget, so beyond two the converter closes at once without an Error TLV.
+    let answers = lab
+        .tb
+        .in_ns(lab.tb.client_ns(), || {
+            let held: Vec<TcpStream> = (0..30)
+                .map(|_| TcpStream::connect(addr(CONVERTER)).expect("connect"))
+                .collect();
+            held.into_iter()
+                .map(|mut stream| {
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("timeout");
+                    let mut answer = Vec::new();
+                    let _ = stream.read_to_end(&mut answer);
+                    answer
+                })
+                .collect::<Vec<_>>()
+        })
+        .expect("client namespace");
+    let answered = answers.iter().filter(|a| !a.is_empty()).count();
+    assert!(
+        (2..=8).contains(&answered),
+        "{answered} of 30 refusals answered with a budget of 2"
+    );
+    for answer in answers.iter().filter(|a| !a.is_empty()) {
+        assert_eq!(answer, &[1, 2, 0x22, 0x63, 30, 1, 32, 0]);
+    }
 }
 
 #[test]

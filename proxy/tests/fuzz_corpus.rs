@@ -11,6 +11,7 @@ fn every_fuzz_corpus_file_replays_without_a_panic() {
             ("convert_message", mptcp_proxy::fuzz::convert_message),
             ("request_head", mptcp_proxy::fuzz::request_head),
             ("config", mptcp_proxy::fuzz::config),
+            ("convert_message", mptcp_proxy::fuzz::convert_message),
         ],
     );
 }

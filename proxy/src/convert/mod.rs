@@ -238,7 +238,11 @@ fn count_upstream_error(shared: &Shared, kind: &'static str) {
 /// HTTP proxy's `connect_upstream`. [`finish_connect`] waits for the handshake.
 fn start_connect(shared: &Shared, request: &ConnectRequest) -> Result<TcpStream, ErrorCode> {
     let destination = request.destination;
-    if let Err(denied) = shared.acl.check_destination(destination.ip()) {
+    let allowed = shared
+        .acl
+        .check_convert_port(destination.port())
+        .and_then(|()| shared.acl.check_destination(destination.ip()));
+    if let Err(denied) = allowed {
         count_upstream_error(shared, "denied");
         tracing::info!(%destination, "convert refused: {denied}");
         return Err(ErrorCode::NotAuthorized);
