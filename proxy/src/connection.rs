@@ -122,8 +122,8 @@ pub struct ClientConnection {
     upstream: Mutex<Option<UpstreamInfo>>,
     /// The connection's entry in the server's table of open connections (`/connections`).
     _registration: Option<Registration>,
-    _permit: OwnedSemaphorePermit,
-    _slot: ClientSlot,
+    /// The global permit and the per-client slot, held until dropped or released.
+    limits: Mutex<Option<(OwnedSemaphorePermit, ClientSlot)>>,
 }
 
 /// Where a client connection's latest request or tunnel went.
@@ -195,8 +195,7 @@ impl ClientConnection {
             interfaces,
             upstream: Mutex::new(None),
             _registration: registry.map(|registry| registry.insert(this)),
-            _permit: permit,
-            _slot: slot,
+            limits: Mutex::new(Some((permit, slot))),
         };
         connection.sample_fd(stream.as_raw_fd());
         connection
@@ -315,6 +314,16 @@ impl ClientConnection {
     /// The relayed-bytes counters (upload, download).
     pub fn relay_counters(&self) -> (&Counter, &Counter) {
         (&self.metrics.relayed_upload, &self.metrics.relayed_download)
+    }
+
+    /// Gives the connection's limit permits back before it ends: a refused connection that only reads
+    /// what its client still sends, so its answer is not reset away, no longer counts (a new
+    /// connection must not be refused because refused ones are closing).
+    pub fn release_limits(&self) {
+        self.limits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
     }
 
     /// Samples the subflows (at most every [`MIN_SAMPLE_GAP`]); returns how many are open (1 for TCP).

@@ -208,6 +208,7 @@ impl Conn {
             .reset(Instant::now() + shared.config.limits.idle_timeout.min(LINGER * 5));
         self.write_out().await;
         pending.finish(shared, &self.client, self.out.len() as u64);
+        self.client.release_limits();
         self.linger().await;
     }
 
