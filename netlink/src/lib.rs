@@ -5,6 +5,10 @@
 //! - [`genl`]: generic netlink family resolution.
 //! - [`mptcp_pm`]: the kernel's MPTCP path manager family: events, endpoints and userspace-PM commands.
 //! - [`nft`]: nftables batches over libnftnl, with the expressions nftnl lacks.
+//! - [`nft_expr`]: expressions with explicit registers (concatenated keys, map lookups, NAT from a map).
+//! - [`nft_set`]: named sets and maps, their elements (added and deleted in batches), and element dumps
+//!   with per-element counters.
+//! - [`sock_diag`]: `inet_diag` socket listings (listening TCP ports).
 //! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
 //! - [`rtnl`]: rtnetlink link and address requests (link up, add and delete an address).
 //!
@@ -14,7 +18,10 @@ pub mod genl;
 pub mod mptcp_pm;
 pub mod nfqueue;
 pub mod nft;
+pub mod nft_expr;
+pub mod nft_set;
 pub mod rtnl;
+pub mod sock_diag;
 pub mod socket;
 
 pub use crate::socket::*;

@@ -15,8 +15,6 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -27,11 +25,9 @@ use crate::acl::{local_addresses, Acl};
 use crate::admin::{AdminState, DrainSignal};
 use crate::auth::{AuthError, Credentials};
 use crate::config::{Config, ConfigError, ConvertConfig, ListenerConfig, ListenerMode};
-use crate::connection::{
-    ClientConnection, ClientIo, ConnectionContext, PerClientCounter, SAMPLE_INTERVAL,
-};
+use crate::connection::{ClientConnection, ConnectionContext, PerClientCounter};
 use crate::convert::wire::ErrorCode as ConvertError;
-use crate::http::{connect_upstream, handle, HttpConnection, Shared};
+use crate::http::{connect_upstream, Shared};
 use crate::metrics::{InterfaceMap, Metrics};
 use crate::registry::{ConnectionRegistry, SubflowClasses};
 use crate::relay::relay;
@@ -1313,58 +1309,10 @@ async fn serve_http(
     live: Arc<LiveShared>,
     stream: TcpStream,
     client: Arc<ClientConnection>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let shared = live.current();
-    let limits = &shared.config.limits;
-    let http_connection = Arc::new(HttpConnection::new(client.clone()));
-    let io = TokioIo::new(ClientIo::new(
-        stream,
-        client.clone(),
-        limits.max_header_bytes,
-    ));
     // Each request takes the configuration in force when it arrives (ACLs, credentials, upstream).
-    let service =
-        service_fn(move |request| handle(live.current(), http_connection.clone(), request));
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .keep_alive(true);
-    let connection = builder.serve_connection(io, service).with_upgrades();
-    tokio::pin!(connection);
-    let idle = client.activity.idle(limits.idle_timeout);
-    tokio::pin!(idle);
-    let mut sample = tokio::time::interval_at(
-        tokio::time::Instant::now() + SAMPLE_INTERVAL,
-        SAMPLE_INTERVAL,
-    );
-    let mut draining = *stop.borrow();
-    if draining {
-        connection.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(client = %client.client, %error, "client connection error");
-                }
-                return;
-            }
-            _ = stop.changed(), if !draining => {
-                draining = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            () = &mut idle => {
-                tracing::debug!(client = %client.client, "idle timeout");
-                return;
-            }
-            _ = sample.tick() => {
-                client.subflows();
-            }
-        }
-    }
+    crate::http::serve_connection(move || live.current(), stream, client, stop).await;
 }
 
 async fn serve_transparent(

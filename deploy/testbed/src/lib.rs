@@ -14,9 +14,12 @@
 //!
 //! With [`Options::second_client`], a second client namespace joins the proxy over two more paths:
 //! `d1 10.0.4.2 <-> p4 10.0.4.1` and `d2 10.0.5.2 <-> p5 10.0.5.1` (IPv4 only, no shaping).
+//!
+//! [`detour::DetourLab`] builds the detour lab of seed 003's Fig. 5.1 (`detour.sh`) the same way.
 
 pub mod cluster;
 pub mod delay;
+pub mod detour;
 
 pub use delay::{DelayConfig, DelayLine, Direction};
 
@@ -456,6 +459,27 @@ pub(crate) fn tear_down(script: &Path, prefix: &str) {
             "{} down {prefix}: teardown failed: {result:?}",
             script.display()
         );
+    }
+}
+
+/// Sets a socket's receive buffer past `net.core.rmem_max` (SO_RCVBUFFORCE, needs CAP_NET_ADMIN): a test
+/// that counts datagrams must not mistake a full socket buffer (a reader not scheduled in time on a
+/// loaded machine) for loss on the path.
+pub fn force_receive_buffer(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid socket descriptor and a pointer to a c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
