@@ -186,6 +186,7 @@ fn lossy_download(priority: &str) -> Option<LossyRun> {
         |proxy| routing(proxy, priority, &[]),
         |client| routing(client, priority, &[]),
     )?;
+    lab.wait_for_active_paths(2, Duration::from_secs(10));
     let before = lab.proxy_tcp_counters();
     let out = lab.out_path("file.out");
     let url = format!("http://{SERVER}/file.bin");
@@ -310,6 +311,7 @@ fn delay_and_single_path_mode() {
     ) else {
         return;
     };
+    lab.wait_for_active_paths(2, Duration::from_secs(10));
     let line = |direction| {
         lab.tb
             .delay(

@@ -294,6 +294,27 @@ impl MpipLab {
             .expect("scrape")
     }
 
+    /// Waits until both ends report at least `paths` active paths (`mpip_path_active`). The tunnel is up
+    /// as soon as one path is; a test that measures what a routing mode does over two paths must not start
+    /// before the second one is proven (seen on a loaded machine: protected mode sent its whole download
+    /// over path 1, 0 copies over path 2).
+    pub fn wait_for_active_paths(&self, paths: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let proxy = sum_metric(&self.metrics(), "mpip_path_active", &[]);
+            let client = sum_metric(&self.client_metrics(), "mpip_path_active", &[]);
+            if proxy >= paths && client >= paths {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "active paths: proxy end {proxy}, client {client}, want {paths}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Bytes the proxy end sent on the paths leaving `interface`.
     pub fn proxy_path_tx_bytes(&self, interface: &str) -> u64 {
         sum_metric(
