@@ -65,6 +65,31 @@ fn token(text: &str) -> String {
 }
 
 impl Entry {
+    /// A request or tunnel starting now: no bytes yet, no user, peer or content type, one subflow.
+    pub fn new(
+        client: IpAddr,
+        transport: Transport,
+        method: impl Into<String>,
+        result: &'static str,
+        status: u16,
+    ) -> Self {
+        Self {
+            started: SystemTime::now(),
+            elapsed: Duration::ZERO,
+            client,
+            result,
+            status,
+            bytes: 0,
+            method: method.into(),
+            url: "-".into(),
+            user: None,
+            peer: None,
+            content_type: None,
+            transport,
+            subflows: 1,
+        }
+    }
+
     /// The Squid native line (without newline).
     pub fn squid_line(&self) -> String {
         let since = self.started.duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -20,7 +20,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
@@ -410,21 +410,13 @@ async fn serve(
     prefetched: Prefetched,
 ) {
     let started = Instant::now();
-    let mut entry = Entry {
-        started: SystemTime::now(),
-        elapsed: Default::default(),
-        client: client.client.ip(),
-        result: "TCP_TUNNEL",
-        status: 200,
-        bytes: 0,
-        method: "CONVERT".into(),
-        url: "-".into(),
-        user: None,
-        peer: None,
-        content_type: None,
-        transport: client.transport,
-        subflows: 1,
-    };
+    let mut entry = Entry::new(
+        client.client.ip(),
+        client.transport,
+        "CONVERT",
+        "TCP_TUNNEL",
+        200,
+    );
     let (request, received, connecting) = match prefetched.started {
         Some((request, connecting)) => (request, prefetched.received, Some(connecting)),
         None => {

@@ -14,7 +14,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use http::{Method, StatusCode, Uri};
 
@@ -133,22 +133,10 @@ impl Pending {
     /// A request whose head arrived now.
     fn new(shared: &Shared, client: &ClientConnection, method: &str, uri: Option<&Uri>) -> Self {
         let entry = shared.access_log.is_enabled().then(|| {
-            Box::new(Entry {
-                started: SystemTime::now(),
-                elapsed: Default::default(),
-                client: client.client.ip(),
-                result: "TCP_MISS",
-                status: 0,
-                bytes: 0,
-                method: method.to_owned(),
-                // Never the user info: it may hold a password.
-                url: uri.map_or_else(|| "-".to_owned(), target::loggable),
-                user: None,
-                peer: None,
-                content_type: None,
-                transport: client.transport,
-                subflows: 1,
-            })
+            let mut entry = Entry::new(client.client.ip(), client.transport, method, "TCP_MISS", 0);
+            // Never the user info: it may hold a password.
+            entry.url = uri.map_or_else(|| "-".to_owned(), target::loggable);
+            Box::new(entry)
         });
         Self {
             entry,
