@@ -5,12 +5,14 @@
 //! - [`genl`]: generic netlink family resolution.
 //! - [`mptcp_pm`]: the kernel's MPTCP path manager family: events, endpoints and userspace-PM commands.
 //! - [`nft`]: nftables batches over libnftnl, with the expressions nftnl lacks.
+//! - [`nft_map`]: named sets and maps with concatenated keys, their elements, and `lookup`.
 //!
 //! Every call acts on the network namespace of the calling thread.
 
 pub mod genl;
 pub mod mptcp_pm;
 pub mod nft;
+pub mod nft_map;
 pub mod socket;
 
 pub use crate::socket::*;
