@@ -27,14 +27,19 @@ pub mod nft;
 pub mod pm_events;
 pub mod rate;
 pub mod stats;
+pub mod subscribers;
 pub mod tc;
+pub mod upload;
 pub mod userspace;
 
 pub use crate::config::{
-    ClassConfig, ClassDirection, Direction, EventSource, MissingPrivileges, PolicyError,
-    PolicyViolation, QuickThrottle, RuleConfig, SubflowMatch, SubflowRole, ThrottleConfig,
+    ClassConfig, ClassDirection, ClassScope, Direction, EventSource, MissingPrivileges,
+    PolicyError, PolicyViolation, QuickThrottle, RuleConfig, SubflowMatch, SubflowRole,
+    ThrottleConfig,
 };
-pub use crate::core::{Change, ClassId, DesiredState, ThrottleState};
+pub use crate::core::{
+    Change, ClassId, DesiredState, LiveSubflow, ResyncReport, ThrottleState, ThrottleStats,
+};
 pub use crate::driver::{
     event_channel, run, run_with_hooks, spawn_kernel_events, start_event_source, EventSender,
     KernelEventListener, RunSummary, ThrottleError, ThrottleHooks,
