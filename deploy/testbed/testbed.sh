@@ -18,12 +18,20 @@
 #
 # Usage:
 #   testbed.sh up PREFIX [--rate1 MBIT] [--rate2 MBIT] [--loss1 PCT] [--loss2 PCT] [--no-endpoint]
-#                        [--second-client]
+#                        [--second-client] [--delay1 MS] [--delay2 MS] [--delay3 MS]
+#   testbed.sh delay PREFIX cli|cl2|prx|srv DEV egress|ingress DELAY [testbed-delay options...]
 #   testbed.sh down PREFIX
 #   testbed.sh exec PREFIX cli|cl2|prx|srv CMD...
 #
 # Rates are HTB on both ends of a path (download: p1/p2 egress; upload: c1/c2 egress). Loss is nftables
-# `numgen random` in the client namespace, both directions. There is no netem on the target kernels.
+# `numgen random` in the client namespace, both directions. There is no netem on the target kernels:
+# delay is the testbed's user-space delay line (`testbed-delay`, nfqueue). `--delayN MS` adds MS
+# milliseconds to the round trip of path N (3: the proxy-server link), half on each direction, both halves
+# on the proxy's interface (pN egress and ingress). `delay` starts one more line with any settings (e.g.
+# `testbed.sh delay P prx p1 egress 20ms --loss 1%`) and prints its log path. Lines run in the background
+# inside their namespace until `down`. The binary is $TESTBED_DELAY, else the newer of
+# target/{release,debug}/testbed-delay (build it with `cargo build -p testbed --bin testbed-delay`), else
+# `testbed-delay` on PATH.
 set -euo pipefail
 
 die() { echo "testbed.sh: $*" >&2; exit 2; }
@@ -32,6 +40,39 @@ die() { echo "testbed.sh: $*" >&2; exit 2; }
 action=$1 prefix=$2
 shift 2
 cli="$prefix-cli" cl2="$prefix-cl2" prx="$prefix-prx" srv="$prefix-srv"
+
+# Where the delay lines of this testbed keep their logs.
+delay_dir="${TMPDIR:-/tmp}/mpx-testbed-$prefix"
+
+delay_binary() {
+  if [ -n "${TESTBED_DELAY:-}" ]; then echo "$TESTBED_DELAY"; return; fi
+  local root target newest="" candidate
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  target=${CARGO_TARGET_DIR:-$root/target}
+  case "$target" in /*) ;; *) target="$root/$target" ;; esac
+  for candidate in "$target/release/testbed-delay" "$target/debug/testbed-delay"; do
+    if [ -x "$candidate" ] && { [ -z "$newest" ] || [ "$candidate" -nt "$newest" ]; }; then newest=$candidate; fi
+  done
+  if [ -n "$newest" ]; then echo "$newest"; return; fi
+  command -v testbed-delay || die "testbed-delay not found: cargo build -p testbed --bin testbed-delay, or set TESTBED_DELAY"
+}
+
+start_delay() { # ns dev egress|ingress DELAY [options...]
+  local ns=$1 dev=$2 direction=$3 delay=$4 bin log i
+  shift 4
+  case "$direction" in egress|ingress) ;; *) die "direction must be egress or ingress, not $direction" ;; esac
+  bin=$(delay_binary)
+  mkdir -p "$delay_dir"
+  log="$delay_dir/$ns-$dev-$direction.log"
+  # Detached, so a caller that captures our output does not wait for the line to end.
+  setsid ip netns exec "$ns" "$bin" --dev "$dev" "--$direction" --delay "$delay" "$@" </dev/null >"$log" 2>&1 &
+  for i in $(seq 100); do
+    if grep -q '^ready' "$log" 2>/dev/null; then echo "$log"; return; fi
+    if ! kill -0 $! 2>/dev/null; then die "delay line on $ns $dev failed: $(cat "$log")"; fi
+    sleep 0.05
+  done
+  die "delay line on $ns $dev not ready after 5 s: $(cat "$log")"
+}
 
 down() {
   local ns
@@ -42,6 +83,8 @@ down() {
       ip netns del "$ns" 2>/dev/null || true
     fi
   done
+  # Delay lines ran inside the namespaces (killed above); their rules went with them.
+  rm -rf "$delay_dir"
 }
 
 shape() { # ns dev mbit
@@ -50,7 +93,7 @@ shape() { # ns dev mbit
 }
 
 up() {
-  local rate1="" rate2="" loss1="" loss2="" endpoint=1 second=0
+  local rate1="" rate2="" loss1="" loss2="" endpoint=1 second=0 delay1="" delay2="" delay3=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --rate1) rate1=$2; shift 2 ;;
@@ -59,6 +102,9 @@ up() {
       --loss2) loss2=$2; shift 2 ;;
       --no-endpoint) endpoint=0; shift ;;
       --second-client) second=1; shift ;;
+      --delay1) delay1=$2; shift 2 ;;
+      --delay2) delay2=$2; shift 2 ;;
+      --delay3) delay3=$2; shift 2 ;;
       *) die "unknown option $1" ;;
     esac
   done
@@ -135,11 +181,26 @@ up() {
       echo "}"
     } | ip netns exec "$cli" nft -f -
   fi
+  local n ms half
+  for n in 1 2 3; do
+    eval "ms=\$delay$n"
+    [ -n "$ms" ] || continue
+    [[ "$ms" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--delay$n takes milliseconds, not $ms"
+    half=$(awk -v ms="$ms" 'BEGIN { printf "%.3fms", ms / 2 }')
+    start_delay "$prx" "p$n" egress "$half" >/dev/null
+    start_delay "$prx" "p$n" ingress "$half" >/dev/null
+  done
 }
 
 case "$action" in
   up) up "$@" ;;
   down) down ;;
+  delay)
+    [ $# -ge 4 ] || die "usage: testbed.sh delay PREFIX cli|cl2|prx|srv DEV egress|ingress DELAY [options...]"
+    role=$1; shift
+    case "$role" in cli) ns=$cli ;; cl2) ns=$cl2 ;; prx) ns=$prx ;; srv) ns=$srv ;; *) die "unknown host $role" ;; esac
+    start_delay "$ns" "$@"
+    ;;
   exec)
     [ $# -ge 2 ] || die "usage: testbed.sh exec PREFIX cli|cl2|prx|srv CMD..."
     role=$1; shift

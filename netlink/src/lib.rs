@@ -7,12 +7,14 @@
 //! - [`mptcp_pm`]: the kernel's MPTCP path manager family: events, endpoints and userspace-PM commands.
 //! - [`nft`]: nftables batches over libnftnl, with the expressions nftnl lacks.
 //! - [`nft_map`]: named sets and maps with concatenated keys, their elements, and `lookup`.
+//! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
 //!
 //! Every call acts on the network namespace of the calling thread.
 
 pub mod bpf;
 pub mod genl;
 pub mod mptcp_pm;
+pub mod nfqueue;
 pub mod nft;
 pub mod nft_map;
 pub mod socket;

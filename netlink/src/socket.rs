@@ -179,22 +179,60 @@ pub struct Message {
 }
 
 /// Splits a datagram into messages.
-pub fn parse_messages(mut buf: &[u8]) -> Vec<Message> {
-    let mut out = Vec::new();
-    while buf.len() >= NLMSG_HDRLEN {
+pub fn parse_messages(buf: &[u8]) -> Vec<Message> {
+    messages(buf)
+        .map(|m| Message {
+            msg_type: m.msg_type,
+            flags: m.flags,
+            seq: m.seq,
+            payload: m.payload.to_vec(),
+        })
+        .collect()
+}
+
+/// One message borrowed from a receive buffer (see [`messages`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRef<'a> {
+    /// `nlmsg_type`.
+    pub msg_type: u16,
+    /// `nlmsg_flags`.
+    pub flags: u16,
+    /// `nlmsg_seq`.
+    pub seq: u32,
+    /// Everything after the header.
+    pub payload: &'a [u8],
+}
+
+/// Splits a datagram into messages without copying (hot receive loops; [`parse_messages`] owns its
+/// messages). A truncated or malformed tail ends the iteration.
+pub fn messages(mut buf: &[u8]) -> impl Iterator<Item = MessageRef<'_>> {
+    std::iter::from_fn(move || {
+        if buf.len() < NLMSG_HDRLEN {
+            return None;
+        }
         let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
         if len < NLMSG_HDRLEN || len > buf.len() {
-            break;
+            return None;
         }
-        out.push(Message {
+        let msg = MessageRef {
             msg_type: u16::from_ne_bytes([buf[4], buf[5]]),
             flags: u16::from_ne_bytes([buf[6], buf[7]]),
             seq: u32::from_ne_bytes(buf[8..12].try_into().expect("4 bytes")),
-            payload: buf[NLMSG_HDRLEN..len].to_vec(),
-        });
+            payload: &buf[NLMSG_HDRLEN..len],
+        };
         buf = &buf[align4(len).min(buf.len())..];
-    }
-    out
+        Some(msg)
+    })
+}
+
+/// The errno of an `NLMSG_ERROR` payload (0 is an ack), and the extended-ack message if there is one.
+pub fn error_of(msg: &MessageRef<'_>) -> (i32, Option<String>) {
+    parse_error(&Message {
+        msg_type: msg.msg_type,
+        flags: msg.flags,
+        seq: msg.seq,
+        payload: msg.payload.to_vec(),
+    })
 }
 
 /// Splits attributes; the nested flag is masked off the kind.
@@ -348,6 +386,59 @@ impl NetlinkSocket {
         Ok(())
     }
 
+    /// Sets the receive buffer to `bytes`, past `net.core.rmem_max` (`SO_RCVBUFFORCE`, needs
+    /// `CAP_NET_ADMIN`); falls back to `SO_RCVBUF` without it.
+    pub fn set_recv_buffer_force(&self, bytes: usize) -> io::Result<()> {
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: value is a valid c_int for the duration of the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    self.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    &value as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+        }
+        Err(io::Error::last_os_error())
+    }
+
+    /// `NETLINK_NO_ENOBUFS`: a full receive buffer drops messages silently instead of failing the next
+    /// `recv` with `ENOBUFS` (for sockets that count their own losses, like a packet queue).
+    pub fn set_no_enobufs(&self) -> io::Result<()> {
+        const NETLINK_NO_ENOBUFS: libc::c_int = 5;
+        self.set_int_option(NETLINK_NO_ENOBUFS, 1)
+    }
+
+    /// Receives one datagram into `buf` (`flags` as for recv(2), e.g. `MSG_DONTWAIT`); returns its
+    /// length. Iterate it with [`messages`]; a datagram larger than `buf` is truncated.
+    pub fn recv_into(&self, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+        loop {
+            // SAFETY: buf is valid for writes of its length.
+            let rc = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    flags,
+                )
+            };
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            return Ok(rc as usize);
+        }
+    }
+
     /// Sets both buffer sizes past `net.core.{r,w}mem_max` (`SO_SNDBUFFORCE`, `SO_RCVBUFFORCE`; needs
     /// `CAP_NET_ADMIN`). An nftables batch must reach the kernel in one message, so a batch of tens of
     /// thousands of set elements needs a send buffer of several MiB, as `nft` itself sets.
@@ -445,25 +536,8 @@ impl NetlinkSocket {
 
     fn recv_with_flags(&self, flags: libc::c_int) -> io::Result<Vec<Message>> {
         let mut buf = vec![0u8; 1 << 16];
-        loop {
-            // SAFETY: buf is valid for writes of its length.
-            let rc = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    flags,
-                )
-            };
-            if rc < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            return Ok(parse_messages(&buf[..rc as usize]));
-        }
+        let len = self.recv_into(&mut buf, flags)?;
+        Ok(parse_messages(&buf[..len]))
     }
 
     /// Sends one request built by `builder` with `NLM_F_ACK` and waits for
@@ -562,6 +636,12 @@ impl NetlinkSocket {
             }
         }
         Ok((others, errors))
+    }
+}
+
+impl AsRawFd for NetlinkSocket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 

@@ -15,6 +15,10 @@
 //! With [`Options::second_client`], a second client namespace joins the proxy over two more paths:
 //! `d1 10.0.4.2 <-> p4 10.0.4.1` and `d2 10.0.5.2 <-> p5 10.0.5.1` (IPv4 only, no shaping).
 
+pub mod delay;
+
+pub use delay::{DelayConfig, DelayLine, Direction};
+
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -272,6 +276,17 @@ impl Testbed {
         })?
     }
 
+    /// Starts a [`DelayLine`] on `dev`'s `direction` in `host`'s namespace; it stops when dropped.
+    pub fn delay(
+        &self,
+        host: Host,
+        dev: &str,
+        direction: Direction,
+        config: DelayConfig,
+    ) -> Result<DelayLine, delay::DelayError> {
+        DelayLine::start(Some(self.ns(host)), dev, direction, config)
+    }
+
     /// Reads an interface's byte counters `(rx_bytes, tx_bytes)` inside `ns`.
     pub fn interface_bytes(&self, ns: &str, interface: &str) -> Result<(u64, u64)> {
         let read = |dir: &str| -> Result<u64> {
@@ -344,25 +359,27 @@ pub fn in_namespace<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                let file =
-                    std::fs::File::open(format!("/var/run/netns/{ns}")).map_err(|source| {
-                        TestbedError::Setns {
-                            namespace: ns.to_owned(),
-                            source,
-                        }
-                    })?;
-                // SAFETY: setns on a valid namespace fd affects only this thread.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(TestbedError::Setns {
-                        namespace: ns.to_owned(),
-                        source: io::Error::last_os_error(),
-                    });
-                }
+                enter_namespace(ns)?;
                 Ok(f())
             })
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// Moves the calling thread into the named network namespace (`/var/run/netns/NAME`) for good: for
+/// threads made for the purpose.
+pub fn enter_namespace(ns: &str) -> Result<()> {
+    let setns_error = |source| TestbedError::Setns {
+        namespace: ns.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}")).map_err(setns_error)?;
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(setns_error(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// A background process, killed when dropped.
