@@ -7,6 +7,7 @@
 //! - [`mptcp_pm`]: the kernel's MPTCP path manager family: events, endpoints and userspace-PM commands.
 //! - [`nft`]: nftables batches over libnftnl, with the expressions nftnl lacks.
 //! - [`nft_map`]: named sets and maps with concatenated keys, their elements, and `lookup`.
+//! - [`sock_diag`]: `inet_diag` dumps of TCP sockets and the MPTCP subflows among them.
 //! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
 //!
 //! Every call acts on the network namespace of the calling thread.
@@ -17,6 +18,7 @@ pub mod mptcp_pm;
 pub mod nfqueue;
 pub mod nft;
 pub mod nft_map;
+pub mod sock_diag;
 pub mod socket;
 
 pub use crate::socket::*;

@@ -4,7 +4,7 @@
 //! Everything here is blocking (netlink requests answered within
 //! microseconds); [`crate::driver::run`] calls it from its owner task.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -12,9 +12,12 @@ use std::time::Duration;
 use crate::config::{Direction, ThrottleConfig};
 use crate::core::{Change, ClassSpec, InterfaceSetup, SubflowRule};
 use crate::event::FourTuple;
-use crate::nft::{self, RuleChain};
+use crate::nft::{self, Family, MapKind};
 use crate::tc::{self, PschedClock};
+use crate::upload::{self, UploadClassifier};
+use mptcp_netlink::bpf::BpfError;
 use mptcp_netlink::mptcp_pm;
+use mptcp_netlink::nft_map;
 use mptcp_netlink::{MessageBuilder, NetlinkError, NetlinkSocket};
 
 /// Why a kernel operation failed.
@@ -45,6 +48,10 @@ pub enum KernelError {
     /// The operation is not possible here (e.g. mixed address families).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The upload classifier (a BPF map and program) could not be set up or changed; uploads need
+    /// `CAP_BPF` (or `CAP_SYS_ADMIN`) and cls_bpf.
+    #[error("upload classifier: {0}")]
+    Bpf(#[from] BpfError),
 }
 
 /// Whether the calling thread has `CAP_NET_ADMIN` (bit 12 of `CapEff`).
@@ -181,13 +188,38 @@ struct UploadPath {
     created_ingress: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct UploadFilter {
-    ifb_index: u32,
-    prio: u16,
-    protocol: u16,
-    major: u16,
+/// What the maps hold for one steered subflow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Elements {
+    download: Option<u32>,
+    fwmark: Option<u32>,
+    ct_mark: Option<u32>,
 }
+
+impl Elements {
+    fn of(rule: &SubflowRule) -> Self {
+        Self {
+            download: rule.download.as_ref().map(|p| p.id.handle()),
+            fwmark: rule.fwmark,
+            ct_mark: rule.ct_mark,
+        }
+    }
+
+    fn get(self, kind: MapKind) -> Option<u32> {
+        match kind {
+            MapKind::Download => self.download,
+            MapKind::Fwmark => self.fwmark,
+            MapKind::CtMark => self.ct_mark,
+        }
+    }
+
+    fn is_empty(self) -> bool {
+        self == Self::default()
+    }
+}
+
+/// Priority of the cls_bpf upload classifier on an IFB's HTB.
+const UPLOAD_FILTER_PRIO: u16 = 1;
 
 /// The kernel side of the throttle in the current network namespace.
 #[derive(Debug)]
@@ -199,10 +231,14 @@ pub struct KernelBackend {
     table: String,
     qdisc_major: u16,
     ifb_prefix: String,
+    max_steered_subflows: u32,
     uploads: BTreeMap<String, UploadPath>,
-    nft_handles: BTreeMap<FourTuple, Vec<(RuleChain, u64)>>,
-    upload_filters: BTreeMap<FourTuple, UploadFilter>,
-    used_prios: BTreeMap<u32, BTreeSet<u16>>,
+    /// The nft map elements installed, per subflow.
+    elements: BTreeMap<FourTuple, Elements>,
+    /// The upload classifier, loaded with the first upload interface.
+    classifier: Option<UploadClassifier>,
+    /// The upload class of each subflow in the classifier's map.
+    upload_classes: BTreeMap<FourTuple, u32>,
 }
 
 /// Filter priority of the ingress redirect; also marks it as ours.
@@ -233,10 +269,11 @@ impl KernelBackend {
             table: config.nft_table.clone(),
             qdisc_major: config.qdisc_major,
             ifb_prefix: config.ifb_prefix.clone(),
+            max_steered_subflows: config.max_steered_subflows,
             uploads: BTreeMap::new(),
-            nft_handles: BTreeMap::new(),
-            upload_filters: BTreeMap::new(),
-            used_prios: BTreeMap::new(),
+            elements: BTreeMap::new(),
+            classifier: None,
+            upload_classes: BTreeMap::new(),
         })
     }
 
@@ -245,10 +282,7 @@ impl KernelBackend {
     pub fn start(&mut self) -> Result<StaleReport, KernelError> {
         let report = self.sweep()?;
         self.send_nft(nft::reset_table_batch(&self.table), "reset table")?;
-        self.uploads.clear();
-        self.nft_handles.clear();
-        self.upload_filters.clear();
-        self.used_prios.clear();
+        self.forget();
         Ok(report)
     }
 
@@ -258,11 +292,21 @@ impl KernelBackend {
     pub fn shutdown(&mut self) -> Result<StaleReport, KernelError> {
         let report = self.sweep()?;
         self.send_nft(nft::delete_table_batch(&self.table), "delete table")?;
-        self.uploads.clear();
-        self.nft_handles.clear();
-        self.upload_filters.clear();
-        self.used_prios.clear();
+        self.forget();
         Ok(report)
+    }
+
+    fn forget(&mut self) {
+        self.uploads.clear();
+        self.elements.clear();
+        self.upload_classes.clear();
+        // The IFB devices (and their filters) are gone: dropping the classifier frees its map.
+        self.classifier = None;
+    }
+
+    /// How many subflows the nft maps classify now.
+    pub fn steered_subflows(&self) -> usize {
+        self.elements.len()
     }
 
     fn links(&mut self) -> Result<Vec<(u32, String)>, KernelError> {
@@ -355,29 +399,79 @@ impl KernelBackend {
         Ok(report)
     }
 
-    fn send_nft(
-        &mut self,
-        batch: nftnl::Batch,
-        operation: &str,
-    ) -> Result<Vec<(String, u64, u32)>, KernelError> {
-        let (bytes, acked, _) = nft::finalize(batch);
-        self.nft.send(&bytes).map_err(KernelError::Socket)?;
-        let (others, errors) = self
-            .nft
-            .collect_batch_replies(&acked)
-            .map_err(KernelError::Socket)?;
-        if let Some((_, errno, message)) = errors.into_iter().next() {
-            return Err(KernelError::Nftables {
+    fn send_nft(&mut self, batch: nftnl::Batch, operation: &str) -> Result<(), KernelError> {
+        nft_map::send_batch_on(&self.nft, batch, operation).map_err(|e| match e {
+            NetlinkError::Kernel {
+                source, message, ..
+            } => KernelError::Nftables {
                 operation: operation.to_owned(),
-                source: std::io::Error::from_raw_os_error(-errno),
+                source,
                 message,
-            });
+            },
+            NetlinkError::Socket { source, .. } => KernelError::Socket(source),
+        })?;
+        Ok(())
+    }
+
+    /// Adds `after`'s elements of `tuple` to `batch` (map values of `before` are deleted first).
+    fn stage_elements(
+        &self,
+        batch: &mut nftnl::Batch,
+        tuple: &FourTuple,
+        before: Option<Elements>,
+        after: Option<Elements>,
+    ) -> Result<(), KernelError> {
+        let family = Family::of(tuple).ok_or_else(|| {
+            KernelError::Unsupported(format!("mixed address families in {tuple}"))
+        })?;
+        for kind in MapKind::ALL {
+            let spec = nft::map(&self.table, kind, family);
+            let key = nft::key(&spec, tuple);
+            if before.and_then(|e| e.get(kind)).is_some() {
+                spec.delete_elements(batch, [key.as_slice()]);
+            }
+            if let Some(value) = after.and_then(|e| e.get(kind)) {
+                let data = value.to_ne_bytes();
+                spec.add_elements(batch, [(key.as_slice(), Some(&data[..]))]);
+            }
         }
-        Ok(others
-            .iter()
-            .filter(|m| m.msg_type == nft::NFT_NEWRULE_MSG_TYPE)
-            .filter_map(|m| nft::parse_rule_echo(&m.payload).map(|(c, h)| (c, h, m.seq)))
-            .collect())
+        Ok(())
+    }
+
+    /// Replaces every map's elements with what `self.elements` holds, in one transaction: the repair
+    /// after a batch the kernel refused (the maps were changed by someone else, or a state slipped).
+    fn rebuild_maps(&mut self) -> Result<(), KernelError> {
+        let mut batch = nftnl::Batch::new();
+        // (key, value) of each map.
+        type Entries = Vec<(Vec<u8>, [u8; 4])>;
+        let mut keys: BTreeMap<(MapKind, Family), Entries> = BTreeMap::new();
+        for kind in MapKind::ALL {
+            for family in Family::ALL {
+                nft::map(&self.table, kind, family).flush(&mut batch);
+            }
+        }
+        for (tuple, elements) in &self.elements {
+            let Some(family) = Family::of(tuple) else {
+                continue;
+            };
+            for kind in MapKind::ALL {
+                if let Some(value) = elements.get(kind) {
+                    let spec = nft::map(&self.table, kind, family);
+                    keys.entry((kind, family))
+                        .or_default()
+                        .push((nft::key(&spec, tuple), value.to_ne_bytes()));
+                }
+            }
+        }
+        for ((kind, family), entries) in &keys {
+            nft::map(&self.table, *kind, *family).add_elements(
+                &mut batch,
+                entries
+                    .iter()
+                    .map(|(key, data)| (key.as_slice(), Some(&data[..]))),
+            );
+        }
+        self.send_nft(batch, "rebuild subflow maps")
     }
 
     fn add_interface(&mut self, setup: &InterfaceSetup) -> Result<(), KernelError> {
@@ -402,6 +496,20 @@ impl KernelBackend {
                 self.route.request(
                     tc::htb_root(ifb_index, setup.qdisc_major),
                     "add ifb htb root",
+                )?;
+                if self.classifier.is_none() {
+                    self.classifier = Some(UploadClassifier::new(self.max_steered_subflows)?);
+                }
+                let program = self.classifier.as_ref().expect("loaded above").program_fd();
+                self.route.request(
+                    tc::bpf_filter(
+                        ifb_index,
+                        u32::from(setup.qdisc_major) << 16,
+                        UPLOAD_FILTER_PRIO,
+                        program,
+                        upload::BPF_NAME,
+                    ),
+                    "add upload classifier",
                 )?;
                 let created_ingress = match self
                     .route
@@ -458,9 +566,6 @@ impl KernelBackend {
                         self.route
                             .request(tc::delete_link(path.ifb_index), "delete ifb"),
                     )?;
-                    self.used_prios.remove(&path.ifb_index);
-                    self.upload_filters
-                        .retain(|_, f| f.ifb_index != path.ifb_index);
                 }
             }
         }
@@ -480,55 +585,34 @@ impl KernelBackend {
         }
     }
 
-    fn add_upload_filter(&mut self, rule: &SubflowRule) -> Result<(), KernelError> {
-        let Some(class) = &rule.upload else {
+    /// Points `tuple`'s upload packets at `classid` (or, with `None`, at no class) in the classifier's
+    /// map.
+    fn set_upload_class(
+        &mut self,
+        tuple: &FourTuple,
+        classid: Option<u32>,
+    ) -> Result<(), KernelError> {
+        let current = self.upload_classes.get(tuple).copied();
+        if current == classid {
             return Ok(());
-        };
-        let ifb_index = self
-            .uploads
-            .get(&class.interface)
-            .map(|p| p.ifb_index)
-            .ok_or_else(|| {
-                KernelError::UnknownInterface(format!("{} (upload ifb)", class.interface))
-            })?;
-        let (protocol, keys) = tc::upload_keys(&rule.tuple).ok_or_else(|| {
-            KernelError::Unsupported(format!("mixed address families in {}", rule.tuple))
+        }
+        let key = upload::key(tuple).ok_or_else(|| {
+            KernelError::Unsupported(format!("mixed address families in {tuple}"))
         })?;
-        let used = self.used_prios.entry(ifb_index).or_default();
-        let prio = (1..=u16::MAX)
-            .find(|p| !used.contains(p))
-            .ok_or_else(|| KernelError::Unsupported("no free filter priority on ifb".into()))?;
-        self.route.request(
-            tc::upload_filter(ifb_index, prio, protocol, &keys, class.id),
-            "add upload filter",
-        )?;
-        used.insert(prio);
-        self.upload_filters.insert(
-            rule.tuple,
-            UploadFilter {
-                ifb_index,
-                prio,
-                protocol,
-                major: class.id.major,
-            },
-        );
-        Ok(())
-    }
-
-    fn remove_upload_filter(&mut self, tuple: &FourTuple) -> Result<(), KernelError> {
-        if let Some(filter) = self.upload_filters.remove(tuple) {
-            if let Some(used) = self.used_prios.get_mut(&filter.ifb_index) {
-                used.remove(&filter.prio);
+        match classid {
+            Some(classid) => {
+                let classifier = self.classifier.as_ref().ok_or_else(|| {
+                    KernelError::Unsupported("no upload interface for an upload class".into())
+                })?;
+                classifier.set(&key, classid)?;
+                self.upload_classes.insert(*tuple, classid);
             }
-            ignore_missing(self.route.request(
-                tc::delete_filters(
-                    filter.ifb_index,
-                    u32::from(filter.major) << 16,
-                    filter.prio,
-                    filter.protocol,
-                ),
-                "delete upload filter",
-            ))?;
+            None => {
+                if let Some(classifier) = &self.classifier {
+                    classifier.remove(&key)?;
+                }
+                self.upload_classes.remove(tuple);
+            }
         }
         Ok(())
     }
@@ -562,26 +646,49 @@ impl KernelBackend {
         Ok(())
     }
 
-    /// Applies changes in order. tc and path-manager changes are sent one by
-    /// one; nftables rule changes go into a single batch sent last (one
-    /// transaction: all apply or none). Returns the changes that failed.
+    /// Applies changes in order. tc and path-manager changes are sent one by one; the subflows' map
+    /// elements go into a single nftables batch sent last (one transaction: all apply or none; if the
+    /// kernel refuses it, the maps are rebuilt from what this backend holds, in one more transaction),
+    /// then their upload classes go into the BPF map. Returns the changes that failed.
     pub fn apply(&mut self, changes: &[Change]) -> Vec<(Change, KernelError)> {
         let mut failed = Vec::new();
         let mut batch = nftnl::Batch::new();
-        let mut batch_changes: Vec<Change> = Vec::new();
-        let mut pending_adds: Vec<(FourTuple, Vec<RuleChain>)> = Vec::new();
-        let mut pending_removes: Vec<(FourTuple, Vec<(RuleChain, u64)>)> = Vec::new();
+        // Element changes staged in the batch: (change, tuple, before, after), already recorded in
+        // `self.elements`, undone if the batch fails for good.
+        let mut staged: Vec<(Change, FourTuple, Option<Elements>, Option<Elements>)> = Vec::new();
+        // Upload classes to set once the batch is in, for the changes of the batch or without one.
+        let mut uploads: Vec<(Change, FourTuple, Option<u32>)> = Vec::new();
         for change in changes {
             let result = match change {
                 Change::RemoveRule(rule) => {
-                    if let Some(handles) = self.nft_handles.remove(&rule.tuple) {
-                        for (chain, handle) in &handles {
-                            nft::delete_rule(&mut batch, &self.table, *chain, *handle);
+                    let before = self.elements.get(&rule.tuple).copied();
+                    match self.stage_elements(&mut batch, &rule.tuple, before, None) {
+                        Ok(()) => {
+                            if before.is_some() {
+                                self.elements.remove(&rule.tuple);
+                                staged.push((change.clone(), rule.tuple, before, None));
+                            }
+                            uploads.push((change.clone(), rule.tuple, None));
+                            Ok(())
                         }
-                        pending_removes.push((rule.tuple, handles));
-                        batch_changes.push(change.clone());
+                        Err(e) => Err(e),
                     }
-                    self.remove_upload_filter(&rule.tuple)
+                }
+                Change::AddRule { rule, .. } => {
+                    let after = Some(Elements::of(rule)).filter(|e| !e.is_empty());
+                    let before = self.elements.get(&rule.tuple).copied();
+                    match self.stage_elements(&mut batch, &rule.tuple, before, after) {
+                        Ok(()) => {
+                            if let Some(after) = after {
+                                self.elements.insert(rule.tuple, after);
+                                staged.push((change.clone(), rule.tuple, before, Some(after)));
+                            }
+                            let upload = rule.upload.as_ref().map(|p| p.id.handle());
+                            uploads.push((change.clone(), rule.tuple, upload));
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 Change::ClearBackup(request) => self.set_backup(request, false),
                 Change::SetBackup(request) => self.set_backup(request, true),
@@ -602,55 +709,40 @@ impl KernelBackend {
                             .map_err(KernelError::from)
                     })
                 }
-                Change::AddRule { rule, .. } => {
-                    let chains = nft::add_subflow_rules(&mut batch, &self.table, rule);
-                    if !chains.is_empty() {
-                        pending_adds.push((rule.tuple, chains));
-                        batch_changes.push(change.clone());
-                    }
-                    self.add_upload_filter(rule)
-                }
             };
             if let Err(e) = result {
                 failed.push((change.clone(), e));
             }
         }
-        if batch_changes.is_empty() {
-            return failed;
-        }
-        match self.send_nft(batch, "subflow rules") {
-            Ok(echoes) => {
-                // Echoes come in message order; hand them out in the order
-                // the rules were added.
-                let mut echoes = echoes.into_iter();
-                for (tuple, chains) in pending_adds {
-                    let mut handles = Vec::new();
-                    for chain in chains {
-                        if let Some((name, handle, _)) = echoes.next() {
-                            debug_assert_eq!(name, chain.name());
-                            handles.push((chain, handle));
-                        }
+        if !staged.is_empty() {
+            if let Err(error) = self.send_nft(batch, "subflow map elements") {
+                tracing::warn!(%error, subflows = self.elements.len(), "nftables refused a batch; rebuilding the maps");
+                if let Err(rebuild) = self.rebuild_maps() {
+                    // Nothing of the batch applied: undo it here too, and report each change.
+                    for (_, tuple, before, _) in staged.iter().rev() {
+                        match before {
+                            Some(before) => self.elements.insert(*tuple, *before),
+                            None => self.elements.remove(tuple),
+                        };
                     }
-                    self.nft_handles.insert(tuple, handles);
+                    let message = format!("{error}; rebuilding the maps: {rebuild}");
+                    for (change, ..) in &staged {
+                        failed.push((
+                            change.clone(),
+                            KernelError::Nftables {
+                                operation: message.clone(),
+                                source: std::io::Error::other("batch aborted"),
+                                message: None,
+                            },
+                        ));
+                    }
+                    uploads.retain(|(change, ..)| !staged.iter().any(|(c, ..)| c == change));
                 }
             }
-            Err(e) => {
-                // The batch is one transaction: nothing was removed either.
-                self.nft_handles.extend(pending_removes);
-                let message = e.to_string();
-                for change in batch_changes {
-                    if let Change::AddRule { rule, .. } = &change {
-                        let _ = self.remove_upload_filter(&rule.tuple);
-                    }
-                    failed.push((
-                        change,
-                        KernelError::Nftables {
-                            operation: message.clone(),
-                            source: std::io::Error::other("batch aborted"),
-                            message: None,
-                        },
-                    ));
-                }
+        }
+        for (change, tuple, classid) in uploads {
+            if let Err(e) = self.set_upload_class(&tuple, classid) {
+                failed.push((change, e));
             }
         }
         failed

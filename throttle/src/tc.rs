@@ -395,14 +395,18 @@ pub fn upload_filter(
         .end_nest()
 }
 
-/// `TCA_BPF_FD`, `TCA_BPF_NAME`, `TCA_BPF_FLAGS` and `TCA_BPF_FLAG_ACT_DIRECT` (linux/pkt_cls.h).
+/// `TCA_BPF_CLASSID`, `TCA_BPF_FD`, `TCA_BPF_NAME`, `TCA_BPF_FLAGS` and `TCA_BPF_FLAG_ACT_DIRECT`
+/// (linux/pkt_cls.h).
+const TCA_BPF_CLASSID: u16 = 3;
 const TCA_BPF_FD: u16 = 6;
 const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_FLAGS: u16 = 8;
 const TCA_BPF_FLAG_ACT_DIRECT: u32 = 1;
 
 /// A cls_bpf filter in direct-action mode under `parent` on `ifindex`, running program `program_fd` on
-/// every packet (`tc filter add ... bpf da fd N`): the program sets the class and returns the action.
+/// every packet (`tc filter add ... bpf da fd N classid MAJOR:`): the program sets the class and returns
+/// the action. `skb->tc_classid` holds only a minor (16 bits); the major comes from the filter's
+/// `classid`, here the parent qdisc's.
 pub fn bpf_filter(
     ifindex: u32,
     parent: u32,
@@ -414,6 +418,7 @@ pub fn bpf_filter(
         .header(&tcmsg(ifindex, 0, parent, filter_info(prio, ETH_P_ALL)))
         .attr_str(TCA_KIND, "bpf")
         .begin_nest(TCA_OPTIONS)
+        .attr_u32(TCA_BPF_CLASSID, parent & 0xffff_0000)
         .attr_u32(TCA_BPF_FD, program_fd as u32)
         .attr_str(TCA_BPF_NAME, name)
         .attr_u32(TCA_BPF_FLAGS, TCA_BPF_FLAG_ACT_DIRECT)

@@ -9,7 +9,8 @@
 //! The program (assembled in Rust with [`mptcp_netlink::bpf::Asm`], nothing to compile or ship):
 //! IPv4 or IPv6 (no extension headers, as before) carrying TCP, not a non-first fragment; the key is
 //! client address, proxy address (16 bytes each, IPv4 in the first 4), client port, proxy port (network
-//! order) and the IP version. A hit sets the class and returns `TC_ACT_OK`; a miss returns
+//! order) and the IP version. A hit sets the class (`skb->tc_classid` keeps the minor; the filter's
+//! `classid` gives the major) and returns `TC_ACT_OK`; a miss returns
 //! `TC_ACT_UNSPEC`, so HTB sends the packet unclassified (`default 0`: unshaped), as before.
 
 use std::net::IpAddr;

@@ -115,6 +115,22 @@ impl Netns {
             .collect()
     }
 
+    /// Elements of map `<map>` in table `inet <table>`, as nft's JSON gives them
+    /// (`[{"concat": [...]}, value]`).
+    pub fn nft_map(&self, table: &str, map: &str) -> Vec<serde_json::Value> {
+        let listed: serde_json::Value =
+            serde_json::from_str(&self.exec("nft", &["-j", "list", "map", "inet", table, map]))
+                .unwrap();
+        listed["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|item| item.get("map"))
+            .and_then(|m| m.get("elem"))
+            .and_then(|e| e.as_array().cloned())
+            .unwrap_or_default()
+    }
+
     /// Whether table `inet <table>` exists.
     pub fn has_table(&self, table: &str) -> bool {
         self.nft_ruleset()["nftables"]
