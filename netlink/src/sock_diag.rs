@@ -14,7 +14,7 @@ use crate::socket::{
 pub const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// `INET_DIAG_INFO`: the extension bit that also brings the ULP info.
 const INET_DIAG_INFO: u8 = 2;
-const INET_DIAG_ULP_INFO: u16 = 20;
+const INET_DIAG_ULP_INFO: u16 = 19;
 const INET_ULP_INFO_NAME: u16 = 1;
 const INET_ULP_INFO_MPTCP: u16 = 3;
 const MPTCP_SUBFLOW_ATTR_TOKEN_REM: u16 = 1;

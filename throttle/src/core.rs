@@ -772,13 +772,15 @@ impl ThrottleState {
         report
     }
 
-    /// The live subflows whose interface is not known (by name, index or local address), for the
-    /// driver to look up before a poll.
-    pub fn unresolved_subflows(&self) -> Vec<FourTuple> {
+    /// The live subflows whose event or snapshot named no interface (neither name nor index), for the
+    /// driver to look their route up before a poll (a subflow's local address may name the wrong one).
+    pub fn subflows_without_interface(&self) -> Vec<FourTuple> {
         self.connections
             .values()
             .flat_map(|c| c.subflows.values())
-            .filter(|s| self.interface_of(&s.info).is_none())
+            .filter(|s| {
+                s.info.interface.name.is_none() && s.info.interface.index.is_none_or(|i| i == 0)
+            })
             .map(|s| s.info.tuple)
             .collect()
     }

@@ -1,5 +1,6 @@
 //! The tokio owner task: events in, kernel changes out, cleanup on shutdown.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::config::{MissingPrivileges, PolicyError, ThrottleConfig};
-use crate::core::{Change, ThrottleState};
+use crate::config::{EventSource, MissingPrivileges, PolicyError, ThrottleConfig};
+use crate::core::{Change, LiveSubflow, ResyncReport, ThrottleState};
 use crate::event::{ConnectionSelector, Destination, SubflowEvent};
 use crate::kernel::{InterfaceTable, KernelBackend, KernelError, StaleReport};
 use crate::pm_events;
@@ -53,6 +54,11 @@ impl EventSender {
         self.tx.blocking_send(event).map_err(|_| ThrottleStopped)
     }
 
+    /// Asks the owner task to rebuild the live subflows from the kernel now (as after lost events).
+    pub async fn request_resync(&self) -> Result<(), ThrottleStopped> {
+        self.send(SubflowEvent::EventsLost).await
+    }
+
     /// Tells the throttle where a connection's request goes, so rules with
     /// `destination*` criteria can match. Select the connection by token or by
     /// the accepted socket's (local, peer) addresses.
@@ -79,10 +85,23 @@ pub fn event_channel(capacity: usize) -> (EventSender, mpsc::Receiver<SubflowEve
 #[derive(Debug)]
 pub struct KernelEventListener {
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl KernelEventListener {
+    /// Stops reading events until [`Self::resume`]: the kernel queues them in the socket, and drops
+    /// what does not fit (the next read then fails with `ENOBUFS`, which asks for a resync). For tests
+    /// and drills that lose events on purpose.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Reads events again after [`Self::pause`].
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
     /// Stops the thread and waits for it (at most ~250 ms).
     pub fn stop(mut self) {
         self.halt();
@@ -106,28 +125,54 @@ impl Drop for KernelEventListener {
 /// network namespace and forwards decoded events to `events` from a
 /// dedicated thread. Needs `CAP_NET_ADMIN`.
 pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, PmError> {
+    spawn_kernel_events_with_buffer(events, None)
+}
+
+/// [`spawn_kernel_events`] with the event socket's receive buffer set to `receive_buffer` bytes (the
+/// kernel doubles it for bookkeeping); a small one makes losing events easy to provoke in tests.
+pub fn spawn_kernel_events_with_buffer(
+    events: EventSender,
+    receive_buffer: Option<usize>,
+) -> Result<KernelEventListener, PmError> {
     let (socket, family) = mptcp_pm::open_event_socket()?;
     let family_id = family.id;
     socket
         .set_recv_timeout(Duration::from_millis(250))
         .map_err(PmError::Socket)?;
+    if let Some(bytes) = receive_buffer {
+        socket
+            .set_recv_buffer_force(bytes)
+            .map_err(PmError::Socket)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let stop_flag = stop.clone();
+    let paused = Arc::new(AtomicBool::new(false));
+    let paused_flag = paused.clone();
     let thread = std::thread::Builder::new()
         .name("mptcp-pm-events".into())
         .spawn(move || {
             while !stop_flag.load(Ordering::SeqCst) {
+                if paused_flag.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                let forward = |messages: Vec<mptcp_netlink::Message>| {
+                    for message in messages {
+                        if message.msg_type != family_id {
+                            continue;
+                        }
+                        if let Some(event) = pm_events::decode_event(&message.payload) {
+                            if events.blocking_send(event).is_err() {
+                                return false;
+                            }
+                        }
+                    }
+                    true
+                };
                 match socket.recv() {
                     Ok(messages) => {
-                        for message in messages {
-                            if message.msg_type != family_id {
-                                continue;
-                            }
-                            if let Some(event) = pm_events::decode_event(&message.payload) {
-                                if events.blocking_send(event).is_err() {
-                                    return;
-                                }
-                            }
+                        if !forward(messages) {
+                            return;
                         }
                     }
                     Err(e)
@@ -136,7 +181,30 @@ pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, P
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                         ) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                        tracing::warn!("mptcp_pm event socket overflowed; events were lost");
+                        tracing::warn!(
+                            "mptcp_pm event socket overflowed; events were lost: resyncing from the kernel"
+                        );
+                        // The kernel reports one ENOBUFS per overflow and keeps dropping until the
+                        // queue is empty: read what is queued first, so the resync comes after the
+                        // last event lost.
+                        loop {
+                            match socket.recv_pending() {
+                                Ok(messages) => {
+                                    if !forward(messages) {
+                                        return;
+                                    }
+                                    break;
+                                }
+                                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "mptcp_pm event socket failed");
+                                    return;
+                                }
+                            }
+                        }
+                        if events.blocking_send(SubflowEvent::EventsLost).is_err() {
+                            return;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "mptcp_pm event socket failed");
@@ -148,6 +216,7 @@ pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, P
         .map_err(PmError::Socket)?;
     Ok(KernelEventListener {
         stop,
+        paused,
         thread: Some(thread),
     })
 }
@@ -190,6 +259,33 @@ pub trait ThrottleHooks: Send {
     fn state_applied(&mut self, state: &ThrottleState) {
         let _ = state;
     }
+
+    /// The live subflows were rebuilt from the kernel and the difference applied, in `took`.
+    fn resynced(&mut self, reason: ResyncReason, report: &ResyncReport, took: Duration) {
+        let _ = (reason, report, took);
+    }
+}
+
+/// Why the live subflows were rebuilt from the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResyncReason {
+    /// At start: connections opened before the throttle (or its restart) get their rules.
+    Start,
+    /// The event source lost events (or a resync was requested).
+    EventsLost,
+    /// `resync_interval` passed.
+    Periodic,
+}
+
+impl ResyncReason {
+    /// A label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResyncReason::Start => "start",
+            ResyncReason::EventsLost => "events_lost",
+            ResyncReason::Periodic => "periodic",
+        }
+    }
 }
 
 /// Hooks that do nothing.
@@ -213,6 +309,10 @@ pub trait ThrottleBackend {
         let _ = (local, remote);
         None
     }
+    /// Every live MPTCP subflow, for a resync; `Ok(None)` where the backend cannot list them.
+    fn live_subflows(&mut self) -> Result<Option<Vec<LiveSubflow>>, KernelError> {
+        Ok(None)
+    }
 }
 
 impl ThrottleBackend for KernelBackend {
@@ -232,6 +332,9 @@ impl ThrottleBackend for KernelBackend {
         KernelBackend::route_interface(self, local, remote)
             .ok()
             .flatten()
+    }
+    fn live_subflows(&mut self) -> Result<Option<Vec<LiveSubflow>>, KernelError> {
+        KernelBackend::live_subflows(self).map(Some)
     }
 }
 
@@ -253,6 +356,8 @@ pub struct RunSummary {
     pub max_install_latency: Duration,
     /// Stale state removed at start.
     pub stale_at_start: StaleReport,
+    /// Resyncs from the kernel (at start, after lost events, periodic).
+    pub resyncs: u64,
 }
 
 async fn drain_until<F: Future<Output = ()>>(
@@ -387,6 +492,58 @@ fn apply_pending<B: ThrottleBackend, H: ThrottleHooks>(
     hooks.state_applied(state);
 }
 
+/// Rebuilds the live subflows from the kernel, looks up the route of subflows it added, and applies the
+/// difference.
+fn resync<B: ThrottleBackend, H: ThrottleHooks>(
+    state: &mut ThrottleState,
+    backend: &mut B,
+    hooks: &mut H,
+    summary: &mut RunSummary,
+    reason: ResyncReason,
+) {
+    let started = Instant::now();
+    let live = match backend.live_subflows() {
+        Ok(Some(live)) => live,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(%error, reason = reason.as_str(), "could not list the kernel's subflows; resync skipped");
+            return;
+        }
+    };
+    let listed = live.len();
+    let report = state.resync(started, live);
+    let mut routes: HashMap<(IpAddr, IpAddr), Option<u32>> = HashMap::new();
+    for tuple in state.subflows_without_interface() {
+        let (local, remote) = (tuple.local.ip(), tuple.remote.ip());
+        let index = *routes
+            .entry((local, remote))
+            .or_insert_with(|| backend.route_interface(local, remote));
+        if let Some(index) = index {
+            state.set_subflow_interface(&tuple, index);
+        }
+    }
+    apply_pending(state, backend, hooks, summary);
+    summary.resyncs += 1;
+    let took = started.elapsed();
+    if report.is_empty() {
+        tracing::debug!(
+            reason = reason.as_str(),
+            subflows = listed,
+            ?took,
+            "resync: events and kernel agree"
+        );
+    } else {
+        tracing::info!(
+            reason = reason.as_str(),
+            subflows = listed,
+            ?report,
+            ?took,
+            "resync repaired the subflow table"
+        );
+    }
+    hooks.resynced(reason, &report, took);
+}
+
 /// [`run`] with an explicit backend (tests use a recording one).
 pub async fn run_with_backend<F, B, H>(
     config: ThrottleConfig,
@@ -406,14 +563,42 @@ where
         stale_at_start: backend.start()?,
         ..RunSummary::default()
     };
+    // Resync reads the kernel's own sockets: only events from the kernel describe those (the sniffer
+    // may see traffic the proxy merely routes).
+    let resyncs = config.event_source == EventSource::Kernel;
+    let mut periodic = config.resync_interval.filter(|_| resyncs).map(|every| {
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
     let mut state = ThrottleState::new(config);
     refresh_interfaces(&mut backend, &mut state);
     apply_pending(&mut state, &mut backend, &mut hooks, &mut summary);
+    if resyncs {
+        resync(
+            &mut state,
+            &mut backend,
+            &mut hooks,
+            &mut summary,
+            ResyncReason::Start,
+        );
+    }
     tokio::pin!(shutdown);
     let mut open = true;
     while open {
+        let tick = async {
+            match periodic.as_mut() {
+                Some(interval) => {
+                    interval.tick().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => break,
+            () = tick => {
+                resync(&mut state, &mut backend, &mut hooks, &mut summary, ResyncReason::Periodic);
+            }
             event = events.recv() => {
                 let Some(first) = event else {
                     open = false;
@@ -436,11 +621,20 @@ where
                 if unknown_interface {
                     refresh_interfaces(&mut backend, &mut state);
                 }
+                let mut lost = false;
                 for event in batch {
                     summary.events += 1;
+                    lost |= event == SubflowEvent::EventsLost;
                     state.handle_event(now, event);
                 }
-                apply_pending(&mut state, &mut backend, &mut hooks, &mut summary);
+                if lost && resyncs {
+                    resync(&mut state, &mut backend, &mut hooks, &mut summary, ResyncReason::EventsLost);
+                } else {
+                    if lost {
+                        tracing::warn!("the event source lost events; only event_source = \"kernel\" can resync");
+                    }
+                    apply_pending(&mut state, &mut backend, &mut hooks, &mut summary);
+                }
             }
         }
     }

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::config::{Direction, ThrottleConfig};
-use crate::core::{Change, ClassSpec, InterfaceSetup, SubflowRule};
+use crate::core::{Change, ClassSpec, InterfaceSetup, LiveSubflow, SubflowRule};
 use crate::event::FourTuple;
 use crate::nft::{self, Family, MapKind};
 use crate::tc::{self, PschedClock};
@@ -18,6 +18,7 @@ use crate::upload::{self, UploadClassifier};
 use mptcp_netlink::bpf::BpfError;
 use mptcp_netlink::mptcp_pm;
 use mptcp_netlink::nft_map;
+use mptcp_netlink::sock_diag::{self, tcp_states};
 use mptcp_netlink::{MessageBuilder, NetlinkError, NetlinkSocket};
 
 /// Why a kernel operation failed.
@@ -239,6 +240,8 @@ pub struct KernelBackend {
     classifier: Option<UploadClassifier>,
     /// The upload class of each subflow in the classifier's map.
     upload_classes: BTreeMap<FourTuple, u32>,
+    /// `NETLINK_SOCK_DIAG`, opened with the first resync.
+    diag: Option<NetlinkSocket>,
 }
 
 /// Filter priority of the ingress redirect; also marks it as ours.
@@ -274,6 +277,7 @@ impl KernelBackend {
             elements: BTreeMap::new(),
             classifier: None,
             upload_classes: BTreeMap::new(),
+            diag: None,
         })
     }
 
@@ -302,6 +306,28 @@ impl KernelBackend {
         self.upload_classes.clear();
         // The IFB devices (and their filters) are gone: dropping the classifier frees its map.
         self.classifier = None;
+    }
+
+    /// Every MPTCP subflow of the namespace that carries data (TCP `ESTABLISHED` or `CLOSE_WAIT`), from
+    /// `sock_diag`: the snapshot a resync gives the core.
+    pub fn live_subflows(&mut self) -> Result<Vec<LiveSubflow>, KernelError> {
+        if self.diag.is_none() {
+            let socket =
+                NetlinkSocket::open(libc::NETLINK_SOCK_DIAG).map_err(KernelError::Socket)?;
+            socket
+                .set_recv_timeout(Duration::from_secs(5))
+                .map_err(KernelError::Socket)?;
+            self.diag = Some(socket);
+        }
+        let socket = self.diag.as_mut().expect("opened above");
+        let subflows = sock_diag::dump_mptcp_subflows(
+            socket,
+            tcp_states::ESTABLISHED | tcp_states::CLOSE_WAIT,
+        )?;
+        Ok(subflows
+            .iter()
+            .filter_map(crate::pm_events::live_subflow)
+            .collect())
     }
 
     /// How many subflows the nft maps classify now.

@@ -41,8 +41,9 @@ pub use crate::core::{
     Change, ClassId, DesiredState, LiveSubflow, ResyncReport, ThrottleState, ThrottleStats,
 };
 pub use crate::driver::{
-    event_channel, run, run_with_hooks, spawn_kernel_events, start_event_source, EventSender,
-    KernelEventListener, RunSummary, ThrottleError, ThrottleHooks,
+    event_channel, run, run_with_hooks, spawn_kernel_events, spawn_kernel_events_with_buffer,
+    start_event_source, EventSender, KernelEventListener, ResyncReason, RunSummary, ThrottleError,
+    ThrottleHooks,
 };
 pub use crate::event::{
     ConnectionSelector, ConnectionToken, Destination, FourTuple, InterfaceRef, SubflowEvent,

@@ -5,95 +5,20 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{require_root, Netns};
+use common::{connect, enter_netns, listener, require_root, two_paths, wait_for, Netns};
 use mptcp_throttle::{
     event_channel, run, spawn_kernel_events, ConnectionToken, QuickThrottle, SubflowEvent,
     SubflowInfo, ThrottleConfig,
 };
-use socket2::{Domain, Protocol, Socket, Type};
-
-/// Proxy namespace (a0 10.80.0.1, a1 10.81.0.1) and client namespace
-/// (b0 10.80.0.2, b1 10.81.0.2). The proxy announces 10.81.0.1 (ADD_ADDR),
-/// so an MPTCP client joins a second subflow over a1/b1.
-fn two_paths() -> (Netns, Netns) {
-    let proxy = Netns::new("proxy");
-    let client = Netns::new("client");
-    for (a, b, net) in [("a0", "b0", "10.80.0"), ("a1", "b1", "10.81.0")] {
-        proxy.ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
-        proxy.ip(&["link", "set", b, "netns", &client.name]);
-        proxy.ip(&["addr", "add", &format!("{net}.1/24"), "dev", a]);
-        client.ip(&["addr", "add", &format!("{net}.2/24"), "dev", b]);
-        proxy.ip(&["link", "set", a, "up"]);
-        client.ip(&["link", "set", b, "up"]);
-    }
-    for ns in [&proxy, &client] {
-        ns.exec("sysctl", &["-q", "-w", "net.mptcp.enabled=1"]);
-        ns.ip(&[
-            "mptcp",
-            "limits",
-            "set",
-            "subflows",
-            "2",
-            "add_addr_accepted",
-            "2",
-        ]);
-    }
-    proxy.ip(&[
-        "mptcp",
-        "endpoint",
-        "add",
-        "10.81.0.1",
-        "dev",
-        "a1",
-        "signal",
-    ]);
-    (proxy, client)
-}
 
 fn quick_config(flag: &str) -> ThrottleConfig {
     let mut config = ThrottleConfig::default();
     let flag: QuickThrottle = flag.parse().unwrap();
     config.add_quick_throttles(&[flag]).unwrap();
     config
-}
-
-fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn listener(addr: &str, mptcp: bool) -> TcpListener {
-    let protocol = if mptcp {
-        Protocol::MPTCP
-    } else {
-        Protocol::TCP
-    };
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(protocol)).unwrap();
-    socket.set_reuse_address(true).unwrap();
-    socket
-        .bind(&addr.parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    socket.listen(8).unwrap();
-    socket.into()
-}
-
-fn connect(addr: &str, mptcp: bool) -> TcpStream {
-    let protocol = if mptcp {
-        Protocol::MPTCP
-    } else {
-        Protocol::TCP
-    };
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(protocol)).unwrap();
-    socket
-        .connect(&addr.parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    socket.into()
 }
 
 /// The download classes of steered IPv4 subflows: `nft`'s JSON of the `download4` map's elements.
@@ -375,15 +300,6 @@ fn await_event(
         }
     }
     None
-}
-
-fn enter_netns(name: &str) {
-    let file = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
-    // SAFETY: valid netns descriptor; affects this thread only.
-    assert_eq!(
-        unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) },
-        0
-    );
 }
 
 /// `set_backup = true`: the proxy asks its (userspace) path manager to mark
