@@ -358,6 +358,69 @@ pub struct RunSummary {
     pub stale_at_start: StaleReport,
     /// Resyncs from the kernel (at start, after lost events, periodic).
     pub resyncs: u64,
+    /// Subflow placements a per-client class limit (`max_clients`) refused.
+    pub refused_class_limit: u64,
+    /// Subflows `max_steered_subflows` left unsteered.
+    pub refused_subflow_limit: u64,
+}
+
+/// When the last limit warning was logged (milliseconds since the Unix epoch): at most one every 10 s.
+static LAST_LIMIT_WARNING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Logs that a limit left subflows unsteered (rate-limited), naming the limit and the classes.
+fn warn_limits(state: &ThrottleState, summary: &mut RunSummary) {
+    let stats = state.stats();
+    let (class_new, subflow_new) = (
+        stats.refused_class_limit - summary.refused_class_limit.min(stats.refused_class_limit),
+        stats.refused_subflow_limit
+            - summary
+                .refused_subflow_limit
+                .min(stats.refused_subflow_limit),
+    );
+    summary.refused_class_limit = stats.refused_class_limit;
+    summary.refused_subflow_limit = stats.refused_subflow_limit;
+    if class_new == 0 && subflow_new == 0 {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let last = LAST_LIMIT_WARNING.load(Ordering::Relaxed);
+    if now.saturating_sub(last) < 10_000
+        || LAST_LIMIT_WARNING
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    if class_new > 0 {
+        let full: Vec<String> = state
+            .config()
+            .classes
+            .iter()
+            .filter(|c| c.scope == crate::config::ClassScope::Client)
+            .map(|c| {
+                let used = state
+                    .client_class_counts()
+                    .get(&c.name)
+                    .copied()
+                    .unwrap_or(0);
+                format!("{} ({used} classes, max_clients {})", c.name, c.max_clients)
+            })
+            .collect();
+        tracing::warn!(
+            refused = class_new,
+            classes = %full.join(", "),
+            "per-client class limit reached: subflows of new subscribers are not steered until a subscriber's last subflow closes (raise max_clients)"
+        );
+    }
+    if subflow_new > 0 {
+        tracing::warn!(
+            refused = subflow_new,
+            max_steered_subflows = state.config().max_steered_subflows,
+            "steered subflow limit reached: new subflows are not steered until others close (raise max_steered_subflows)"
+        );
+    }
 }
 
 async fn drain_until<F: Future<Output = ()>>(
@@ -464,6 +527,7 @@ fn apply_pending<B: ThrottleBackend, H: ThrottleHooks>(
     summary: &mut RunSummary,
 ) {
     let changes = state.poll_changes();
+    warn_limits(state, summary);
     if changes.is_empty() {
         return;
     }

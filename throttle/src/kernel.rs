@@ -7,12 +7,14 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::{Direction, ThrottleConfig};
 use crate::core::{Change, ClassSpec, InterfaceSetup, LiveSubflow, SubflowRule};
 use crate::event::FourTuple;
 use crate::nft::{self, Family, MapKind};
+use crate::restore::{self, SavedRoot};
 use crate::tc::{self, PschedClock};
 use crate::upload::{self, UploadClassifier};
 use mptcp_netlink::bpf::BpfError;
@@ -180,6 +182,8 @@ pub struct StaleReport {
     pub ifb_devices: Vec<String>,
     /// Ingress redirect filters to those devices, by interface index.
     pub ingress_redirects: Vec<u32>,
+    /// Root qdiscs put back as they were before the throttle (interface and what was rebuilt).
+    pub restored_roots: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -242,6 +246,10 @@ pub struct KernelBackend {
     upload_classes: BTreeMap<FourTuple, u32>,
     /// `NETLINK_SOCK_DIAG`, opened with the first resync.
     diag: Option<NetlinkSocket>,
+    /// The root qdisc trees replaced, by interface index (see [`crate::restore`]).
+    saved_roots: BTreeMap<u32, SavedRoot>,
+    /// Where they are kept across a crash.
+    state_path: PathBuf,
 }
 
 /// Filter priority of the ingress redirect; also marks it as ours.
@@ -278,6 +286,8 @@ impl KernelBackend {
             classifier: None,
             upload_classes: BTreeMap::new(),
             diag: None,
+            saved_roots: BTreeMap::new(),
+            state_path: restore::state_file(&config.state_dir, &config.nft_table),
         })
     }
 
@@ -370,8 +380,48 @@ impl KernelBackend {
         Ok(InterfaceTable { links, addresses })
     }
 
+    /// Writes the saved roots to the state file; a failure only costs the restore after a crash.
+    fn persist_saved_roots(&self) {
+        let saved: Vec<SavedRoot> = self.saved_roots.values().cloned().collect();
+        if let Err(error) = restore::write_state(&self.state_path, &saved) {
+            tracing::warn!(%error, path = %self.state_path.display(), "could not write the saved root qdiscs: a restart after a crash cannot restore them");
+        }
+    }
+
+    fn is_ours(&self, kind: &str, handle: u32) -> bool {
+        kind == "htb" && handle >> 16 == u32::from(self.qdisc_major)
+    }
+
+    /// Deletes the throttle's root on `ifindex`, rebuilding the tree saved for it if there is one.
+    fn remove_root(&mut self, ifindex: u32) -> Result<Option<String>, KernelError> {
+        match self.saved_roots.remove(&ifindex) {
+            Some(saved) => {
+                let problems = restore::restore(&mut self.route, &saved);
+                self.persist_saved_roots();
+                if !problems.is_empty() {
+                    tracing::warn!(interface = %saved.ifname, ?problems, "root qdisc not fully restored; the kernel default is there instead");
+                }
+                Ok(Some(format!("{} {}", saved.ifname, saved.describe())))
+            }
+            None => {
+                ignore_missing(
+                    self.route
+                        .request(tc::delete_root(ifindex), "delete htb root"),
+                )?;
+                Ok(None)
+            }
+        }
+    }
+
     fn sweep(&mut self) -> Result<StaleReport, KernelError> {
         let mut report = StaleReport::default();
+        // What an earlier run saved (after a crash) and what this run saved: this run's are current.
+        let links: BTreeMap<u32, String> = self.links()?.into_iter().collect();
+        for saved in restore::read_state(&self.state_path) {
+            if links.get(&saved.ifindex) == Some(&saved.ifname) {
+                self.saved_roots.entry(saved.ifindex).or_insert(saved);
+            }
+        }
         for (index, name) in self.links()? {
             let Some(rest) = name.strip_prefix(&self.ifb_prefix) else {
                 continue;
@@ -411,17 +461,16 @@ impl KernelBackend {
             .iter()
             .filter_map(|m| tc::parse_tc_object(&m.payload))
         {
-            if qdisc.parent == tc::TC_H_ROOT
-                && qdisc.kind == "htb"
-                && qdisc.handle >> 16 == u32::from(self.qdisc_major)
-            {
-                ignore_missing(
-                    self.route
-                        .request(tc::delete_root(qdisc.ifindex), "delete root qdisc"),
-                )?;
+            if qdisc.parent == tc::TC_H_ROOT && self.is_ours(&qdisc.kind, qdisc.handle) {
+                if let Some(restored) = self.remove_root(qdisc.ifindex)? {
+                    report.restored_roots.push(restored);
+                }
                 report.root_qdiscs.push(qdisc.ifindex);
             }
         }
+        // Saved trees whose interface no longer carries our root are stale (someone replaced it).
+        self.saved_roots.clear();
+        self.persist_saved_roots();
         Ok(report)
     }
 
@@ -504,6 +553,23 @@ impl KernelBackend {
         let index = interface_index(&setup.interface)?;
         match setup.direction {
             Direction::Download => {
+                if !self.saved_roots.contains_key(&index) {
+                    let major = u32::from(self.qdisc_major);
+                    let saved = restore::capture(
+                        &mut self.route,
+                        index,
+                        &setup.interface,
+                        |kind, handle| kind == "htb" && handle >> 16 == major,
+                    )?;
+                    if let Some(saved) = saved {
+                        if saved.classes > 0 {
+                            tracing::warn!(interface = %setup.interface, root = %saved.describe(), classes = saved.classes, "the root qdisc being replaced has classes (and maybe filters): only its qdiscs are restored at exit");
+                        }
+                        tracing::info!(interface = %setup.interface, root = %saved.describe(), "saved the root qdisc; it is restored when the throttle exits");
+                        self.saved_roots.insert(index, saved);
+                        self.persist_saved_roots();
+                    }
+                }
                 self.route
                     .request(tc::htb_root(index, setup.qdisc_major), "add htb root")?;
             }
@@ -566,10 +632,7 @@ impl KernelBackend {
         match setup.direction {
             Direction::Download => {
                 let index = interface_index(&setup.interface)?;
-                ignore_missing(
-                    self.route
-                        .request(tc::delete_root(index), "delete htb root"),
-                )?;
+                self.remove_root(index)?;
             }
             Direction::Upload => {
                 if let Some(path) = self.uploads.remove(&setup.interface) {

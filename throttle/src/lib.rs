@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod nft;
 pub mod pm_events;
 pub mod rate;
+pub mod restore;
 pub mod stats;
 pub mod subscribers;
 pub mod tc;

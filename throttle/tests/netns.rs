@@ -297,3 +297,221 @@ fn missing_interface_is_a_typed_error() {
         "{failures:?}"
     );
 }
+
+/// `tc -j qdisc show dev <dev>` reduced to what identifies the tree: kind, handle, parent and the
+/// options tbf prints.
+fn qdisc_tree(ns: &Netns, dev: &str) -> Vec<String> {
+    let mut tree: Vec<String> = ns
+        .qdiscs(dev)
+        .iter()
+        .filter(|q| q["kind"] != "ingress")
+        .map(|q| {
+            format!(
+                "{} {} parent {} {}",
+                q["kind"].as_str().unwrap_or(""),
+                q["handle"].as_str().unwrap_or(""),
+                q["parent"].as_str().unwrap_or("root"),
+                serde_json::to_string(&q["options"]).unwrap()
+            )
+        })
+        .collect();
+    tree.sort();
+    tree
+}
+
+#[test]
+fn original_root_qdisc_comes_back_after_shutdown_and_after_a_crash() {
+    if !require_root("original_root_qdisc_comes_back_after_shutdown_and_after_a_crash") {
+        return;
+    }
+    // A multi-queue interface whose operator set up mq with a tuned child on queue 2.
+    let ns = Netns::new("mq");
+    ns.ip(&[
+        "link",
+        "add",
+        "m0",
+        "numtxqueues",
+        "4",
+        "numrxqueues",
+        "4",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "m1",
+        "numtxqueues",
+        "4",
+        "numrxqueues",
+        "4",
+    ]);
+    ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "m0"]);
+    ns.ip(&["link", "set", "m0", "up"]);
+    ns.ip(&["link", "set", "m1", "up"]);
+    ns.exec(
+        "tc",
+        &["qdisc", "add", "dev", "m0", "root", "handle", "7:", "mq"],
+    );
+    ns.exec(
+        "tc",
+        &[
+            "qdisc", "replace", "dev", "m0", "parent", "7:2", "handle", "72:", "tbf", "rate",
+            "300mbit", "burst", "64kb", "latency", "20ms",
+        ],
+    );
+    let original = qdisc_tree(&ns, "m0");
+    assert!(
+        original.iter().any(|q| q.starts_with("mq 7:")),
+        "{original:?}"
+    );
+    assert!(
+        original.iter().any(|q| q.starts_with("tbf 72: parent 7:2")),
+        "{original:?}"
+    );
+
+    let state_dir = std::env::temp_dir().join(format!("mpthr-state-{}", ns.name));
+    let config = ThrottleConfig::from_toml_str(&format!(
+        "state_dir = {:?}\n[[classes]]\nname = \"c\"\ninterface = \"m0\"\nrate = \"10mbit\"\n",
+        state_dir.display().to_string()
+    ))
+    .unwrap();
+    let install = |config: ThrottleConfig| {
+        ns.enter(move || {
+            let mut backend = KernelBackend::open(&config).unwrap();
+            let stale = backend.start().unwrap();
+            let mut state = ThrottleState::new(config);
+            assert!(backend.apply(&state.poll_changes()).is_empty());
+            (backend, stale)
+        })
+    };
+
+    // Installed: our HTB is the root; SIGTERM-like shutdown puts mq and the tuned tbf back.
+    let (backend, _) = install(config.clone());
+    let running = qdisc_tree(&ns, "m0");
+    assert!(
+        running.iter().any(|q| q.starts_with("htb 4d50:")),
+        "{running:?}"
+    );
+    let report = ns.enter(move || {
+        let mut backend = backend;
+        backend.shutdown().unwrap()
+    });
+    assert_eq!(
+        report.restored_roots,
+        vec!["m0 mq 7: (4 children)".to_owned()]
+    );
+    assert_eq!(qdisc_tree(&ns, "m0"), original);
+
+    // A crash leaves our root and the state file; the next start restores the original from the file
+    // before installing again, and its shutdown restores it again.
+    let (crashed, _) = install(config.clone());
+    drop(crashed);
+    assert!(qdisc_tree(&ns, "m0")
+        .iter()
+        .any(|q| q.starts_with("htb 4d50:")));
+    let (restarted, stale) = install(config);
+    assert_eq!(
+        stale.restored_roots,
+        vec!["m0 mq 7: (4 children)".to_owned()]
+    );
+    ns.enter(move || {
+        let mut backend = restarted;
+        backend.shutdown().unwrap();
+    });
+    assert_eq!(qdisc_tree(&ns, "m0"), original);
+    assert!(
+        std::fs::read_dir(&state_dir).map_or(true, |d| d.count() == 0),
+        "state file left behind"
+    );
+    let _ = std::fs::remove_dir_all(state_dir);
+}
+
+/// Rules the packets walk: every nft rule of the table, and every tc filter on the interface's ingress
+/// and on its IFB.
+fn packet_path_rules(ns: &Netns) -> usize {
+    let nft = ns
+        .nft_ruleset()
+        .get("nftables")
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|item| {
+            item.get("rule")
+                .is_some_and(|r| r["table"] == "mptcp_proxy")
+        })
+        .count();
+    let ifb = format!("mpifb{}", ns.ifindex("c0"));
+    // One line per filter entry: u32 nodes (`fh 800::800`), bpf programs (`handle 0x1`).
+    let filters = |args: &[&str]| {
+        ns.exec("tc", args)
+            .lines()
+            .filter(|l| l.starts_with("filter") && (l.contains("::") || l.contains("handle")))
+            .count()
+    };
+    nft + filters(&["filter", "show", "dev", "c0", "ingress"])
+        + filters(&["filter", "show", "dev", &ifb])
+}
+
+#[test]
+fn packet_path_rule_count_is_constant_from_2_to_200_connections() {
+    if !require_root("packet_path_rule_count_is_constant_from_2_to_200_connections") {
+        return;
+    }
+    let ns = namespace_with_veth();
+    let config = ThrottleConfig::from_toml_str(POLICY).unwrap();
+    let open = |state: &mut ThrottleState, range: std::ops::Range<u32>| {
+        for i in range {
+            let token = ConnectionToken(i);
+            let client = |port: u32| {
+                format!("10.77.{}.{}:{}", 1 + i / 200, 2 + i % 200, port)
+                    .parse()
+                    .unwrap()
+            };
+            state.handle_event(
+                Instant::now(),
+                SubflowEvent::ConnectionCreated {
+                    token,
+                    subflow: SubflowInfo::new("10.77.0.1:443".parse().unwrap(), client(40000)),
+                },
+            );
+            state.handle_event(
+                Instant::now(),
+                SubflowEvent::SubflowEstablished {
+                    token,
+                    subflow: SubflowInfo::new("10.77.0.1:443".parse().unwrap(), client(40001)),
+                },
+            );
+        }
+    };
+    let (backend, state) = ns.enter(move || {
+        let mut backend = KernelBackend::open(&config).unwrap();
+        backend.start().unwrap();
+        let mut state = ThrottleState::new(config);
+        for (addr, name) in backend.interfaces().unwrap().addresses {
+            state.set_interface_address(addr, &name);
+        }
+        open(&mut state, 0..2);
+        assert!(backend.apply(&state.poll_changes()).is_empty());
+        (backend, state)
+    });
+    let with_two = packet_path_rules(&ns);
+    assert_eq!(ns.nft_map("mptcp_proxy", "download4").len(), 4);
+    let (backend, _state) = ns.enter(move || {
+        let (mut backend, mut state) = (backend, state);
+        open(&mut state, 2..200);
+        assert!(backend.apply(&state.poll_changes()).is_empty());
+        assert_eq!(backend.steered_subflows(), 400);
+        (backend, state)
+    });
+    let with_two_hundred = packet_path_rules(&ns);
+    eprintln!("packet path rules: {with_two} with 2 connections, {with_two_hundred} with 200");
+    assert_eq!(ns.nft_map("mptcp_proxy", "download4").len(), 400);
+    assert_eq!(ns.nft_map("mptcp_proxy", "fwmark4").len(), 400);
+    // Six nft rules, the ingress redirect and the IFB's classifier.
+    assert_eq!(with_two, 8);
+    assert_eq!(with_two_hundred, with_two);
+    ns.enter(move || {
+        let mut backend = backend;
+        backend.shutdown().unwrap();
+    });
+    assert_clean(&ns);
+}
