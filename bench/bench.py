@@ -798,6 +798,9 @@ def main():
     a = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.py needs root (network namespaces)")
+    # Installs what is missing, then stops at once naming any program of deploy/requirements.txt still absent.
+    if subprocess.run(["bash", str(ROOT / "deploy/prerequisites.sh"), "bench"]).returncode != 0:
+        sys.exit("bench.py: prerequisites missing (see above)")
     todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle", "mpip"]
             if a.bench == "all" else [a.bench])
     run(["cargo", "build", "--release", "-q", "-p", "mptcp-proxy", "--bin", "mptcp-proxy",

@@ -9,8 +9,13 @@ if [ "$(id -u)" != 0 ]; then
 fi
 bash deploy/prerequisites.sh test
 export PATH="$HOME/.cargo/bin:$PATH"
-# Leftovers of an interrupted earlier run (namespaces are named mpx<pid>n<k>-*).
-for ns in $(ip netns list | awk '/^mpx[0-9]+n[0-9]+-/ {print $1}'); do ip netns del "$ns" 2>/dev/null || true; done
+# Leftovers of an interrupted earlier run (namespaces are named mpx<pid>n<k>-*). Only those whose
+# test process is gone: other test runs on this machine may be using theirs right now.
+for ns in $(ip netns list | awk '/^mpx[0-9]+n[0-9]+-/ {print $1}'); do
+  pid=${ns#mpx}; pid=${pid%%n*}
+  [ -d "/proc/$pid" ] && continue
+  ip netns del "$ns" 2>/dev/null || true
+done
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -19,3 +24,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 # --no-fail-fast: one failing binary must not hide how the others fared.
 cargo test --workspace --all-targets --no-fail-fast "$@"
+echo "== the Debian package: build, dpkg-deb, lintian, systemd-analyze, install, run, purge"
+bash deploy/debian/package-test.sh

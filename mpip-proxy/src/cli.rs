@@ -1,14 +1,10 @@
 //! What both binaries share: arguments, logging, the shutdown signal, and
 //! the sequence parse → check → run.
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as every binary of the workspace does
+/// ([`mptcp_ops::logging`]: no colour off a terminal, `--log-format json`).
+pub fn init_logging(format: mptcp_ops::LogFormat) {
+    mptcp_ops::logging::init(format);
 }
 
 /// Both binaries' command line.
@@ -20,11 +16,28 @@ pub struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// `--log-format`.
+    #[command(flatten)]
+    pub log: mptcp_ops::LogArgs,
 }
 
 /// A binary's `main`: parses `args`, sets up logging, loads the configuration
 /// with `load`, and unless only checking, runs `run` until SIGTERM or SIGINT.
+/// An error is printed once, on one line ([`mptcp_ops::report`]).
 pub fn main<C, F>(
+    program: &str,
+    args: Args,
+    load: impl FnOnce(&std::path::Path) -> Result<C, crate::config::ConfigError>,
+    run: impl FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<(), crate::shell::ShellError>>,
+{
+    init_logging(args.log.log_format);
+    mptcp_ops::report::exit(program, run_main(args, load, run))
+}
+
+fn run_main<C, F>(
     args: Args,
     load: impl FnOnce(&std::path::Path) -> Result<C, crate::config::ConfigError>,
     run: impl FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
@@ -32,7 +45,6 @@ pub fn main<C, F>(
 where
     F: std::future::Future<Output = Result<(), crate::shell::ShellError>>,
 {
-    init_logging();
     let config = load(&args.config)?;
     if args.check_config {
         println!("{}: ok", args.config.display());

@@ -410,10 +410,7 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|source| ConfigError::Parse {
-        origin: origin.to_owned(),
-        source: Box::new(source),
-    })
+    toml::from_str(text).map_err(|error| ConfigError::parse(text, origin, &error))
 }
 
 impl ClientConfig {

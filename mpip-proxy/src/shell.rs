@@ -12,7 +12,6 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -714,10 +713,7 @@ async fn serve_metrics(
         .await
         .map_err(error)?;
     tracing::info!(address = %listener.local_addr().map_err(error)?, "metrics listener (/metrics, /healthz, /readyz)");
-    let state = Arc::new(mptcp_proxy::admin::AdminState {
-        metrics,
-        ready: AtomicBool::new(true),
-    });
+    let state = Arc::new(mptcp_proxy::admin::AdminState::new(metrics));
     Ok(tokio::spawn(mptcp_proxy::admin::serve(
         listener, state, stop,
     )))
@@ -886,7 +882,9 @@ pub async fn run_client(
             return Err(error);
         }
     };
+    mptcp_ops::notify::ready("tunnel device up");
     shutdown.await;
+    mptcp_ops::notify::stopping();
     node.stop().await;
     let _ = stop_tx.send(true);
     if let Some(admin) = admin {
@@ -974,6 +972,8 @@ async fn serve_proxy_end(
         match config.common.metrics.address {
             Some(address) => {
                 let admin = serve_metrics(address, registry, http_stop_rx).await?;
+                // Without the HTTP core (which tells systemd itself), ready once the tunnel serves.
+                mptcp_ops::notify::ready("tunnel up");
                 Some(tokio::spawn(async move {
                     let _ = admin.await;
                     Ok(())

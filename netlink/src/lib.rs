@@ -9,6 +9,7 @@
 //! - [`nft_map`]: named sets and maps with concatenated keys, their elements, and `lookup`.
 //! - [`sock_diag`]: `inet_diag` dumps of TCP sockets and the MPTCP subflows among them.
 //! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
+//! - [`rtnl`]: rtnetlink link and address requests (link up, add and delete an address).
 //!
 //! Every call acts on the network namespace of the calling thread.
 
@@ -18,6 +19,7 @@ pub mod mptcp_pm;
 pub mod nfqueue;
 pub mod nft;
 pub mod nft_map;
+pub mod rtnl;
 pub mod sock_diag;
 pub mod socket;
 

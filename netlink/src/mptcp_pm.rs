@@ -524,6 +524,24 @@ impl PathManager {
         self.request(b, &format!("delete mptcp endpoint {id} ({addr})"))
     }
 
+    /// The in-kernel path manager's limits: `(subflows, add_addr_accepted)` (`ip mptcp limits`).
+    pub fn limits(&mut self) -> Result<(u32, u32), NetlinkError> {
+        let replies = self
+            .socket
+            .request(command(self.family.id, cmd::GET_LIMITS), "get mptcp limits")?;
+        let mut limits = (0, 0);
+        for reply in &replies {
+            for (kind, value) in parse_attrs(reply.payload.get(GENL_HDRLEN..).unwrap_or_default()) {
+                match kind {
+                    pm_attr::SUBFLOWS => limits.0 = attr_u32(value).unwrap_or(0),
+                    pm_attr::RCV_ADD_ADDRS => limits.1 = attr_u32(value).unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+        Ok(limits)
+    }
+
     /// Announces `addr` on connection `token` (userspace PM).
     pub fn announce(&mut self, token: u32, addr: &PmAddress) -> Result<(), NetlinkError> {
         let b = announce_request(self.family.id, token, addr);

@@ -72,3 +72,47 @@ fn nft_batches_apply_atomically_and_report_kernel_errors() {
     let tables = bed.exec(&ns, &["nft", "list", "tables"]).unwrap();
     assert!(!tables.contains("mpx_netlink_test"), "{tables}");
 }
+
+#[test]
+fn links_addresses_and_limits_over_netlink() {
+    if testbed::skip_unless_root() {
+        return;
+    }
+    let bed = Testbed::new(Options::default()).unwrap();
+    let ns = bed.proxy_ns().to_owned();
+    bed.exec(
+        &ns,
+        &[
+            "ip", "link", "add", "mpxa", "type", "veth", "peer", "name", "mpxb",
+        ],
+    )
+    .unwrap();
+    let service: IpAddr = "10.99.0.1".parse().unwrap();
+    let limits = testbed::in_namespace(&ns, || {
+        use mptcp_netlink::rtnl;
+        let lo = rtnl::link_index("lo").unwrap();
+        rtnl::add_address(lo, service, 32).unwrap();
+        let again = rtnl::add_address(lo, service, 32).unwrap_err();
+        assert_eq!(again.errno(), Some(libc::EEXIST), "{again}");
+        rtnl::set_link_up(rtnl::link_index("mpxa").unwrap()).unwrap();
+        assert!(rtnl::link_index("no-such-link").is_err());
+        PathManager::open().unwrap().limits().unwrap()
+    })
+    .unwrap();
+    // The testbed sets `ip mptcp limits set subflow 2 add_addr_accepted 2` in the proxy namespace.
+    assert_eq!(limits, (2, 2));
+    let lo = bed.exec(&ns, &["ip", "addr", "show", "dev", "lo"]).unwrap();
+    assert!(lo.contains("10.99.0.1/32"), "{lo}");
+    let link = bed.exec(&ns, &["ip", "link", "show", "mpxa"]).unwrap();
+    assert!(link.contains(",UP"), "{link}");
+    testbed::in_namespace(&ns, || {
+        use mptcp_netlink::rtnl;
+        let lo = rtnl::link_index("lo").unwrap();
+        rtnl::delete_address(lo, service, 32).unwrap();
+        let gone = rtnl::delete_address(lo, service, 32).unwrap_err();
+        assert_eq!(gone.errno(), Some(libc::EADDRNOTAVAIL), "{gone}");
+    })
+    .unwrap();
+    let lo = bed.exec(&ns, &["ip", "addr", "show", "dev", "lo"]).unwrap();
+    assert!(!lo.contains("10.99.0.1"), "{lo}");
+}

@@ -8,7 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{AccessLogConfig, AccessLogFormat};
@@ -117,18 +117,29 @@ enum Sink {
     File(File),
 }
 
-/// The access log: formats entries and writes them to stdout or a reopenable file.
-pub struct AccessLog {
+/// Where the log goes now and in which format; replaced whole on reconfiguration.
+struct State {
     format: AccessLogFormat,
     path: Option<PathBuf>,
-    sink: Mutex<Sink>,
+    sink: Sink,
+}
+
+/// The access log: formats entries and writes them to stdout or a reopenable file.
+///
+/// A cheap handle: clones share one sink, so a configuration reload can move every holder (running
+/// tunnels included) to a new path or format with [`AccessLog::reconfigure`], and logrotate's SIGHUP
+/// reopens the file with [`AccessLog::reopen`].
+#[derive(Clone)]
+pub struct AccessLog {
+    state: Arc<Mutex<State>>,
 }
 
 impl std::fmt::Debug for AccessLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
         f.debug_struct("AccessLog")
-            .field("format", &self.format)
-            .field("path", &self.path)
+            .field("format", &state.format)
+            .field("path", &state.path)
             .finish()
     }
 }
@@ -137,49 +148,69 @@ fn open(path: &PathBuf) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
+fn state_for(config: &AccessLogConfig) -> io::Result<State> {
+    let (path, sink) = match config.path.as_str() {
+        "off" => (None, Sink::Off),
+        "-" => (None, Sink::Stdout),
+        path => {
+            let path = PathBuf::from(path);
+            let file = open(&path)?;
+            (Some(path), Sink::File(file))
+        }
+    };
+    Ok(State {
+        format: config.format,
+        path,
+        sink,
+    })
+}
+
 impl AccessLog {
     /// Opens the log as configured (`-` is stdout, `off` disables it).
     pub fn open(config: &AccessLogConfig) -> io::Result<Self> {
-        let (path, sink) = match config.path.as_str() {
-            "off" => (None, Sink::Off),
-            "-" => (None, Sink::Stdout),
-            path => {
-                let path = PathBuf::from(path);
-                let file = open(&path)?;
-                (Some(path), Sink::File(file))
-            }
-        };
         Ok(Self {
-            format: config.format,
-            path,
-            sink: Mutex::new(sink),
+            state: Arc::new(Mutex::new(state_for(config)?)),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reopens the file (after logrotate moved it; SIGHUP).
     pub fn reopen(&self) -> io::Result<()> {
-        if let Some(path) = &self.path {
+        let mut state = self.lock();
+        if let Some(path) = &state.path {
             let file = open(path)?;
-            *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Sink::File(file);
+            state.sink = Sink::File(file);
         }
+        Ok(())
+    }
+
+    /// Moves the log to `config`'s path and format (a reload). The new file is opened first: if that
+    /// fails, the log stays where it was and the error is returned.
+    pub fn reconfigure(&self, config: &AccessLogConfig) -> io::Result<()> {
+        let new = state_for(config)?;
+        *self.lock() = new;
         Ok(())
     }
 
     /// Writes one entry; a write error is reported once per failure, never fatal.
     pub fn write(&self, entry: &Entry) {
-        if matches!(
-            *self.sink.lock().unwrap_or_else(|p| p.into_inner()),
-            Sink::Off
-        ) {
-            return;
-        }
-        let mut line = match self.format {
+        let format = {
+            let state = self.lock();
+            if matches!(state.sink, Sink::Off) {
+                return;
+            }
+            state.format
+        };
+        let mut line = match format {
             AccessLogFormat::Squid => entry.squid_line(),
             AccessLogFormat::Json => entry.json_line(),
         };
         line.push('\n');
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        let result = match &mut *sink {
+        let mut state = self.lock();
+        let result = match &mut state.sink {
             Sink::Off => Ok(()),
             Sink::Stdout => io::stdout().lock().write_all(line.as_bytes()),
             Sink::File(file) => file.write_all(line.as_bytes()),
@@ -238,6 +269,49 @@ mod tests {
         assert_eq!(value["subflows"], 2);
         assert_eq!(value["status"], 200);
         assert_eq!(value["url"], "http://10.0.3.2/a b");
+    }
+
+    #[test]
+    fn reconfigure_moves_every_clone_to_the_new_path_and_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = dir.path().join("first.log");
+        let second = dir.path().join("second.log");
+        let log = AccessLog::open(&AccessLogConfig {
+            path: first.display().to_string(),
+            format: AccessLogFormat::Squid,
+        })
+        .expect("open");
+        let held_by_a_tunnel = log.clone();
+        log.write(&entry());
+        log.reconfigure(&AccessLogConfig {
+            path: second.display().to_string(),
+            format: AccessLogFormat::Json,
+        })
+        .expect("reconfigure");
+        held_by_a_tunnel.write(&entry());
+        assert_eq!(
+            std::fs::read_to_string(&first)
+                .expect("read")
+                .lines()
+                .count(),
+            1
+        );
+        let moved = std::fs::read_to_string(&second).expect("read");
+        let value: serde_json::Value = serde_json::from_str(moved.trim()).expect("json line");
+        assert_eq!(value["status"], 200);
+        let unwritable = AccessLogConfig {
+            path: dir.path().join("no/such/dir.log").display().to_string(),
+            format: AccessLogFormat::Squid,
+        };
+        assert!(log.reconfigure(&unwritable).is_err());
+        log.write(&entry());
+        assert_eq!(
+            std::fs::read_to_string(&second)
+                .expect("read")
+                .lines()
+                .count(),
+            2
+        );
     }
 
     #[test]

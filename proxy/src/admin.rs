@@ -1,6 +1,9 @@
-//! The admin listener: `/metrics` (OpenMetrics text), `/healthz` and `/readyz`.
+//! The admin listener: `/metrics` (OpenMetrics text), `/healthz`, `/readyz`, `/connections` (JSON: the
+//! open client connections and their subflows now, see [`crate::registry`]), and `POST /drain` (the same
+//! drain as SIGTERM; accepted only from the proxy's own host).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -13,7 +16,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::metrics::{InterfaceMap, Metrics};
+use crate::registry::{ConnectionRegistry, SubflowClasses};
 
 /// The OpenMetrics content type Prometheus negotiates.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -36,10 +40,120 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// True while the proxy accepts connections; false before and while draining.
     pub ready: AtomicBool,
+    connections: Option<ConnectionsView>,
+    /// What `POST /drain` triggers; without it the endpoint answers 404.
+    drain: Option<DrainSignal>,
 }
 
-fn answer(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+/// What `/connections` is made from.
+#[derive(Debug)]
+struct ConnectionsView {
+    registry: Arc<ConnectionRegistry>,
+    interfaces: Arc<InterfaceMap>,
+    classes: Arc<SubflowClasses>,
+}
+
+impl AdminState {
+    /// Metrics and health only, ready.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            ready: AtomicBool::new(true),
+            connections: None,
+            drain: None,
+        }
+    }
+
+    /// Also takes `POST /drain` (from this host), which requests `drain`.
+    pub fn with_drain(mut self, drain: DrainSignal) -> Self {
+        self.drain = Some(drain);
+        self
+    }
+
+    /// Also serves `/connections` from a server's table of open connections.
+    pub fn with_connections(
+        mut self,
+        registry: Arc<ConnectionRegistry>,
+        interfaces: Arc<InterfaceMap>,
+        classes: Arc<SubflowClasses>,
+    ) -> Self {
+        self.connections = Some(ConnectionsView {
+            registry,
+            interfaces,
+            classes,
+        });
+        self
+    }
+}
+
+/// Asks a running server to drain, as SIGTERM does; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct DrainSignal(Arc<watch::Sender<bool>>);
+
+impl Default for DrainSignal {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl DrainSignal {
+    /// Requests the drain (idempotent).
+    pub fn request(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Whether a drain was requested.
+    pub fn is_requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once a drain is requested.
+    pub async fn requested(&self) {
+        let mut requests = self.0.subscribe();
+        // The sender lives in `self`, so this only ends with a request.
+        let _ = requests.wait_for(|requested| *requested).await;
+    }
+}
+
+/// Where an admin request came from and arrived: `POST /drain` is taken only from the same host.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    remote: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+}
+
+impl Peer {
+    fn is_same_host(&self) -> bool {
+        match (self.remote, self.local) {
+            (Some(remote), Some(local)) => {
+                remote.ip().to_canonical().is_loopback() || remote.ip() == local.ip()
+            }
+            _ => false,
+        }
+    }
+}
+
+fn answer(request: &Request<Incoming>, state: &AdminState, peer: Peer) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::POST, "/drain") => match &state.drain {
+            Some(_) if !peer.is_same_host() => (
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "drain only from this host\n".to_owned(),
+            ),
+            Some(drain) => {
+                if !drain.is_requested() {
+                    tracing::info!(peer = ?peer.remote, "POST /drain");
+                }
+                drain.request();
+                (StatusCode::ACCEPTED, "text/plain", "draining\n".to_owned())
+            }
+            None => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found\n".to_owned(),
+            ),
+        },
         (&Method::GET, "/metrics") if wants_openmetrics(request) => {
             (StatusCode::OK, OPENMETRICS, state.metrics.render())
         }
@@ -47,6 +161,15 @@ fn answer(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byte
             (StatusCode::OK, CLASSIC_TEXT, state.metrics.render_classic())
         }
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        (&Method::GET, "/connections") if state.connections.is_some() => {
+            let view = state
+                .connections
+                .as_ref()
+                .map(|v| v.registry.view(&v.interfaces, &v.classes));
+            let mut body = view.unwrap_or_default().to_string();
+            body.push('\n');
+            (StatusCode::OK, "application/json", body)
+        }
         (&Method::GET, "/readyz") if state.ready.load(Ordering::Relaxed) => {
             (StatusCode::OK, "text/plain", "ready\n".to_owned())
         }
@@ -63,7 +186,7 @@ fn answer(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byte
         _ => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "only GET\n".to_owned(),
+            "only GET, and POST /drain\n".to_owned(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -77,9 +200,9 @@ fn answer(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byte
 /// Serves the admin endpoints until `stop` turns true.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
     loop {
-        let stream = tokio::select! {
+        let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "admin accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -89,9 +212,13 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
             _ = stop.changed() => return,
         };
         let state = state.clone();
+        let peer = Peer {
+            remote: Some(remote),
+            local: stream.local_addr().ok(),
+        };
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = answer(&request, &state);
+                let response = answer(&request, &state, peer);
                 async move { Ok::<_, Infallible>(response) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -101,5 +228,52 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
             let served = builder.serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(60), served).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(remote: &str, local: &str) -> Peer {
+        Peer {
+            remote: Some(remote.parse().expect("literal")),
+            local: Some(local.parse().expect("literal")),
+        }
+    }
+
+    #[test]
+    fn drain_is_taken_only_from_the_same_host() {
+        assert!(peer("127.0.0.1:5000", "127.0.0.1:9464").is_same_host());
+        assert!(peer("[::1]:5000", "[::1]:9464").is_same_host());
+        assert!(peer("[::ffff:127.0.0.1]:5000", "[::ffff:127.0.0.1]:9464").is_same_host());
+        assert!(peer("10.2.1.2:5000", "10.2.1.2:9464").is_same_host());
+        assert!(!peer("10.2.1.1:5000", "10.2.1.2:9464").is_same_host());
+        assert!(!Peer {
+            remote: None,
+            local: None
+        }
+        .is_same_host());
+    }
+
+    #[tokio::test]
+    async fn a_drain_request_wakes_every_waiter_once_and_for_all() {
+        let signal = DrainSignal::default();
+        assert!(!signal.is_requested());
+        let waiter = tokio::spawn({
+            let signal = signal.clone();
+            async move { signal.requested().await }
+        });
+        signal.request();
+        signal.request();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert!(signal.is_requested());
+        // A late waiter returns at once.
+        tokio::time::timeout(std::time::Duration::from_secs(1), signal.requested())
+            .await
+            .expect("already requested");
     }
 }

@@ -25,12 +25,12 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The TOML is malformed or has an unknown key or a bad value; the message names the key and line.
-    #[error("{origin}: {source}")]
+    #[error("{origin}: {detail}")]
     Parse {
         /// The file, or "embedded default".
         origin: String,
-        /// toml's error, with line, column and key.
-        source: Box<toml::de::Error>,
+        /// toml's error on one line: line, column, key and reason ([`ConfigError::parse`]).
+        detail: String,
     },
     /// A value parsed but makes no sense.
     #[error("{origin}: {key}: {reason}")]
@@ -42,6 +42,17 @@ pub enum ConfigError {
         /// Why it is rejected.
         reason: String,
     },
+}
+
+impl ConfigError {
+    /// A TOML error in `text` (from `origin`), on one line with its line, column and dotted key: log
+    /// lines and `systemctl status` show it whole, and the cause is not repeated under it.
+    pub fn parse(text: &str, origin: &str, error: &toml::de::Error) -> Self {
+        ConfigError::Parse {
+            origin: origin.to_owned(),
+            detail: mptcp_ops::report::toml_error(text, error),
+        }
+    }
 }
 
 /// The whole configuration.
@@ -81,6 +92,10 @@ pub struct Config {
     /// The async runtime.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Cluster mode (several instances behind ECMP, issue 14); off unless the table or `--announce`
+    /// is given.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// The async runtime's shape.
@@ -107,6 +122,7 @@ impl Default for Config {
             throttle: None,
             sniffer: crate::sniffer::SnifferConfig::default(),
             runtime: RuntimeConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -512,7 +528,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
 }
@@ -520,10 +536,8 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
 impl Config {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            origin: origin.to_owned(),
-            source: Box::new(source),
-        })?;
+        let config: Config =
+            toml::from_str(text).map_err(|error| ConfigError::parse(text, origin, &error))?;
         config.validate(origin)?;
         Ok(config)
     }
@@ -629,6 +643,11 @@ impl Config {
         }
         if self.sniffer.multipath_threshold == 0 {
             return Err(invalid("sniffer.multipath_threshold", "must be at least 1"));
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster
+                .validate(&self.listeners)
+                .map_err(|(key, reason)| invalid(&key, &reason))?;
         }
         if self.access_log.path.is_empty() {
             return Err(invalid(

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -16,8 +16,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{InterfaceMap, Metrics, PathAccounting, TransportLabel};
+use crate::registry::{ConnectionRegistry, Registration};
 use crate::relay::Activity;
-use crate::sockets::{mptcp_subflows, tcp_path, Transport};
+use crate::sockets::{mptcp_info, mptcp_subflows, tcp_path, SubflowSample, Transport};
 
 /// Counts client connections per address; a slot is released when dropped.
 #[derive(Debug, Clone, Default)]
@@ -93,8 +94,21 @@ pub struct ClientConnection {
     paths: Mutex<PathAccounting>,
     metrics: Arc<Metrics>,
     interfaces: Arc<InterfaceMap>,
+    /// The server the connection's latest request or tunnel went to, for the admin view.
+    upstream: Mutex<Option<UpstreamInfo>>,
+    /// The connection's entry in the server's table of open connections (`/connections`).
+    _registration: Option<Registration>,
     _permit: OwnedSemaphorePermit,
     _slot: ClientSlot,
+}
+
+/// Where a client connection's latest request or tunnel went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamInfo {
+    /// The request's or tunnel's target, `host:port`.
+    pub target: String,
+    /// The server address the proxy connected to.
+    pub address: SocketAddr,
 }
 
 /// Everything a new client connection needs besides its socket.
@@ -112,11 +126,17 @@ pub struct ConnectionContext {
     pub metrics: Arc<Metrics>,
     /// Local address → interface names.
     pub interfaces: Arc<InterfaceMap>,
+    /// The server's table of open connections, if it keeps one.
+    pub registry: Option<Arc<ConnectionRegistry>>,
 }
 
 impl ClientConnection {
-    /// Records a new connection holding its limit permits.
-    pub fn new(stream: &TcpStream, context: ConnectionContext) -> Self {
+    /// Records a new connection holding its limit permits, in the context's registry if it has one.
+    pub fn accepted(stream: &TcpStream, context: ConnectionContext) -> Arc<Self> {
+        Arc::new_cyclic(|weak: &Weak<Self>| Self::new(stream, context, weak.clone()))
+    }
+
+    fn new(stream: &TcpStream, context: ConnectionContext, this: Weak<Self>) -> Self {
         let ConnectionContext {
             client,
             transport,
@@ -124,6 +144,7 @@ impl ClientConnection {
             slot,
             metrics,
             interfaces,
+            registry,
         } = context;
         metrics
             .connections_active
@@ -150,6 +171,8 @@ impl ClientConnection {
             paths: Mutex::new(PathAccounting::default()),
             metrics,
             interfaces,
+            upstream: Mutex::new(None),
+            _registration: registry.map(|registry| registry.insert(this)),
             _permit: permit,
             _slot: slot,
         };
@@ -188,6 +211,74 @@ impl ClientConnection {
         let now = u8::try_from(samples.len()).unwrap_or(u8::MAX).max(1);
         self.max_subflows.fetch_max(now, Ordering::Relaxed);
         now
+    }
+
+    /// Records where the connection's current request or tunnel goes (shown by `/connections`).
+    pub fn set_upstream(&self, target: String, address: SocketAddr) {
+        *self.upstream.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(UpstreamInfo { target, address });
+    }
+
+    /// Where the connection's latest request or tunnel went, if anywhere yet.
+    pub fn upstream(&self) -> Option<UpstreamInfo> {
+        self.upstream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The subflows open now, read from the kernel (`MPTCP_FULL_INFO`; `TCP_INFO` for one TCP path),
+    /// and the bytes (from the client, to the client) the kernel counted on the whole connection.
+    /// Empty once the connection closed.
+    pub fn subflows_now(&self) -> (Vec<SubflowSample>, Option<(u64, u64)>) {
+        let fd = self.fd.load(Ordering::Relaxed);
+        if fd < 0 {
+            return (Vec::new(), None);
+        }
+        // SAFETY: fd is the client socket, open while `self.fd` holds it (cleared before close).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        match self.transport {
+            Transport::Mptcp => {
+                let subflows = mptcp_subflows(fd).ok().flatten().unwrap_or_default();
+                let bytes = mptcp_info(fd)
+                    .ok()
+                    .flatten()
+                    .map(|info| (info.bytes_received, info.bytes_acked));
+                (subflows, bytes)
+            }
+            _ => match tcp_path(fd) {
+                Ok(path) => {
+                    let bytes = (path.bytes_received, path.bytes_acked);
+                    (vec![path], Some(bytes))
+                }
+                Err(_) => (Vec::new(), None),
+            },
+        }
+    }
+
+    /// Why the connection is not MPTCP, if it is not (or no longer is).
+    pub fn fallback_reason(&self) -> Option<&'static str> {
+        match self.transport {
+            Transport::Tcp => {
+                Some("plain TCP listener (mptcp = false, or the kernel has no MPTCP)")
+            }
+            Transport::FallbackTcp => {
+                Some("the client did not offer MPTCP (no MP_CAPABLE in its SYN)")
+            }
+            Transport::Mptcp => {
+                let fd = self.fd.load(Ordering::Relaxed);
+                if fd < 0 {
+                    return None;
+                }
+                // SAFETY: as in `subflows_now`.
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                mptcp_info(fd)
+                    .ok()
+                    .flatten()
+                    .filter(|info| info.flags & crate::sockets::MPTCP_INFO_FLAG_FALLBACK != 0)
+                    .map(|_| "fell back to TCP after the handshake (MPTCP_INFO_FLAG_FALLBACK)")
+            }
+        }
     }
 
     /// Records the conversion latency (accept → upstream connected) once per connection.

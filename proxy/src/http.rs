@@ -81,6 +81,12 @@ impl Shared {
 
     /// Tells the throttle where `client`'s request goes (for destination rules).
     fn attach_destination(&self, client: &ClientConnection, host: &str, server: SocketAddr) {
+        let target = if host.contains(':') {
+            format!("[{host}]:{}", server.port())
+        } else {
+            format!("{host}:{}", server.port())
+        };
+        client.set_upstream(target, server);
         if let Some(events) = &self.throttle_events {
             crate::throttle::attach_destination(events, client.local, client.client, host, server);
         }

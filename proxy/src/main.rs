@@ -1,56 +1,92 @@
 //! The `mptcp-proxy` binary: parses arguments and configuration, then runs the proxy until SIGTERM/SIGINT.
+//! SIGHUP re-reads the configuration file (with the same command-line overrides) and applies it live.
+//! `mptcp-proxy connections` prints a running proxy's open connections and their subflows.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
-use mptcp_proxy::config::{Config, ListenerConfig};
-
-/// How diagnostics are printed on stderr.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
+use clap::{Parser, Subcommand};
+use mptcp_proxy::config::{Config, ConfigError, ListenerConfig};
 
 /// An HTTP proxy that terminates Multipath TCP and relays to legacy TCP servers.
-#[derive(Debug, Parser)]
-#[command(version, about)]
+#[derive(Debug, Clone, Parser)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Args {
-    /// TOML configuration file; without it the embedded default is used.
+    /// TOML configuration file; without it the embedded default is used. SIGHUP re-reads it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Listen on ADDR:PORT as a forward proxy (repeatable); replaces the configured listeners.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
-    /// Serve /metrics, /healthz and /readyz on ADDR:PORT, or "off" [default: 127.0.0.1:9464].
+    /// Serve /metrics, /healthz, /readyz and /connections (and POST /drain from this host) on
+    /// ADDR:PORT, or "off" [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<mptcp_proxy::config::OptionalAddress>,
     /// Throttle every subflow arriving on IFACE to RATE (ceil CEIL) once its connection has two or more
     /// subflows, e.g. `eth1=20mbit` (repeatable; adds to the [throttle] policy).
     #[arg(long, value_name = "IFACE=RATE[:CEIL]")]
     throttle: Vec<mptcp_throttle::QuickThrottle>,
-    /// Diagnostic log format on stderr.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: mptcp_ops::LogArgs,
+    /// Cluster mode: announce this instance's own ADDR to clients (ADD_ADDR) and take their further
+    /// subflows there, while the --listen addresses are shared with other instances behind ECMP
+    /// (sets or adds to [cluster]; see deploy/SCALING.md).
+    #[arg(long, value_name = "ADDR")]
+    announce: Option<std::net::IpAddr>,
+    /// Undo the kernel changes a crashed cluster-mode run left in this network namespace (C flag,
+    /// endpoint, service addresses; see [cluster] state_dir) and exit.
+    #[arg(long)]
+    cluster_cleanup: bool,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => subscriber.init(),
-        LogFormat::Json => subscriber.json().init(),
-    }
+#[derive(Debug, Clone, Subcommand)]
+enum Command {
+    /// Print a running proxy's open client connections and their subflows now (from its admin
+    /// listener's /connections), like `ss -M` joined with what only the proxy knows.
+    Connections {
+        /// The proxy's admin listener.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9464")]
+        admin: SocketAddr,
+        /// Print the JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
 
+/// GETs `/connections` from the admin listener (HTTP/1.0, so the body ends at close).
+fn fetch_connections(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(10);
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, timeout)
+        .with_context(|| format!("connecting to the admin listener {admin}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET /connections HTTP/1.0\r\nHost: mptcp-proxy\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .with_context(|| format!("reading /connections from {admin}"))?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{admin}: not an HTTP response"))?;
+    let status = head.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        status.split_whitespace().nth(1) == Some("200"),
+        "{admin}/connections answered {status:?} (is it an mptcp-proxy admin listener?)"
+    );
+    serde_json::from_str(body).with_context(|| format!("{admin}/connections: bad JSON"))
+}
+
+/// Reads the configuration file (or the embedded default) and applies the command-line overrides: at
+/// start and again on every SIGHUP.
+fn load(args: &Args) -> Result<Config, ConfigError> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::embedded()?,
@@ -70,9 +106,65 @@ fn main() -> anyhow::Result<()> {
         config
             .throttle
             .get_or_insert_with(Default::default)
-            .add_quick_throttles(&args.throttle)?;
+            .add_quick_throttles(&args.throttle)
+            .map_err(|error| ConfigError::Invalid {
+                origin: "command line".into(),
+                key: "--throttle".into(),
+                reason: error.to_string(),
+            })?;
     }
+    if let Some(announce) = args.announce {
+        config
+            .cluster
+            .get_or_insert_with(|| mptcp_proxy::cluster::ClusterConfig::new(announce))
+            .announce = Some(announce);
+    }
+    if let Some(cluster) = &config.cluster {
+        cluster.announce().map_err(|error| ConfigError::Invalid {
+            origin: "command line".into(),
+            key: "cluster.announce".into(),
+            reason: error.to_string(),
+        })?;
+    }
+    config.add_cluster_listeners();
     config.validate("command line")?;
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    mptcp_ops::logging::init(args.log.log_format);
+    mptcp_ops::report::exit("mptcp-proxy", run(args))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(Command::Connections { admin, json }) = &args.command {
+        let view = fetch_connections(*admin)?;
+        if *json {
+            println!("{view:#}");
+        } else {
+            print!("{}", mptcp_proxy::registry::render_table(&view));
+        }
+        return Ok(());
+    }
+    if args.cluster_cleanup {
+        // Only the state directory matters here ([cluster] state_dir, or the default).
+        let file = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::embedded()?,
+        };
+        let mut cluster = mptcp_proxy::cluster::ClusterConfig::new([0, 0, 0, 0].into());
+        if let Some(dir) = file.cluster.map(|c| c.state_dir) {
+            cluster.state_dir = dir;
+        }
+        if mptcp_proxy::cluster::cleanup_stale(&cluster)? {
+            println!("cluster state restored");
+        } else {
+            println!("no cluster state to restore");
+        }
+        return Ok(());
+    }
+    let config = load(&args)?;
     if args.check_config {
         println!("configuration OK");
         return Ok(());
@@ -86,8 +178,16 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(async {
-        mptcp_proxy::run(config, mptcp_proxy::termination()).await?;
+    let origin = args.config.as_ref().map_or_else(
+        || "embedded default".to_owned(),
+        |p| p.display().to_string(),
+    );
+    runtime.block_on(async move {
+        // With [cluster], the instance runs in cluster mode around the same server.
+        mptcp_proxy::server::run_with(config, mptcp_proxy::termination(), move |server| {
+            server.reload_on_sighup(origin, move || load(&args))
+        })
+        .await?;
         anyhow::Ok(())
     })?;
     // Tasks still running after the drain timeout are dropped with the runtime.

@@ -96,6 +96,13 @@ pub struct AnomalyLabel {
     pub kind: &'static str,
 }
 
+/// Label: where a joined subflow arrived (cluster mode).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ArrivalLabel {
+    /// `announced` (the instance's own address), `service` (the shared address) or `other`.
+    pub address: &'static str,
+}
+
 /// The sniffer's anomaly kinds.
 pub const ANOMALY_KINDS: [&str; 5] = [
     "unknown_token",
@@ -198,6 +205,13 @@ pub struct Metrics {
     pub sniffer_options: Family<SubtypeLabel, Counter>,
     /// Anomalies the sniffer's tracker reported, by kind.
     pub sniffer_anomalies: Family<AnomalyLabel, Counter>,
+    /// Joined subflows by arrival address (cluster mode counts them from `mptcp_pm` events).
+    pub cluster_joins: Family<ArrivalLabel, Counter>,
+    /// 1 while this instance announces the service address (its announcement device exists).
+    pub cluster_announced: Gauge,
+    /// MP_JOINs whose token no connection here has (the kernel's MPJoinNoTokenFound, read at scrape).
+    cluster_joins_unknown_token: Counter,
+    unknown_token_seen: Mutex<u64>,
     process_open_fds: Gauge,
     process_resident_memory: Gauge,
     process_cpu_seconds: Counter<f64, AtomicU64>,
@@ -255,6 +269,12 @@ impl Metrics {
         for kind in ANOMALY_KINDS {
             let _ = sniffer_anomalies.get_or_create(&AnomalyLabel { kind });
         }
+        let cluster_joins = Family::<ArrivalLabel, Counter>::default();
+        for address in ["announced", "service", "other"] {
+            let _ = cluster_joins.get_or_create(&ArrivalLabel { address });
+        }
+        let cluster_announced = Gauge::default();
+        let cluster_joins_unknown_token = Counter::default();
         let process_open_fds = Gauge::default();
         let process_resident_memory = Gauge::default();
         let process_cpu_seconds = Counter::<f64, AtomicU64>::default();
@@ -393,6 +413,22 @@ impl Metrics {
             "Anomalies the sniffer's tracker reported, by kind",
             sniffer_anomalies.clone(),
         );
+        let cluster = proxy.sub_registry_with_prefix("cluster");
+        cluster.register(
+            "joins",
+            "Joined subflows by the local address they arrived at: announced (this instance's own), service (the shared address) or other",
+            cluster_joins.clone(),
+        );
+        cluster.register(
+            "announced",
+            "1 while this instance announces the service address (its announcement device exists)",
+            cluster_announced.clone(),
+        );
+        cluster.register(
+            "joins_unknown_token",
+            "MP_JOINs for a connection this instance does not have (kernel MPJoinNoTokenFound): in a cluster, joins that reached the wrong instance",
+            cluster_joins_unknown_token.clone(),
+        );
         let process = registry.sub_registry_with_prefix("process");
         process.register(
             "open_fds",
@@ -447,6 +483,10 @@ impl Metrics {
             sniffer_packets,
             sniffer_options,
             sniffer_anomalies,
+            cluster_joins,
+            cluster_announced,
+            cluster_joins_unknown_token,
+            unknown_token_seen: Mutex::new(0),
             class_rate,
             class_ceil,
             class_bytes,
@@ -486,6 +526,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a joined subflow that arrived at `address` (`announced`, `service` or `other`).
+    pub fn cluster_join(&self, address: &'static str) {
+        self.cluster_joins
+            .get_or_create(&ArrivalLabel { address })
+            .inc();
+    }
+
     /// Installs the function that refreshes tc class statistics at each scrape.
     pub fn set_class_stats_source(&self, source: Box<dyn FnMut(&Metrics) + Send>) {
         *self
@@ -497,6 +544,7 @@ impl Metrics {
     /// Renders the OpenMetrics text, refreshing the process and throttle statistics first.
     pub fn render(&self) -> String {
         self.refresh_process();
+        self.refresh_mptcp_mib();
         if let Some(source) = self
             .class_stats_source
             .lock()
@@ -516,6 +564,23 @@ impl Metrics {
     /// OpenMetrics: counter families are named with their `_total` suffix, `# UNIT` and `# EOF` go.
     pub fn render_classic(&self) -> String {
         to_classic_text(&self.render())
+    }
+
+    fn refresh_mptcp_mib(&self) {
+        let Ok(text) = std::fs::read_to_string("/proc/net/netstat") else {
+            return;
+        };
+        let Some(now) = netstat_counter(&text, "MPTcpExt", "MPJoinNoTokenFound") else {
+            return;
+        };
+        let mut seen = self
+            .unknown_token_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if now > *seen {
+            self.cluster_joins_unknown_token.inc_by(now - *seen);
+            *seen = now;
+        }
     }
 
     fn refresh_process(&self) {
@@ -553,6 +618,20 @@ impl Metrics {
             }
         }
     }
+}
+
+/// One counter from `/proc/net/netstat` (or `/proc/net/snmp`): lines come in pairs, `Group: names...`
+/// then `Group: values...`.
+pub fn netstat_counter(text: &str, group: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let position = names.split_whitespace().position(|n| n == name);
+        if let Some(position) = position {
+            return values.split_whitespace().nth(position)?.parse().ok();
+        }
+    }
+    None
 }
 
 /// Converts OpenMetrics text from `prometheus-client` to the classic text format.
@@ -718,6 +797,7 @@ mod tests {
             remote: remote.parse().expect("literal"),
             bytes_acked: acked,
             bytes_received: received,
+            rtt_us: 0,
         }
     }
 
@@ -799,6 +879,19 @@ mod tests {
         );
         // The initial subflow is not a joined one.
         assert!(!text.contains("mptcp_proxy_subflows_closed_total{interface=\"lo\"}"));
+    }
+
+    #[test]
+    fn netstat_counters_are_found_by_group_and_name() {
+        let text = "TcpExt: SyncookiesSent SyncookiesRecv\nTcpExt: 1 2\n\
+                    MPTcpExt: MPCapableSYNRX MPJoinNoTokenFound\nMPTcpExt: 5 3\n";
+        assert_eq!(
+            netstat_counter(text, "MPTcpExt", "MPJoinNoTokenFound"),
+            Some(3)
+        );
+        assert_eq!(netstat_counter(text, "TcpExt", "SyncookiesRecv"), Some(2));
+        assert_eq!(netstat_counter(text, "MPTcpExt", "Missing"), None);
+        assert_eq!(netstat_counter("", "MPTcpExt", "MPJoinNoTokenFound"), None);
     }
 
     #[test]

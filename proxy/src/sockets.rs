@@ -51,7 +51,14 @@ pub struct MptcpInfo {
     pub bytes_sent: u64,
     /// Bytes received at the MPTCP level (kernels ≥ 6.6; 0 before).
     pub bytes_received: u64,
+    /// Bytes the peer acknowledged at the MPTCP level (kernels ≥ 6.6; 0 before).
+    pub bytes_acked: u64,
+    /// `mptcpi_flags`: [`MPTCP_INFO_FLAG_FALLBACK`] and others.
+    pub flags: u32,
 }
+
+/// `MPTCP_INFO_FLAG_FALLBACK`: the connection fell back to TCP after it started as MPTCP.
+pub const MPTCP_INFO_FLAG_FALLBACK: u32 = 1;
 
 /// The kernel's `struct mptcp_info` layout.
 #[repr(C)]
@@ -115,6 +122,8 @@ pub fn mptcp_info(fd: BorrowedFd<'_>) -> io::Result<Option<MptcpInfo>> {
         token: raw.token,
         bytes_sent: raw.bytes_sent,
         bytes_received: raw.bytes_received,
+        bytes_acked: raw.bytes_acked,
+        flags: raw.flags,
     }))
 }
 
@@ -147,6 +156,8 @@ pub struct SubflowSample {
     pub bytes_acked: u64,
     /// Bytes received on this subflow (`tcpi_bytes_received`): upload.
     pub bytes_received: u64,
+    /// Smoothed round-trip time in microseconds (`tcpi_rtt`); 0 if unknown.
+    pub rtt_us: u32,
 }
 
 /// `struct mptcp_subflow_info`: a u32 id, then two 128-byte sockaddr_storage unions aligned to 8.
@@ -155,6 +166,14 @@ const SUBFLOW_INFO_LEN: usize = 264;
 const TCP_INFO_LEN: usize = 136;
 const TCPI_BYTES_ACKED: std::ops::Range<usize> = 120..128;
 const TCPI_BYTES_RECEIVED: std::ops::Range<usize> = 128..136;
+const TCPI_RTT: std::ops::Range<usize> = 68..72;
+
+fn u32_at(bytes: &[u8], range: std::ops::Range<usize>) -> u32 {
+    bytes
+        .get(range)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, u32::from_ne_bytes)
+}
 /// Subflows read per sample; the kernel reports the real count, the rest is ignored.
 const MAX_SUBFLOWS: usize = 8;
 
@@ -246,6 +265,11 @@ pub fn mptcp_subflows(fd: BorrowedFd<'_>) -> io::Result<Option<Vec<SubflowSample
             } else {
                 0
             },
+            rtt_us: if tcp_info_kernel >= TCPI_RTT.end {
+                u32_at(tcp, TCPI_RTT)
+            } else {
+                0
+            },
         });
     }
     let _ = subflow_info_kernel;
@@ -286,7 +310,99 @@ pub fn tcp_path(fd: BorrowedFd<'_>) -> io::Result<SubflowSample> {
         } else {
             0
         },
+        rtt_us: if len as usize >= TCPI_RTT.end {
+            u32_at(&info, TCPI_RTT)
+        } else {
+            0
+        },
     })
+}
+
+/// `SOCK_DIAG_BY_FAMILY` from `linux/sock_diag.h`.
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// `INET_DIAG_INFO` and `INET_DIAG_ULP_INFO` from `linux/inet_diag.h`, and the nested
+/// `INET_ULP_INFO_MPTCP`.
+const INET_DIAG_INFO: u8 = 2;
+const INET_DIAG_ULP_INFO: u16 = 19;
+const INET_ULP_INFO_MPTCP: u16 = 3;
+/// `MPTCP_SUBFLOW_ATTR_FLAGS` from `linux/mptcp.h`.
+const MPTCP_SUBFLOW_ATTR_FLAGS: u16 = 8;
+/// `MPTCP_SUBFLOW_FLAG_BKUP_REM` and `_LOC`: the peer or this host marked the subflow backup.
+pub const MPTCP_SUBFLOW_FLAG_BKUP_REM: u32 = 1 << 4;
+/// See [`MPTCP_SUBFLOW_FLAG_BKUP_REM`].
+pub const MPTCP_SUBFLOW_FLAG_BKUP_LOC: u32 = 1 << 5;
+/// `struct inet_diag_msg` size, before the attributes of a sock_diag reply.
+const INET_DIAG_MSG_LEN: usize = 72;
+
+/// The MPTCP subflow flags (`MPTCP_SUBFLOW_FLAG_*`) of the TCP subflow `local`↔`remote`, from the
+/// kernel's sock_diag ULP information, as `ss -tiO` shows them. `Ok(None)` when the kernel does not
+/// tell (the subflow is gone, or the process lacks `CAP_NET_ADMIN`, which the ULP information needs).
+pub fn subflow_flags(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u32>> {
+    use mptcp_netlink::{attr_u32, parse_attrs, MessageBuilder, NetlinkSocket};
+
+    let (local, remote) = (
+        SocketAddr::new(local.ip().to_canonical(), local.port()),
+        SocketAddr::new(remote.ip().to_canonical(), remote.port()),
+    );
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let address = |ip: IpAddr| {
+        let mut words = [0u8; 16];
+        let bytes = ip_bytes(ip);
+        words[..bytes.len()].copy_from_slice(&bytes);
+        words
+    };
+    // struct inet_diag_req_v2: family, protocol, ext, pad, states, then struct inet_diag_sockid.
+    let mut request = Vec::with_capacity(56);
+    // idiag_ext asks for INET_DIAG_INFO: the kernel adds the ULP information only along with it.
+    request.extend_from_slice(&[
+        family as u8,
+        libc::IPPROTO_TCP as u8,
+        1 << (INET_DIAG_INFO - 1),
+        0,
+    ]);
+    request.extend_from_slice(&u32::MAX.to_ne_bytes());
+    request.extend_from_slice(&local.port().to_be_bytes());
+    request.extend_from_slice(&remote.port().to_be_bytes());
+    request.extend_from_slice(&address(local.ip()));
+    request.extend_from_slice(&address(remote.ip()));
+    request.extend_from_slice(&0u32.to_ne_bytes());
+    // INET_DIAG_NOCOOKIE.
+    request.extend_from_slice(&[0xff; 8]);
+    let mut socket = NetlinkSocket::open(libc::NETLINK_SOCK_DIAG)?;
+    socket.set_recv_timeout(std::time::Duration::from_millis(500))?;
+    let builder = MessageBuilder::new(SOCK_DIAG_BY_FAMILY, 0).header(&request);
+    let replies = match socket.request(builder, "sock_diag subflow lookup") {
+        Ok(replies) => replies,
+        Err(err) if err.errno() == Some(libc::ENOENT) => return Ok(None),
+        Err(err) => return Err(io::Error::other(err)),
+    };
+    for reply in &replies {
+        let Some(attributes) = reply.payload.get(INET_DIAG_MSG_LEN..) else {
+            continue;
+        };
+        for (kind, ulp) in parse_attrs(attributes) {
+            if kind != INET_DIAG_ULP_INFO {
+                continue;
+            }
+            for (kind, mptcp) in parse_attrs(ulp) {
+                if kind != INET_ULP_INFO_MPTCP {
+                    continue;
+                }
+                if let Some(flags) = parse_attrs(mptcp)
+                    .into_iter()
+                    .find(|(kind, _)| *kind == MPTCP_SUBFLOW_ATTR_FLAGS)
+                    .and_then(|(_, value)| attr_u32(value))
+                {
+                    return Ok(Some(flags));
+                }
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// The host's interfaces and their addresses (in the current network namespace).
@@ -561,6 +677,28 @@ mod tests {
     fn raw_mptcp_info_matches_the_kernel_layout() {
         // struct mptcp_info in linux/mptcp.h is 96 bytes on all architectures.
         assert_eq!(size_of::<RawMptcpInfo>(), 96);
+    }
+
+    #[test]
+    fn subflow_flags_of_an_mptcp_subflow() {
+        let bound =
+            bind_listener("127.0.0.1:0".parse().expect("literal"), true, false).expect("bind");
+        if !bound.mptcp || !mptcp_throttle::kernel::has_net_admin() {
+            return;
+        }
+        let addr = bound.listener.local_addr().expect("local addr");
+        bound.listener.set_nonblocking(false).expect("blocking");
+        let (client, _) = stream_socket(Domain::IPV4, true).expect("socket");
+        client.connect(&addr.into()).expect("connect");
+        let (accepted, peer) = bound.listener.accept().expect("accept");
+        let local = accepted.local_addr().expect("local");
+        let flags = subflow_flags(local, peer)
+            .expect("sock_diag")
+            .expect("ULP flags");
+        assert_eq!(
+            flags & (MPTCP_SUBFLOW_FLAG_BKUP_REM | MPTCP_SUBFLOW_FLAG_BKUP_LOC),
+            0
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::time::Duration;
 use mptcp_throttle::core::ThrottleState;
 use mptcp_throttle::{
     Change, ClassDirection, ConnectionSelector, Destination, EventSender, FourTuple, KernelError,
-    ResyncReason, ResyncReport, SubflowEvent, ThrottleConfig, ThrottleHooks,
+    PolicyReceiver, PolicySender, ResyncReason, ResyncReport, SubflowEvent, ThrottleConfig,
+    ThrottleHooks,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,6 +21,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::mpsc;
 
 use crate::metrics::{ClassLabel, ClassLabels, Metrics};
+use crate::registry::SubflowClasses;
 
 /// Label: why the throttle resynced.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -176,8 +178,12 @@ impl ScaleMetrics {
 pub struct ThrottleHandle {
     /// Where subflow events and destinations go.
     pub events: EventSender,
+    /// Where a reload sends a new policy (classes and rules) for the running owner task.
+    pub policies: PolicySender,
     receiver: mpsc::Receiver<SubflowEvent>,
+    policy_receiver: PolicyReceiver,
     config: ThrottleConfig,
+    classes: Arc<SubflowClasses>,
 }
 
 /// How many events may wait for the owner task.
@@ -186,12 +192,26 @@ const EVENT_QUEUE: usize = 4096;
 impl ThrottleHandle {
     /// Prepares the channel for a validated policy.
     pub fn new(config: ThrottleConfig) -> Self {
+        Self::with_classes(config, Arc::default())
+    }
+
+    /// [`ThrottleHandle::new`], publishing each subflow's class into `classes` (the `/connections` view).
+    pub fn with_classes(config: ThrottleConfig, classes: Arc<SubflowClasses>) -> Self {
         let (events, receiver) = mptcp_throttle::event_channel(EVENT_QUEUE);
+        let (policies, policy_receiver) = mptcp_throttle::policy_channel(&config);
         Self {
             events,
+            policies,
             receiver,
+            policy_receiver,
             config,
+            classes,
         }
+    }
+
+    /// The policy the owner task starts with.
+    pub fn config(&self) -> &ThrottleConfig {
+        &self.config
     }
 
     /// Starts the event source and the owner task; the task removes everything it installed once
@@ -211,11 +231,20 @@ impl ThrottleHandle {
             classes: self.config.classes.iter().map(|c| c.name.clone()).collect(),
             refusals_seen: BTreeMap::new(),
             subflow_refusals_seen: 0,
+            placed: self.classes.clone(),
+            class_counts: BTreeMap::new(),
         };
         let config = self.config;
         Ok(tokio::spawn(async move {
-            let result =
-                mptcp_throttle::run_with_hooks(config, self.receiver, shutdown, hooks).await;
+            let result = mptcp_throttle::run_with_policy_updates(
+                config,
+                self.receiver,
+                Some(self.policy_receiver),
+                shutdown,
+                hooks,
+            )
+            .await;
+            self.classes.replace(Default::default());
             // The kernel listener stops when dropped, after the owner task is done.
             drop(listener);
             result
@@ -247,8 +276,15 @@ pub fn attach_destination(
     });
 }
 
-/// Sets the class rate and ceil gauges, and installs the tc statistics reader for scrapes.
+/// Sets the class rate and ceil gauges, and installs the tc statistics reader for scrapes. Series of an
+/// earlier policy go first (a reload): counters restart from the kernel's values.
 fn export_classes(config: &ThrottleConfig, metrics: &Metrics) {
+    metrics.class_rate.clear();
+    metrics.class_ceil.clear();
+    metrics.class_bytes.clear();
+    metrics.class_drops.clear();
+    metrics.class_overlimits.clear();
+    metrics.class_subflows.clear();
     let state = ThrottleState::new(config.clone());
     let mut by_handle: HashMap<(u32, String, &'static str), String> = HashMap::new();
     for class in &config.classes {
@@ -354,6 +390,9 @@ struct ThrottleMetrics {
     /// Refusals already counted, per class (the state's totals grow; counters take the difference).
     refusals_seen: BTreeMap<String, u64>,
     subflow_refusals_seen: u64,
+    placed: Arc<SubflowClasses>,
+    /// Subflows placed in each class now, kept per applied change (not recounted per event).
+    class_counts: BTreeMap<String, i64>,
 }
 
 impl ThrottleHooks for ThrottleMetrics {
@@ -390,24 +429,42 @@ impl ThrottleHooks for ThrottleMetrics {
         self.metrics.throttle_change_failures.inc();
     }
 
-    fn state_applied(&mut self, state: &ThrottleState) {
-        let mut subflows: BTreeMap<&str, BTreeSet<FourTuple>> = BTreeMap::new();
-        for (tuple, rule) in &state.installed().rules {
-            for placement in [&rule.download, &rule.upload].into_iter().flatten() {
-                subflows
-                    .entry(placement.name.as_str())
-                    .or_default()
-                    .insert(*tuple);
+    fn policy_changed(&mut self, config: &ThrottleConfig) {
+        export_classes(config, &self.metrics);
+        self.classes = config.classes.iter().map(|c| c.name.clone()).collect();
+    }
+
+    fn changes_applied(&mut self, applied: &[&Change]) {
+        for change in applied {
+            let (rule, added) = match change {
+                Change::AddRule { rule, .. } => (rule, true),
+                Change::RemoveRule(rule) => (rule, false),
+                _ => continue,
+            };
+            let names: BTreeSet<&str> = [&rule.download, &rule.upload]
+                .into_iter()
+                .flatten()
+                .map(|p| p.name.as_str())
+                .collect();
+            for name in &names {
+                let count = self.class_counts.entry((*name).to_owned()).or_default();
+                *count = if added { *count + 1 } else { (*count - 1).max(0) };
             }
+            let class = (added && !names.is_empty())
+                .then(|| names.into_iter().collect::<Vec<_>>().join("+"));
+            self.placed.set(rule.tuple.local, rule.tuple.remote, class);
         }
+    }
+
+    fn state_applied(&mut self, state: &ThrottleState) {
         for class in &self.classes {
-            let count = subflows.get(class.as_str()).map_or(0, BTreeSet::len);
+            let count = self.class_counts.get(class).copied().unwrap_or(0);
             self.metrics
                 .class_subflows
                 .get_or_create(&ClassLabel {
                     class: class.clone(),
                 })
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
+                .set(count);
         }
         let scale = &self.metrics.throttle_scale;
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);

@@ -21,7 +21,7 @@ fn toml_files(dir: &str) -> Vec<std::path::PathBuf> {
 #[test]
 fn valid_configs_load() {
     let files = toml_files("valid");
-    assert_eq!(files.len(), 3, "the test must really read the fixtures");
+    assert_eq!(files.len(), 4, "the test must really read the fixtures");
     for file in files {
         if let Err(error) = Config::from_file(&file) {
             panic!("{}: {error}", file.display());
@@ -32,7 +32,7 @@ fn valid_configs_load() {
 #[test]
 fn invalid_configs_fail_naming_key_and_reason() {
     let files = toml_files("invalid");
-    assert_eq!(files.len(), 9, "the test must really read the fixtures");
+    assert_eq!(files.len(), 12, "the test must really read the fixtures");
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read");
         let expected = text
@@ -64,4 +64,26 @@ fn the_full_example_sets_every_section() {
     assert_eq!(config.acl.connect_ports, vec![443, 8443]);
     assert_eq!(config.relay.mode, mptcp_proxy::config::RelayMode::Splice);
     assert_eq!(config.auth.expect("auth").realm, "campus");
+}
+
+#[test]
+fn the_cluster_example_adds_a_listener_on_the_announced_address() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/valid/cluster.toml");
+    let mut config = Config::from_file(&path).expect("cluster.toml");
+    let cluster = config.cluster.clone().expect("[cluster]");
+    assert_eq!(cluster.announce_device.as_deref(), Some("mptcp-anycast"));
+    config.add_cluster_listeners();
+    config.add_cluster_listeners();
+    let addresses: Vec<String> = config
+        .listeners
+        .iter()
+        .map(|l| l.address.to_string())
+        .collect();
+    assert_eq!(addresses, ["198.51.100.1:3128", "192.0.2.11:3128"]);
+    assert_eq!(
+        config.service_addresses(),
+        vec!["198.51.100.1".parse::<std::net::IpAddr>().unwrap()]
+    );
+    config.validate("test").expect("still valid");
 }

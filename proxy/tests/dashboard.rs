@@ -43,6 +43,7 @@ fn exported() -> BTreeSet<String> {
         remote: "127.0.0.2:5000".parse().expect("literal"),
         bytes_acked: acked,
         bytes_received: 1,
+        rtt_us: 0,
     };
     let mut paths = PathAccounting::default();
     let interfaces = InterfaceMap::default();

@@ -38,20 +38,17 @@ struct Args {
     /// Live capture: put the interfaces in promiscuous mode.
     #[arg(long)]
     promiscuous: bool,
+    #[command(flatten)]
+    log: mptcp_ops::LogArgs,
 }
 
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("mptcp-sniffer: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let args = Args::parse();
+    mptcp_ops::logging::init(args.log.log_format);
+    mptcp_ops::report::exit("mptcp-sniffer", real_main(args))
 }
 
-fn real_main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn real_main(args: Args) -> anyhow::Result<()> {
     let mode = match (args.events, args.json) {
         (false, false) => OutputMode::Text,
         (false, true) => OutputMode::Json,

@@ -654,6 +654,41 @@ impl ThrottleConfig {
         Ok(())
     }
 
+    /// Whether a running throttle can move from this policy to `new` by diffing classes and rules, or
+    /// must be stopped (removing what it installed) and started again: `Some(key)` names the first key
+    /// that needs the restart. Where state lives (table, qdisc major, IFB prefix), where events come
+    /// from, and whether anything is active at all are fixed for a run.
+    pub fn needs_restart(&self, new: &ThrottleConfig) -> Option<&'static str> {
+        let active =
+            |c: &ThrottleConfig| c.enabled && !(c.classes.is_empty() && c.rules.is_empty());
+        if active(self) != active(new) {
+            return Some("enabled");
+        }
+        if !active(self) {
+            return None;
+        }
+        if self.nft_table != new.nft_table {
+            Some("nft_table")
+        } else if self.qdisc_major != new.qdisc_major {
+            Some("qdisc_major")
+        } else if self.ifb_prefix != new.ifb_prefix {
+            Some("ifb_prefix")
+        } else if self.event_source != new.event_source {
+            Some("event_source")
+        } else if self.on_missing_privileges != new.on_missing_privileges {
+            Some("on_missing_privileges")
+        } else if self.max_steered_subflows != new.max_steered_subflows {
+            // Sizes the upload classifier's BPF map, made once.
+            Some("max_steered_subflows")
+        } else if self.resync_interval != new.resync_interval {
+            Some("resync_interval")
+        } else if self.state_dir != new.state_dir {
+            Some("state_dir")
+        } else {
+            None
+        }
+    }
+
     /// Adds the classes and rules of quick `--throttle` flags, then validates.
     pub fn add_quick_throttles(&mut self, flags: &[QuickThrottle]) -> Result<(), PolicyError> {
         for flag in flags {

@@ -81,6 +81,46 @@ pub fn event_channel(capacity: usize) -> (EventSender, mpsc::Receiver<SubflowEve
     (EventSender { tx }, rx)
 }
 
+/// Sends a new policy to a running owner task (a configuration reload). The task diffs the classes and
+/// rules of the new policy against what it installed and changes only the difference: running subflows
+/// keep their rules unless the policy moves them, and HTB classes are changed in place.
+#[derive(Debug, Clone)]
+pub struct PolicySender {
+    tx: tokio::sync::watch::Sender<ThrottleConfig>,
+}
+
+/// The owner task's end of a [`PolicySender`].
+#[derive(Debug)]
+pub struct PolicyReceiver {
+    rx: tokio::sync::watch::Receiver<ThrottleConfig>,
+}
+
+impl PolicySender {
+    /// Hands `config` to the owner task. It must be valid ([`ThrottleConfig::validate`]) and keep what
+    /// only a restart can change ([`ThrottleConfig::needs_restart`]); the task refuses it otherwise and
+    /// keeps the policy it has.
+    pub fn send(&self, config: ThrottleConfig) -> Result<(), ThrottleStopped> {
+        self.tx.send(config).map_err(|_| ThrottleStopped)
+    }
+}
+
+/// A channel for [`run_with_policy_updates`], starting at the policy the task starts with.
+pub fn policy_channel(initial: &ThrottleConfig) -> (PolicySender, PolicyReceiver) {
+    let (tx, mut rx) = tokio::sync::watch::channel(initial.clone());
+    rx.mark_unchanged();
+    (PolicySender { tx }, PolicyReceiver { rx })
+}
+
+impl PolicyReceiver {
+    /// The next policy sent; pending forever once every sender is gone.
+    async fn changed(&mut self) -> ThrottleConfig {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        self.rx.borrow_and_update().clone()
+    }
+}
+
 /// The thread reading `mptcp_pm` events; stops when dropped.
 #[derive(Debug)]
 pub struct KernelEventListener {
@@ -255,7 +295,14 @@ pub trait ThrottleHooks: Send {
         let _ = (change, error);
     }
 
-    /// Changes were applied; `state.installed()` is what the kernel now holds.
+    /// These changes were applied (the failed ones are reported to [`Self::change_failed`]): for
+    /// observers that keep their own view up to date at a cost per change, not per subflow.
+    fn changes_applied(&mut self, applied: &[&Change]) {
+        let _ = applied;
+    }
+
+    /// Changes were applied; `state.installed()` is what the kernel now holds. Called after every
+    /// batch: walking every installed rule here costs per event what the packet path saves.
     fn state_applied(&mut self, state: &ThrottleState) {
         let _ = state;
     }
@@ -263,6 +310,11 @@ pub trait ThrottleHooks: Send {
     /// The live subflows were rebuilt from the kernel and the difference applied, in `took`.
     fn resynced(&mut self, reason: ResyncReason, report: &ResyncReport, took: Duration) {
         let _ = (reason, report, took);
+    }
+
+    /// A new policy was accepted; its changes are applied next.
+    fn policy_changed(&mut self, config: &ThrottleConfig) {
+        let _ = config;
     }
 }
 
@@ -462,6 +514,19 @@ pub async fn run_with_hooks<F: Future<Output = ()>, H: ThrottleHooks>(
     shutdown: F,
     hooks: H,
 ) -> Result<RunSummary, ThrottleError> {
+    run_with_policy_updates(config, events, None, shutdown, hooks).await
+}
+
+/// [`run_with_hooks`] that also takes new policies from `policies` while it runs (see
+/// [`PolicySender`]). A policy that [`ThrottleConfig::needs_restart`] against the running one is
+/// refused with a log line: stop this task and start another for it.
+pub async fn run_with_policy_updates<F: Future<Output = ()>, H: ThrottleHooks>(
+    config: ThrottleConfig,
+    events: mpsc::Receiver<SubflowEvent>,
+    policies: Option<PolicyReceiver>,
+    shutdown: F,
+    hooks: H,
+) -> Result<RunSummary, ThrottleError> {
     config.validate()?;
     let active = config.enabled && !(config.classes.is_empty() && config.rules.is_empty());
     if !active {
@@ -485,7 +550,7 @@ pub async fn run_with_hooks<F: Future<Output = ()>, H: ThrottleHooks>(
         }
         Err(e) => return Err(e.into()),
     };
-    run_with_backend(config, events, shutdown, backend, hooks).await
+    run_owner(config, events, policies, shutdown, backend, hooks).await
 }
 
 /// Fills in the interface of a subflow the event source could not name (the kernel's events carry
@@ -535,10 +600,11 @@ fn apply_pending<B: ThrottleBackend, H: ThrottleHooks>(
     let acked = Instant::now();
     summary.changes_failed += failures.len() as u64;
     summary.changes_applied += (changes.len() - failures.len()) as u64;
-    for change in &changes {
-        if failures.iter().any(|(failed, _)| failed == change) {
-            continue;
-        }
+    let applied: Vec<&Change> = changes
+        .iter()
+        .filter(|change| !failures.iter().any(|(failed, _)| failed == *change))
+        .collect();
+    for change in &applied {
         if let Change::AddRule { triggered_at, .. } = change {
             summary.rules_installed += 1;
             if let Some(at) = triggered_at {
@@ -548,6 +614,7 @@ fn apply_pending<B: ThrottleBackend, H: ThrottleHooks>(
             }
         }
     }
+    hooks.changes_applied(&applied);
     for (change, error) in failures {
         tracing::warn!(?change, error = %error, "throttle change failed");
         hooks.change_failed(&change, &error);
@@ -611,7 +678,50 @@ fn resync<B: ThrottleBackend, H: ThrottleHooks>(
 /// [`run`] with an explicit backend (tests use a recording one).
 pub async fn run_with_backend<F, B, H>(
     config: ThrottleConfig,
+    events: mpsc::Receiver<SubflowEvent>,
+    shutdown: F,
+    backend: B,
+    hooks: H,
+) -> Result<RunSummary, ThrottleError>
+where
+    F: Future<Output = ()>,
+    B: ThrottleBackend,
+    H: ThrottleHooks,
+{
+    run_owner(config, events, None, shutdown, backend, hooks).await
+}
+
+/// [`run_with_backend`] taking new policies from `policies`, as [`run_with_policy_updates`] does.
+pub async fn run_with_backend_and_policies<F, B, H>(
+    config: ThrottleConfig,
+    events: mpsc::Receiver<SubflowEvent>,
+    policies: PolicyReceiver,
+    shutdown: F,
+    backend: B,
+    hooks: H,
+) -> Result<RunSummary, ThrottleError>
+where
+    F: Future<Output = ()>,
+    B: ThrottleBackend,
+    H: ThrottleHooks,
+{
+    run_owner(config, events, Some(policies), shutdown, backend, hooks).await
+}
+
+/// Checks a policy sent to a running task; `None` to take it, else why not.
+fn refuse_policy(running: &ThrottleConfig, new: &ThrottleConfig) -> Option<String> {
+    if let Err(error) = new.validate() {
+        return Some(error.to_string());
+    }
+    running
+        .needs_restart(new)
+        .map(|key| format!("throttle.{key} changed: only a restart of the throttle can apply it"))
+}
+
+async fn run_owner<F, B, H>(
+    config: ThrottleConfig,
     mut events: mpsc::Receiver<SubflowEvent>,
+    mut policies: Option<PolicyReceiver>,
     shutdown: F,
     mut backend: B,
     mut hooks: H,
@@ -658,10 +768,28 @@ where
                 None => std::future::pending::<()>().await,
             }
         };
+        let policy = async {
+            match policies.as_mut() {
+                Some(policies) => policies.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => break,
             () = tick => {
                 resync(&mut state, &mut backend, &mut hooks, &mut summary, ResyncReason::Periodic);
+            }
+            new = policy => {
+                match refuse_policy(state.config(), &new) {
+                    Some(reason) => tracing::error!(%reason, "new throttle policy refused; the running one stays"),
+                    None => {
+                        tracing::info!(classes = new.classes.len(), rules = new.rules.len(), "throttle policy changed");
+                        hooks.policy_changed(&new);
+                        state.set_config(new);
+                        refresh_interfaces(&mut backend, &mut state);
+                        apply_pending(&mut state, &mut backend, &mut hooks, &mut summary);
+                    }
+                }
             }
             event = events.recv() => {
                 let Some(first) = event else {

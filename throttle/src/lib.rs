@@ -42,8 +42,9 @@ pub use crate::core::{
     Change, ClassId, DesiredState, LiveSubflow, ResyncReport, ThrottleState, ThrottleStats,
 };
 pub use crate::driver::{
-    event_channel, run, run_with_hooks, spawn_kernel_events, spawn_kernel_events_with_buffer,
-    start_event_source, EventSender, KernelEventListener, ResyncReason, RunSummary, ThrottleError,
+    event_channel, policy_channel, run, run_with_hooks, run_with_policy_updates,
+    spawn_kernel_events, spawn_kernel_events_with_buffer, start_event_source, EventSender,
+    KernelEventListener, PolicyReceiver, PolicySender, ResyncReason, RunSummary, ThrottleError,
     ThrottleHooks,
 };
 pub use crate::event::{

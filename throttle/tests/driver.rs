@@ -5,11 +5,13 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use mptcp_throttle::driver::{run_with_backend, NoHooks, ThrottleBackend};
+use mptcp_throttle::driver::{
+    run_with_backend, run_with_backend_and_policies, NoHooks, ThrottleBackend,
+};
 use mptcp_throttle::kernel::{InterfaceTable, KernelError, StaleReport};
 use mptcp_throttle::{
-    event_channel, run, Change, ConnectionToken, MissingPrivileges, QuickThrottle, SubflowEvent,
-    SubflowInfo, ThrottleConfig, ThrottleError,
+    event_channel, policy_channel, run, Change, ConnectionToken, MissingPrivileges, QuickThrottle,
+    SubflowEvent, SubflowInfo, ThrottleConfig, ThrottleError,
 };
 
 #[derive(Clone, Default)]
@@ -34,6 +36,7 @@ impl ThrottleBackend for Recording {
             log.push(match change {
                 Change::AddInterface(s) => format!("add-interface {}", s.interface),
                 Change::AddClass(c) => format!("add-class {} {}", c.id, c.rate),
+                Change::UpdateClass(c) => format!("update-class {} {}", c.id, c.rate),
                 Change::AddRule { rule, .. } => format!("add-rule {}", rule.tuple.remote),
                 Change::RemoveRule(rule) => format!("remove-rule {}", rule.tuple.remote),
                 other => format!("{other:?}"),
@@ -123,6 +126,107 @@ async fn driver_applies_events_and_cleans_up() {
     );
     assert_eq!(summary.events, 3);
     assert_eq!(summary.rules_installed, 1);
+}
+
+/// A reload: the running task takes a new policy, changes the class in place and keeps the subflow's
+/// rule; a policy that needs a restart (another nft table) is refused and changes nothing.
+#[tokio::test]
+async fn policy_change_updates_classes_in_place_and_keeps_rules() {
+    let backend = Recording::default();
+    let log = backend.log.clone();
+    let (events, rx) = event_channel(8);
+    let initial = quick("eth1=20mbit");
+    let (policies, policy_rx) = policy_channel(&initial);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run_with_backend_and_policies(
+        initial,
+        rx,
+        policy_rx,
+        async move {
+            let _ = stop_rx.await;
+        },
+        backend,
+        NoHooks,
+    ));
+    let token = ConnectionToken(9);
+    let info = |local: &str, remote: &str| {
+        SubflowInfo::new(local.parse().unwrap(), remote.parse().unwrap())
+    };
+    events
+        .send(SubflowEvent::ConnectionCreated {
+            token,
+            subflow: info("10.0.0.1:443", "192.0.2.1:1"),
+        })
+        .await
+        .unwrap();
+    events
+        .send(SubflowEvent::SubflowEstablished {
+            token,
+            subflow: info("10.1.0.1:443", "192.0.2.1:2"),
+        })
+        .await
+        .unwrap();
+    wait_for_log(&log, "add-rule").await;
+
+    let mut moved = quick("eth1=20mbit");
+    moved.nft_table = "elsewhere".into();
+    policies.send(moved).unwrap();
+    policies.send(quick("eth1=5mbit")).unwrap();
+    wait_for_log(&log, "update-class").await;
+    stop_tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        vec![
+            "start",
+            "add-interface eth1",
+            "add-class 4d50:10 20mbit",
+            "add-rule 192.0.2.1:2",
+            "update-class 4d50:10 5mbit",
+            "shutdown"
+        ]
+    );
+
+    // Sent one after the other, the refused policy may never be seen; alone, it is refused.
+    let backend = Recording::default();
+    let log = backend.log.clone();
+    let (_events, rx) = event_channel(8);
+    let initial = quick("eth1=20mbit");
+    let (policies, policy_rx) = policy_channel(&initial);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run_with_backend_and_policies(
+        initial,
+        rx,
+        policy_rx,
+        async move {
+            let _ = stop_rx.await;
+        },
+        backend,
+        NoHooks,
+    ));
+    wait_for_log(&log, "add-class").await;
+    let mut moved = quick("eth1=1mbit");
+    moved.nft_table = "elsewhere".into();
+    assert_eq!(
+        quick("eth1=20mbit").needs_restart(&moved),
+        Some("nft_table")
+    );
+    policies.send(moved).unwrap();
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    stop_tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        log.lock().unwrap().clone(),
+        vec![
+            "start",
+            "add-interface eth1",
+            "add-class 4d50:10 20mbit",
+            "shutdown"
+        ]
+    );
 }
 
 #[tokio::test]

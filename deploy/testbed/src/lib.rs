@@ -15,6 +15,7 @@
 //! With [`Options::second_client`], a second client namespace joins the proxy over two more paths:
 //! `d1 10.0.4.2 <-> p4 10.0.4.1` and `d2 10.0.5.2 <-> p5 10.0.5.1` (IPv4 only, no shaping).
 
+pub mod cluster;
 pub mod delay;
 
 pub use delay::{DelayConfig, DelayLine, Direction};
@@ -176,15 +177,75 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// A namespace prefix no other lab of this process uses (`mpx<pid>n<k>`, which `deploy/test.sh`
+/// recognises as a leftover when the process is gone).
+pub fn unique_prefix() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "mpx{}n{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A command that runs `program` inside network namespace `ns`.
+pub fn command_in(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(program);
+    cmd
+}
+
+/// Starts nginx in namespace `ns`, serving `root` on each of `listen`, with its files under
+/// `work_dir`, and waits until the first address accepts connections.
+pub fn start_nginx_in(
+    ns: &str,
+    listen: &[SocketAddr],
+    root: &Path,
+    work_dir: &Path,
+) -> Result<Background> {
+    let conf = work_dir.join("nginx.conf");
+    let mut f = std::fs::File::create(&conf)?;
+    let first = listen.first().copied();
+    let listen: String = listen.iter().map(|a| format!("listen {a}; ")).collect();
+    write!(
+        f,
+        "daemon off;\nuser root;\nworker_processes 1;\npid {work}/nginx.pid;\nerror_log {work}/error.log;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log {work}/access.log;\n  client_body_temp_path {work}/body;\n  \
+         proxy_temp_path {work}/proxy;\n  fastcgi_temp_path {work}/fastcgi;\n  uwsgi_temp_path {work}/uwsgi;\n  \
+         scgi_temp_path {work}/scgi;\n  sendfile on;\n  keepalive_requests 100000;\n  \
+         server {{ {listen}root {root}; }}\n}}\n",
+        work = work_dir.display(),
+        root = root.display(),
+    )?;
+    let conf = conf.to_string_lossy().into_owned();
+    let mut cmd = command_in(ns, "nginx");
+    cmd.args(["-c", &conf]).stdin(Stdio::null());
+    let nginx = Background::start(cmd)?;
+    if let Some(first) = first {
+        wait_for_tcp_in(ns, first, Duration::from_secs(10))?;
+    }
+    Ok(nginx)
+}
+
+/// Waits until `addr` accepts TCP connections from inside `ns`.
+pub fn wait_for_tcp_in(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    in_namespace(ns, || loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(TestbedError::Timeout(format!("{addr} in {ns}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    })?
+}
+
 impl Testbed {
     /// Builds a new testbed with a unique prefix.
     pub fn new(options: Options) -> Result<Self> {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!(
-            "mpx{}n{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let prefix = unique_prefix();
         let namespaces = ["cli", "prx", "srv", "cl2"].map(|h| format!("{prefix}-{h}"));
         // Constructed before `up`, so a half-built testbed is still torn down.
         let testbed = Self { prefix, namespaces };
@@ -237,9 +298,7 @@ impl Testbed {
 
     /// A command that runs `program` inside namespace `ns`.
     pub fn command(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]).arg(program);
-        cmd
+        command_in(ns, program)
     }
 
     /// Runs a command inside `ns` to completion and returns its stdout.
@@ -264,16 +323,7 @@ impl Testbed {
 
     /// Waits until `addr` accepts TCP connections from inside `ns`.
     pub fn wait_for_tcp(&self, ns: &str, addr: SocketAddr, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        self.in_ns(ns, || loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(TestbedError::Timeout(format!("{addr} in {ns}")));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        })?
+        wait_for_tcp_in(ns, addr, timeout)
     }
 
     /// Starts a [`DelayLine`] on `dev`'s `direction` in `host`'s namespace; it stops when dropped.
@@ -315,42 +365,37 @@ impl Testbed {
     /// Starts nginx in the server namespace, serving `root` on port 80 (IPv4 and IPv6) and 8081 (IPv4;
     /// a second service for per-port routing tests), and waits for it.
     pub fn start_nginx(&self, root: &Path, work_dir: &Path) -> Result<Background> {
-        let conf = work_dir.join("nginx.conf");
-        let mut f = std::fs::File::create(&conf)?;
-        write!(
-            f,
-            "daemon off;\nuser root;\nworker_processes 1;\npid {work}/nginx.pid;\nerror_log {work}/error.log;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log {work}/access.log;\n  client_body_temp_path {work}/body;\n  \
-             proxy_temp_path {work}/proxy;\n  fastcgi_temp_path {work}/fastcgi;\n  uwsgi_temp_path {work}/uwsgi;\n  \
-             scgi_temp_path {work}/scgi;\n  sendfile on;\n  keepalive_requests 100000;\n  \
-             server {{ listen {server}:80; listen [{server6}]:80; listen {server}:8081; root {root}; }}\n}}\n",
-            work = work_dir.display(),
-            root = root.display(),
-            server = SERVER,
-            server6 = SERVER_V6,
-        )?;
-        let conf = conf.to_string_lossy().into_owned();
-        let nginx = self.spawn(self.server_ns(), &["nginx", "-c", &conf])?;
-        self.wait_for_tcp(
+        start_nginx_in(
             self.server_ns(),
-            SocketAddr::new(IpAddr::V4(SERVER), 80),
-            Duration::from_secs(10),
-        )?;
-        Ok(nginx)
+            &[
+                SocketAddr::new(IpAddr::V4(SERVER), 80),
+                SocketAddr::new(IpAddr::V6(SERVER_V6), 80),
+                SocketAddr::new(IpAddr::V4(SERVER), 8081),
+            ],
+            root,
+            work_dir,
+        )
     }
 }
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        let result = Command::new(script())
-            .arg("down")
-            .arg(&self.prefix)
-            .stdout(Stdio::null())
-            .status();
-        if !matches!(result, Ok(s) if s.success()) {
-            eprintln!("testbed {}: teardown failed: {result:?}", self.prefix);
-        }
+        tear_down(&script(), &self.prefix);
+    }
+}
+
+/// Runs `SCRIPT down PREFIX`, reporting (not panicking: it runs in `Drop`) when it fails.
+pub(crate) fn tear_down(script: &Path, prefix: &str) {
+    let result = Command::new(script)
+        .arg("down")
+        .arg(prefix)
+        .stdout(Stdio::null())
+        .status();
+    if !matches!(result, Ok(s) if s.success()) {
+        eprintln!(
+            "{} down {prefix}: teardown failed: {result:?}",
+            script.display()
+        );
     }
 }
 

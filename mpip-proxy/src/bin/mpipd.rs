@@ -13,8 +13,9 @@ struct Cli {
     common: mpip_proxy::cli::Args,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     mpip_proxy::cli::main(
+        "mpipd",
         Cli::parse().common,
         ClientConfig::from_file,
         mpip_proxy::shell::run_client,
