@@ -448,7 +448,11 @@ impl ThrottleHooks for ThrottleMetrics {
                 .collect();
             for name in &names {
                 let count = self.class_counts.entry((*name).to_owned()).or_default();
-                *count = if added { *count + 1 } else { (*count - 1).max(0) };
+                *count = if added {
+                    *count + 1
+                } else {
+                    (*count - 1).max(0)
+                };
             }
             let class = (added && !names.is_empty())
                 .then(|| names.into_iter().collect::<Vec<_>>().join("+"));

@@ -78,14 +78,15 @@ fn stop_and_assert_clean(lab: &Lab, proxy: &mut Background, when: &str) {
     assert_eq!(installed_state(lab), Vec::<String>::new(), "{when}");
 }
 
-/// Whether the throttle's nft table holds a classifying rule (`meta priority set`) for some subflow.
+/// Whether the throttle classifies some subflow: an element of its download map (the rules that look
+/// the map up are there from the start).
 fn subflow_rule_installed(lab: &Lab) -> bool {
     lab.tb
         .exec(
             lab.tb.proxy_ns(),
-            &["nft", "list", "table", "inet", "mptcp_proxy"],
+            &["nft", "list", "map", "inet", "mptcp_proxy", "download4"],
         )
-        .is_ok_and(|table| table.contains("priority set"))
+        .is_ok_and(|map| map.contains(": 4d50:"))
 }
 
 /// What the proxy's two paths carried during a transfer, from the first classified subflow to the end.
