@@ -698,7 +698,8 @@ impl ThrottleState {
     /// so is what was known of a subflow's interface. The next poll installs and removes accordingly.
     pub fn resync(
         &mut self,
-        now: Instant,
+        // Kept for the sans-IO signature: a repair is not timed from an event (see below).
+        _now: Instant,
         live: impl IntoIterator<Item = LiveSubflow>,
     ) -> ResyncReport {
         self.stats.resyncs += 1;
@@ -760,13 +761,19 @@ impl ThrottleState {
                             report.subflows_added += 1;
                         }
                         self.insert_subflow(token, subflow);
-                        self.last_change.insert(tuple, now);
                         changed = true;
                     }
                 }
             }
             if changed {
                 self.dirty.insert(token);
+                // Rules a repair installs answer no event: they stay out of the event-to-install
+                // latency (the resync's own duration is measured instead).
+                if let Some(connection) = self.connections.get(&token) {
+                    for tuple in connection.subflows.keys() {
+                        self.last_change.remove(tuple);
+                    }
+                }
             }
         }
         report

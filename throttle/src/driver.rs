@@ -161,6 +161,28 @@ impl Drop for KernelEventListener {
     }
 }
 
+/// Sets the calling thread's scheduling priority (`nice`, -20 highest to 19), best effort: without
+/// `CAP_SYS_NICE` a raise is refused and the thread keeps its priority (logged at debug level). The
+/// event listener runs at -10, so that a loaded machine does not let its socket overflow; embedding
+/// programs may do the same for the owner task.
+pub fn raise_thread_priority(nice: i32) {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id only changes its nice.
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            nice,
+            "could not raise the thread's priority"
+        );
+    }
+}
+
+/// The listener thread's priority (see [`raise_thread_priority`]).
+const LISTENER_NICE: i32 = -10;
+
 /// Subscribes to the kernel's `mptcp_pm_events` in the calling thread's
 /// network namespace and forwards decoded events to `events` from a
 /// dedicated thread. Needs `CAP_NET_ADMIN`.
@@ -191,6 +213,7 @@ pub fn spawn_kernel_events_with_buffer(
     let thread = std::thread::Builder::new()
         .name("mptcp-pm-events".into())
         .spawn(move || {
+            raise_thread_priority(LISTENER_NICE);
             while !stop_flag.load(Ordering::SeqCst) {
                 if paused_flag.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(10));
@@ -553,9 +576,40 @@ pub async fn run_with_policy_updates<F: Future<Output = ()>, H: ThrottleHooks>(
     run_owner(config, events, policies, shutdown, backend, hooks).await
 }
 
+/// Route lookups of the last second, by (local, remote) address: a burst of connections from the same
+/// clients asks the kernel once.
+#[derive(Debug, Default)]
+struct RouteCache {
+    routes: HashMap<(IpAddr, IpAddr), (Option<u32>, Instant)>,
+}
+
+impl RouteCache {
+    const TTL: Duration = Duration::from_secs(1);
+    const MAX: usize = 1 << 16;
+
+    fn lookup<B: ThrottleBackend>(&mut self, backend: &mut B, local: IpAddr, remote: IpAddr) -> Option<u32> {
+        let now = Instant::now();
+        if let Some((index, at)) = self.routes.get(&(local, remote)) {
+            if now.duration_since(*at) < Self::TTL {
+                return *index;
+            }
+        }
+        if self.routes.len() >= Self::MAX {
+            self.routes.retain(|_, (_, at)| now.duration_since(*at) < Self::TTL);
+        }
+        let index = backend.route_interface(local, remote);
+        self.routes.insert((local, remote), (index, now));
+        index
+    }
+}
+
 /// Fills in the interface of a subflow the event source could not name (the kernel's events carry
 /// no `if_idx` for accepted subflows) from the route towards the client.
-fn route_subflow<B: ThrottleBackend>(backend: &mut B, event: &mut SubflowEvent) {
+fn route_subflow<B: ThrottleBackend>(
+    backend: &mut B,
+    routes: &mut RouteCache,
+    event: &mut SubflowEvent,
+) {
     let subflow = match event {
         SubflowEvent::ConnectionCreated { subflow, .. }
         | SubflowEvent::ConnectionEstablished { subflow, .. }
@@ -566,7 +620,7 @@ fn route_subflow<B: ThrottleBackend>(backend: &mut B, event: &mut SubflowEvent) 
         return;
     }
     let tuple = subflow.tuple;
-    if let Some(index) = backend.route_interface(tuple.local.ip(), tuple.remote.ip()) {
+    if let Some(index) = routes.lookup(backend, tuple.local.ip(), tuple.remote.ip()) {
         subflow.interface.index = Some(index);
     }
 }
@@ -596,8 +650,10 @@ fn apply_pending<B: ThrottleBackend, H: ThrottleHooks>(
     if changes.is_empty() {
         return;
     }
+    let applying = Instant::now();
     let failures = backend.apply(&changes);
     let acked = Instant::now();
+    tracing::trace!(changes = changes.len(), took = ?acked - applying, "applied");
     summary.changes_failed += failures.len() as u64;
     summary.changes_applied += (changes.len() - failures.len()) as u64;
     let applied: Vec<&Change> = changes
@@ -757,6 +813,7 @@ where
             ResyncReason::Start,
         );
     }
+    let mut routes = RouteCache::default();
     tokio::pin!(shutdown);
     let mut open = true;
     while open {
@@ -801,9 +858,10 @@ where
                     batch.push(more);
                 }
                 for event in &mut batch {
-                    route_subflow(&mut backend, event);
+                    route_subflow(&mut backend, &mut routes, event);
                 }
                 let now = Instant::now();
+                tracing::trace!(events = batch.len(), "event batch");
                 let unknown_interface = batch.iter().any(|event| match event {
                     SubflowEvent::ConnectionCreated { subflow, .. }
                     | SubflowEvent::ConnectionEstablished { subflow, .. }

@@ -223,6 +223,20 @@ impl Elements {
     }
 }
 
+/// Element changes of one apply, per map: deletions go into the batch before additions (a changed
+/// subflow is deleted and added again), many elements per message.
+#[derive(Debug, Default)]
+struct Staged {
+    deletes: BTreeMap<(MapKind, Family), Vec<Vec<u8>>>,
+    adds: BTreeMap<(MapKind, Family), Vec<(Vec<u8>, [u8; 4])>>,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.deletes.is_empty() && self.adds.is_empty()
+    }
+}
+
 /// Priority of the cls_bpf upload classifier on an IFB's HTB.
 const UPLOAD_FILTER_PRIO: u16 = 1;
 
@@ -246,6 +260,8 @@ pub struct KernelBackend {
     upload_classes: BTreeMap<FourTuple, u32>,
     /// `NETLINK_SOCK_DIAG`, opened with the first resync.
     diag: Option<NetlinkSocket>,
+    /// The six maps, built once.
+    maps: BTreeMap<(MapKind, Family), nft_map::SetSpec>,
     /// The root qdisc trees replaced, by interface index (see [`crate::restore`]).
     saved_roots: BTreeMap<u32, SavedRoot>,
     /// Where they are kept across a crash.
@@ -286,6 +302,11 @@ impl KernelBackend {
             classifier: None,
             upload_classes: BTreeMap::new(),
             diag: None,
+            maps: MapKind::ALL
+                .into_iter()
+                .flat_map(|kind| Family::ALL.map(|family| (kind, family)))
+                .map(|(kind, family)| ((kind, family), nft::map(&config.nft_table, kind, family)))
+                .collect(),
             saved_roots: BTreeMap::new(),
             state_path: restore::state_file(&config.state_dir, &config.nft_table),
         })
@@ -488,10 +509,10 @@ impl KernelBackend {
         Ok(())
     }
 
-    /// Adds `after`'s elements of `tuple` to `batch` (map values of `before` are deleted first).
+    /// Stages `tuple`'s change from `before`'s map values to `after`'s.
     fn stage_elements(
         &self,
-        batch: &mut nftnl::Batch,
+        staged: &mut Staged,
         tuple: &FourTuple,
         before: Option<Elements>,
         after: Option<Elements>,
@@ -500,46 +521,62 @@ impl KernelBackend {
             KernelError::Unsupported(format!("mixed address families in {tuple}"))
         })?;
         for kind in MapKind::ALL {
-            let spec = nft::map(&self.table, kind, family);
-            let key = nft::key(&spec, tuple);
-            if before.and_then(|e| e.get(kind)).is_some() {
-                spec.delete_elements(batch, [key.as_slice()]);
+            let (old, new) = (
+                before.and_then(|e| e.get(kind)),
+                after.and_then(|e| e.get(kind)),
+            );
+            if old.is_none() && new.is_none() {
+                continue;
             }
-            if let Some(value) = after.and_then(|e| e.get(kind)) {
-                let data = value.to_ne_bytes();
-                spec.add_elements(batch, [(key.as_slice(), Some(&data[..]))]);
+            let key = nft::key(&self.maps[&(kind, family)], tuple);
+            if old.is_some() {
+                staged
+                    .deletes
+                    .entry((kind, family))
+                    .or_default()
+                    .push(key.clone());
+            }
+            if let Some(value) = new {
+                staged
+                    .adds
+                    .entry((kind, family))
+                    .or_default()
+                    .push((key, value.to_ne_bytes()));
             }
         }
         Ok(())
     }
 
+    /// The batch of `staged`: every deletion, then every addition.
+    fn staged_batch(&self, staged: &Staged) -> nftnl::Batch {
+        let mut batch = nftnl::Batch::new();
+        for (map, keys) in &staged.deletes {
+            self.maps[map].delete_elements(&mut batch, keys.iter().map(Vec::as_slice));
+        }
+        for (map, entries) in &staged.adds {
+            self.maps[map].add_elements(
+                &mut batch,
+                entries
+                    .iter()
+                    .map(|(key, data)| (key.as_slice(), Some(&data[..]))),
+            );
+        }
+        batch
+    }
+
     /// Replaces every map's elements with what `self.elements` holds, in one transaction: the repair
     /// after a batch the kernel refused (the maps were changed by someone else, or a state slipped).
     fn rebuild_maps(&mut self) -> Result<(), KernelError> {
-        let mut batch = nftnl::Batch::new();
-        // (key, value) of each map.
-        type Entries = Vec<(Vec<u8>, [u8; 4])>;
-        let mut keys: BTreeMap<(MapKind, Family), Entries> = BTreeMap::new();
-        for kind in MapKind::ALL {
-            for family in Family::ALL {
-                nft::map(&self.table, kind, family).flush(&mut batch);
-            }
-        }
+        let mut staged = Staged::default();
         for (tuple, elements) in &self.elements {
-            let Some(family) = Family::of(tuple) else {
-                continue;
-            };
-            for kind in MapKind::ALL {
-                if let Some(value) = elements.get(kind) {
-                    let spec = nft::map(&self.table, kind, family);
-                    keys.entry((kind, family))
-                        .or_default()
-                        .push((nft::key(&spec, tuple), value.to_ne_bytes()));
-                }
-            }
+            let _ = self.stage_elements(&mut staged, tuple, None, Some(*elements));
         }
-        for ((kind, family), entries) in &keys {
-            nft::map(&self.table, *kind, *family).add_elements(
+        let mut batch = nftnl::Batch::new();
+        for spec in self.maps.values() {
+            spec.flush(&mut batch);
+        }
+        for (map, entries) in &staged.adds {
+            self.maps[map].add_elements(
                 &mut batch,
                 entries
                     .iter()
@@ -741,7 +778,7 @@ impl KernelBackend {
     /// then their upload classes go into the BPF map. Returns the changes that failed.
     pub fn apply(&mut self, changes: &[Change]) -> Vec<(Change, KernelError)> {
         let mut failed = Vec::new();
-        let mut batch = nftnl::Batch::new();
+        let mut batch = Staged::default();
         // Element changes staged in the batch: (change, tuple, before, after), already recorded in
         // `self.elements`, undone if the batch fails for good.
         let mut staged: Vec<(Change, FourTuple, Option<Elements>, Option<Elements>)> = Vec::new();
@@ -803,7 +840,8 @@ impl KernelBackend {
                 failed.push((change.clone(), e));
             }
         }
-        if !staged.is_empty() {
+        if !batch.is_empty() {
+            let batch = self.staged_batch(&batch);
             if let Err(error) = self.send_nft(batch, "subflow map elements") {
                 tracing::warn!(%error, subflows = self.elements.len(), "nftables refused a batch; rebuilding the maps");
                 if let Err(rebuild) = self.rebuild_maps() {

@@ -172,11 +172,13 @@ impl Subscribers {
         self.slots.iter().map(|(key, slot)| (key, slot.id))
     }
 
-    /// Classes per template (both directions counted).
+    /// Classes per template (both directions counted), from the running counts: cheap at any size.
     pub fn counts(&self) -> BTreeMap<String, usize> {
-        let mut counts = BTreeMap::new();
-        for key in self.slots.keys() {
-            *counts.entry(key.template.clone()).or_default() += 1;
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for ((template, _), count) in &self.per_template {
+            if *count > 0 {
+                *counts.entry(template.clone()).or_default() += *count as usize;
+            }
         }
         counts
     }
