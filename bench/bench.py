@@ -6,7 +6,9 @@ direct routed path without a proxy. The client is always MPTCP (`mptcpize run cu
 
   bench.py throughput [--size-mib 256] [--runs 5]   (a) bulk download, plus the iperf3 -R MPTCP limit
   bench.py requests   [--seconds 10]                (b) keep-alive small objects with wrk
-  bench.py conversion [--requests 200]              (c) seed 002 Table 1: SYN and data conversion delay
+  bench.py conversion [--requests 200] [--rounds 30]   (c) seed 002 Table 1: SYN and data conversion delay,
+                                                     with RFC 8803 Convert (mptcp-convert) beside CONNECT
+                                                     and Squid; time to first byte over 20 ms RTT paths
   bench.py aggregation [--seconds 10] [--runs 3]    (d) thesis Table 1: 10 Mbit paths, 0/1% loss
   bench.py concurrency [--tunnels 9900] [--downloads 1000]    (f) idle tunnels, fairness
       (9900, not 10000: a tunnel holds two fds in the proxy, and where RLIMIT_NOFILE's hard limit is
@@ -51,6 +53,8 @@ TARGET = ROOT / os.environ.get("CARGO_TARGET_DIR", "target")  # an absolute CARG
 PROXY_BIN = TARGET / "release/mptcp-proxy"
 MPIP_PROXY_BIN = TARGET / "release/mpip-proxy"
 MPIPD_BIN = TARGET / "release/mpipd"
+CONVERT_BIN = TARGET / "release/mptcp-convert"
+DELAY_BIN = TARGET / "release/testbed-delay"
 ECHO = Path(__file__).resolve().parent / "mpip_echo.py"
 IPPROTO_MPTCP = 262
 STAMP = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -63,16 +67,20 @@ def run(cmd, check=True, **kw):
 class Lab:
     """One testbed (three namespaces) with nginx, and the proxies under test in the proxy namespace."""
 
-    def __init__(self, name, rates=(None, None), losses=(None, None), server_rate=None, second_client=False):
+    def __init__(self, name, rates=(None, None), losses=(None, None), server_rate=None, delays=(None, None),
+                 second_client=False):
         self.prefix = f"b{os.getpid() % 100000}{name}"
         args = [str(TESTBED), "up", self.prefix] + (["--second-client"] if second_client else [])
+        for i, delay in enumerate(delays, 1):
+            if delay:  # added round-trip time in ms, the testbed's user-space delay line
+                args += [f"--delay{i}", str(delay)]
         for i, rate in enumerate(rates, 1):
             if rate:
                 args += [f"--rate{i}", str(rate)]
         for i, loss in enumerate(losses, 1):
             if loss:
                 args += [f"--loss{i}", str(loss)]
-        run(args)
+        run(args, env={**os.environ, "TESTBED_DELAY": str(DELAY_BIN)})
         self.ns = {h: f"{self.prefix}-{h}" for h in ("cli", "cl2", "prx", "srv")}
         self.work = Path(tempfile.mkdtemp(prefix="mpx-bench-"))
         self.procs = []
@@ -137,7 +145,8 @@ class Lab:
     def proxy(self, port, mode="copy", extra=""):
         conf = self.work / f"proxy-{port}.toml"
         conf.write_text(f'[[listener]]\naddress = "0.0.0.0:{port}"\n[access_log]\npath = "off"\n'
-                        f'[metrics]\naddress = "off"\n[relay]\nmode = "{mode}"\n{extra}')
+                        f'[metrics]\naddress = "off"\n[relay]\nmode = "{mode}"\n'
+                        f'[acl]\nconnect_ports = [80, 443]\n{extra}')
         p = self.spawn("prx", "prlimit", "--nofile=20000", str(PROXY_BIN), "--config", str(conf))
         self.wait_port("prx", "10.0.1.1", port)
         return p
@@ -155,6 +164,22 @@ class Lab:
         p = self.spawn("prx", "prlimit", "--nofile=20000", "mptcpize", "run", "squid", "-N", "-f", str(conf))
         self.wait_port("prx", "10.0.1.1", port)
         return p
+
+
+CONVERT_LISTENER = '[[listener]]\naddress = "0.0.0.0:5124"\nmode = "convert"\n'
+
+
+def start_convert_agent(lab):
+    """The RFC 8803 client agent in the client namespace (SOCKS5 on 127.0.0.1:1080), converter 10.0.1.1:5124;
+    the proxy namespace gets the TFO server bit (namespace-local sysctl)."""
+    lab.exec("prx", "sysctl", "-qw", "net.ipv4.tcp_fastopen=3")
+    lab.spawn("cli", str(CONVERT_BIN), "--converter", "10.0.1.1")
+    lab.wait_port("cli", "127.0.0.1", 1080)
+
+
+def via_convert():
+    """curl options for a request through mptcp-convert (curl resolves nothing: the URLs are addresses)."""
+    return ["--socks5", "127.0.0.1:1080"]
 
 
 class Results:
@@ -322,35 +347,103 @@ def conversion_delays(rows, proxy_port):
     return syn, data
 
 
-def bench_conversion(requests=200):
+def request_conversions(rows, proxy_ports):
+    """Per request, in order: the SYN conversion (client SYN to a proxy port -> the proxy's next SYN to the
+    server) and the data conversion (the server's first data segment of a connection -> the proxy's next data
+    segment to the client). Requests run one at a time, so the n-th client SYN from path 1 is the n-th request
+    (MP_JOINs come from path 2)."""
+    syn, data = {}, {}
+    index = -1
+    pending_syn = pending_data = None
+    seen_server_data = set()
+    for t, src, dst, sport, dport, is_syn, is_ack, length in rows:
+        if is_syn and not is_ack and src == "10.0.1.2" and dport in proxy_ports:
+            index += 1
+            pending_syn = t
+        elif is_syn and not is_ack and src == "10.0.3.1" and dst == "10.0.3.2" and pending_syn is not None:
+            syn[index] = t - pending_syn
+            pending_syn = None
+        elif src == "10.0.3.2" and sport == 80 and length > 0 and (dport not in seen_server_data):
+            seen_server_data.add(dport)
+            pending_data = t
+        elif src in ("10.0.1.1", "10.0.2.1") and sport in proxy_ports and length > 0 and pending_data is not None:
+            data[index] = t - pending_data
+            pending_data = None
+    return index + 1, syn, data
+
+
+def bench_conversion(requests=200, rounds=30):
     res = Results("conversion")
+    # (scenario, subject, proxy port, curl wrapper, curl options), run in interleaved rounds.
+    subjects = [
+        ("absolute-form", "mptcp-proxy", 3128, MPTCP, via_proxy(3128)),
+        ("absolute-form", "squid", 3129, MPTCP, via_proxy(3129)),
+        ("connect", "mptcp-proxy", 3128, MPTCP, via_proxy(3128, tunnel=True)),
+        ("connect", "squid", 3129, MPTCP, via_proxy(3129, tunnel=True)),
+        ("connect", "convert", 5124, [], via_convert()),
+    ]
+    url = "http://10.0.3.2/small.txt"
     with Lab("cv") as lab:
         lab.nginx({"small.txt": 1024})
-        lab.proxy(3128)
+        lab.proxy(3128, extra=CONVERT_LISTENER)
         lab.squid(3129, persistent=False)
-        for scenario, tunnel in (("absolute-form", False), ("connect", True)):
-            for subject, port in (("mptcp-proxy", 3128), ("squid", 3129)):
-                pcap = lab.work / f"{subject}-{scenario}.pcap"
-                cap = lab.spawn("prx", "tcpdump", "-i", "any", "-n", "-s", "128", "--time-stamp-precision=nano",
-                                "-w", str(pcap), f"tcp port {port} or tcp port 80")
-                time.sleep(1.0)
-                for _ in range(requests):
-                    curl_fetch(lab, MPTCP, via_proxy(port, tunnel), "http://10.0.3.2/small.txt")
-                time.sleep(0.5)
-                cap.terminate()
-                cap.wait()
-                syn, data = conversion_delays(tshark_rows(pcap), port)
-                for i, d in enumerate(syn, 1):
-                    res.add(scenario, subject, i, "syn_conversion", d, "s")
-                for i, d in enumerate(data, 1):
-                    res.add(scenario, subject, i, "data_conversion", d, "s")
+        start_convert_agent(lab)
+        for _, _, _, wrapper, options in subjects:  # warm-up; the agent gets its TFO cookie
+            curl_fetch(lab, wrapper, options, url)
+        pcap = lab.work / "conversion.pcap"
+        cap = lab.spawn("prx", "tcpdump", "-i", "any", "-n", "-s", "128", "--time-stamp-precision=nano",
+                        "--immediate-mode", "-w", str(pcap), "tcp port 3128 or tcp port 3129 or tcp port 5124 "
+                        "or tcp port 80")
+        time.sleep(1.0)
+        order = []
+        for _ in range(requests):
+            for subject in subjects:
+                curl_fetch(lab, subject[3], subject[4], url)
+                order.append(subject)
+        time.sleep(0.5)
+        cap.terminate()
+        cap.wait()
+        count, syn, data = request_conversions(tshark_rows(pcap), {3128, 3129, 5124})
+        if count != len(order):
+            raise RuntimeError(f"captured {count} client SYNs for {len(order)} requests")
+        for i, (scenario, subject, *_rest) in enumerate(order):
+            if i in syn:
+                res.add(scenario, subject, i // len(subjects) + 1, "syn_conversion", syn[i], "s")
+            if i in data:
+                res.add(scenario, subject, i // len(subjects) + 1, "data_conversion", data[i], "s")
+    # Time to first byte over 20 ms round-trip paths (both client paths, the testbed's delay line).
+    ttfb_subjects = [
+        ("absolute-form", "mptcp-proxy", MPTCP, via_proxy(3128)),
+        ("connect", "mptcp-proxy", MPTCP, via_proxy(3128, tunnel=True)),
+        ("connect", "squid", MPTCP, via_proxy(3129, tunnel=True)),
+        ("connect", "convert", [], via_convert()),
+    ]
+    with Lab("cd", delays=(20, 20)) as lab:
+        lab.nginx({"small.txt": 1024})
+        lab.proxy(3128, extra=CONVERT_LISTENER)
+        lab.squid(3129, persistent=False)
+        start_convert_agent(lab)
+        for _, _, wrapper, options in ttfb_subjects:
+            curl_fetch(lab, wrapper, options, url)
+        rtt = statistics.median(
+            float(lab.exec("cli", "curl", "-sS", "-o", "/dev/null", "-w", "%{time_connect}", "http://10.0.1.1:3128/",
+                           check=False).stdout or "nan") for _ in range(5))
+        tfo_before = int(lab.exec("cli", "nstat", "-az", "TcpExtTCPFastOpenActive").stdout.split()[-2])
+        for n in range(1, rounds + 1):
+            for scenario, subject, wrapper, options in ttfb_subjects:
+                cmd = [*wrapper, "curl", "-sS", "-o", "/dev/null", "-w", "%{time_starttransfer}", *options, url]
+                out = lab.exec("cli", *cmd)
+                res.add(f"ttfb-{scenario}", subject, n, "time_to_first_byte", float(out.stdout), "s")
+        tfo = int(lab.exec("cli", "nstat", "-az", "TcpExtTCPFastOpenActive").stdout.split()[-2]) - tfo_before
+    res.add("ttfb", "path", 0, "rtt", rtt, "s")
     res.save()
-    print(f"\n(c) seed 002 Table 1, {requests} sequential requests each (paper: SYN 7.83 ± 0.68 ms, data 15.3 ± 8.1 ms)")
+    print(f"\n(c) seed 002 Table 1, {requests} interleaved rounds of one request per subject "
+          f"(paper: SYN 7.83 ± 0.68 ms, data 15.3 ± 8.1 ms); convert = RFC 8803 via mptcp-convert (SOCKS5)")
     print(f"{'scenario':<14}{'subject':<13}{'metric':<16}{'mean ms':>9}{'sd':>8}{'p50':>8}{'p99':>8}{'p50 x squid':>12}")
     for scenario in ("absolute-form", "connect"):
         for metric in ("syn_conversion", "data_conversion"):
             squid = res.median(scenario, "squid", metric)
-            for subject in ("mptcp-proxy", "squid"):
+            for subject in ("mptcp-proxy", "squid", "convert"):
                 v = sorted(res.values(scenario, subject, metric))
                 if len(v) < 2:
                     continue
@@ -358,6 +451,16 @@ def bench_conversion(requests=200):
                 print(f"{scenario:<14}{subject:<13}{metric:<16}{statistics.mean(v) * 1e3:>9.3f}"
                       f"{statistics.stdev(v) * 1e3:>8.3f}{statistics.median(v) * 1e3:>8.3f}{p(0.99) * 1e3:>8.3f}"
                       f"{statistics.median(v) / squid:>12.2f}")
+    convert_syn = res.median("connect", "convert", "syn_conversion")
+    print(f"convert SYN conversion p50 {convert_syn * 1e6:.0f} us (target <= 50 us), "
+          f"{convert_syn / res.median('connect', 'mptcp-proxy', 'syn_conversion'):.2f}x CONNECT")
+    print(f"\ntime to first byte, 1 KiB object, both paths 20 ms RTT (measured handshake {rtt * 1e3:.1f} ms), "
+          f"median of {rounds} interleaved rounds; {tfo} of {rounds} convert SYNs carried data (TFO)")
+    connect = res.median("ttfb-connect", "mptcp-proxy", "time_to_first_byte")
+    for scenario, subject, *_ in ttfb_subjects:
+        m = res.median(f"ttfb-{scenario}", subject, "time_to_first_byte")
+        print(f"{scenario:<14}{subject:<13}{m * 1e3:>8.1f} ms  {(m - connect) * 1e3:>+7.1f} ms vs CONNECT"
+              f"  {(m - connect) / rtt:>+5.2f} RTT")
     plot_cdf(res, "syn_conversion")
     return res
 
@@ -1010,6 +1113,7 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=30, help="conversion: time-to-first-byte rounds")
     parser.add_argument("--tunnels", type=int, default=9900)
     parser.add_argument("--downloads", type=int, default=1000)
     parser.add_argument("--perf", action="store_true", help="mpip: also record a perf profile of both ends")
@@ -1022,6 +1126,7 @@ def main():
     todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle", "mpip"]
             if a.bench == "all" else [a.bench])
     run(["cargo", "build", "--release", "-q", "-p", "mptcp-proxy", "--bin", "mptcp-proxy",
+         *(["--bin", "mptcp-convert", "-p", "testbed", "--bin", "testbed-delay"] if "conversion" in todo else []),
          *(["-p", "mpip-proxy", "--bin", "mpipd", "--bin", "mpip-proxy"] if "mpip" in todo else [])], cwd=ROOT)
     for name in todo:
         if name == "throughput":
@@ -1029,7 +1134,7 @@ def main():
         elif name == "requests":
             bench_requests(a.seconds)
         elif name == "conversion":
-            bench_conversion(a.requests)
+            bench_conversion(a.requests, a.rounds)
         elif name == "aggregation":
             bench_aggregation(a.seconds, min(a.runs, 3))
         elif name == "concurrency":

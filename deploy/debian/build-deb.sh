@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds target/debian/mptcp-proxy_<version>_amd64.deb: the four binaries, their --help texts, the commented
+# Builds target/debian/mptcp-proxy_<version>_amd64.deb: the five binaries, their --help texts, the commented
 # example configurations (conffiles under /etc/mptcp-proxy/), systemd units, logrotate, maintainer scripts.
 # Packaging metadata: [package.metadata.deb] in proxy/Cargo.toml. Prints the package's path.
 # Usage: deploy/debian/build-deb.sh   (installs cargo-deb and the build packages first when missing)
@@ -15,7 +15,7 @@ cargo build --release --locked -p mptcp-proxy -p mptcp-sniffer -p mpip-proxy --b
 # Generated assets: the help texts, and the default configuration with the packaged access-log path.
 generated=$target/release/debian
 rm -rf "$generated"; mkdir -p "$generated/help"
-for binary in mptcp-proxy mptcp-sniffer mpip-proxy mpipd; do
+for binary in mptcp-proxy mptcp-convert mptcp-sniffer mpip-proxy mpipd; do
   "$target/release/$binary" --help >"$generated/help/$binary.txt"
 done
 "$target/release/mptcp-proxy" connections --help >"$generated/help/mptcp-proxy-connections.txt"

@@ -26,7 +26,7 @@ dpkg_retry() {
 # Files and state of the package: the same list before install and after purge.
 leftovers() {
   { find /etc /lib/systemd /usr/lib/systemd /usr/bin /usr/share/doc /var/log /var/lib/systemd \
-      /var/lib/dpkg/info -xdev 2>/dev/null | grep -E '(^|/)(mptcp-proxy|mptcp-sniffer|mpip-proxy|mpipd)([./]|$)' || true
+      /var/lib/dpkg/info -xdev 2>/dev/null | grep -E '(^|/)(mptcp-proxy|mptcp-convert|mptcp-sniffer|mpip-proxy|mpipd)([./]|$)' || true
     getent passwd mptcp-proxy || true
     getent group mptcp-proxy || true
   } | sort
@@ -49,7 +49,7 @@ check "dpkg-deb --info: package, architecture, dependencies" \
   grep -q "Package: mptcp-proxy" <<<"$info"
 check "dpkg-deb --info: amd64, depends on adduser and libnftnl" \
   bash -c 'grep -q "Architecture: amd64" <<<"$1" && grep -q "Depends:.*adduser.*libnftnl" <<<"$1"' _ "$info"
-for path in usr/bin/mptcp-proxy usr/bin/mptcp-sniffer usr/bin/mpip-proxy usr/bin/mpipd \
+for path in usr/bin/mptcp-proxy usr/bin/mptcp-convert usr/bin/mptcp-sniffer usr/bin/mpip-proxy usr/bin/mpipd \
   etc/mptcp-proxy/mptcp-proxy.toml etc/mptcp-proxy/mpip-proxy.toml etc/mptcp-proxy/mpipd.toml \
   etc/logrotate.d/mptcp-proxy lib/systemd/system/mptcp-proxy.service lib/systemd/system/mpip-proxy.service \
   lib/systemd/system/mpipd.service usr/share/doc/mptcp-proxy/help/mptcp-proxy.txt; do

@@ -82,6 +82,8 @@ down() {
       for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
       ip netns del "$ns" 2>/dev/null || true
     fi
+    # Files a test gave the namespace (Testbed::set_etc_file).
+    rm -rf "/etc/netns/$ns"
   done
   # Delay lines ran inside the namespaces (killed above); their rules went with them.
   rm -rf "$delay_dir"

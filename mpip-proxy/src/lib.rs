@@ -33,6 +33,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod fuzz;
 pub mod metrics;
 pub mod mss;
 pub mod node;

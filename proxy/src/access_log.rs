@@ -8,8 +8,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::counter::Counter;
 
 use crate::config::{AccessLogConfig, AccessLogFormat};
 use crate::sockets::Transport;
@@ -114,32 +117,79 @@ impl Entry {
 enum Sink {
     Off,
     Stdout,
-    File(File),
+    File(io::BufWriter<File>),
 }
 
-/// Where the log goes now and in which format; replaced whole on reconfiguration.
-struct State {
-    format: AccessLogFormat,
-    path: Option<PathBuf>,
-    sink: Sink,
+impl Sink {
+    fn open(config: &AccessLogConfig) -> io::Result<(Option<PathBuf>, Sink)> {
+        Ok(match config.path.as_str() {
+            "off" => (None, Sink::Off),
+            "-" => (None, Sink::Stdout),
+            path => {
+                let path = PathBuf::from(path);
+                let file = open(&path)?;
+                (Some(path), Sink::File(io::BufWriter::new(file)))
+            }
+        })
+    }
+
+    fn write(&mut self, line: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Off => Ok(()),
+            Sink::Stdout => io::stdout().lock().write_all(line),
+            Sink::File(file) => file.write_all(line),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Off => Ok(()),
+            Sink::Stdout => io::stdout().lock().flush(),
+            Sink::File(file) => file.flush(),
+        }
+    }
 }
 
-/// The access log: formats entries and writes them to stdout or a reopenable file.
+/// What the writer thread is sent.
+enum Message {
+    Line(Box<Entry>),
+    /// Look at the pending sink swap (a reopen).
+    Wake,
+    /// Write out everything queued before, then answer.
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// A sink and format waiting to replace the writer's (set by [`AccessLog::reopen`]).
+type Swap = Arc<Mutex<Option<(Sink, Option<AccessLogFormat>)>>>;
+
+/// The access log: a handle that queues entries for a writer thread of its own, which formats them
+/// and writes to stdout or a reopenable file.
 ///
-/// A cheap handle: clones share one sink, so a configuration reload can move every holder (running
-/// tunnels included) to a new path or format with [`AccessLog::reconfigure`], and logrotate's SIGHUP
-/// reopens the file with [`AccessLog::reopen`].
+/// [`AccessLog::log`] never blocks a request: it puts the entry in a bounded channel
+/// (`access_log.queue_lines`), and when the writer has fallen behind (a slow disk, a stdout nobody
+/// reads) the entry is dropped and counted in `mptcp_proxy_access_log_dropped_total`.
+///
+/// A cheap handle: clones share one queue and writer, so a configuration reload can move every holder
+/// (running tunnels included) to a new path or format with [`AccessLog::reconfigure`], and
+/// logrotate's SIGHUP reopens the file with [`AccessLog::reopen`].
 #[derive(Clone)]
 pub struct AccessLog {
-    state: Arc<Mutex<State>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: mpsc::SyncSender<Message>,
+    enabled: AtomicBool,
+    path: Mutex<Option<PathBuf>>,
+    swap: Swap,
+    dropped: Counter,
 }
 
 impl std::fmt::Debug for AccessLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = self.lock();
         f.debug_struct("AccessLog")
-            .field("format", &state.format)
-            .field("path", &state.path)
+            .field("path", &self.inner.path)
+            .field("dropped", &self.inner.dropped.get())
             .finish()
     }
 }
@@ -148,77 +198,168 @@ fn open(path: &PathBuf) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-fn state_for(config: &AccessLogConfig) -> io::Result<State> {
-    let (path, sink) = match config.path.as_str() {
-        "off" => (None, Sink::Off),
-        "-" => (None, Sink::Stdout),
-        path => {
-            let path = PathBuf::from(path);
-            let file = open(&path)?;
-            (Some(path), Sink::File(file))
-        }
-    };
-    Ok(State {
-        format: config.format,
-        path,
-        sink,
-    })
-}
-
 impl AccessLog {
-    /// Opens the log as configured (`-` is stdout, `off` disables it).
+    /// Opens the log as configured (`-` is stdout, `off` disables it) and starts its writer thread.
     pub fn open(config: &AccessLogConfig) -> io::Result<Self> {
+        Self::open_with(config, Counter::default())
+    }
+
+    /// [`AccessLog::open`], counting dropped lines in `dropped` (the metric).
+    pub fn open_with(config: &AccessLogConfig, dropped: Counter) -> io::Result<Self> {
+        let (path, sink) = Sink::open(config)?;
+        let enabled = !matches!(sink, Sink::Off);
+        let (queue, lines) = mpsc::sync_channel(config.queue_lines.max(1));
+        let swap = Swap::default();
+        let writer_swap = swap.clone();
+        let format = config.format;
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || writer(lines, sink, format, &writer_swap))?;
         Ok(Self {
-            state: Arc::new(Mutex::new(state_for(config)?)),
+            inner: Arc::new(Inner {
+                queue,
+                enabled: AtomicBool::new(enabled),
+                path: Mutex::new(path),
+                swap,
+                dropped,
+            }),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Reopens the file (after logrotate moved it; SIGHUP).
-    pub fn reopen(&self) -> io::Result<()> {
-        let mut state = self.lock();
-        if let Some(path) = &state.path {
-            let file = open(path)?;
-            state.sink = Sink::File(file);
+    /// Queues one entry for the writer; drops it (and counts it) when the queue is full. Never blocks.
+    pub fn log(&self, entry: Entry) {
+        if !self.inner.enabled.load(Ordering::Relaxed) {
+            return;
         }
-        Ok(())
+        if let Err(mpsc::TrySendError::Full(_)) =
+            self.inner.queue.try_send(Message::Line(Box::new(entry)))
+        {
+            self.inner.dropped.inc();
+        }
     }
 
-    /// Moves the log to `config`'s path and format (a reload). The new file is opened first: if that
-    /// fails, the log stays where it was and the error is returned.
-    pub fn reconfigure(&self, config: &AccessLogConfig) -> io::Result<()> {
-        let new = state_for(config)?;
-        *self.lock() = new;
-        Ok(())
-    }
-
-    /// Writes one entry; a write error is reported once per failure, never fatal.
+    /// [`AccessLog::log`] for a borrowed entry (clones it).
     pub fn write(&self, entry: &Entry) {
-        let format = {
-            let state = self.lock();
-            if matches!(state.sink, Sink::Off) {
-                return;
-            }
-            state.format
-        };
-        let mut line = match format {
-            AccessLogFormat::Squid => entry.squid_line(),
-            AccessLogFormat::Json => entry.json_line(),
-        };
-        line.push('\n');
-        let mut state = self.lock();
-        let result = match &mut state.sink {
-            Sink::Off => Ok(()),
-            Sink::Stdout => io::stdout().lock().write_all(line.as_bytes()),
-            Sink::File(file) => file.write_all(line.as_bytes()),
-        };
-        if let Err(error) = result {
-            tracing::warn!(%error, "writing the access log failed");
+        if self.inner.enabled.load(Ordering::Relaxed) {
+            self.log(entry.clone());
         }
     }
+
+    /// Lines dropped so far because the writer fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.get()
+    }
+
+    /// Reopens the file at the same path (after logrotate moved it; SIGHUP).
+    pub fn reopen(&self) -> io::Result<()> {
+        let path = self
+            .inner
+            .path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(path) = path else { return Ok(()) };
+        let sink = Sink::File(io::BufWriter::new(open(&path)?));
+        self.hand_over(sink, None);
+        Ok(())
+    }
+
+    /// Moves the log to `config`'s path and format (a reload). The new file is opened here first: if
+    /// that fails, the log stays where it was and the error is returned.
+    pub fn reconfigure(&self, config: &AccessLogConfig) -> io::Result<()> {
+        let (path, sink) = Sink::open(config)?;
+        self.inner
+            .enabled
+            .store(!matches!(sink, Sink::Off), Ordering::Relaxed);
+        *self.inner.path.lock().unwrap_or_else(|p| p.into_inner()) = path;
+        self.hand_over(sink, Some(config.format));
+        Ok(())
+    }
+
+    fn hand_over(&self, sink: Sink, format: Option<AccessLogFormat>) {
+        {
+            let mut swap = self.inner.swap.lock().unwrap_or_else(|p| p.into_inner());
+            // A reopen right after a reload keeps the reload's format.
+            let format = format.or_else(|| swap.as_ref().and_then(|(_, f)| *f));
+            *swap = Some((sink, format));
+        }
+        // A full queue wakes the writer anyway.
+        let _ = self.inner.queue.try_send(Message::Wake);
+    }
+
+    /// Waits until everything queued so far is written and flushed, at most `timeout`. Blocks: call
+    /// it from a blocking context (shutdown, tests).
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let (ack, acked) = mpsc::sync_channel(1);
+        let mut message = Message::Flush(ack);
+        loop {
+            match self.inner.queue.try_send(message) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        acked
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .is_ok()
+    }
+}
+
+fn writer(
+    lines: mpsc::Receiver<Message>,
+    mut sink: Sink,
+    mut format: AccessLogFormat,
+    swap: &Mutex<Option<(Sink, Option<AccessLogFormat>)>>,
+) {
+    let mut failing = false;
+    let mut line = Vec::with_capacity(512);
+    let mut handle = |message: Message, sink: &mut Sink, format: AccessLogFormat| match message {
+        Message::Line(entry) => {
+            line.clear();
+            let text = match format {
+                AccessLogFormat::Squid => entry.squid_line(),
+                AccessLogFormat::Json => entry.json_line(),
+            };
+            line.extend_from_slice(text.as_bytes());
+            line.push(b'\n');
+            match sink.write(&line) {
+                Ok(()) => failing = false,
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "writing the access log failed");
+                }
+                Err(_) => {}
+            }
+        }
+        Message::Wake => {}
+        Message::Flush(ack) => {
+            let _ = sink.flush();
+            let _ = ack.try_send(());
+        }
+    };
+    while let Ok(first) = lines.recv() {
+        let mut next = Some(first);
+        while let Some(message) = next {
+            if let Some((new_sink, new_format)) =
+                swap.lock().unwrap_or_else(|p| p.into_inner()).take()
+            {
+                let _ = sink.flush();
+                sink = new_sink;
+                if let Some(new_format) = new_format {
+                    format = new_format;
+                }
+            }
+            handle(message, &mut sink, format);
+            next = lines.try_recv().ok();
+        }
+        // Nothing more queued: write out what is buffered.
+        let _ = sink.flush();
+    }
+    let _ = sink.flush();
 }
 
 #[cfg(test)]
@@ -279,16 +420,20 @@ mod tests {
         let log = AccessLog::open(&AccessLogConfig {
             path: first.display().to_string(),
             format: AccessLogFormat::Squid,
+            ..AccessLogConfig::default()
         })
         .expect("open");
         let held_by_a_tunnel = log.clone();
         log.write(&entry());
+        assert!(log.flush(Duration::from_secs(5)));
         log.reconfigure(&AccessLogConfig {
             path: second.display().to_string(),
             format: AccessLogFormat::Json,
+            ..AccessLogConfig::default()
         })
         .expect("reconfigure");
         held_by_a_tunnel.write(&entry());
+        assert!(log.flush(Duration::from_secs(5)));
         assert_eq!(
             std::fs::read_to_string(&first)
                 .expect("read")
@@ -302,9 +447,11 @@ mod tests {
         let unwritable = AccessLogConfig {
             path: dir.path().join("no/such/dir.log").display().to_string(),
             format: AccessLogFormat::Squid,
+            ..AccessLogConfig::default()
         };
         assert!(log.reconfigure(&unwritable).is_err());
         log.write(&entry());
+        assert!(log.flush(Duration::from_secs(5)));
         assert_eq!(
             std::fs::read_to_string(&second)
                 .expect("read")
@@ -321,12 +468,15 @@ mod tests {
         let log = AccessLog::open(&AccessLogConfig {
             path: path.display().to_string(),
             format: AccessLogFormat::Squid,
+            ..AccessLogConfig::default()
         })
         .expect("open");
         log.write(&entry());
+        assert!(log.flush(Duration::from_secs(5)));
         std::fs::rename(&path, dir.path().join("access.log.1")).expect("rotate");
         log.reopen().expect("reopen");
         log.write(&entry());
+        assert!(log.flush(Duration::from_secs(5)));
         assert_eq!(
             std::fs::read_to_string(&path)
                 .expect("read")
@@ -341,5 +491,39 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn a_stuck_sink_never_blocks_logging() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("access.fifo");
+        let path = std::ffi::CString::new(fifo.display().to_string()).expect("path");
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        // A reader that never reads: the pipe fills after 64 KiB and writes block, like a stuck disk
+        // or a stdout nobody drains.
+        let _reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .expect("open fifo for reading");
+        let log = AccessLog::open(&AccessLogConfig {
+            path: fifo.display().to_string(),
+            queue_lines: 64,
+            ..AccessLogConfig::default()
+        })
+        .expect("open");
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for _ in 0..5_000 {
+                log.write(&entry());
+            }
+            let _ = done.send(log);
+        });
+        let log = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("5000 log calls must return although the sink is stuck");
+        assert!(log.dropped() > 0, "dropped lines are counted");
     }
 }

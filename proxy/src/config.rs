@@ -92,10 +92,48 @@ pub struct Config {
     /// The async runtime.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// RFC 8803 converters (listeners with `mode = "convert"`).
+    #[serde(default)]
+    pub convert: ConvertConfig,
     /// Cluster mode (several instances behind ECMP, issue 14); off unless the table or `--announce`
     /// is given.
     #[serde(default)]
     pub cluster: Option<crate::cluster::ClusterConfig>,
+}
+
+/// Settings of the RFC 8803 converter listeners.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvertConfig {
+    /// Require the Cookie TLV (RFC 8803 §4.7): a client first gets Missing Cookie with its cookie, then
+    /// retries with it, proving it receives at its address; default false (the client ACL already
+    /// bounds who may convert).
+    #[serde(default)]
+    pub require_cookie: bool,
+    /// A file of at least 16 random bytes keying the cookies, so converters sharing it accept each
+    /// other's cookies and restarts keep them valid; default none: a random key per process.
+    #[serde(default)]
+    pub cookie_secret_file: Option<PathBuf>,
+    /// Pending TCP Fast Open connections per listener (`TCP_FASTOPEN` queue length); default 4096, the
+    /// accept backlog's order of magnitude.
+    #[serde(default = "ConvertConfig::default_fastopen_queue")]
+    pub fastopen_queue: u32,
+}
+
+impl ConvertConfig {
+    fn default_fastopen_queue() -> u32 {
+        4096
+    }
+}
+
+impl Default for ConvertConfig {
+    fn default() -> Self {
+        Self {
+            require_cookie: false,
+            cookie_secret_file: None,
+            fastopen_queue: Self::default_fastopen_queue(),
+        }
+    }
 }
 
 /// The async runtime's shape.
@@ -122,6 +160,7 @@ impl Default for Config {
             throttle: None,
             sniffer: crate::sniffer::SnifferConfig::default(),
             runtime: RuntimeConfig::default(),
+            convert: ConvertConfig::default(),
             cluster: None,
         }
     }
@@ -145,6 +184,9 @@ pub enum ListenerMode {
     /// Connections redirected by nftables REDIRECT or TPROXY, relayed to their original destination
     /// without parsing HTTP.
     Transparent,
+    /// An RFC 8803 Transport Converter: the client names the server in a Convert message in its SYN
+    /// (TCP Fast Open); relayed like a CONNECT tunnel. Port 5124 is the IANA-assigned one.
+    Convert,
 }
 
 /// One listening socket.
@@ -167,6 +209,16 @@ pub struct ListenerConfig {
 impl ListenerConfig {
     fn default_mode() -> ListenerMode {
         ListenerMode::Forward
+    }
+
+    /// A converter listener with the defaults, as `--convert` creates.
+    pub fn convert(address: SocketAddr) -> Self {
+        Self {
+            address,
+            mode: ListenerMode::Convert,
+            mptcp: true,
+            tproxy: false,
+        }
     }
 
     /// A forward listener with the defaults, as `--listen` creates.
@@ -198,11 +250,59 @@ pub struct UpstreamConfig {
         deserialize_with = "duration"
     )]
     pub connect_timeout: Duration,
+    /// Happy Eyeballs (RFC 8305): start connecting to the next address when the last attempt has not
+    /// connected after this long; default 250 ms, the RFC's recommended Connection Attempt Delay.
+    #[serde(
+        default = "UpstreamConfig::default_attempt_delay",
+        deserialize_with = "duration"
+    )]
+    pub attempt_delay: Duration,
+    /// Give up one address after this long (the others keep trying within `connect_timeout`);
+    /// default 5 s: a black-holed address (often IPv6) must not use up the whole connect timeout.
+    #[serde(
+        default = "UpstreamConfig::default_attempt_timeout",
+        deserialize_with = "duration"
+    )]
+    pub attempt_timeout: Duration,
+    /// Answer 504 when the server sent no response head this long after the request (and its body)
+    /// went out; default 2 min: longer than common long-poll intervals (30-90 s), shorter than the idle
+    /// timeout.
+    #[serde(
+        default = "UpstreamConfig::default_response_timeout",
+        deserialize_with = "duration"
+    )]
+    pub response_timeout: Duration,
+    /// `Expect: 100-continue`: the client's body is held back until the server answers 100 Continue,
+    /// or sends a final answer (then the body is never asked for), or this long passed (a server that
+    /// ignores the expectation); default 1 s, curl's own wait.
+    #[serde(
+        default = "UpstreamConfig::default_expect_continue_timeout",
+        deserialize_with = "duration"
+    )]
+    pub expect_continue_timeout: Duration,
+    /// Host names cached by the resolver (hickory, honouring each record's TTL); default 4096.
+    #[serde(default = "UpstreamConfig::default_dns_cache_entries")]
+    pub dns_cache_entries: usize,
 }
 
 impl UpstreamConfig {
     fn default_connect_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    fn default_attempt_delay() -> Duration {
+        Duration::from_millis(250)
+    }
+    fn default_attempt_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_response_timeout() -> Duration {
+        Duration::from_secs(120)
+    }
+    fn default_expect_continue_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    fn default_dns_cache_entries() -> usize {
+        4096
     }
 }
 
@@ -211,6 +311,11 @@ impl Default for UpstreamConfig {
         Self {
             mptcp: false,
             connect_timeout: Self::default_connect_timeout(),
+            attempt_delay: Self::default_attempt_delay(),
+            attempt_timeout: Self::default_attempt_timeout(),
+            response_timeout: Self::default_response_timeout(),
+            expect_continue_timeout: Self::default_expect_continue_timeout(),
+            dns_cache_entries: Self::default_dns_cache_entries(),
         }
     }
 }
@@ -255,6 +360,16 @@ pub struct Limits {
     /// the rate, at least 64 KiB.
     #[serde(default)]
     pub client_burst: Option<mptcp_throttle::Size>,
+    /// IPv6 clients are counted per prefix of this length for `max_connections_per_client`; default
+    /// 64, since one subscriber holds a /64 (RFC 6177) and may use any address in it.
+    #[serde(default = "Limits::default_client_ipv6_prefix")]
+    pub client_ipv6_prefix: u8,
+    /// Refused connections (403 outside the client ACL, 503 over a limit) answered at once; each is
+    /// held up to 2 s to deliver its answer. Beyond this many, refused connections are closed at once
+    /// and counted (`mptcp_proxy_refusals_dropped_total`), so a flood cannot grow tasks and fds;
+    /// default 256.
+    #[serde(default = "Limits::default_max_refusals")]
+    pub max_refusals: usize,
 }
 
 impl Limits {
@@ -273,6 +388,12 @@ impl Limits {
     fn default_idle_timeout() -> Duration {
         Duration::from_secs(300)
     }
+    fn default_client_ipv6_prefix() -> u8 {
+        64
+    }
+    fn default_max_refusals() -> usize {
+        256
+    }
     fn default_drain_timeout() -> Duration {
         Duration::from_secs(30)
     }
@@ -289,6 +410,8 @@ impl Default for Limits {
             drain_timeout: Self::default_drain_timeout(),
             client_rate: None,
             client_burst: None,
+            client_ipv6_prefix: Self::default_client_ipv6_prefix(),
+            max_refusals: Self::default_max_refusals(),
         }
     }
 }
@@ -308,9 +431,98 @@ pub struct AclConfig {
     /// Also deny the addresses of the proxy host's own interfaces; default true (no relay loops).
     #[serde(default = "yes")]
     pub deny_own_addresses: bool,
-    /// Ports CONNECT may reach; default empty, meaning any (the client ACL already bounds who may tunnel).
-    #[serde(default)]
-    pub connect_ports: Vec<u16>,
+    /// Ports CONNECT may reach, numbers or `"first-last"` ranges; default 443 only, as Squid's
+    /// `SSL_ports` (RFC 9110 §9.3.6: a proxy should restrict CONNECT ports; an ISP's proxy must not
+    /// relay SMTP). An empty list refuses every CONNECT.
+    #[serde(default = "AclConfig::default_connect_ports")]
+    pub connect_ports: Vec<PortRange>,
+    /// Ports absolute-form requests may reach; default Squid's `Safe_ports` (80, 21, 443, 70, 210,
+    /// 1025-65535, 280, 488, 591, 777), which keeps plain-text protocols on low ports out of reach.
+    #[serde(default = "AclConfig::default_safe_ports")]
+    pub safe_ports: Vec<PortRange>,
+    /// Ports an RFC 8803 converter may connect to; default every port but 25. A converter carries
+    /// all of a subscriber's TCP (as in 5G ATSSS), so it cannot keep to web ports, but an ISP's
+    /// appliance must not relay SMTP from its own address. An empty list refuses every Connect TLV.
+    #[serde(default = "AclConfig::default_convert_ports")]
+    pub convert_ports: Vec<PortRange>,
+}
+
+/// A port or an inclusive range of ports: `443` or `"1025-65535"` in TOML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// The first port.
+    pub first: u16,
+    /// The last port (equal to `first` for one port).
+    pub last: u16,
+}
+
+impl PortRange {
+    /// One port.
+    pub const fn one(port: u16) -> Self {
+        Self {
+            first: port,
+            last: port,
+        }
+    }
+
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{text:?}: ports are 1-65535"))
+        };
+        let range = match text.split_once('-') {
+            Some((first, last)) => Self {
+                first: port(first)?,
+                last: port(last)?,
+            },
+            None => Self::one(port(text)?),
+        };
+        if range.first > range.last {
+            return Err(format!("{text:?}: the range ends before it starts"));
+        }
+        Ok(range)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => u16::try_from(n)
+                .ok()
+                .filter(|p| *p != 0)
+                .map(PortRange::one)
+                .ok_or_else(|| serde::de::Error::custom(format!("{n}: ports are 1-65535"))),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl AclConfig {
@@ -323,6 +535,30 @@ impl AclConfig {
             "192.168.0.0/16",
             "fc00::/7",
         ])
+    }
+    fn default_connect_ports() -> Vec<PortRange> {
+        vec![PortRange::one(443)]
+    }
+    fn default_safe_ports() -> Vec<PortRange> {
+        [80, 21, 443, 70, 210, 1025, 280, 488, 591, 777]
+            .into_iter()
+            .map(|p| match p {
+                1025 => PortRange {
+                    first: 1025,
+                    last: 65535,
+                },
+                p => PortRange::one(p),
+            })
+            .collect()
+    }
+    fn default_convert_ports() -> Vec<PortRange> {
+        vec![
+            PortRange { first: 1, last: 24 },
+            PortRange {
+                first: 26,
+                last: 65535,
+            },
+        ]
     }
     fn default_deny_destinations() -> Vec<IpNet> {
         parse_nets(&[
@@ -348,7 +584,9 @@ impl Default for AclConfig {
             allow_clients: Self::default_allow_clients(),
             deny_destinations: Self::default_deny_destinations(),
             deny_own_addresses: true,
-            connect_ports: Vec::new(),
+            connect_ports: Self::default_connect_ports(),
+            safe_ports: Self::default_safe_ports(),
+            convert_ports: Self::default_convert_ports(),
         }
     }
 }
@@ -390,6 +628,11 @@ pub struct AccessLogConfig {
     /// The line format; default squid.
     #[serde(default = "AccessLogConfig::default_format")]
     pub format: AccessLogFormat,
+    /// Lines waiting for the writer thread; when it falls behind (a slow disk, a blocked stdout) more
+    /// lines are dropped and counted (`mptcp_proxy_access_log_dropped_total`), never blocking a
+    /// request; default 8192 (about 2 MB).
+    #[serde(default = "AccessLogConfig::default_queue_lines")]
+    pub queue_lines: usize,
 }
 
 impl AccessLogConfig {
@@ -399,6 +642,9 @@ impl AccessLogConfig {
     fn default_format() -> AccessLogFormat {
         AccessLogFormat::Squid
     }
+    fn default_queue_lines() -> usize {
+        8192
+    }
 }
 
 impl Default for AccessLogConfig {
@@ -406,6 +652,7 @@ impl Default for AccessLogConfig {
         Self {
             path: Self::default_path(),
             format: Self::default_format(),
+            queue_lines: Self::default_queue_lines(),
         }
     }
 }
@@ -605,10 +852,22 @@ impl Config {
             ("limits.header_read_timeout", l.header_read_timeout),
             ("limits.idle_timeout", l.idle_timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.attempt_delay", self.upstream.attempt_delay),
+            ("upstream.attempt_timeout", self.upstream.attempt_timeout),
+            ("upstream.response_timeout", self.upstream.response_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be longer than 0"));
             }
+        }
+        if !(1..=128).contains(&l.client_ipv6_prefix) {
+            return Err(invalid(
+                "limits.client_ipv6_prefix",
+                "must be between 1 and 128",
+            ));
+        }
+        if self.access_log.queue_lines == 0 {
+            return Err(invalid("access_log.queue_lines", "must be at least 1"));
         }
         if !(4096..=64 * 1024 * 1024).contains(&self.relay.buffer_bytes) {
             return Err(invalid(
@@ -643,6 +902,9 @@ impl Config {
         }
         if self.sniffer.multipath_threshold == 0 {
             return Err(invalid("sniffer.multipath_threshold", "must be at least 1"));
+        }
+        if self.convert.fastopen_queue == 0 {
+            return Err(invalid("convert.fastopen_queue", "must be at least 1"));
         }
         if let Some(cluster) = &self.cluster {
             cluster
@@ -683,5 +945,27 @@ mod tests {
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("10 parsecs").is_err());
         assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn convert_listeners_and_section() {
+        let config = Config::from_toml(
+            "[[listener]]\naddress = \"0.0.0.0:5124\"\nmode = \"convert\"\n\
+             [convert]\nrequire_cookie = true\nfastopen_queue = 64\n",
+            "test",
+        )
+        .expect("valid");
+        assert_eq!(config.listeners[0].mode, ListenerMode::Convert);
+        assert!(config.convert.require_cookie);
+        assert_eq!(config.convert.fastopen_queue, 64);
+        let error =
+            Config::from_toml("[convert]\nfastopen_queue = 0\n", "test").expect_err("zero queue");
+        assert!(
+            error.to_string().contains("convert.fastopen_queue"),
+            "{error}"
+        );
+        let error =
+            Config::from_toml("[convert]\ncookies = true\n", "test").expect_err("unknown key");
+        assert!(error.to_string().contains("cookies"), "{error}");
     }
 }

@@ -20,10 +20,18 @@ use crate::registry::{ConnectionRegistry, Registration};
 use crate::relay::Activity;
 use crate::sockets::{mptcp_info, mptcp_subflows, tcp_path, SubflowSample, Transport};
 
-/// Counts client connections per address; a slot is released when dropped.
-#[derive(Debug, Clone, Default)]
+/// Counts client connections per client: per IPv4 address, per IPv6 prefix (one subscriber holds a
+/// whole /64). A slot is released when dropped.
+#[derive(Debug, Clone)]
 pub struct PerClientCounter {
     counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ipv6_prefix: u8,
+}
+
+impl Default for PerClientCounter {
+    fn default() -> Self {
+        Self::with_ipv6_prefix(64)
+    }
 }
 
 /// A held per-client slot.
@@ -34,8 +42,28 @@ pub struct ClientSlot {
 }
 
 impl PerClientCounter {
-    /// Takes a slot for `ip` unless it already holds `limit`.
+    /// A counter that groups IPv6 clients by their first `ipv6_prefix` bits (1-128).
+    pub fn with_ipv6_prefix(ipv6_prefix: u8) -> Self {
+        Self {
+            counts: Arc::default(),
+            ipv6_prefix: ipv6_prefix.clamp(1, 128),
+        }
+    }
+
+    /// The key `ip` is counted under: the IPv4 address (IPv4-mapped ones too), or the IPv6 prefix.
+    pub fn client_key(&self, ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX << (128 - u32::from(self.ipv6_prefix));
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            v4 => v4,
+        }
+    }
+
+    /// Takes a slot for `ip`'s client unless it already holds `limit`.
     pub fn acquire(&self, ip: IpAddr, limit: usize) -> Option<ClientSlot> {
+        let ip = self.client_key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(ip).or_insert(0);
         if *count >= limit {
@@ -390,29 +418,52 @@ impl HeadScan {
             return;
         }
         self.head.extend_from_slice(bytes);
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&self.head) {
-            Ok(httparse::Status::Partial) if self.head.len() <= limit => return,
-            Ok(httparse::Status::Partial) => connection.set_head_problem(HeadProblem::TooLarge),
-            Ok(httparse::Status::Complete(length)) => {
-                let has = |name: &str| {
-                    request
-                        .headers
-                        .iter()
-                        .any(|h| h.name.eq_ignore_ascii_case(name))
-                };
-                if length > limit {
-                    connection.set_head_problem(HeadProblem::TooLarge);
-                } else if has("content-length") && has("transfer-encoding") {
-                    connection.set_head_problem(HeadProblem::AmbiguousFraming);
-                }
-            }
-            // Malformed (or more than 128 fields): hyper answers it itself.
-            Err(_) => {}
+        match scan_head(&self.head, limit) {
+            HeadScanResult::Partial => return,
+            HeadScanResult::Complete(problem) => connection.set_head_problem(problem),
+            // hyper answers it itself.
+            HeadScanResult::Malformed => {}
         }
         self.head.clear();
         connection.awaiting_head.store(false, Ordering::Relaxed);
+    }
+}
+
+/// What [`scan_head`] found in the bytes of a request head received so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadScanResult {
+    /// The head is not complete yet (and not over the limit).
+    Partial,
+    /// The head is complete (or over the limit): what is wrong with it, if anything.
+    Complete(HeadProblem),
+    /// Not a request head, or more than 128 fields: hyper answers it itself.
+    Malformed,
+}
+
+/// Scans the bytes of one request head (from its first byte) for what hyper would not report: a head
+/// over `limit` bytes, or both `Content-Length` and `Transfer-Encoding`.
+pub fn scan_head(head: &[u8], limit: usize) -> HeadScanResult {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Partial) if head.len() <= limit => HeadScanResult::Partial,
+        Ok(httparse::Status::Partial) => HeadScanResult::Complete(HeadProblem::TooLarge),
+        Ok(httparse::Status::Complete(length)) => {
+            let has = |name: &str| {
+                request
+                    .headers
+                    .iter()
+                    .any(|h| h.name.eq_ignore_ascii_case(name))
+            };
+            HeadScanResult::Complete(if length > limit {
+                HeadProblem::TooLarge
+            } else if has("content-length") && has("transfer-encoding") {
+                HeadProblem::AmbiguousFraming
+            } else {
+                HeadProblem::None
+            })
+        }
+        Err(_) => HeadScanResult::Malformed,
     }
 }
 
@@ -584,5 +635,29 @@ mod tests {
             .is_some());
         drop(a);
         assert!(counter.acquire(ip, 2).is_some());
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64_by_default() {
+        let counter = PerClientCounter::default();
+        let ip = |s: &str| -> IpAddr { s.parse().expect("literal") };
+        let _a = counter.acquire(ip("2001:db8:1:2::1"), 2).expect("first");
+        let _b = counter
+            .acquire(ip("2001:db8:1:2:ffff::9"), 2)
+            .expect("second, same /64");
+        assert!(
+            counter.acquire(ip("2001:db8:1:2:aaaa::1"), 2).is_none(),
+            "a third address of the same /64 is the same subscriber"
+        );
+        assert!(
+            counter.acquire(ip("2001:db8:1:3::1"), 2).is_some(),
+            "another /64"
+        );
+        let per_56 = PerClientCounter::with_ipv6_prefix(56);
+        let _c = per_56.acquire(ip("2001:db8:1:200::1"), 1).expect("first");
+        assert!(per_56.acquire(ip("2001:db8:1:2ff::1"), 1).is_none());
+        // IPv4-mapped addresses count as the IPv4 address.
+        let _d = counter.acquire(ip("::ffff:10.0.0.1"), 1).expect("first");
+        assert!(counter.acquire(ip("10.0.0.1"), 1).is_none());
     }
 }

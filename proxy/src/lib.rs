@@ -8,6 +8,8 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod convert;
+pub mod fuzz;
 pub mod http;
 pub mod metrics;
 pub mod registry;
@@ -16,6 +18,7 @@ pub mod server;
 pub mod sniffer;
 pub mod sockets;
 pub mod throttle;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::{run, termination, Server, ServerError};

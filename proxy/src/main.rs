@@ -20,6 +20,9 @@ struct Args {
     /// Listen on ADDR:PORT as a forward proxy (repeatable); replaces the configured listeners.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
+    /// Also run an RFC 8803 converter on ADDR[:PORT] (port 5124 by default; repeatable).
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = mptcp_proxy::convert::parse_listen_address)]
+    convert: Vec<SocketAddr>,
     /// Serve /metrics, /healthz, /readyz and /connections (and POST /drain from this host) on
     /// ADDR:PORT, or "off" [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR:PORT")]
@@ -99,6 +102,9 @@ fn load(args: &Args) -> Result<Config, ConfigError> {
             .map(ListenerConfig::forward)
             .collect();
     }
+    config
+        .listeners
+        .extend(args.convert.iter().copied().map(ListenerConfig::convert));
     if let Some(metrics) = args.metrics {
         config.metrics.address = metrics.0;
     }

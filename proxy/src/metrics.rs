@@ -177,6 +177,10 @@ pub struct Metrics {
     pub first_byte_duration: Histogram,
     /// Upstream failures by kind.
     pub upstream_errors: Family<KindLabel, Counter>,
+    /// Refused connections closed at once because `limits.max_refusals` answers were in flight.
+    pub refusals_dropped: Counter,
+    /// Access-log lines dropped because the writer thread fell behind (`access_log.queue_lines`).
+    pub access_log_dropped: Counter,
     /// Responses sent to clients by status code.
     pub responses: Family<CodeLabel, Counter>,
     /// Each throttle class's configured rate, bytes per second.
@@ -247,6 +251,8 @@ impl Metrics {
         let conversion_duration = latency_buckets();
         let first_byte_duration = latency_buckets();
         let upstream_errors = Family::<KindLabel, Counter>::default();
+        let refusals_dropped = Counter::default();
+        let access_log_dropped = Counter::default();
         let responses = Family::<CodeLabel, Counter>::default();
         let class_rate = Family::<ClassLabels, Gauge>::default();
         let class_ceil = Family::<ClassLabels, Gauge>::default();
@@ -345,6 +351,16 @@ impl Metrics {
             "upstream_errors",
             "Upstream failures by kind",
             upstream_errors.clone(),
+        );
+        proxy.register(
+            "refusals_dropped",
+            "Refused connections closed without an answer: limits.max_refusals answers were in flight",
+            refusals_dropped.clone(),
+        );
+        proxy.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer fell behind (access_log.queue_lines)",
+            access_log_dropped.clone(),
         );
         proxy.register(
             "http_responses",
@@ -511,6 +527,8 @@ impl Metrics {
             conversion_duration,
             first_byte_duration,
             upstream_errors,
+            refusals_dropped,
+            access_log_dropped,
             responses,
             process_open_fds,
             process_resident_memory,

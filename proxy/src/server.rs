@@ -26,10 +26,11 @@ use crate::access_log::{AccessLog, Entry};
 use crate::acl::{local_addresses, Acl};
 use crate::admin::{AdminState, DrainSignal};
 use crate::auth::{AuthError, Credentials};
-use crate::config::{Config, ConfigError, ListenerConfig, ListenerMode};
+use crate::config::{Config, ConfigError, ConvertConfig, ListenerConfig, ListenerMode};
 use crate::connection::{
     ClientConnection, ClientIo, ConnectionContext, PerClientCounter, SAMPLE_INTERVAL,
 };
+use crate::convert::wire::ErrorCode as ConvertError;
 use crate::http::{connect_upstream, handle, HttpConnection, Shared};
 use crate::metrics::{InterfaceMap, Metrics};
 use crate::registry::{ConnectionRegistry, SubflowClasses};
@@ -174,6 +175,8 @@ struct Listener {
     socket: TcpListener,
     mptcp: bool,
     config: ListenerConfig,
+    /// The RFC 8803 converter of a `convert` listener.
+    convert: Option<Arc<crate::convert::Converter>>,
 }
 
 /// A proxy with its listeners bound, ready to serve.
@@ -212,6 +215,7 @@ impl std::fmt::Debug for Server {
 /// What a configuration compiles to, before it is swapped in: everything here could fail.
 struct Prepared {
     acl: Acl,
+    connector: crate::upstream::Connector,
     credentials: Option<Credentials>,
     client_limiters: Option<(
         Arc<mptcp_throttle::ClientRateLimiter>,
@@ -220,12 +224,19 @@ struct Prepared {
 }
 
 fn prepare(config: &Config) -> Result<Prepared, ServerError> {
-    let mut own = local_addresses().unwrap_or_else(|error| {
+    let own = local_addresses().unwrap_or_else(|error| {
         tracing::warn!(%error, "cannot list local addresses; deny_own_addresses covers only listeners");
         Vec::new()
     });
-    own.extend(config.listeners.iter().map(|l| l.address.ip()));
-    let acl = Acl::new(&config.acl, own);
+    let listener_ips = config.listeners.iter().map(|l| l.address.ip()).collect();
+    let acl = Acl::with_listeners(&config.acl, own, listener_ips);
+    if config.acl.deny_own_addresses {
+        // Addresses added while the proxy runs are protected too (the watcher ends with this Acl).
+        if let Err(error) = crate::acl::watch_own_addresses(acl.own_addresses()) {
+            tracing::warn!(%error, "cannot watch local addresses; the list read at start stays");
+        }
+    }
+    let connector = crate::upstream::Connector::new(&config.upstream);
     let credentials = config
         .auth
         .as_ref()
@@ -244,18 +255,29 @@ fn prepare(config: &Config) -> Result<Prepared, ServerError> {
     };
     Ok(Prepared {
         acl,
+        connector,
         credentials,
         client_limiters,
     })
 }
 
-fn bind_one(listener: &ListenerConfig) -> Result<Listener, ServerError> {
+fn bind_one(listener: &ListenerConfig, convert: &ConvertConfig) -> Result<Listener, ServerError> {
     let bind_error = |source| ServerError::Bind {
         address: listener.address,
         source,
     };
     let bound =
         bind_listener(listener.address, listener.mptcp, listener.tproxy).map_err(bind_error)?;
+    let convert = match listener.mode {
+        ListenerMode::Convert => {
+            crate::convert::enable_fastopen(&bound.listener, convert.fastopen_queue)
+                .map_err(bind_error)?;
+            Some(Arc::new(
+                crate::convert::Converter::new(convert).map_err(bind_error)?,
+            ))
+        }
+        _ => None,
+    };
     let socket = TcpListener::from_std(bound.listener).map_err(bind_error)?;
     let local = socket.local_addr().map_err(bind_error)?;
     tracing::info!(
@@ -268,6 +290,7 @@ fn bind_one(listener: &ListenerConfig) -> Result<Listener, ServerError> {
         socket,
         mptcp: bound.mptcp,
         config: listener.clone(),
+        convert,
     })
 }
 
@@ -315,18 +338,21 @@ impl Server {
         check_fd_limit(config.limits.max_connections);
         let Prepared {
             acl,
+            connector,
             credentials,
             client_limiters,
         } = prepare(&config)?;
         let access_log =
-            AccessLog::open(&config.access_log).map_err(|source| ServerError::AccessLog {
-                path: config.access_log.path.clone(),
-                source,
-            })?;
+            AccessLog::open_with(&config.access_log, metrics.access_log_dropped.clone()).map_err(
+                |source| ServerError::AccessLog {
+                    path: config.access_log.path.clone(),
+                    source,
+                },
+            )?;
         let listeners = config
             .listeners
             .iter()
-            .map(bind_one)
+            .map(|listener| bind_one(listener, &config.convert))
             .collect::<Result<Vec<_>, _>>()?;
         let admin = config.metrics.address.map(bind_admin).transpose()?;
         let classes = Arc::new(SubflowClasses::default());
@@ -340,6 +366,7 @@ impl Server {
             shared: Arc::new(Shared {
                 config,
                 acl,
+                connector,
                 credentials,
                 access_log,
                 metrics,
@@ -589,6 +616,8 @@ struct Running {
     /// Tasks taking permits out of the semaphore after max_connections was lowered.
     shrinking: Vec<JoinHandle<()>>,
     per_client: PerClientCounter,
+    /// Refusals (403/503) answered at once; beyond, refused connections close at once.
+    refusals: Arc<Semaphore>,
     stop_tx: watch::Sender<bool>,
     accept: BTreeMap<SocketAddr, AcceptTask>,
     admin_state: Arc<AdminState>,
@@ -680,7 +709,8 @@ impl Running {
             permits: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             shrinking: Vec::new(),
-            per_client: PerClientCounter::default(),
+            per_client: PerClientCounter::with_ipv6_prefix(shared.config.limits.client_ipv6_prefix),
+            refusals: Arc::new(Semaphore::new(shared.config.limits.max_refusals)),
             stop_tx,
             accept: BTreeMap::new(),
             admin_state,
@@ -706,6 +736,7 @@ impl Running {
             AcceptContext {
                 permits: self.permits.clone(),
                 per_client: self.per_client.clone(),
+                refusals: self.refusals.clone(),
                 registry: self.registry.clone(),
             },
             self.stop_tx.subscribe(),
@@ -771,6 +802,25 @@ impl Running {
                 .needs_restart
                 .push("runtime.worker_threads".to_owned());
         }
+        // The per-client counter and the refusal budget are built once, at start.
+        for (key, differs) in [
+            (
+                "limits.client_ipv6_prefix",
+                old.config.limits.client_ipv6_prefix != new.limits.client_ipv6_prefix,
+            ),
+            (
+                "limits.max_refusals",
+                old.config.limits.max_refusals != new.limits.max_refusals,
+            ),
+        ] {
+            if differs {
+                summary.needs_restart.push(key.to_owned());
+            }
+        }
+        if old.config.convert != new.convert {
+            // Converters keep their cookie key for the listener's lifetime.
+            summary.needs_restart.push("convert".to_owned());
+        }
         // The endpoint, the C flag and the announcement belong to the running instance.
         if old.config.cluster != new.cluster {
             summary.needs_restart.push("cluster".to_owned());
@@ -785,7 +835,7 @@ impl Running {
             .collect();
         let mut bound = Vec::new();
         for listener in added {
-            bound.push(bind_one(listener)?);
+            bound.push(bind_one(listener, &new.convert)?);
         }
         let admin = match new.metrics.address {
             Some(address) if old.config.metrics.address != Some(address) => {
@@ -891,6 +941,7 @@ impl Running {
         self.live.replace(Arc::new(Shared {
             config: new.clone(),
             acl: prepared.acl,
+            connector: prepared.connector,
             credentials: prepared.credentials,
             access_log: self.access_log.clone(),
             metrics: self.metrics.clone(),
@@ -915,9 +966,9 @@ impl Running {
             };
             let _ = old_task.close.send(true);
             let _ = old_task.task.await;
-            match bind_one(&listener).or_else(|error| {
+            match bind_one(&listener, &new.convert).or_else(|error| {
                 tracing::error!(%error, "rebinding the changed listener failed; restoring the old one");
-                bind_one(&old_task.config)
+                bind_one(&old_task.config, &new.convert)
             }) {
                 Ok(bound) => self.spawn_accept(bound),
                 Err(error) => tracing::error!(%error, "the listener could not be restored"),
@@ -999,6 +1050,10 @@ impl Running {
                 "drain timeout reached; closing the remaining connections"
             ),
         }
+        // The lines of the last requests reach the log before the process exits.
+        let log = self.access_log.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || log.flush(std::time::Duration::from_secs(2))).await;
         if let Some((_, stop, task)) = self.admin.take() {
             let _ = stop.send(true);
             let _ = task.await;
@@ -1040,7 +1095,16 @@ pub async fn run_with(
 struct AcceptContext {
     permits: Arc<Semaphore>,
     per_client: PerClientCounter,
+    refusals: Arc<Semaphore>,
     registry: Arc<ConnectionRegistry>,
+}
+
+/// How a refused connection is answered.
+enum Refusal {
+    /// An HTTP status line and a one-line reason (forward listeners).
+    Http(&'static str, &'static str),
+    /// An RFC 8803 Error TLV (converters).
+    Convert(ConvertError),
 }
 
 async fn accept_loop(
@@ -1053,8 +1117,43 @@ async fn accept_loop(
     let AcceptContext {
         permits,
         per_client,
+        refusals,
         registry,
     } = context;
+    let forward = listener.config.mode == ListenerMode::Forward;
+    // How this listener answers a refusal: HTTP status, RFC 8803 Error TLV, or (transparent) nothing.
+    let answer = |status_line: &'static str, reason: &'static str, code: ConvertError| {
+        if forward {
+            Some(Refusal::Http(status_line, reason))
+        } else if listener.convert.is_some() {
+            Some(Refusal::Convert(code))
+        } else {
+            None
+        }
+    };
+    // Answers a refused connection from the bounded budget, or closes it at once and counts it.
+    let refuse = |metrics: &Metrics, stream: TcpStream, answer: Option<Refusal>| {
+        let Some(answer) = answer else {
+            return;
+        };
+        match refusals.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    match answer {
+                        Refusal::Http(status_line, reason) => {
+                            refuse(stream, status_line, reason).await
+                        }
+                        Refusal::Convert(code) => crate::convert::refuse(stream, code).await,
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                metrics.refusals_dropped.inc();
+                drop(stream);
+            }
+        }
+    };
     loop {
         let (stream, client) = tokio::select! {
             accepted = listener.socket.accept() => match accepted {
@@ -1071,16 +1170,15 @@ async fn accept_loop(
         };
         // The configuration in force now: a reload applies from the next connection on.
         let shared = live.current();
-        let forward = listener.config.mode == ListenerMode::Forward;
         let transport = transport_of(stream.as_fd(), listener.mptcp);
         let count = |outcome| shared.metrics.connection(transport.as_str(), outcome);
         if let Err(denied) = shared.acl.check_client(client.ip()) {
             count("denied");
             tracing::info!(%client, "refused: {denied}");
             log_refusal(&shared, transport, client, 403, "TCP_DENIED");
-            if forward {
-                tokio::spawn(refuse(stream, "403 Forbidden", denied.to_string()));
-            }
+            let reason = "this client is not allowed to use the proxy";
+            let answer = answer("403 Forbidden", reason, ConvertError::NotAuthorized);
+            refuse(&shared.metrics, stream, answer);
             continue;
         }
         let limits = &shared.config.limits;
@@ -1088,28 +1186,33 @@ async fn accept_loop(
             count("over_limit");
             tracing::warn!(%client, "refused: max_connections reached");
             log_refusal(&shared, transport, client, 503, "NONE_NONE");
-            if forward {
-                tokio::spawn(refuse(
-                    stream,
-                    "503 Service Unavailable",
-                    "too many connections".into(),
-                ));
-            }
+            let reason = "too many connections";
+            let answer = answer(
+                "503 Service Unavailable",
+                reason,
+                ConvertError::ResourceExceeded,
+            );
+            refuse(&shared.metrics, stream, answer);
             continue;
         };
         let Some(slot) = per_client.acquire(client.ip(), limits.max_connections_per_client) else {
             count("over_limit");
             tracing::warn!(%client, "refused: max_connections_per_client reached");
             log_refusal(&shared, transport, client, 503, "NONE_NONE");
-            if forward {
-                tokio::spawn(refuse(
-                    stream,
-                    "503 Service Unavailable",
-                    "too many connections from this client".into(),
-                ));
-            }
+            let reason = "too many connections from this client";
+            let answer = answer(
+                "503 Service Unavailable",
+                reason,
+                ConvertError::ResourceExceeded,
+            );
+            refuse(&shared.metrics, stream, answer);
             continue;
         };
+        // A converter sends the upstream SYN before any bookkeeping (RFC 8803: 0-RTT conversion).
+        let prefetched = listener
+            .convert
+            .as_ref()
+            .map(|converter| crate::convert::prefetch(&shared, converter, &stream, client.ip()));
         count("accepted");
         let _ = stream.set_nodelay(true);
         let connection = ClientConnection::accepted(
@@ -1125,7 +1228,15 @@ async fn accept_loop(
             },
         );
         tracing::debug!(%client, transport = transport.as_str(), "accepted");
-        if forward {
+        if let (Some(converter), Some(prefetched)) = (&listener.convert, prefetched) {
+            crate::convert::spawn(
+                shared.clone(),
+                converter.clone(),
+                stream,
+                connection,
+                prefetched,
+            );
+        } else if forward {
             tokio::spawn(serve_http(live.clone(), stream, connection, stop.clone()));
         } else {
             tokio::spawn(serve_transparent(
@@ -1145,7 +1256,7 @@ fn log_refusal(
     status: u16,
     result: &'static str,
 ) {
-    shared.access_log.write(&Entry {
+    shared.access_log.log(Entry {
         started: SystemTime::now(),
         elapsed: Default::default(),
         client: client.ip(),
@@ -1162,15 +1273,18 @@ fn log_refusal(
     });
 }
 
+/// How long a refused connection is held to deliver its answer.
+const REFUSAL_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Answers a connection the proxy will not serve, without reading its request.
-async fn refuse(mut stream: TcpStream, status_line: &'static str, reason: String) {
+async fn refuse(mut stream: TcpStream, status_line: &'static str, reason: &'static str) {
     let body = format!("{status_line}: {reason}\n");
     let response = format!(
         "HTTP/1.1 {status_line}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\nVia: 1.1 {}\r\n\r\n{body}",
         body.len(),
         crate::http::VIA_PSEUDONYM
     );
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+    let _ = tokio::time::timeout(REFUSAL_HOLD, async {
         stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await?;
         // Read what the client sent, so closing does not reset the answer away.
@@ -1303,7 +1417,7 @@ async fn serve_transparent(
     }
     entry.elapsed = started.elapsed();
     entry.subflows = client.max_subflows();
-    shared.access_log.write(&entry);
+    shared.access_log.log(entry);
     client.closed(&stream);
 }
 

@@ -327,7 +327,8 @@ impl Instance {
     }
 
     /// C flag sysctl, endpoints, the service address on lo, the announcement device.
-    fn kernel_state(&self) -> (String, String, bool, bool) {
+    /// C flag, endpoints, service address on lo, announcement device, drain SYN gate.
+    fn kernel_state(&self) -> (String, String, bool, bool, bool) {
         (
             self.sh("sysctl -n net.mptcp.allow_join_initial_addr_port")
                 .trim()
@@ -337,6 +338,7 @@ impl Instance {
                 .contains(&format!("{SERVICE}/32")),
             self.sh("ip link show mptcp-anycast 2>/dev/null")
                 .contains("mptcp-anycast"),
+            self.sh("nft list tables").contains("mptcp_proxy_drain"),
         )
     }
 
@@ -468,14 +470,17 @@ fn instances_share_the_load_keep_every_subflow_and_drain_and_fail_alone() {
     lab.wait_for_next_hops(&all, Duration::from_secs(20))
         .expect("every instance announced");
     for instance in &instances {
-        let (c_flag, endpoints, service_on_lo, device) = instance.kernel_state();
+        let (c_flag, endpoints, service_on_lo, device, gate) = instance.kernel_state();
         assert_eq!(c_flag, "0");
         assert!(
             endpoints.contains(&format!("{} id", instance_address(instance.k)))
                 && endpoints.contains("signal"),
             "{endpoints}"
         );
-        assert!(service_on_lo && device);
+        assert!(
+            service_on_lo && device && !gate,
+            "a running instance has no SYN gate"
+        );
     }
 
     // Prometheus on the router scrapes the three admin listeners, each target labelled `instance`.
@@ -600,7 +605,8 @@ fn instances_share_the_load_keep_every_subflow_and_drain_and_fail_alone() {
 
     // (2) Drain instance 2 during long downloads, with new connections arriving all along.
     let long = Downloads::once(&lab, 18, "large.bin", &large);
-    let stream = Downloads::start(&lab, 1, "small.bin", &small);
+    // Four threads a client open new connections all along, so some race the withdrawal.
+    let stream = Downloads::start(&lab, 4, "small.bin", &small);
     std::thread::sleep(Duration::from_secs(1));
     let drain_wall = SystemTime::now();
     let drain_at = Instant::now();
@@ -689,7 +695,7 @@ fn instances_share_the_load_keep_every_subflow_and_drain_and_fail_alone() {
         .expect("route withdrawn after SIGKILL");
     let withdrawn_at = Instant::now();
     let _ = instances[2].wait_exit(Duration::from_secs(5));
-    let (c_flag, endpoints, _, device) = instances[2].kernel_state();
+    let (c_flag, endpoints, _, device, _) = instances[2].kernel_state();
     assert_eq!(c_flag, "0", "a killed instance leaves the C flag");
     assert!(endpoints.contains("signal") && !device, "{endpoints}");
     let long_outcomes = long.finish();

@@ -32,7 +32,7 @@ fn valid_configs_load() {
 #[test]
 fn invalid_configs_fail_naming_key_and_reason() {
     let files = toml_files("invalid");
-    assert_eq!(files.len(), 12, "the test must really read the fixtures");
+    assert_eq!(files.len(), 16, "the test must really read the fixtures");
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read");
         let expected = text
@@ -61,7 +61,25 @@ fn the_full_example_sets_every_section() {
     let config = Config::from_file(&path).expect("full.toml");
     assert_eq!(config.listeners.len(), 3);
     assert!(config.upstream.mptcp);
-    assert_eq!(config.acl.connect_ports, vec![443, 8443]);
+    let ports: Vec<String> = config
+        .acl
+        .connect_ports
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(ports, ["443", "8000-8999"]);
+    assert_eq!(config.acl.safe_ports.len(), 3);
+    assert_eq!(config.limits.client_ipv6_prefix, 56);
+    assert_eq!(config.limits.max_refusals, 64);
+    assert_eq!(
+        config.upstream.attempt_delay,
+        std::time::Duration::from_millis(100)
+    );
+    assert_eq!(
+        config.upstream.response_timeout,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(config.access_log.queue_lines, 1024);
     assert_eq!(config.relay.mode, mptcp_proxy::config::RelayMode::Splice);
     assert_eq!(config.auth.expect("auth").realm, "campus");
 }

@@ -57,7 +57,8 @@ fn download_through_proxy(tunnel: bool) {
     let Some(lab) = Lab::with_options(shaped()) else {
         return;
     };
-    let config = json_log_config(&lab, "");
+    // The tunnel goes to port 80, outside the default CONNECT ports (443).
+    let config = json_log_config(&lab, "[acl]\nconnect_ports = [80, 443]\n");
     let _proxy = lab.start_proxy(&["--config", &config, "--listen", PROXY], proxy_addr());
     let before = (lab.proxy_tx("p1"), lab.proxy_tx("p2"));
     let output = lab.path("big.out");
@@ -155,7 +156,7 @@ fn request(lab: &Lab, proxy: SocketAddr, raw: &str) -> String {
 #[test]
 fn d_errors_have_their_status_and_the_proxy_keeps_serving() {
     let Some(lab) = Lab::new() else { return };
-    // Port 82 on the server silently drops SYNs: the connect times out (504).
+    // Port 1082 on the server silently drops SYNs: the connect times out (504).
     lab.tb
         .exec(lab.tb.server_ns(), &["nft", "add table inet blackhole"])
         .expect("nft");
@@ -171,7 +172,7 @@ fn d_errors_have_their_status_and_the_proxy_keeps_serving() {
     lab.tb
         .exec(
             lab.tb.server_ns(),
-            &["nft", "add rule inet blackhole in tcp dport 82 drop"],
+            &["nft", "add rule inet blackhole in tcp dport 1082 drop"],
         )
         .expect("nft");
     let credentials = lab.path("users.txt");
@@ -219,22 +220,22 @@ fn d_errors_have_their_status_and_the_proxy_keeps_serving() {
         let response = request(&lab, proxy, &raw);
         assert_eq!(status_of(&response), 403, "{target} -> {response}");
     }
-    // 502 with a one-line reason: nothing listens on port 81.
+    // 502 with a one-line reason: nothing listens on port 1081 (a Safe_port; 81 would be 403).
     let response = request(
         &lab,
         proxy,
-        "GET http://10.0.3.2:81/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET http://10.0.3.2:1081/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status_of(&response), 502, "{response}");
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
     assert_eq!(body.lines().count(), 1, "{body:?}");
-    assert!(body.contains("10.0.3.2:81"), "{body:?}");
+    assert!(body.contains("10.0.3.2:1081"), "{body:?}");
     // 504: the SYN is dropped.
     let started = Instant::now();
     let response = request(
         &lab,
         proxy,
-        "GET http://10.0.3.2:82/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET http://10.0.3.2:1082/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status_of(&response), 504, "{response}");
     assert!(started.elapsed() < Duration::from_secs(10));

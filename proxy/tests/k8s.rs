@@ -174,9 +174,9 @@ fn manifests_parse_and_name_only_real_keys_and_options() {
     let grace = pod["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("terminationGracePeriodSeconds");
-    let drain = cluster.withdraw_delay + 2 * config.limits.drain_timeout;
+    let drain = cluster.join_grace + cluster.withdraw_delay + 2 * config.limits.drain_timeout;
     assert!(
-        grace > drain.as_secs(),
+        grace as f64 > drain.as_secs_f64(),
         "grace period {grace}s <= drain {drain:?}"
     );
     assert_eq!(

@@ -116,7 +116,7 @@ fn prometheus_scrapes_the_proxy_and_every_dashboard_expression_has_data() {
     let config = lab.config(
         "proxy.toml",
         &format!(
-            "[access_log]\npath = \"{}\"\nformat = \"squid\"\n",
+            "[access_log]\npath = \"{}\"\nformat = \"squid\"\n[acl]\nconnect_ports = [80, 443]\n",
             log_path.display()
         ),
     );
@@ -200,7 +200,7 @@ fn prometheus_scrapes_the_proxy_and_every_dashboard_expression_has_data() {
             "/dev/null",
             "-x",
             "http://10.0.1.1:3128",
-            "http://10.0.3.2:81/",
+            "http://10.0.3.2:1081/",
         ]);
         lab.client(&[
             "curl",

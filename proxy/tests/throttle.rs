@@ -351,7 +351,8 @@ fn userspace_client_rate_limits_both_forms_without_tc() {
     let Some(lab) = Lab::new() else { return };
     let config = lab.config(
         "limit.toml",
-        "[metrics]\naddress = \"off\"\n[limits]\nclient_rate = \"20mbit\"\n",
+        // The tunnel goes to port 80, outside the default CONNECT ports (443).
+        "[metrics]\naddress = \"off\"\n[limits]\nclient_rate = \"20mbit\"\n[acl]\nconnect_ports = [80, 443]\n",
     );
     let _proxy = lab.start_proxy(
         &["--config", &config.display().to_string(), "--listen", PROXY],

@@ -36,6 +36,7 @@
 pub mod capture;
 pub mod cli;
 pub mod crypto;
+pub mod fuzz;
 pub mod output;
 pub mod tracker;
 pub mod wire;

@@ -378,8 +378,22 @@ impl Testbed {
     }
 }
 
+impl Testbed {
+    /// Gives namespace `ns` its own `/etc/NAME` (e.g. `hosts`, `resolv.conf`): `ip netns exec`
+    /// bind-mounts `/etc/netns/NS/NAME` over it for the programs it starts. Removed on drop.
+    pub fn set_etc_file(&self, ns: &str, name: &str, contents: &str) -> Result<()> {
+        let dir = PathBuf::from("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(name), contents)?;
+        Ok(())
+    }
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns));
+        }
         tear_down(&script(), &self.prefix);
     }
 }
@@ -505,4 +519,43 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// The body of one cargo-fuzz target: what its `fuzz_target!` calls.
+pub type FuzzFn = fn(&[u8]);
+
+/// Replays every checked-in fuzz corpus file (`CRATE/fuzz/corpus/TARGET/*`) through the function its
+/// cargo-fuzz target calls; `crate_dir` is the crate's `CARGO_MANIFEST_DIR`. Panics naming the file
+/// that panics, a target of `fuzz/Cargo.toml` without a row in `targets`, or an empty corpus.
+pub fn replay_fuzz_corpus(crate_dir: &str, targets: &[(&str, FuzzFn)]) {
+    let fuzz = Path::new(crate_dir).join("fuzz");
+    let manifest = std::fs::read_to_string(fuzz.join("Cargo.toml")).expect("fuzz/Cargo.toml");
+    let mut in_bin = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bin = line == "[[bin]]";
+        } else if let Some(name) = line
+            .strip_prefix("name = \"")
+            .and_then(|l| l.strip_suffix('"'))
+        {
+            assert!(
+                !in_bin || targets.iter().any(|(t, _)| *t == name),
+                "fuzz target {name} has no replay row"
+            );
+        }
+    }
+    for (name, target) in targets {
+        let dir = fuzz.join("corpus").join(name);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.expect("entry").path())
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "{} is empty", dir.display());
+        for file in files {
+            let data = std::fs::read(&file).expect("read corpus file");
+            let outcome = std::panic::catch_unwind(|| target(&data));
+            assert!(outcome.is_ok(), "{name}: {} panics", file.display());
+        }
+    }
 }

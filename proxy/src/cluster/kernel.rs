@@ -1,9 +1,9 @@
 //! The system calls of cluster mode: the C-flag sysctl, the `signal` endpoint and service addresses
-//! (through `mptcp-netlink`), the state file, and the announcement device (a TUN device that lives
-//! exactly as long as its descriptor).
+//! (through `mptcp-netlink`), the state file, the announcement device (a TUN device that lives
+//! exactly as long as its descriptor), and the drain's SYN gate (an nftables table).
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -340,6 +340,74 @@ impl AnnounceDevice {
     pub fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// The nftables table (family `inet`) that closes the SYN gate on drain.
+pub const SYN_GATE_TABLE: &str = "mptcp_proxy_drain";
+
+/// Closes the SYN gate: new connections (a SYN without ACK) to the service sockets are dropped, so
+/// their clients retransmit the SYN (after 1 s) once the routers send the service address to another
+/// instance. Everything else passes: packets of accepted connections, and joins (they go to the
+/// announced address). Replaces a gate a crashed run left.
+///
+/// ```text
+/// table inet mptcp_proxy_drain {
+///     chain input {
+///         type filter hook input priority filter - 10; policy accept;
+///         meta nfproto ipv4 meta l4proto tcp ip daddr VIP tcp dport PORT tcp flags & (syn|ack) == syn counter drop
+///     }
+/// }
+/// ```
+pub fn close_syn_gate(services: &[SocketAddr]) -> Result<(), ClusterError> {
+    use mptcp_netlink::nft::{cstring, PayloadLoad, RegisterExpr};
+    use nftnl::expr::{Bitwise, Cmp, CmpOp, Counter, Verdict};
+    use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
+
+    const TCP_SYN: u8 = 0x02;
+    const TCP_ACK: u8 = 0x10;
+    let table = Table::new(cstring(SYN_GATE_TABLE), ProtoFamily::Inet);
+    let mut chain = Chain::new(c"input", &table);
+    chain.set_hook(Hook::In, -10);
+    chain.set_type(ChainType::Filter);
+    chain.set_policy(Policy::Accept);
+    let mut batch = Batch::new();
+    // Adding then deleting the table first replaces a stale gate whether or not there is one.
+    batch.add(&table, MsgType::Add);
+    batch.add(&table, MsgType::Del);
+    batch.add(&table, MsgType::Add);
+    batch.add(&chain, MsgType::Add);
+    for service in services {
+        let (nfproto, daddr_offset, daddr) = match service.ip() {
+            IpAddr::V4(v4) => (libc::NFPROTO_IPV4 as u8, 16, v4.octets().to_vec()),
+            IpAddr::V6(v6) => (libc::NFPROTO_IPV6 as u8, 24, v6.octets().to_vec()),
+        };
+        let mut rule = Rule::new(&chain);
+        rule.add_expr(&RegisterExpr::meta_load(libc::NFT_META_NFPROTO as u32));
+        rule.add_expr(&Cmp::new(CmpOp::Eq, nfproto));
+        rule.add_expr(&RegisterExpr::meta_load(libc::NFT_META_L4PROTO as u32));
+        rule.add_expr(&Cmp::new(CmpOp::Eq, libc::IPPROTO_TCP as u8));
+        rule.add_expr(&PayloadLoad::network(daddr_offset, daddr.len() as u32));
+        rule.add_expr(&Cmp::new(CmpOp::Eq, &daddr[..]));
+        rule.add_expr(&PayloadLoad::transport(2, 2));
+        rule.add_expr(&Cmp::new(CmpOp::Eq, &service.port().to_be_bytes()[..]));
+        rule.add_expr(&PayloadLoad::transport(13, 1));
+        rule.add_expr(&Bitwise::new(&[TCP_SYN | TCP_ACK][..], &[0u8][..]));
+        rule.add_expr(&Cmp::new(CmpOp::Eq, &[TCP_SYN][..]));
+        rule.add_expr(&Counter);
+        rule.add_expr(&Verdict::Drop);
+        batch.add(&rule, MsgType::Add);
+    }
+    mptcp_netlink::nft::send_batch(batch, "close the drain's SYN gate")
+        .map(|_| ())
+        .map_err(|e| ClusterError::SynGate(e.to_string()))
+}
+
+/// Opens the SYN gate (deletes its table; nothing to do if there is none).
+pub fn open_syn_gate() -> Result<(), ClusterError> {
+    let batch = mptcp_netlink::nft::delete_table_batch(SYN_GATE_TABLE, nftnl::ProtoFamily::Inet);
+    mptcp_netlink::nft::send_batch(batch, "open the drain's SYN gate")
+        .map(|_| ())
+        .map_err(|e| ClusterError::SynGate(e.to_string()))
 }
 
 #[cfg(test)]

@@ -13,9 +13,12 @@
 //!   proxy watches (`deploy/bird/instance.conf`): while it exists, bird announces the service address
 //!   to the routers over BGP.
 //!
-//! On drain (SIGTERM, SIGINT or `POST /drain` on the admin listener) it deletes the device first, so
-//! the routers withdraw the route, keeps accepting for `withdraw_delay` while they converge, then
-//! stops accepting and lets running transfers finish; the listening sockets on its own address stay
+//! On drain (SIGTERM, SIGINT or `POST /drain` on the admin listener) it first closes the SYN gate: new
+//! connections to the service address are dropped silently, so their clients retransmit the SYN a
+//! second later, when the routers already send it to another instance. After `join_grace` (the
+//! connections accepted just before have joined by then, so they survive losing their initial
+//! subflow to the re-hashing) it deletes the device, so the routers withdraw the route, waits
+//! `withdraw_delay` while they converge, then stops accepting and lets running transfers finish; the listening sockets on its own address stay
 //! open until then, so joins still arrive. Last it deletes the endpoint and the addresses it added and
 //! restores the sysctl. If the process dies, the kernel deletes the device with its descriptor: the
 //! route goes at once, and the next start (or `--cluster-cleanup`) undoes the rest.
@@ -63,6 +66,15 @@ pub struct ClusterConfig {
         deserialize_with = "crate::config::duration"
     )]
     pub withdraw_delay: Duration,
+    /// How long the drain drops new connections (SYNs to the service address) before it withdraws the
+    /// route; default 500 ms. A connection accepted just before the drain needs a round trip or two
+    /// for its join to this instance's own address; once the route is withdrawn its initial subflow
+    /// reaches another instance, which resets it, and only a joined subflow keeps it alive.
+    #[serde(
+        default = "ClusterConfig::default_join_grace",
+        deserialize_with = "crate::config::duration"
+    )]
+    pub join_grace: Duration,
     /// Add the service addresses to `lo` when they are not local yet (and delete them at exit);
     /// default true, so `--listen VIP:PORT --announce ADDR` is all an instance needs.
     #[serde(default = "yes")]
@@ -89,6 +101,9 @@ impl ClusterConfig {
     fn default_withdraw_delay() -> Duration {
         Duration::from_secs(2)
     }
+    fn default_join_grace() -> Duration {
+        Duration::from_millis(500)
+    }
     fn default_state_dir() -> PathBuf {
         PathBuf::from("/run/mptcp-proxy")
     }
@@ -99,6 +114,7 @@ impl ClusterConfig {
             announce: Some(announce),
             announce_device: Self::default_announce_device(),
             withdraw_delay: Self::default_withdraw_delay(),
+            join_grace: Self::default_join_grace(),
             add_service_addresses: true,
             state_dir: Self::default_state_dir(),
         }
@@ -217,6 +233,9 @@ pub enum ClusterError {
         /// The error.
         source: std::io::Error,
     },
+    /// The drain's SYN gate could not be closed or opened.
+    #[error("drain SYN gate (nft table inet mptcp_proxy_drain): {0}")]
+    SynGate(String),
     /// A listening socket could not be kept for joins.
     #[error("keeping the listener on {address} open for joins: {source}")]
     Listener {
@@ -315,6 +334,8 @@ impl Cluster {
             services: config.service_addresses(),
             add_services: cluster.add_service_addresses,
         };
+        // A gate a crashed drain left would drop every new connection to this instance.
+        kernel::open_syn_gate()?;
         let observed = kernel::observe()?;
         let plan = state::plan_start(&wanted, &observed, saved.as_ref(), std::process::id())?;
         kernel::write_state(&state_path, &plan.state)?;
@@ -388,8 +409,17 @@ impl Cluster {
             }
             None => None,
         };
-        let delay = self.config.withdraw_delay;
-        Ok(server.before_drain(withdraw(device, delay, metrics)))
+        let gate: Vec<SocketAddr> = server
+            .local_addrs()
+            .into_iter()
+            .filter(|a| self.services.contains(&a.ip()) && !a.ip().is_unspecified())
+            .collect();
+        let steps = DrainSteps {
+            gate,
+            join_grace: self.config.join_grace,
+            withdraw_delay: self.config.withdraw_delay,
+        };
+        Ok(server.before_drain(withdraw(device, steps, metrics)))
     }
 
     /// Undoes the kernel changes once the drain is over. First it waits (up to
@@ -428,6 +458,7 @@ impl Cluster {
     fn teardown(&mut self) -> Result<(), ClusterError> {
         self.join_listeners.clear();
         self.joins = None;
+        kernel::open_syn_gate()?;
         let observed = kernel::observe()?;
         let teardown = state::plan_teardown(&self.state, &observed);
         kernel::apply_teardown(&teardown)?;
@@ -452,20 +483,46 @@ impl Drop for Cluster {
     }
 }
 
-/// The drain's first step: delete the announcement device (the route is withdrawn), then keep
-/// accepting while routers converge.
-async fn withdraw(device: Option<kernel::AnnounceDevice>, delay: Duration, metrics: Arc<Metrics>) {
+/// What the drain does before the server stops accepting ([`withdraw`]).
+struct DrainSteps {
+    /// The service sockets whose new connections the SYN gate drops.
+    gate: Vec<SocketAddr>,
+    /// From closing the gate to withdrawing the route.
+    join_grace: Duration,
+    /// From withdrawing the route to closing the listeners.
+    withdraw_delay: Duration,
+}
+
+/// The drain's first steps: close the SYN gate, give the connections accepted just before time to
+/// join, delete the announcement device (the route is withdrawn), and wait while routers converge.
+async fn withdraw(
+    device: Option<kernel::AnnounceDevice>,
+    steps: DrainSteps,
+    metrics: Arc<Metrics>,
+) {
+    if !steps.gate.is_empty() {
+        match kernel::close_syn_gate(&steps.gate) {
+            Ok(()) => tracing::info!(
+                services = ?steps.gate,
+                grace = ?steps.join_grace,
+                "cluster: new connections dropped (their clients retry the SYN); withdrawing after the grace"
+            ),
+            // Withdrawing anyway: a connection racing the withdrawal may then be reset.
+            Err(error) => tracing::warn!(%error, "cluster: SYN gate not closed"),
+        }
+        tokio::time::sleep(steps.join_grace).await;
+    }
     if let Some(device) = device {
         let name = device.name().to_owned();
         drop(device);
         metrics.cluster_announced.set(0);
         tracing::info!(
             device = name,
-            ?delay,
-            "cluster: route withdrawn; accepting until routers converge"
+            delay = ?steps.withdraw_delay,
+            "cluster: route withdrawn; waiting while routers converge"
         );
     }
-    tokio::time::sleep(delay).await;
+    tokio::time::sleep(steps.withdraw_delay).await;
 }
 
 /// Undoes the kernel changes a dead run recorded (`mptcp-proxy --cluster-cleanup`); returns whether

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+pub mod dns;
+
 use sha2::{Digest, Sha256};
 use testbed::{Background, Options, Testbed};
 
@@ -121,10 +123,22 @@ impl Lab {
             .1
     }
 
+    /// The JSON access log's lines. The proxy writes them on a thread of its own, a moment after the
+    /// response ends: this waits until the file has stopped growing for 200 ms (at most 3 s).
     pub fn access_log_lines(&self, name: &str) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.path(name))
-            .unwrap_or_default()
-            .lines()
+        let read = || std::fs::read_to_string(self.path(name)).unwrap_or_default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut text = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = read();
+            if (now == text && !now.is_empty()) || std::time::Instant::now() > deadline {
+                text = now;
+                break;
+            }
+            text = now;
+        }
+        text.lines()
             .map(|l| serde_json::from_str(l).expect("access log line is JSON"))
             .collect()
     }
@@ -269,4 +283,21 @@ pub fn run_ok(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Reads an HTTP head (request or response) line by line, until the blank line or the end; returns
+/// its lines without line ends.
+pub fn read_head(reader: &mut impl BufRead) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return lines;
+        }
+        let line = line.trim_end_matches(['\r', '\n']).to_owned();
+        if line.is_empty() {
+            return lines;
+        }
+        lines.push(line);
+    }
 }
