@@ -587,7 +587,12 @@ impl RouteCache {
     const TTL: Duration = Duration::from_secs(1);
     const MAX: usize = 1 << 16;
 
-    fn lookup<B: ThrottleBackend>(&mut self, backend: &mut B, local: IpAddr, remote: IpAddr) -> Option<u32> {
+    fn lookup<B: ThrottleBackend>(
+        &mut self,
+        backend: &mut B,
+        local: IpAddr,
+        remote: IpAddr,
+    ) -> Option<u32> {
         let now = Instant::now();
         if let Some((index, at)) = self.routes.get(&(local, remote)) {
             if now.duration_since(*at) < Self::TTL {
@@ -595,7 +600,8 @@ impl RouteCache {
             }
         }
         if self.routes.len() >= Self::MAX {
-            self.routes.retain(|_, (_, at)| now.duration_since(*at) < Self::TTL);
+            self.routes
+                .retain(|_, (_, at)| now.duration_since(*at) < Self::TTL);
         }
         let index = backend.route_interface(local, remote);
         self.routes.insert((local, remote), (index, now));

@@ -228,8 +228,11 @@ impl Elements {
 #[derive(Debug, Default)]
 struct Staged {
     deletes: BTreeMap<(MapKind, Family), Vec<Vec<u8>>>,
-    adds: BTreeMap<(MapKind, Family), Vec<(Vec<u8>, [u8; 4])>>,
+    adds: BTreeMap<(MapKind, Family), Vec<Entry>>,
 }
+
+/// A map element: key and value.
+type Entry = (Vec<u8>, [u8; 4]);
 
 impl Staged {
     fn is_empty(&self) -> bool {

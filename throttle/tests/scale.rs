@@ -92,20 +92,33 @@ fn measure_ten_thousand_subflows() {
                 for i in burst * 50..((burst + 1) * 50).min(connections) {
                     let token = ConnectionToken(i);
                     let client = |port: u16| {
-                        format!("10.{}.{}.{}:{port}", 100 + (i >> 16), (i >> 8) & 0xff, i & 0xff)
-                            .parse()
-                            .unwrap()
+                        format!(
+                            "10.{}.{}.{}:{port}",
+                            100 + (i >> 16),
+                            (i >> 8) & 0xff,
+                            i & 0xff
+                        )
+                        .parse()
+                        .unwrap()
                     };
-                    let mut initial = SubflowInfo::new("10.77.0.1:443".parse().unwrap(), client(40000));
+                    let mut initial =
+                        SubflowInfo::new("10.77.0.1:443".parse().unwrap(), client(40000));
                     initial.interface.name = Some("c0".into());
-                    let mut joined = SubflowInfo::new("10.77.0.1:443".parse().unwrap(), client(40001));
+                    let mut joined =
+                        SubflowInfo::new("10.77.0.1:443".parse().unwrap(), client(40001));
                     joined.interface.name = Some("c0".into());
                     events
-                        .send(SubflowEvent::ConnectionCreated { token, subflow: initial })
+                        .send(SubflowEvent::ConnectionCreated {
+                            token,
+                            subflow: initial,
+                        })
                         .await
                         .unwrap();
                     events
-                        .send(SubflowEvent::SubflowEstablished { token, subflow: joined })
+                        .send(SubflowEvent::SubflowEstablished {
+                            token,
+                            subflow: joined,
+                        })
                         .await
                         .unwrap();
                 }
