@@ -858,9 +858,9 @@ def bench_throttle_scale(subflows=10000, runs=3, size_mib=256):
             installs = after.get("mptcp_proxy_throttle_rule_install_duration_seconds_count", 0) - \
                 before.get("mptcp_proxy_throttle_rule_install_duration_seconds_count", 0)
             res.add("rule-install", "throttled", n, "installs", installs, "1")
-            for q in ("0.5", "0.99"):
-                res.add("rule-install", "throttled", n, "p50" if q == "0.5" else "p99",
-                        after[f'mptcp_proxy_throttle_rule_install_recent_seconds{{quantile="{q}"}}'], "s")
+            for p in ("50", "99"):
+                res.add("rule-install", "throttled", n, f"p{p}",
+                        after[f'mptcp_proxy_throttle_rule_install_recent_seconds{{percentile="{p}"}}'], "s")
             release(clients)
             wait_metric(lab, steered_key, 0, 60)
             deadline = time.time() + 60

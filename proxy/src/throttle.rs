@@ -37,11 +37,12 @@ pub struct RepairLabel {
     pub repair: &'static str,
 }
 
-/// Label: a quantile.
+/// Label: a percentile. Not `quantile`: that label belongs to the summary type, which
+/// prometheus-client does not encode (promtool rejects it on a gauge).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct QuantileLabel {
-    /// `0.5`, `0.9`, `0.99`.
-    pub quantile: &'static str,
+pub struct PercentileLabel {
+    /// `50`, `90`, `99`.
+    pub percentile: &'static str,
 }
 
 /// Scheduling priority of the throttle's owner thread (nice; lower goes first; needs CAP_SYS_NICE,
@@ -51,7 +52,7 @@ const OWNER_NICE: i32 = -10;
 /// How many recent rule-install latencies the exact quantiles cover.
 const RECENT_INSTALLS: usize = 1 << 16;
 /// The quantiles exported exactly.
-const QUANTILES: [(&str, f64); 3] = [("0.5", 0.5), ("0.9", 0.9), ("0.99", 0.99)];
+const QUANTILES: [(&str, f64); 3] = [("50", 0.5), ("90", 0.9), ("99", 0.99)];
 
 /// The throttle's metrics at ISP scale (issue 15), under `mptcp_proxy_throttle_`.
 #[derive(Debug, Clone)]
@@ -73,7 +74,7 @@ pub struct ScaleMetrics {
     /// What resyncs repaired.
     pub resync_repairs: Family<RepairLabel, Counter>,
     /// Exact quantiles of the last 65,536 rule installs (event to batch ack), computed at scrape.
-    pub rule_install_recent: Family<QuantileLabel, Gauge<f64, AtomicU64>>,
+    pub rule_install_recent: Family<PercentileLabel, Gauge<f64, AtomicU64>>,
     recent_installs: Arc<Mutex<VecDeque<f64>>>,
 }
 
@@ -171,7 +172,7 @@ impl ScaleMetrics {
         for (label, q) in QUANTILES {
             let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
             self.rule_install_recent
-                .get_or_create(&QuantileLabel { quantile: label })
+                .get_or_create(&PercentileLabel { percentile: label })
                 .set(values[rank - 1]);
         }
     }
