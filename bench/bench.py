@@ -781,8 +781,8 @@ def bench_throttle_scale(subflows=10000, runs=3, size_mib=256):
             f'[[throttle.rules]]\nclass = "{name}"\nmatch = {{ interface = "{dev}" }}\n'
             for name, dev, scope in (("path1", "p1", 'scope = "client"\n'), ("path2", "p2", ""),
                                      ("c2path1", "p4", 'scope = "client"\n'), ("c2path2", "p5", "")))
-        common = (f'[access_log]\npath = "off"\n[limits]\nmax_connections = {subflows + 2000}\n'
-                  f'max_connections_per_client = {subflows}\n')
+        common = (f'[access_log]\npath = "off"\n[limits]\nmax_connections = {min(subflows + 2000, 9800)}\n'
+                  f'max_connections_per_client = {subflows}\n[acl]\nconnect_ports = [80, 443]\n')
         throttled = lab.work / "throttled.toml"
         throttled.write_text(f'[[listener]]\naddress = "0.0.0.0:3128"\n[metrics]\naddress = "127.0.0.1:9464"\n{common}'
                              f'[throttle]\nresync_interval = "15s"\n{classes}')
