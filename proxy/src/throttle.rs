@@ -520,3 +520,90 @@ impl ThrottleHooks for ThrottleMetrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use mptcp_throttle::{ConnectionToken, SubflowInfo};
+
+    use super::*;
+
+    fn hooks(config: &ThrottleConfig, metrics: Arc<Metrics>) -> ThrottleMetrics {
+        ThrottleMetrics {
+            metrics,
+            classes: config.classes.iter().map(|c| c.name.clone()).collect(),
+            refusals_seen: BTreeMap::new(),
+            subflow_refusals_seen: 0,
+            placed: Arc::default(),
+            class_counts: BTreeMap::new(),
+        }
+    }
+
+    fn open(state: &mut ThrottleState, token: u32, client: &str) {
+        let mut subflow =
+            SubflowInfo::new("10.0.0.1:443".parse().unwrap(), client.parse().unwrap());
+        subflow.interface.name = Some("eth1".into());
+        state.handle_event(
+            Instant::now(),
+            SubflowEvent::ConnectionCreated {
+                token: ConnectionToken(token),
+                subflow,
+            },
+        );
+    }
+
+    /// An exhausted per-subscriber class limit shows in the metrics: the refusals counter of the
+    /// template, the class count at its limit, the waiting connection; counted once per refusal.
+    #[test]
+    fn class_limit_refusals_are_counted_per_template() {
+        let config = ThrottleConfig::from_toml_str(
+            r#"
+            [[classes]]
+            name = "path1"
+            interface = "eth1"
+            rate = "10mbit"
+            scope = "client"
+            max_clients = 1
+            [[rules]]
+            class = "path1"
+            min_subflows = 1
+            "#,
+        )
+        .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let mut hooks = hooks(&config, metrics.clone());
+        let mut state = ThrottleState::new(config);
+        state.poll_changes();
+        open(&mut state, 1, "192.0.2.1:1000");
+        open(&mut state, 2, "192.0.2.2:1000");
+        state.poll_changes();
+        hooks.state_applied(&state);
+        hooks.state_applied(&state);
+        let scale = &metrics.throttle_scale;
+        let label = ClassLabel {
+            class: "path1".into(),
+        };
+        assert_eq!(scale.class_limit_refusals.get_or_create(&label).get(), 1);
+        assert_eq!(scale.client_classes.get_or_create(&label).get(), 1);
+        assert_eq!(scale.waiting_connections.get(), 1);
+        assert_eq!(scale.steered_subflows.get(), 1);
+    }
+
+    /// The exact percentiles are nearest-rank over the recent installs.
+    #[test]
+    fn install_percentiles_are_exact() {
+        let scale = ScaleMetrics::register(&mut Registry::default());
+        for ms in 1..=100 {
+            scale.record_install(Duration::from_millis(ms));
+        }
+        scale.refresh_quantiles();
+        let at = |percentile| {
+            scale
+                .rule_install_recent
+                .get_or_create(&PercentileLabel { percentile })
+                .get()
+        };
+        assert_eq!((at("50"), at("90"), at("99")), (0.05, 0.09, 0.099));
+    }
+}

@@ -155,3 +155,69 @@ fn resync_repairs_what_lost_events_left() {
     assert_eq!(summary.changes_failed, 0, "{summary:?}");
     assert!(!proxy.has_table("mptcp_proxy"));
 }
+
+/// The periodic resync alone keeps the maps true: no event listener runs, connections open and
+/// close, and every `resync_interval` the kernel's snapshot adds and removes their elements.
+#[test]
+fn periodic_resync_steers_and_releases_without_events() {
+    if !require_root("periodic_resync_steers_and_releases_without_events") {
+        return;
+    }
+    let (proxy, client) = two_paths();
+    let server = proxy.enter(|| listener("0.0.0.0:7400", true));
+    std::thread::spawn(move || {
+        for stream in server.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let config = ThrottleConfig::from_toml_str(
+        &POLICY.replace(r#"resync_interval = "off""#, r#"resync_interval = "300ms""#),
+    )
+    .unwrap();
+    assert_eq!(
+        config.resync_interval,
+        Some(std::time::Duration::from_millis(300))
+    );
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let proxy_name = proxy.name.clone();
+    let owner = std::thread::spawn(move || {
+        enter_netns(&proxy_name);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            // The sender stays open (and silent): the owner runs until shut down.
+            let (_events, receiver) = event_channel(16);
+            let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(run(config, receiver, async move {
+                let _ = shutdown_rx.await;
+            }));
+            tokio::task::spawn_blocking(move || stop_rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            let _ = shutdown_tx.send(());
+            task.await.unwrap().unwrap()
+        })
+    });
+
+    wait_for("the throttle's table", || proxy.has_table("mptcp_proxy"));
+    let connections: Vec<TcpStream> = (0..2).map(|_| open(&client)).collect();
+    wait_for("four subflows", || live_subflows(&proxy) == 4);
+    wait_for("a periodic resync to steer them", || steered(&proxy) == 4);
+    drop(connections);
+    wait_for("the connections to close", || live_subflows(&proxy) == 0);
+    wait_for("a periodic resync to release them", || steered(&proxy) == 0);
+
+    stop_tx.send(()).unwrap();
+    let summary = owner.join().unwrap();
+    assert_eq!(summary.events, 0, "no event reached the owner: {summary:?}");
+    assert!(summary.resyncs >= 3, "start and two periodic: {summary:?}");
+    assert_eq!(summary.changes_failed, 0, "{summary:?}");
+    assert!(!proxy.has_table("mptcp_proxy"));
+}
