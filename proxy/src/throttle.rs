@@ -9,8 +9,7 @@ use std::time::Duration;
 use mptcp_throttle::core::ThrottleState;
 use mptcp_throttle::{
     Change, ClassDirection, ConnectionSelector, Destination, EventSender, FourTuple, KernelError,
-    PolicyReceiver, PolicySender, ResyncReason, ResyncReport, SubflowEvent, ThrottleConfig,
-    ThrottleHooks,
+    PolicyReceiver, PolicySender, ResyncReason, ResyncReport, ThrottleConfig, ThrottleHooks,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -18,7 +17,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use tokio::sync::mpsc;
 
 use crate::metrics::{ClassLabel, ClassLabels, Metrics};
 use crate::registry::SubflowClasses;
@@ -185,7 +183,7 @@ pub struct ThrottleHandle {
     pub events: EventSender,
     /// Where a reload sends a new policy (classes and rules) for the running owner task.
     pub policies: PolicySender,
-    receiver: mpsc::Receiver<SubflowEvent>,
+    receiver: mptcp_throttle::EventReceiver,
     policy_receiver: PolicyReceiver,
     config: ThrottleConfig,
     classes: Arc<SubflowClasses>,
@@ -525,7 +523,7 @@ impl ThrottleHooks for ThrottleMetrics {
 mod tests {
     use std::time::Instant;
 
-    use mptcp_throttle::{ConnectionToken, SubflowInfo};
+    use mptcp_throttle::{ConnectionToken, SubflowEvent, SubflowInfo};
 
     use super::*;
 

@@ -35,8 +35,22 @@ pub enum ThrottleError {
 /// Sends events (and request destinations) to the owner task.
 #[derive(Debug, Clone)]
 pub struct EventSender {
-    tx: mpsc::Sender<SubflowEvent>,
+    tx: mpsc::Sender<StampedEvent>,
 }
+
+/// An event with the instant it was handed to [`EventSender`]: a rule's install latency runs from
+/// there (for kernel events, right after the listener decoded them), so time spent waiting in the
+/// channel while the owner task was busy is counted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StampedEvent {
+    /// When the event was sent.
+    pub at: Instant,
+    /// The event.
+    pub event: SubflowEvent,
+}
+
+/// The owner task's end of [`event_channel`].
+pub type EventReceiver = mpsc::Receiver<StampedEvent>;
 
 /// The owner task is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -46,12 +60,19 @@ pub struct ThrottleStopped;
 impl EventSender {
     /// Sends one event; waits while the channel is full.
     pub async fn send(&self, event: SubflowEvent) -> Result<(), ThrottleStopped> {
-        self.tx.send(event).await.map_err(|_| ThrottleStopped)
+        let at = Instant::now();
+        self.tx
+            .send(StampedEvent { at, event })
+            .await
+            .map_err(|_| ThrottleStopped)
     }
 
     /// Sends from a non-async thread.
     pub fn blocking_send(&self, event: SubflowEvent) -> Result<(), ThrottleStopped> {
-        self.tx.blocking_send(event).map_err(|_| ThrottleStopped)
+        let at = Instant::now();
+        self.tx
+            .blocking_send(StampedEvent { at, event })
+            .map_err(|_| ThrottleStopped)
     }
 
     /// Asks the owner task to rebuild the live subflows from the kernel now (as after lost events).
@@ -76,7 +97,7 @@ impl EventSender {
 }
 
 /// A channel for [`run`]: give the receiver to `run`, clone the sender freely.
-pub fn event_channel(capacity: usize) -> (EventSender, mpsc::Receiver<SubflowEvent>) {
+pub fn event_channel(capacity: usize) -> (EventSender, EventReceiver) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     (EventSender { tx }, rx)
 }
@@ -498,10 +519,7 @@ fn warn_limits(state: &ThrottleState, summary: &mut RunSummary) {
     }
 }
 
-async fn drain_until<F: Future<Output = ()>>(
-    mut events: mpsc::Receiver<SubflowEvent>,
-    shutdown: F,
-) -> u64 {
+async fn drain_until<F: Future<Output = ()>>(mut events: EventReceiver, shutdown: F) -> u64 {
     tokio::pin!(shutdown);
     let mut count = 0;
     loop {
@@ -524,7 +542,7 @@ async fn drain_until<F: Future<Output = ()>>(
 /// on a multi-threaded runtime.
 pub async fn run<F: Future<Output = ()>>(
     config: ThrottleConfig,
-    events: mpsc::Receiver<SubflowEvent>,
+    events: EventReceiver,
     shutdown: F,
 ) -> Result<RunSummary, ThrottleError> {
     run_with_hooks(config, events, shutdown, NoHooks).await
@@ -533,7 +551,7 @@ pub async fn run<F: Future<Output = ()>>(
 /// [`run`] with metrics hooks.
 pub async fn run_with_hooks<F: Future<Output = ()>, H: ThrottleHooks>(
     config: ThrottleConfig,
-    events: mpsc::Receiver<SubflowEvent>,
+    events: EventReceiver,
     shutdown: F,
     hooks: H,
 ) -> Result<RunSummary, ThrottleError> {
@@ -545,7 +563,7 @@ pub async fn run_with_hooks<F: Future<Output = ()>, H: ThrottleHooks>(
 /// refused with a log line: stop this task and start another for it.
 pub async fn run_with_policy_updates<F: Future<Output = ()>, H: ThrottleHooks>(
     config: ThrottleConfig,
-    events: mpsc::Receiver<SubflowEvent>,
+    events: EventReceiver,
     policies: Option<PolicyReceiver>,
     shutdown: F,
     hooks: H,
@@ -740,7 +758,7 @@ fn resync<B: ThrottleBackend, H: ThrottleHooks>(
 /// [`run`] with an explicit backend (tests use a recording one).
 pub async fn run_with_backend<F, B, H>(
     config: ThrottleConfig,
-    events: mpsc::Receiver<SubflowEvent>,
+    events: EventReceiver,
     shutdown: F,
     backend: B,
     hooks: H,
@@ -756,7 +774,7 @@ where
 /// [`run_with_backend`] taking new policies from `policies`, as [`run_with_policy_updates`] does.
 pub async fn run_with_backend_and_policies<F, B, H>(
     config: ThrottleConfig,
-    events: mpsc::Receiver<SubflowEvent>,
+    events: EventReceiver,
     policies: PolicyReceiver,
     shutdown: F,
     backend: B,
@@ -782,7 +800,7 @@ fn refuse_policy(running: &ThrottleConfig, new: &ThrottleConfig) -> Option<Strin
 
 async fn run_owner<F, B, H>(
     config: ThrottleConfig,
-    mut events: mpsc::Receiver<SubflowEvent>,
+    mut events: EventReceiver,
     mut policies: Option<PolicyReceiver>,
     shutdown: F,
     mut backend: B,
@@ -863,12 +881,11 @@ where
                 while let Ok(more) = events.try_recv() {
                     batch.push(more);
                 }
-                for event in &mut batch {
-                    route_subflow(&mut backend, &mut routes, event);
+                for stamped in &mut batch {
+                    route_subflow(&mut backend, &mut routes, &mut stamped.event);
                 }
-                let now = Instant::now();
                 tracing::trace!(events = batch.len(), "event batch");
-                let unknown_interface = batch.iter().any(|event| match event {
+                let unknown_interface = batch.iter().any(|stamped| match &stamped.event {
                     SubflowEvent::ConnectionCreated { subflow, .. }
                     | SubflowEvent::ConnectionEstablished { subflow, .. }
                     | SubflowEvent::SubflowEstablished { subflow, .. } => !state.resolves_interface(subflow),
@@ -878,10 +895,11 @@ where
                     refresh_interfaces(&mut backend, &mut state);
                 }
                 let mut lost = false;
-                for event in batch {
+                for StampedEvent { at, event } in batch {
                     summary.events += 1;
                     lost |= event == SubflowEvent::EventsLost;
-                    state.handle_event(now, event);
+                    // The latency of what this event installs starts when it was sent.
+                    state.handle_event(at, event);
                 }
                 if lost && resyncs {
                     resync(&mut state, &mut backend, &mut hooks, &mut summary, ResyncReason::EventsLost);
