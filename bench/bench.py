@@ -882,7 +882,7 @@ def bench_throttle_scale(subflows=10000, runs=3, size_mib=256):
     none, steered = med("bulk-download", "none-steered", "throughput"), med("bulk-download", "steered", "throughput")
     print(f"\n(e') throttle at scale: {subflows} steered subflows ({per_client} two-subflow connections from each of "
           f"2 client namespaces), median of {runs}")
-    print(f"rule install (event -> batch ack), exact, last {med('rule-install', 'throttled', 'installs'):.0f} installs: "
+    print(f"rule install (event sent -> batch ack), exact, last {med('rule-install', 'throttled', 'installs'):.0f} installs: "
           f"p50 {med('rule-install', 'throttled', 'p50') * 1e3:.3f} ms, p99 {med('rule-install', 'throttled', 'p99') * 1e3:.3f} ms")
     print(f"connections up in {med('hold', 'throttled', 'connections_up'):.1f} s, "
           f"{med('hold', 'throttled', 'steered'):.0f} subflows steered (of {med('hold', 'throttled', 'live_subflows'):.0f} "
