@@ -55,17 +55,8 @@ fn open(client: &Netns) -> TcpStream {
     .unwrap()
 }
 
-#[test]
-fn resync_repairs_what_lost_events_left() {
-    if !require_root("resync_repairs_what_lost_events_left") {
-        return;
-    }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let (proxy, client) = two_paths();
-    // An MPTCP server that holds every connection until the client closes it.
+/// An MPTCP server on port 7400 of `proxy` that holds every connection until the client closes it.
+fn holding_server(proxy: &Netns) {
     let server = proxy.enter(|| listener("0.0.0.0:7400", true));
     std::thread::spawn(move || {
         for stream in server.incoming() {
@@ -76,6 +67,19 @@ fn resync_repairs_what_lost_events_left() {
             });
         }
     });
+}
+
+#[test]
+fn resync_repairs_what_lost_events_left() {
+    if !require_root("resync_repairs_what_lost_events_left") {
+        return;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let (proxy, client) = two_paths();
+    holding_server(&proxy);
 
     // Three connections of two subflows each, before the throttle runs.
     let mut connections: Vec<TcpStream> = (0..3).map(|_| open(&client)).collect();
@@ -164,16 +168,7 @@ fn periodic_resync_steers_and_releases_without_events() {
         return;
     }
     let (proxy, client) = two_paths();
-    let server = proxy.enter(|| listener("0.0.0.0:7400", true));
-    std::thread::spawn(move || {
-        for stream in server.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
-            });
-        }
-    });
+    holding_server(&proxy);
     let config = ThrottleConfig::from_toml_str(
         &POLICY.replace(r#"resync_interval = "off""#, r#"resync_interval = "300ms""#),
     )
