@@ -43,10 +43,6 @@ pub struct PercentileLabel {
     pub percentile: &'static str,
 }
 
-/// Scheduling priority of the throttle's owner thread (nice; lower goes first; needs CAP_SYS_NICE,
-/// else it stays at the default).
-const OWNER_NICE: i32 = -10;
-
 /// How many recent rule-install latencies the exact quantiles cover.
 const RECENT_INSTALLS: usize = 1 << 16;
 /// The quantiles exported exactly.
@@ -238,11 +234,12 @@ impl ThrottleHandle {
             class_counts: BTreeMap::new(),
         };
         let config = self.config;
-        // The owner task gets a thread of its own at a higher scheduling priority: with thousands of
-        // connections being accepted, a shared worker (or a fair share of a loaded CPU) delays steering
-        // by tens of milliseconds (measured in bench (e')); the control plane goes first.
+        // The owner task gets a thread of its own, scheduled ahead of connection handling
+        // (`realtime_priority`): with thousands of connections being accepted, a shared worker (or a
+        // fair share of a loaded CPU) delayed steering by tens of milliseconds (bench (e')).
+        let realtime_priority = config.realtime_priority;
         Ok(tokio::task::spawn_blocking(move || {
-            mptcp_throttle::driver::raise_thread_priority(OWNER_NICE);
+            mptcp_throttle::driver::set_control_thread_scheduling(realtime_priority);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

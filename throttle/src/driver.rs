@@ -201,8 +201,30 @@ pub fn raise_thread_priority(nice: i32) {
     }
 }
 
-/// The listener thread's priority (see [`raise_thread_priority`]).
-const LISTENER_NICE: i32 = -10;
+/// The control threads' nice value when they do not run as real-time threads.
+const CONTROL_NICE: i32 = -10;
+
+/// Schedules the calling thread as one of the throttle's control threads (the event listener, the
+/// owner task): `SCHED_RR` at `realtime_priority` (1..=99), or with 0, or where the kernel refuses it
+/// (no `CAP_SYS_NICE`), nice -10 (see [`raise_thread_priority`]). See
+/// [`ThrottleConfig::realtime_priority`] for why.
+pub fn set_control_thread_scheduling(realtime_priority: u8) {
+    if realtime_priority > 0 {
+        let param = libc::sched_param {
+            sched_priority: i32::from(realtime_priority.min(99)),
+        };
+        // SAFETY: pid 0 is the calling thread; param is a valid sched_param for the call.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) } == 0 {
+            return;
+        }
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            realtime_priority,
+            "could not make the thread SCHED_RR; it runs at nice {CONTROL_NICE}"
+        );
+    }
+    raise_thread_priority(CONTROL_NICE);
+}
 
 /// Subscribes to the kernel's `mptcp_pm_events` in the calling thread's
 /// network namespace and forwards decoded events to `events` from a
@@ -216,6 +238,21 @@ pub fn spawn_kernel_events(events: EventSender) -> Result<KernelEventListener, P
 pub fn spawn_kernel_events_with_buffer(
     events: EventSender,
     receive_buffer: Option<usize>,
+) -> Result<KernelEventListener, PmError> {
+    spawn_kernel_events_with_options(events, receive_buffer, default_realtime_priority())
+}
+
+/// The default of [`ThrottleConfig::realtime_priority`].
+fn default_realtime_priority() -> u8 {
+    ThrottleConfig::default().realtime_priority
+}
+
+/// [`spawn_kernel_events_with_buffer`] with the listener thread scheduled at `realtime_priority`
+/// (see [`set_control_thread_scheduling`]).
+pub fn spawn_kernel_events_with_options(
+    events: EventSender,
+    receive_buffer: Option<usize>,
+    realtime_priority: u8,
 ) -> Result<KernelEventListener, PmError> {
     let (socket, family) = mptcp_pm::open_event_socket()?;
     let family_id = family.id;
@@ -234,7 +271,7 @@ pub fn spawn_kernel_events_with_buffer(
     let thread = std::thread::Builder::new()
         .name("mptcp-pm-events".into())
         .spawn(move || {
-            raise_thread_priority(LISTENER_NICE);
+            set_control_thread_scheduling(realtime_priority);
             while !stop_flag.load(Ordering::SeqCst) {
                 if paused_flag.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(10));
@@ -323,7 +360,7 @@ pub fn start_event_source(
         tracing::warn!("no CAP_NET_ADMIN: not listening to mptcp_pm events");
         return Ok(None);
     }
-    spawn_kernel_events(events).map(Some)
+    spawn_kernel_events_with_options(events, None, config.realtime_priority).map(Some)
 }
 
 /// Observers of the owner task (metrics).

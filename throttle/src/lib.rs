@@ -43,9 +43,9 @@ pub use crate::core::{
 };
 pub use crate::driver::{
     event_channel, policy_channel, run, run_with_hooks, run_with_policy_updates,
-    spawn_kernel_events, spawn_kernel_events_with_buffer, start_event_source, EventReceiver,
-    EventSender, KernelEventListener, PolicyReceiver, PolicySender, ResyncReason, RunSummary,
-    StampedEvent, ThrottleError, ThrottleHooks,
+    spawn_kernel_events, spawn_kernel_events_with_buffer, spawn_kernel_events_with_options,
+    start_event_source, EventReceiver, EventSender, KernelEventListener, PolicyReceiver,
+    PolicySender, ResyncReason, RunSummary, StampedEvent, ThrottleError, ThrottleHooks,
 };
 pub use crate::event::{
     ConnectionSelector, ConnectionToken, Destination, FourTuple, InterfaceRef, SubflowEvent,
