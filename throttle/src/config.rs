@@ -153,7 +153,7 @@ pub struct ThrottleConfig {
     /// and the owner task (in the proxy); 0 = none, they run at nice -10 instead. Default 1, the lowest
     /// real-time priority: under a burst of connections on a loaded machine the nice threads waited up
     /// to 100 ms for a CPU (rule-install p99 17 to 100 ms at 10,000 subflows; 0.16 to 3.9 ms with
-    /// SCHED_RR` 1, bench (e')). Their work is bounded by the event rate (tens of microseconds per
+    /// `SCHED_RR` 1, bench (e')). Their work is bounded by the event rate (tens of microseconds per
     /// event), and the kernel's real-time throttling keeps 5% of each second for everything else.
     /// Needs `CAP_SYS_NICE`; without it the nice fallback is used (logged at debug level).
     #[serde(default = "default_realtime_priority")]
