@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
 """mptcp-proxy benchmarks, measured side by side in one run on the netns testbed (issue 7).
 
-Subjects: mptcp-proxy; Squid (Debian) run under `mptcpize run` with caching off, as in the seeds; and the
-direct routed path without a proxy. The client is always MPTCP (`mptcpize run curl|wrk`) with two paths.
+Subjects: mptcp-proxy; HAProxy 3.4 terminating MPTCP natively (`bind mptcp@`, built from the shared anchors
+with build-haproxy.sh), configured for speed; Squid (Debian) run under `mptcpize run` with caching off, as in
+the seeds; and the direct routed path without a proxy. The client is always MPTCP (`mptcpize run curl|wrk`)
+with two paths. Proxies' CPU (user + system, all threads) comes from /proc/PID/stat.
 
   bench.py throughput [--size-mib 256] [--runs 5]   (a) bulk download, plus the iperf3 -R MPTCP limit
-  bench.py requests   [--seconds 10]                (b) keep-alive small objects with wrk
+  bench.py requests   [--seconds 10] [--runs 3] [--compare BIN]... [--perf] [--skip squid]
+                                                    (b) keep-alive small objects with wrk: req/s, p50/p99,
+                                                    CPU and context switches per request; --compare adds a
+                                                    second mptcp-proxy build (A/B in the same run); --perf
+                                                    records a profile of mptcp-proxy under the same load
   bench.py conversion [--requests 200] [--rounds 30]   (c) seed 002 Table 1: SYN and data conversion delay,
                                                      with RFC 8803 Convert (mptcp-convert) beside CONNECT
                                                      and Squid; time to first byte over 20 ms RTT paths
@@ -19,10 +25,23 @@ direct routed path without a proxy. The client is always MPTCP (`mptcpize run cu
                                                      client namespaces: rule-install latency p50/p99
                                                      (exact), bulk download with them against none,
                                                      memory per steered subflow, resync time
+  bench.py fig9                                     (i) Fig. 9 with headless Chromium: a 720p video and a download
+                                                     over 2 x 2 Mbit/s (+20 ms on one), coordinated routing at 60 s,
+                                                     download stopped at 120 s: per-second CSV and plot
+  bench.py mpip --clients 32 [--seconds 10]          (g) N real mpipd clients at once against one: aggregate
+                                                     Gbit/s and CPU s/GB of each end (capacity, issue 16)
   bench.py mpip [--seconds 10] [--runs 3] [--perf]   (g) MPIP tunnel (mpipd <-> mpip-proxy, two unshaped
                                                      paths) against the direct path: iperf3 throughput,
                                                      CPU s/GB per end, added latency p50/p99 idle and
                                                      loaded; --perf also records a perf profile
+  bench.py detour [--runs 5] [--seconds 10] [--scenario S]
+                                                     (h) thesis Table 1 (seed 003): symmetric and core-limited,
+                                                     plain, 1% loss and 100 ms delay on link 2; TCP, TCP via
+                                                     the NAT detour, TCP via OpenVPN, 1-subflow MPTCP, MPTCP +
+                                                     NAT detour, MPTCP + tunnel detour (iperf3 upload, bytes
+                                                     of seconds 1-10 / 9 s, as the thesis measured); and
+                                                     TCP through the NAT detour with 10 vs 10,000 mappings
+                                                     (--scenario scale runs only that)
   bench.py all
 
 Each run writes bench/results/<bench>-<UTC time>.csv (bench,scenario,subject,run,metric,value,unit),
@@ -38,6 +57,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -64,13 +84,33 @@ def run(cmd, check=True, **kw):
     return subprocess.run(cmd, check=check, text=True, capture_output=True, **kw)
 
 
+def haproxy_binary():
+    """HAProxy 3.4.0 built by the shared anchors' build-haproxy.sh (the unchanged release; the Debian 12
+    package is 2.6, without MPTCP). The script lies in `shared/anchors/` beside the checkout (found from
+    a worktree too) or where $HAPROXY_BUILD_SCRIPT says; it builds once and reuses the build."""
+    script = os.environ.get("HAPROXY_BUILD_SCRIPT")
+    if not script:
+        found = [p / "shared/anchors/build-haproxy.sh" for p in ROOT.parents
+                 if (p / "shared/anchors/build-haproxy.sh").exists()]
+        if not found:
+            raise RuntimeError("build-haproxy.sh not found in shared/anchors/ beside the checkout "
+                               "(set HAPROXY_BUILD_SCRIPT)")
+        script = found[0]
+    out = run(["bash", str(script)], check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{script}: {out.stderr.strip()}")
+    return out.stdout.strip().splitlines()[-1]
+
+
 class Lab:
     """One testbed (three namespaces) with nginx, and the proxies under test in the proxy namespace."""
 
     def __init__(self, name, rates=(None, None), losses=(None, None), server_rate=None, delays=(None, None),
-                 second_client=False):
+                 clients=0, extra=(), second_client=False):
         self.prefix = f"b{os.getpid() % 100000}{name}"
-        args = [str(TESTBED), "up", self.prefix] + (["--second-client"] if second_client else [])
+        args = [str(TESTBED), "up", self.prefix, *extra] + (["--second-client"] if second_client else [])
+        if clients:
+            args += ["--clients", str(clients)]
         for i, delay in enumerate(delays, 1):
             if delay:  # added round-trip time in ms, the testbed's user-space delay line
                 args += [f"--delay{i}", str(delay)]
@@ -82,6 +122,7 @@ class Lab:
                 args += [f"--loss{i}", str(loss)]
         run(args, env={**os.environ, "TESTBED_DELAY": str(DELAY_BIN)})
         self.ns = {h: f"{self.prefix}-{h}" for h in ("cli", "cl2", "prx", "srv")}
+        self.ns.update({f"c{k}": f"{self.prefix}-c{k}" for k in range(1, clients + 1)})
         self.work = Path(tempfile.mkdtemp(prefix="mpx-bench-"))
         self.procs = []
         if server_rate:
@@ -142,13 +183,37 @@ class Lab:
         self.exec("srv", "nginx", "-c", str(conf))
         self.wait_port("srv", "10.0.3.2", 80)
 
-    def proxy(self, port, mode="copy", extra=""):
+    def proxy(self, port, mode="copy", extra="", binary=None):
         conf = self.work / f"proxy-{port}.toml"
         conf.write_text(f'[[listener]]\naddress = "0.0.0.0:{port}"\n[access_log]\npath = "off"\n'
                         f'[metrics]\naddress = "off"\n[relay]\nmode = "{mode}"\n'
                         f'[acl]\nconnect_ports = [80, 443]\n{extra}')
-        p = self.spawn("prx", "prlimit", "--nofile=20000", str(PROXY_BIN), "--config", str(conf))
+        p = self.spawn("prx", "prlimit", "--nofile=20000", str(binary or PROXY_BIN), "--config", str(conf))
         self.wait_port("prx", "10.0.1.1", port)
+        return p
+
+    def haproxy(self, http_port, tcp_port, reuse="always"):
+        """HAProxy 3.4 terminating MPTCP natively, set up as its users would for speed: one thread per core,
+        `mode http` with `http-reuse {reuse}` on `http_port` (absolute-form requests are forwarded to nginx
+        like origin-form ones), `mode tcp` with `option splice-auto` on `tcp_port` (the relay, as a
+        CONNECT tunnel would carry it). Plain TCP to nginx. Returns the process (pid = haproxy's)."""
+        conf = self.work / f"haproxy-{http_port}.cfg"
+        conf.write_text(
+            f"global\n  nbthread {os.cpu_count()}\n"  # maxconn follows RLIMIT_NOFILE (20000 here)
+            f"  stats socket {self.work}/haproxy-{http_port}.sock\n"
+            f"defaults\n  timeout connect 10s\n  timeout client 5m\n  timeout server 5m\n"
+            f"  timeout http-keep-alive 5m\n  timeout http-request 30s\n"
+            f"frontend http\n  mode http\n  bind mptcp@0.0.0.0:{http_port}\n  default_backend nginx_http\n"
+            f"backend nginx_http\n  mode http\n  http-reuse {reuse}\n  server nginx 10.0.3.2:80\n"
+            f"listen tcp\n  mode tcp\n  bind mptcp@0.0.0.0:{tcp_port}\n  option splice-auto\n"
+            f"  server nginx 10.0.3.2:80\n")
+        binary = haproxy_binary()
+        check = run([binary, "-c", "-f", str(conf)], check=False)
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy -c: {check.stdout} {check.stderr}")
+        p = self.spawn("prx", "prlimit", "--nofile=20000", binary, "-f", str(conf))
+        self.wait_port("prx", "10.0.1.1", http_port)
+        self.wait_port("prx", "10.0.1.1", tcp_port)
         return p
 
     def squid(self, port, persistent=True):
@@ -232,40 +297,70 @@ def via_proxy(port, tunnel=False):
     return ["-x", f"http://10.0.1.1:{port}"] + (["-p"] if tunnel else [])
 
 
+def proxy_pids(lab, procs):
+    """{subject: pid} of the proxies under test (the process under `ip netns exec`, prlimit, mptcpize)."""
+    names = {"mptcp-proxy": "mptcp-proxy", "haproxy": "haproxy", "squid": "squid"}
+    pids = {}
+    for subject, p in procs.items():
+        name = next(n for prefix, n in names.items() if subject.startswith(prefix))
+        pids[subject] = child_pid(p.pid, name)
+    return pids
+
+
 def bench_throughput(size_mib=256, runs=5):
     res = Results("throughput")
     with Lab("tp") as lab:
         lab.nginx({"big.bin": size_mib << 20})
-        lab.proxy(3128, "copy")
-        lab.proxy(3130, "splice")
-        lab.squid(3129)
+        procs = {"mptcp-proxy": lab.proxy(3128, "copy"), "mptcp-proxy-splice": lab.proxy(3130, "splice"),
+                 "squid": lab.squid(3129), "haproxy": lab.haproxy(3140, 3141)}
+        pids = proxy_pids(lab, procs)
         lab.spawn("prx", "mptcpize", "run", "iperf3", "-s", "-B", "10.0.1.1", "-p", "5201")
         lab.wait_port("prx", "10.0.1.1", 5201)
         url = "http://10.0.3.2/big.bin"
+        # absolute-form: HAProxy `mode http` with the same absolute-form request; connect: our and Squid's
+        # CONNECT tunnels against HAProxy's `mode tcp` relay (splice-auto) to the same server.
+        subjects = {
+            "absolute-form": [("mptcp-proxy", via_proxy(3128), url), ("mptcp-proxy-splice", via_proxy(3130), url),
+                              ("haproxy", via_proxy(3140), url), ("squid", via_proxy(3129), url)],
+            "connect": [("mptcp-proxy", via_proxy(3128, True), url),
+                        ("mptcp-proxy-splice", via_proxy(3130, True), url),
+                        ("haproxy", [], "http://10.0.1.1:3141/big.bin"), ("squid", via_proxy(3129, True), url)],
+        }
         for scenario, tunnel in (("absolute-form", False), ("connect", True)):
             for n in range(1, runs + 1):
+                # The kernel's own MPTCP rate, interleaved with the proxies in every round.
+                out = lab.exec("cli", "mptcpize", "run", "iperf3", "-c", "10.0.1.1", "-p", "5201",
+                               "-R", "-t", "3", "-J")
+                bps = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+                res.add(scenario, "mptcp_limit", n, "throughput", bps, "bit/s")
                 if not tunnel:
-                    out = lab.exec("cli", "mptcpize", "run", "iperf3", "-c", "10.0.1.1", "-p", "5201",
-                                   "-R", "-t", "3", "-J")
-                    bps = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
-                    res.add(scenario, "mptcp_limit", n, "throughput", bps, "bit/s")
                     size, sec = curl_fetch(lab, [], [], url)
                     res.add(scenario, "direct_tcp", n, "throughput", size * 8 / sec, "bit/s")
-                for subject, port in (("mptcp-proxy", 3128), ("mptcp-proxy-splice", 3130), ("squid", 3129)):
-                    size, sec = curl_fetch(lab, MPTCP, via_proxy(port, tunnel), url)
+                order = subjects[scenario][n % 2:] + subjects[scenario][:n % 2]  # alternate who goes first
+                for subject, options, target in order:
+                    cpu0 = proc_cpu(pids[subject])
+                    size, sec = curl_fetch(lab, MPTCP, options, target)
+                    cpu = proc_cpu(pids[subject]) - cpu0
                     if size != size_mib << 20:
                         raise RuntimeError(f"{subject} delivered {size} bytes")
                     res.add(scenario, subject, n, "throughput", size * 8 / sec, "bit/s")
+                    res.add(scenario, subject, n, "cpu_per_gb", cpu / (size / 1e9), "s/GB")
     res.save()
-    print(f"\n(a) bulk throughput, {size_mib} MiB, median of {runs}, Gbit/s and ratios")
-    print(f"{'scenario':<14}{'subject':<20}{'Gbit/s':>8}{'x limit':>9}{'x squid':>9}")
-    limit = res.median("absolute-form", "mptcp_limit", "throughput")
+    print(f"\n(a) bulk throughput, {size_mib} MiB, median of {runs}, Gbit/s, ratios and proxy CPU s/GB")
+    print(f"{'scenario':<14}{'subject':<20}{'Gbit/s':>8}{'x limit':>9}{'x haproxy':>10}{'x squid':>9}"
+          f"{'CPU s/GB':>9}{'x haproxy':>10}")
     for scenario in ("absolute-form", "connect"):
+        limit = res.median(scenario, "mptcp_limit", "throughput")
         squid = res.median(scenario, "squid", "throughput")
-        for subject in ("mptcp_limit", "direct_tcp", "mptcp-proxy", "mptcp-proxy-splice", "squid"):
+        haproxy = res.median(scenario, "haproxy", "throughput")
+        haproxy_cpu = res.median(scenario, "haproxy", "cpu_per_gb")
+        for subject in ("mptcp_limit", "direct_tcp", "mptcp-proxy", "mptcp-proxy-splice", "haproxy", "squid"):
             m = res.median(scenario, subject, "throughput")
+            cpu = res.median(scenario, subject, "cpu_per_gb")
             if m == m:
-                print(f"{scenario:<14}{subject:<20}{m / 1e9:>8.2f}{m / limit:>9.2f}{m / squid:>9.2f}")
+                cpu_text = f"{cpu:>9.3f}{cpu / haproxy_cpu:>10.2f}" if cpu == cpu else f"{'-':>9}{'-':>10}"
+                print(f"{scenario:<14}{subject:<20}{m / 1e9:>8.2f}{m / limit:>9.2f}{m / haproxy:>10.2f}"
+                      f"{m / squid:>9.2f}{cpu_text}")
     plot_bars(res, "throughput", "Throughput (Gbit/s)", 1e-9)
     return res
 
@@ -278,37 +373,152 @@ def parse_wrk(text):
     return rps, lat.get("50"), lat.get("99")
 
 
-def bench_requests(seconds=10, connections=32, runs=3):
+def wrk_counts(text):
+    """(requests completed, responses that were not 2xx/3xx, socket errors) from wrk's output."""
+    requests = int(re.search(r"(\d+) requests in", text).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return requests, int(bad.group(1)) if bad else 0, sum(map(int, errors.groups())) if errors else 0
+
+
+def proc_switches(pid):
+    """Context switches (voluntary + involuntary) of all threads of a process."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue  # the thread ended
+        total += sum(int(v) for v in re.findall(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", status, re.M))
+    return total
+
+
+def perf_profile(pid, seconds, name):
+    """Records `perf record -g` of pid for `seconds` and writes the flat and per-symbol reports to
+    bench/results/NAME-perf-STAMP.txt (software cpu-clock: this VM has no hardware counters)."""
+    if not shutil.which("perf"):
+        print("perf is not installed: no profile")
+        return None
+    data = Path(tempfile.mkdtemp(prefix="mpx-perf-")) / "perf.data"
+    run(["perf", "record", "-e", "cpu-clock", "-g", "-o", str(data), "-p", str(pid), "--", "sleep",
+         str(seconds)], check=False)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = RESULTS / f"{name}-perf-{STAMP}.txt"
+    with open(report, "w") as f:
+        for sort in ("dso", "dso,sym"):
+            f.write(run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", sort,
+                         "--percent-limit", "0.3", "-g", "none"], check=False).stdout)
+        f.write(run(["perf", "report", "-i", str(data), "--stdio", "--children", "--sort", "sym",
+                     "--percent-limit", "2", "-g", "none"], check=False).stdout)
+    shutil.rmtree(data.parent, ignore_errors=True)
+    print(f"wrote {report.relative_to(ROOT)}")
+    return report
+
+
+PERF_COUNTS = ["raw_syscalls:sys_enter", "sched:sched_switch", "sched:sched_wakeup", "syscalls:sys_enter_futex",
+               "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_recvmsg",
+               "syscalls:sys_enter_read", "syscalls:sys_enter_writev", "syscalls:sys_enter_sendmsg",
+               "syscalls:sys_enter_sendto", "syscalls:sys_enter_write"]
+PERF_NAMES = [e.split(":")[1].replace("sys_enter_", "") for e in PERF_COUNTS]
+
+
+def perf_stat_counts(text):
+    """{event: count} from `perf stat -x,` output (event names without their tracepoint group)."""
+    counts = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) > 3 and fields[0].replace(".", "", 1).isdigit():
+            counts[fields[2].split(":")[-1].replace("sys_enter_", "")] = float(fields[0])
+    return counts
+
+
+REQUEST_METRICS = (("requests_per_second", "req/s", 1, ".0f"), ("latency_p50", "p50 ms", 1e3, ".3f"),
+                   ("latency_p99", "p99 ms", 1e3, ".3f"), ("cpu_per_request", "CPU us", 1e6, ".1f"),
+                   ("switches_per_request", "cs/req", 1, ".2f"))
+
+
+def bench_requests(seconds=10, connections=32, runs=3, compare=None, perf=False, skip=()):
+    """Keep-alive 1 KiB objects through each subject with `wrk -t2 -cN`, subjects interleaved round by round
+    (the order rotates each round). `compare` lists more mptcp-proxy binaries measured the same way, each as the
+    subject `mptcp-proxy@NAME` (an A/B of builds in one run)."""
     res = Results("requests")
     with Lab("rq") as lab:
         lab.nginx({"small.txt": 1024})
-        lab.proxy(3128)
-        lab.squid(3129)
+        procs = {"mptcp-proxy": lab.proxy(3128), "haproxy": lab.haproxy(3140, 3141)}
+        if "squid" not in skip:
+            procs["squid"] = lab.squid(3129)
+        ports = {"mptcp-proxy": 3128, "haproxy": 3140, "squid": 3129}
+        for i, binary in enumerate(compare or []):
+            subject = f"mptcp-proxy@{Path(binary).name}"
+            procs[subject] = lab.proxy(3150 + i, binary=binary)
+            ports[subject] = 3150 + i
+        pids = proxy_pids(lab, procs)
         script = lab.work / "absolute.lua"
-        script.write_text('wrk.path = "http://10.0.3.2/small.txt"\n')
-        subjects = {
-            "mptcp-proxy": ["mptcpize", "run", "wrk", "-s", str(script), "http://10.0.1.1:3128"],
-            "squid": ["mptcpize", "run", "wrk", "-s", str(script), "http://10.0.1.1:3129"],
-            "direct_tcp": ["wrk", "http://10.0.3.2/small.txt"],
-        }
+        # Every proxy gets the same absolute-form request over MPTCP, with the Host a proxy client sends
+        # (curl -x): HAProxy answers 400 when Host differs from the absolute-form authority.
+        script.write_text('wrk.path = "http://10.0.3.2/small.txt"\nwrk.headers["Host"] = "10.0.3.2"\n')
+        subjects = {s: ["mptcpize", "run", "wrk", "-s", str(script), f"http://10.0.1.1:{ports[s]}"] for s in procs}
+        if "direct_tcp" not in skip:
+            subjects["direct_tcp"] = ["wrk", "http://10.0.3.2/small.txt"]
+        names = list(subjects)
         for n in range(1, runs + 1):
-            for subject, cmd in subjects.items():
+            for subject in names[n % len(names):] + names[:n % len(names)]:
+                cmd = subjects[subject]
                 prog, rest = cmd[:cmd.index("wrk") + 1], cmd[cmd.index("wrk") + 1:]
+                pid = pids.get(subject)
+                cpu0, cs0 = (proc_cpu(pid), proc_switches(pid)) if pid else (0, 0)
                 out = lab.exec("cli", *prog, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", *rest)
                 rps, p50, p99 = parse_wrk(out.stdout)
+                requests, bad, errors = wrk_counts(out.stdout)
+                if bad or errors:
+                    raise RuntimeError(f"{subject}: {bad} non-2xx responses, {errors} socket errors\n{out.stdout}")
                 res.add("keep-alive", subject, n, "requests_per_second", rps, "1/s")
                 res.add("keep-alive", subject, n, "latency_p50", p50, "s")
                 res.add("keep-alive", subject, n, "latency_p99", p99, "s")
+                res.add("keep-alive", subject, n, "requests", requests, "1")
+                if pid:
+                    res.add("keep-alive", subject, n, "cpu_per_request", (proc_cpu(pid) - cpu0) / requests, "s")
+                    res.add("keep-alive", subject, n, "switches_per_request",
+                            (proc_switches(pid) - cs0) / requests, "1")
+                time.sleep(1.0)  # let TIME_WAIT and the proxies' idle work settle between subjects
+        if perf:
+            for subject in [s for s in procs if s.startswith("mptcp-proxy")] + ["haproxy"]:
+                cmd = subjects[subject]
+                prog, rest = cmd[:cmd.index("wrk") + 1], cmd[cmd.index("wrk") + 1:]
+                # System calls, context switches and wakeups per request: counts that do not depend on how
+                # busy the shared machine is.
+                counting = subprocess.Popen(["perf", "stat", "-x,", "-e", ",".join(PERF_COUNTS), "-p",
+                                             str(pids[subject])], stderr=subprocess.PIPE, text=True)
+                time.sleep(0.5)
+                out = lab.exec("cli", *prog, "-t2", f"-c{connections}", f"-d{seconds}s", *rest)
+                counting.send_signal(signal.SIGINT)
+                requests = wrk_counts(out.stdout)[0]
+                for event, count in perf_stat_counts(counting.communicate()[1]).items():
+                    res.add("keep-alive", subject, 1, f"{event}_per_request", count / requests, "1")
+                load = lab.spawn("cli", *prog, "-t2", f"-c{connections}", f"-d{seconds + 4}s", *rest)
+                time.sleep(2.0)
+                perf_profile(pids[subject], seconds, f"requests-{subject}")
+                load.wait()
     res.save()
-    print(f"\n(b) keep-alive 1 KiB objects, wrk -t2 -c{connections} -d{seconds}s, median of {runs}")
-    squid = {m: res.median("keep-alive", "squid", m) for m in ("requests_per_second", "latency_p50", "latency_p99")}
-    print(f"{'subject':<14}{'req/s':>10}{'x squid':>9}{'p50 ms':>9}{'x squid':>9}{'p99 ms':>9}")
-    for subject in ("mptcp-proxy", "squid", "direct_tcp"):
-        rps = res.median("keep-alive", subject, "requests_per_second")
-        p50 = res.median("keep-alive", subject, "latency_p50")
-        p99 = res.median("keep-alive", subject, "latency_p99")
-        print(f"{subject:<14}{rps:>10.0f}{rps / squid['requests_per_second']:>9.2f}{p50 * 1e3:>9.3f}"
-              f"{p50 / squid['latency_p50']:>9.2f}{p99 * 1e3:>9.3f}")
+    print(f"\n(b) keep-alive 1 KiB objects, wrk -t2 -c{connections} -d{seconds}s, median of {runs}; CPU is the "
+          f"proxy's user + system time per request, cs the context switches of its threads per request")
+    print(f"{'subject':<22}" + "".join(f"{label:>10}{'x hap':>7}" for _, label, _, _ in REQUEST_METRICS))
+    for subject in names:
+        line = f"{subject:<22}"
+        for metric, _, scale, fmt in REQUEST_METRICS:
+            v = res.median("keep-alive", subject, metric)
+            ratio = v / res.median("keep-alive", "haproxy", metric)
+            line += f"{format(v * scale, fmt):>10}{ratio:>7.2f}" if v == v else f"{'-':>10}{'':>7}"
+        print(line)
+    if perf:
+        print("\nper request, perf stat over one more run (syscalls, context switches, wakeups it causes, ...)")
+        print(f"{'subject':<22}" + "".join(f"{e[:8]:>9}" for e in PERF_NAMES))
+        for subject in [s for s in names if s.startswith("mptcp-proxy")] + ["haproxy"]:
+            print(f"{subject:<22}" + "".join(f"{res.median('keep-alive', subject, f'{e}_per_request'):>9.2f}"
+                                             for e in PERF_NAMES))
+    if "squid" not in skip:
+        squid = res.median("keep-alive", "squid", "requests_per_second")
+        print(f"mptcp-proxy x squid: {res.median('keep-alive', 'mptcp-proxy', 'requests_per_second') / squid:.2f} req/s")
     return res
 
 
@@ -381,29 +591,35 @@ def bench_conversion(requests=200, rounds=30):
         ("connect", "mptcp-proxy", 3128, MPTCP, via_proxy(3128, tunnel=True)),
         ("connect", "squid", 3129, MPTCP, via_proxy(3129, tunnel=True)),
         ("connect", "convert", 5124, [], via_convert()),
+        # HAProxy: `mode http` (http-reuse never: each client connection opens its own server connection, as
+        # with the others), and `mode tcp` as the relay, which connects at accept, before any request.
+        ("absolute-form", "haproxy", 3140, MPTCP, via_proxy(3140)),
+        ("connect", "haproxy", 3141, MPTCP, [], "http://10.0.1.1:3141/small.txt"),
     ]
     url = "http://10.0.3.2/small.txt"
+    ports = {subject[2] for subject in subjects}
     with Lab("cv") as lab:
         lab.nginx({"small.txt": 1024})
         lab.proxy(3128, extra=CONVERT_LISTENER)
         lab.squid(3129, persistent=False)
+        lab.haproxy(3140, 3141, reuse="never")
         start_convert_agent(lab)
-        for _, _, _, wrapper, options in subjects:  # warm-up; the agent gets its TFO cookie
-            curl_fetch(lab, wrapper, options, url)
+        for _, _, _, wrapper, options, *target in subjects:  # warm-up; the agent gets its TFO cookie
+            curl_fetch(lab, wrapper, options, (target or [url])[0])
         pcap = lab.work / "conversion.pcap"
         cap = lab.spawn("prx", "tcpdump", "-i", "any", "-n", "-s", "128", "--time-stamp-precision=nano",
-                        "--immediate-mode", "-w", str(pcap), "tcp port 3128 or tcp port 3129 or tcp port 5124 "
-                        "or tcp port 80")
+                        "--immediate-mode", "-w", str(pcap),
+                        " or ".join(f"tcp port {port}" for port in sorted(ports | {80})))
         time.sleep(1.0)
         order = []
         for _ in range(requests):
             for subject in subjects:
-                curl_fetch(lab, subject[3], subject[4], url)
+                curl_fetch(lab, subject[3], subject[4], (subject[5:] or [url])[0])
                 order.append(subject)
         time.sleep(0.5)
         cap.terminate()
         cap.wait()
-        count, syn, data = request_conversions(tshark_rows(pcap), {3128, 3129, 5124})
+        count, syn, data = request_conversions(tshark_rows(pcap), ports)
         if count != len(order):
             raise RuntimeError(f"captured {count} client SYNs for {len(order)} requests")
         for i, (scenario, subject, *_rest) in enumerate(order):
@@ -439,18 +655,20 @@ def bench_conversion(requests=200, rounds=30):
     res.save()
     print(f"\n(c) seed 002 Table 1, {requests} interleaved rounds of one request per subject "
           f"(paper: SYN 7.83 ± 0.68 ms, data 15.3 ± 8.1 ms); convert = RFC 8803 via mptcp-convert (SOCKS5)")
-    print(f"{'scenario':<14}{'subject':<13}{'metric':<16}{'mean ms':>9}{'sd':>8}{'p50':>8}{'p99':>8}{'p50 x squid':>12}")
+    print(f"{'scenario':<14}{'subject':<13}{'metric':<16}{'mean ms':>9}{'sd':>8}{'p50':>8}{'p99':>8}{'p50 x squid':>12}"
+          f"{'x haproxy':>10}")
     for scenario in ("absolute-form", "connect"):
         for metric in ("syn_conversion", "data_conversion"):
             squid = res.median(scenario, "squid", metric)
-            for subject in ("mptcp-proxy", "squid", "convert"):
+            haproxy = res.median(scenario, "haproxy", metric)
+            for subject in ("mptcp-proxy", "haproxy", "squid", "convert"):
                 v = sorted(res.values(scenario, subject, metric))
                 if len(v) < 2:
                     continue
                 p = lambda q: v[min(len(v) - 1, int(q * len(v)))]
                 print(f"{scenario:<14}{subject:<13}{metric:<16}{statistics.mean(v) * 1e3:>9.3f}"
                       f"{statistics.stdev(v) * 1e3:>8.3f}{statistics.median(v) * 1e3:>8.3f}{p(0.99) * 1e3:>8.3f}"
-                      f"{statistics.median(v) / squid:>12.2f}")
+                      f"{statistics.median(v) / squid:>12.2f}{statistics.median(v) / haproxy:>10.2f}")
     convert_syn = res.median("connect", "convert", "syn_conversion")
     print(f"convert SYN conversion p50 {convert_syn * 1e6:.0f} us (target <= 50 us), "
           f"{convert_syn / res.median('connect', 'mptcp-proxy', 'syn_conversion'):.2f}x CONNECT")
@@ -970,6 +1188,200 @@ def echo(lab, size, count, interval=0.002):
             for t, d in data.items()}
 
 
+def mpip_clients_up(lab, n):
+    """mpip-proxy on p1, p2 and the access bridges br1, br2 (gateway off), and one mpipd per extra client
+    host c1..cN (paths a1, a2); returns ({name: pid}, [mpipd pids]) once every client has its tunnel."""
+    examples = ROOT / "deploy/examples"
+    prx = (examples / "mpip-proxy.toml").read_text()
+    prx = prx.replace('node_id = "auto"', 'node_id = "02:00:00:00:00:01"').replace(
+        'interfaces = ["p1", "p2"]', 'interfaces = ["p1", "p2", "br1", "br2"]')
+    (lab.work / "mpip-proxy.toml").write_text(prx)
+    proxy = lab.spawn("prx", str(MPIP_PROXY_BIN), "--config", str(lab.work / "mpip-proxy.toml"),
+                      stderr=open(lab.work / "mpip-proxy.log", "w"), stdout=subprocess.DEVNULL)
+    lab.wait_port("prx", "127.0.0.1", 9464)
+    cli = (examples / "mpipd.toml").read_text()
+    cli = cli.replace('interfaces = ["c1", "c2"]', 'interfaces = ["a1", "a2"]').replace(
+        'endpoints = ["10.0.1.1:4789", "10.0.2.1:4789"]', 'endpoints = ["10.1.0.1:4789", "10.2.0.1:4789"]').replace(
+        'address = "127.0.0.1:9465"', 'address = "off"')
+    # The example's coordinated profile names c1/c2.
+    cli = cli[:cli.index("[routing.profile.coordinated]")] + cli[cli.index("# Authentication"):]
+    (lab.work / "mpipd-clients.toml").write_text(cli)
+    daemons = []
+    for k in range(1, n + 1):
+        daemons.append(lab.spawn(f"c{k}", str(MPIPD_BIN), "--config", str(lab.work / "mpipd-clients.toml"),
+                                 stderr=open(lab.work / f"mpipd-c{k}.log", "w"), stdout=subprocess.DEVNULL))
+    end = time.time() + 60
+    for k in range(1, n + 1):
+        # Until the tunnel is up, the default route would reach 10.200.0.1 on the proxy host directly.
+        while "mpip0" not in lab.exec(f"c{k}", "ip", "route", "get", "10.200.0.1", check=False).stdout:
+            if time.time() > end:
+                raise RuntimeError(f"mpipd in c{k}: no tunnel (see {lab.work}/mpipd-c{k}.log)")
+            time.sleep(0.05)
+    return {"mpip-proxy": child_pid(proxy.pid, "mpip-proxy")}, [child_pid(d.pid, "mpipd") for d in daemons]
+
+
+def bench_mpip_clients(clients=32, seconds=10, runs=3):
+    """(g, capacity) N real mpipd clients, two paths each, download with iperf3 -R from the proxy end at once,
+    against one of them alone, interleaved: aggregate throughput and CPU s/GB of the proxy end and of the
+    client ends together."""
+    res = Results(f"mpip-clients{clients}")
+    with Lab("mc", clients=clients) as lab:
+        (pids, client_pids) = mpip_clients_up(lab, clients)
+        for k in range(clients):
+            lab.spawn("prx", "iperf3", "-s", "-p", str(5301 + k))
+        for k in range(clients):
+            lab.wait_port("prx", "10.0.1.1", 5301 + k)
+        time.sleep(1.0)
+        for n in range(1, runs + 1):
+            for scenario, active in (("1 client", 1), (f"{clients} clients", clients)):
+                cpu0 = proc_cpu(pids["mpip-proxy"])
+                client0 = sum(proc_cpu(p) for p in client_pids)
+                procs = [lab.spawn(f"c{k + 1}", "iperf3", "-c", "10.200.0.1", "-p", str(5301 + k), "-t",
+                                   str(seconds), "-R", "-J", stdout=subprocess.PIPE)
+                         for k in range(active)]
+                total_bytes, total_bps, failed = 0, 0.0, 0
+                for p in procs:
+                    out, _ = p.communicate(timeout=seconds + 60)
+                    try:
+                        summary = json.loads(out)["end"]["sum_received"]
+                        total_bytes += summary["bytes"]
+                        total_bps += summary["bits_per_second"]
+                    except (ValueError, KeyError):
+                        failed += 1
+                proxy_cpu = proc_cpu(pids["mpip-proxy"]) - cpu0
+                client_cpu = sum(proc_cpu(p) for p in client_pids) - client0
+                res.add(scenario, "mpip", n, "throughput", total_bps, "bit/s")
+                res.add(scenario, "mpip", n, "bytes", total_bytes, "byte")
+                res.add(scenario, "mpip", n, "failed", failed, "1")
+                res.add(scenario, "mpip", n, "cpu_per_gb_mpip-proxy", proxy_cpu / max(total_bytes / 1e9, 1e-9), "s/GB")
+                res.add(scenario, "mpip", n, "cpu_per_gb_mpipd", client_cpu / max(total_bytes / 1e9, 1e-9), "s/GB")
+                time.sleep(1.0)
+        handovers = re.findall(r"^mpip_shard_handovers_total (\S+)",
+                               lab.exec("prx", "curl", "-s", "http://127.0.0.1:9464/metrics").stdout, re.M)
+        res.add("all", "mpip", 1, "shard_handovers", float(handovers[0]) if handovers else float("nan"), "1")
+    res.save()
+    print(f"\n(g) MPIP capacity: {clients} mpipd clients (two unshaped veth paths each, bridged) against one,"
+          f" iperf3 -R {seconds}s from the proxy end, median of {runs}; the machine runs both ends")
+    print(f"{'scenario':<14}{'Gbit/s':>10}{'failed':>8}{'proxy s/GB':>12}{'mpipd s/GB':>12}")
+    for scenario in ("1 client", f"{clients} clients"):
+        print(f"{scenario:<14}{res.median(scenario, 'mpip', 'throughput') / 1e9:>10.3f}"
+              f"{res.median(scenario, 'mpip', 'failed'):>8.0f}"
+              f"{res.median(scenario, 'mpip', 'cpu_per_gb_mpip-proxy'):>12.2f}"
+              f"{res.median(scenario, 'mpip', 'cpu_per_gb_mpipd'):>12.2f}")
+    one, many = (res.median(s, "mpip", "throughput") for s in ("1 client", f"{clients} clients"))
+    print(f"aggregate {many / one:.2f}x one client; shard hand-overs {res.median('all', 'mpip', 'shard_handovers'):.0f}")
+    return res
+
+
+FIG9_PLAYER = Path(__file__).resolve().parent / "fig9_player.py"
+
+
+def system_python():
+    """The system Python, which has selenium (python3-selenium); a virtualenv's may not."""
+    return "/usr/bin/python3" if Path("/usr/bin/python3").exists() else "python3"
+
+
+def bench_fig9(seconds=150, switch_at=60, stop_at=120):
+    """(i) Fig. 9 of the MPIP paper with a real browser: headless Chromium behind mpipd plays a 720p video
+    (1.2 Mbit/s H.264) through mpip-proxy's HTTP proxy over two 2 Mbit/s paths, +20 ms on path 2 (the testbed's
+    user-space delay line), while a download from the proxy host competes; all-paths until switch_at, then
+    coordinated routing (video on path 1, download on path 2) on both ends; the download stops at stop_at."""
+    res = Results("fig9")
+    video = run([str(ROOT / "bench/fig9_video.sh"), str(seconds + 60)]).stdout.strip()
+    with Lab("f9", rates=(2, 2), extra=("--no-endpoint",)) as lab:
+        www = lab.work / "www"
+        www.mkdir()
+        shutil.copy(ROOT / "bench/fig9.html", www / "fig9.html")
+        shutil.copy(video, www / "video.mp4")
+        downloads = lab.work / "downloads"
+        downloads.mkdir()
+        with open(downloads / "big.bin", "wb") as f:
+            f.truncate(4 << 30)
+        w = lab.work
+        for name, root, listen, ns in (("srv", www, "10.0.3.2:80", "srv"), ("prx", downloads, "0.0.0.0:8081", "prx")):
+            conf = w / f"nginx-{name}.conf"
+            conf.write_text(
+                f"daemon on; user root; worker_processes 1; pid {w}/nginx-{name}.pid; error_log {w}/nginx-{name}.log;\n"
+                f"events {{ worker_connections 1024; }}\n"
+                f"http {{ access_log off; sendfile on; types {{ text/html html; video/mp4 mp4; }}\n"
+                f"  client_body_temp_path {w}/b{name}; proxy_temp_path {w}/p{name}; fastcgi_temp_path {w}/f{name};\n"
+                f"  uwsgi_temp_path {w}/u{name}; scgi_temp_path {w}/s{name};\n"
+                f"  server {{ listen {listen}; root {root}; }} }}\n")
+            lab.exec(ns, "nginx", "-c", str(conf))
+        lab.wait_port("srv", "10.0.3.2", 80)
+        lab.wait_port("prx", "10.0.3.1", 8081)
+        run([str(TESTBED), "delay", lab.prefix, "prx", "p2", "egress", "20ms"])
+        examples = ROOT / "deploy/examples"
+        (lab.work / "mpip-proxy.toml").write_text((examples / "mpip-proxy.toml").read_text())
+        (lab.work / "mpipd.toml").write_text((examples / "mpipd.toml").read_text())
+        proxy = lab.spawn("prx", str(MPIP_PROXY_BIN), "--config", str(lab.work / "mpip-proxy.toml"),
+                          stderr=open(lab.work / "mpip-proxy.log", "w"))
+        lab.wait_port("prx", "127.0.0.1", 9464)
+        client = lab.spawn("cli", str(MPIPD_BIN), "--config", str(lab.work / "mpipd.toml"),
+                           stderr=open(lab.work / "mpipd.log", "w"))
+        end = time.time() + 20
+        while "mpip0" not in lab.exec("cli", "ip", "route", "get", "10.200.0.1", check=False).stdout:
+            if time.time() > end:
+                raise RuntimeError(f"mpipd: no tunnel (see {lab.work}/mpipd.log)")
+            time.sleep(0.05)
+        lab.wait_port("cli", "10.200.0.1", 3128)
+        switch = "curl -sS --fail -X POST http://127.0.0.1:{}/mpip/routing/profile/coordinated"
+        out = lab.exec("cli", system_python(), str(FIG9_PLAYER), "--page", "http://10.0.3.2/fig9.html",
+                       "--proxy", "http://10.200.0.1:3128", "--download", "http://10.200.0.1:8081/big.bin",
+                       "--seconds", str(seconds), "--switch-at", str(switch_at), "--stop-download-at", str(stop_at),
+                       "--switch", f"ip netns exec {lab.ns['prx']} " + switch.format(9464),
+                       "--switch", switch.format(9465))
+        report = json.loads(out.stdout)
+        for p in (client, proxy):
+            p.terminate()
+            p.wait(timeout=20)
+    samples = report["samples"]
+    rows = []
+    for prev, cur in zip(samples, samples[1:]):
+        dt = cur["t"] - prev["t"]
+        rate = lambda key: (cur.get(key, 0) - prev.get(key, 0)) * 8 / dt / 1000
+        rows.append({"t": cur["t"], "video_kbit_s": rate("video_bytes"), "download_kbit_s": rate("download_bytes"),
+                     "path1_kbit_s": rate("c1_rx_bytes"), "path2_kbit_s": rate("c2_rx_bytes"),
+                     "buffered_s": cur.get("buffered_end", 0) - cur.get("time", 0), "played_s": cur.get("time", 0),
+                     "waiting": cur.get("waiting", 0)})
+    for i, row in enumerate(rows):
+        for metric, unit in (("video_kbit_s", "kbit/s"), ("download_kbit_s", "kbit/s"), ("path1_kbit_s", "kbit/s"),
+                             ("path2_kbit_s", "kbit/s"), ("buffered_s", "s"), ("played_s", "s"), ("waiting", "1")):
+            res.add("timeline", "mpip", i + 1, metric, row[metric], unit)
+    periods = (("all-paths", 10, switch_at), ("coordinated", switch_at + 10, stop_at),
+               ("download stopped", stop_at + 5, seconds))
+    summary = {}
+    for name, start, stop in periods:
+        picked = [r for r in rows if start <= r["t"] < stop]
+        mean = lambda key: statistics.mean(r[key] for r in picked) if picked else float("nan")
+        summary[name] = {k: mean(k) for k in ("video_kbit_s", "download_kbit_s", "buffered_s")}
+        summary[name]["buffered_end"] = picked[-1]["buffered_s"] if picked else float("nan")
+        summary[name]["waiting"] = (picked[-1]["waiting"] - picked[0]["waiting"]) if picked else 0
+        for metric, value in summary[name].items():
+            res.add(name, "mpip", 1, metric, value, "")
+    res.add("all", "mpip", 1, "media_errors", len(report["media_errors"]), "1")
+    res.save()
+    dat = RESULTS / f"fig9-{STAMP}.dat"
+    dat.write_text("".join(f"{r['t']:.1f} {r['video_kbit_s']:.0f} {r['download_kbit_s']:.0f} {r['buffered_s']:.2f}\n"
+                           for r in rows))
+    png = RESULTS / f"fig9-{STAMP}.png"
+    gnuplot(f"set terminal png size 900,700\nset output '{png}'\nset multiplot layout 2,1\n"
+            f"set xlabel 'time (s)'\nset ylabel 'kbit/s'\nset arrow from {switch_at},graph 0 to {switch_at},graph 1 nohead dt 2\n"
+            f"set arrow from {stop_at},graph 0 to {stop_at},graph 1 nohead dt 3\n"
+            f"plot '{dat}' using 1:2 with lines title 'video', '{dat}' using 1:3 with lines title 'download'\n"
+            f"set ylabel 'buffered (s)'\nplot '{dat}' using 1:4 with lines title 'video buffer'\nunset multiplot\n")
+    print(f"\n(h) Fig. 9 with headless Chromium: 720p video (1.2 Mbit/s) and a download over 2 x 2 Mbit/s, +20 ms on path 2;"
+          f" coordinated routing at {switch_at} s, download stopped at {stop_at} s; media errors {len(report['media_errors'])}")
+    print(f"{'period':<18}{'video kbit/s':>14}{'download kbit/s':>17}{'buffer mean s':>15}{'buffer end s':>14}{'waiting':>9}")
+    for name, *_ in periods:
+        v = summary[name]
+        print(f"{name:<18}{v['video_kbit_s']:>14.0f}{v['download_kbit_s']:>17.0f}{v['buffered_s']:>15.1f}"
+              f"{v['buffered_end']:>14.1f}{v['waiting']:>9.0f}")
+    print("paper (Fig. 9, YouTube 720p): video 1500 -> 1900 kbit/s, download 2510 -> 1890 kbit/s, "
+          "buffer grows to 10 s without freezing")
+    return res
+
+
 def bench_mpip(seconds=10, runs=3, perf=False, count=2000):
     res = Results("mpip")
     with Lab("mp") as lab:
@@ -1072,6 +1484,270 @@ def bench_mpip(seconds=10, runs=3, perf=False, count=2000):
     return res
 
 
+DETOUR_LAB = ROOT / "deploy/testbed/detour.sh"
+DETOURD_BIN = TARGET / "release/mptcp-detourd"
+DETOUR_CLIENT_BIN = TARGET / "release/mptcp-detour"
+DETOUR_KEY = "3f0c9a1e5b7d2468ace013579bdf2468ace0f1e2d3c4b5a6"
+DETOUR_SUBJECTS = ["tcp", "tcp_nat", "tcp_vpn", "mptcp_1sf", "mptcp_nat", "mptcp_vpn"]
+# Thesis Table 1 (means, Mbit/s; 60 trials) for the rows bench detour reproduces.
+THESIS_TABLE1 = {
+    "core-limited": dict(mptcp_1sf=9.41, mptcp_nat=18.81, mptcp_vpn=18.30, tcp=9.55, tcp_nat=9.55, tcp_vpn=9.11),
+    "core-limited 1% loss": dict(mptcp_1sf=4.21, mptcp_nat=13.76, mptcp_vpn=13.05, tcp=6.16, tcp_nat=9.55,
+                                 tcp_vpn=9.11),
+    "core-limited 100ms delay": dict(mptcp_1sf=9.09, mptcp_nat=17.73, mptcp_vpn=15.41, tcp=9.22, tcp_nat=9.55,
+                                     tcp_vpn=9.11),
+    "symmetric": dict(mptcp_1sf=9.41, mptcp_nat=9.41, mptcp_vpn=9.14, tcp=9.54, tcp_nat=9.35, tcp_vpn=8.91),
+    "symmetric 1% loss": dict(mptcp_1sf=4.36, mptcp_nat=9.39, mptcp_vpn=8.93, tcp=6.45, tcp_nat=9.35,
+                              tcp_vpn=8.91),
+    "symmetric 100ms delay": dict(mptcp_1sf=9.10, mptcp_nat=9.37, mptcp_vpn=9.03, tcp=9.22, tcp_nat=9.35,
+                                  tcp_vpn=8.90),
+}
+
+
+DETOUR_CLIENT_CODE = f"""
+import hashlib, hmac, os, socket, struct, sys, time
+key = bytes.fromhex("{DETOUR_KEY}")
+kid = hashlib.sha256(b"mptcp-detour key id\\0" + key).digest()[:4]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.connect(("10.1.6.2", 45672))
+def ask(op, rip, rpt, dpt):
+    nonce = struct.unpack("!Q", os.urandom(8))[0]
+    body = struct.pack("!BBBB4sQQ4sHHI", 2, op, 0, 0, kid, nonce, int(time.time() * 1000),
+                       socket.inet_aton(rip), rpt, dpt, 0)
+    s.send(body + hmac.new(key, body, hashlib.sha256).digest())
+    a = s.recv(100)
+    assert hmac.compare_digest(a[36:68], hmac.new(key, a[:36], hashlib.sha256).digest()), "bad MAC"
+    assert a[2] == 0 and a[8:16] == body[8:16], a
+    return struct.unpack("!H", a[30:32])[0]
+"""
+
+
+def detour_mappings(lab, op, first_port, count):
+    """Requests (op 0) or releases (op 2) mappings to 10.1.3.2 ports first_port..first_port+count-1."""
+    code = DETOUR_CLIENT_CODE + (f"for p in range({first_port}, {first_port + count}):\n"
+                                 f"    ask({op}, '10.1.3.2', p, p)\n")
+    lab.exec("cli", sys.executable, "-c", code)
+
+
+def detour_request(lab, rip, rpt):
+    """Asks the lab's mptcp-detourd for a mapping with an authenticated (version 2) request, written here
+    independently of the Rust implementation; returns the detour port."""
+    code = DETOUR_CLIENT_CODE + f"print(ask(0, '{rip}', {rpt}, {rpt}))\n"
+    return int(lab.exec("cli", sys.executable, "-c", code).stdout)
+
+
+class DetourLab(Lab):
+    """The thesis's Fig. 5.1 (deploy/testbed/detour.sh) with mptcp-detourd, OpenVPN and an iperf3 server."""
+
+    def __init__(self, mode, loss2=None, delay2=None, link_delay=5, detourd_config=""):
+        self.prefix = f"b{os.getpid() % 100000}dt"
+        # Every link 5 ms each way, as in the thesis (§5.1.3); link 2's 100 ms replaces its 5.
+        args = [str(DETOUR_LAB), "up", self.prefix, "--mode", mode]
+        if link_delay:
+            args += ["--link-delay", str(link_delay)]
+        if loss2:
+            args += ["--loss2", str(loss2)]
+        if delay2:
+            args += ["--delay2", str(delay2)]
+        run(args, env={**os.environ, "TESTBED_DELAY": str(TARGET / "release/testbed-delay")})
+        self.ns = {h: f"{self.prefix}-{h}" for h in ("cli", "r1", "r2", "r3", "dtr", "srv")}
+        self.work = Path(tempfile.mkdtemp(prefix="mpx-bench-detour-"))
+        self.procs = []
+        (self.work / "psk").write_text(DETOUR_KEY + "\n")
+        run([str(DETOUR_LAB), "vpn", self.prefix, str(self.work / "vpn")])
+        (self.work / "detourd.toml").write_text(detourd_config)
+        self.spawn("dtr", str(DETOURD_BIN), "--listen", "10.1.6.2", "--psk-file", str(self.work / "psk"),
+                   "--config", str(self.work / "detourd.toml"))
+        self.spawn("srv", *MPTCP, "iperf3", "-s", "-J")
+        self.wait_port("srv", "10.1.3.2", 5201)
+        time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        run([str(DETOUR_LAB), "down", self.prefix], check=False)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def client_daemon(self, *args):
+        p = self.spawn("cli", str(DETOUR_CLIENT_BIN), "--psk-file", str(self.work / "psk"), *args)
+        self.wait_port("cli", "127.0.0.1", 9467)
+        return p
+
+    def iperf(self, seconds, target="10.1.3.2", port=5201, mptcp=False, bind=None):
+        """One upload (client to server, as the thesis measured): the receiver's bytes from second 1 to
+        `seconds` over that time (the thesis's 9 s after the first second), in bit/s."""
+        # CUBIC, as in the thesis (this host's default is BBR, and a namespace may not change its default to
+        # a congestion control outside tcp_allowed_congestion_control); MPTCP passes it on to every subflow.
+        cmd = [*(MPTCP if mptcp else []), "iperf3", "-c", target, "-p", str(port), "-t", str(seconds), "-J",
+               "--get-server-output", "-C", "cubic"]
+        if bind:
+            cmd += ["-B", bind]
+        for attempt in range(10):
+            r = self.exec("cli", *cmd, check=False)
+            try:
+                out = json.loads(r.stdout)
+                intervals = out["server_output_json"]["intervals"]
+                break
+            except (ValueError, KeyError):
+                # The one-test-at-a-time server may still be finishing the previous test (busy), or drop
+                # the control connection of a test that starts as the last one ends (reset): try again.
+                if ("busy" in r.stdout or "reset" in r.stdout) and attempt < 9:
+                    print(f"  (iperf3 retry: {r.stdout.strip().splitlines()[-2][:80]})", flush=True)
+                    time.sleep(2)
+                    continue
+                raise RuntimeError(f"iperf3 {' '.join(cmd)}: {r.stdout[-400:]} {r.stderr[-400:]}")
+        # The receiver's one-second intervals from second 1 to `seconds` (its clock starts a little after
+        # the sender's, so the last whole interval may end just past `seconds`): bytes over their time.
+        kept = [i["sum"] for i in intervals if 0.999 <= i["sum"]["start"] < seconds - 0.5]
+        if len(kept) < seconds - 3:
+            raise RuntimeError(f"iperf3 gave {len(kept)} intervals after the first second, not {seconds - 1}")
+        if len(kept) != seconds - 1:
+            # A receiver that stalls under loss may report a second less; its rate is still its bytes over
+            # its time.
+            print(f"  (iperf3: {len(kept)} receiver intervals after the first second)", flush=True)
+        return sum(i["bytes"] for i in kept) * 8 / sum(i["seconds"] for i in kept)
+
+
+def bench_detour(seconds=10, runs=5, only=None):
+    """(h) The thesis's Table 1 in its Fig. 5.1 lab; subjects interleaved within each run. `only`: run just
+    the scenarios whose names contain one of these strings."""
+    res = Results("detour")
+    scenarios = {
+        "symmetric": dict(mode="symmetric"),
+        "symmetric 1% loss": dict(mode="symmetric", loss2=1),
+        "symmetric 100ms delay": dict(mode="symmetric", delay2=100),
+        "core-limited": dict(mode="core-limited"),
+        "core-limited 1% loss": dict(mode="core-limited", loss2=1),
+        "core-limited 100ms delay": dict(mode="core-limited", delay2=100),
+    }
+    if only:
+        scenarios = {k: v for k, v in scenarios.items() if any(o in k for o in only)}
+    for scenario, kw in scenarios.items():
+        with DetourLab(**kw) as lab:
+            for n in range(1, runs + 1):
+                for subject in DETOUR_SUBJECTS:
+                    daemon = None
+                    if subject == "mptcp_nat":
+                        daemon = lab.client_daemon("--nat-detour", "10.1.6.2")
+                    elif subject == "mptcp_vpn":
+                        daemon = lab.client_daemon("--tunnel-detour", "tun0")
+                    try:
+                        if subject == "tcp":
+                            bps = lab.iperf(seconds)
+                        elif subject == "tcp_nat":
+                            bps = lab.iperf(seconds, "10.1.6.2", detour_request(lab, "10.1.3.2", 5201))
+                        elif subject == "tcp_vpn":
+                            bps = lab.iperf(seconds, bind="10.8.0.2")
+                        else:
+                            bps = lab.iperf(seconds, mptcp=True)
+                    finally:
+                        if daemon:
+                            daemon.terminate()
+                            daemon.wait(10)
+                    res.add(scenario, subject, n, "throughput", bps, "bit/s")
+                    print(f"  {scenario:<26}{subject:<11} run {n}: {bps / 1e6:6.2f} Mbit/s", flush=True)
+        res.save()  # after every scenario, so an interrupted run keeps what it measured
+    report_detour(res, seconds)
+    return res
+
+
+def report_detour(res, seconds=10):
+    """Table 1 beside the thesis's, the targets, and the box plots, from measured rows."""
+    scenarios = [sc for sc in THESIS_TABLE1 if res.values(sc, "tcp", "throughput")]
+    runs = max((r["run"] for r in res.rows), default=0)
+    med = lambda sc, su: res.median(sc, su, "throughput") / 1e6
+    print(f"\n(h) thesis Table 1: {seconds - 1} s measured after the first second, median of {runs} "
+          f"(thesis: mean of 60 in parentheses), Mbit/s")
+    print(f"{'scenario':<26}" + "".join(f"{s:>16}" for s in DETOUR_SUBJECTS))
+    for sc in scenarios:
+        print(f"{sc:<26}" + "".join(f"{med(sc, su):>8.2f} ({THESIS_TABLE1[sc][su]:5.2f})" for su in DETOUR_SUBJECTS))
+    cl, sy = "core-limited", "symmetric"
+    if cl not in scenarios or sy not in scenarios:
+        plot_boxes(res, scenarios, DETOUR_SUBJECTS)
+        return
+    agg = med(cl, "mptcp_nat") / (med(cl, "tcp") + med(cl, "tcp_nat"))
+    print(f"core-limited MPTCP + NAT detour: {100 * agg:.1f}% of TCP + TCP (NAT)   (target >= 99%; thesis 98.5%)")
+    vpn_agg = med(cl, "mptcp_vpn") / (med(cl, "tcp") + med(cl, "tcp_vpn"))
+    print(f"core-limited MPTCP + tunnel detour: {100 * vpn_agg:.1f}% of TCP + TCP (VPN)   (thesis 98.1%)")
+    sym = med(sy, "mptcp_nat") / med(sy, "mptcp_1sf") - 1
+    print(f"symmetric MPTCP + NAT detour vs 1-subflow MPTCP: {100 * sym:+.2f}%   (target within 1.5%; thesis 0.0%)")
+    for sc in (sy, cl):
+        nat = 1 - med(sc, "tcp_nat") / med(sc, "tcp")
+        vpn = 1 - med(sc, "tcp_vpn") / med(sc, "tcp")
+        print(f"{sc}: NAT detour overhead {100 * nat:.2f}% (target <= 2%; thesis 2.0% symmetric), "
+              f"tunnel overhead {100 * vpn:.2f}% (thesis 6.6%)")
+    plot_boxes(res, scenarios, DETOUR_SUBJECTS)
+
+
+def load_results(paths):
+    """Rows of earlier runs (CSV files bench.py wrote), as one Results."""
+    res = Results("detour")
+    for path in paths:
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                res.add(row["scenario"], row["subject"], int(row["run"]), row["metric"], float(row["value"]),
+                        row["unit"])
+    return res
+
+
+def bench_detour_scale(seconds=10, runs=3, many=10000):
+    """The NAT detour's packet path with 10 and with `many` mappings: TCP through the detour on the
+    unshaped lab (CPU-bound veth forwarding), the two interleaved. One map lookup per packet whatever the
+    number of elements, so the rates should match."""
+    res = Results("detour-scale")
+    limits = (f"[limits]\nmappings_per_client = {many + 100}\nmax_mappings = {many + 100}\n"
+              f"requests_per_second = 1000000\nrequest_burst = {many + 100}\n")
+    with DetourLab("none", link_delay=None, detourd_config=limits) as lab:
+        detour_mappings(lab, 0, 20000, 9)
+        for n in range(1, runs + 1):
+            for subject in ("10 mappings", f"{many} mappings"):
+                if subject != "10 mappings":
+                    detour_mappings(lab, 0, 30000, many - 10)
+                bps = lab.iperf(seconds, "10.1.6.2", detour_request(lab, "10.1.3.2", 5201))
+                rules = lab.exec("dtr", "nft", "-a", "list", "table", "ip", "mptcp_detour").stdout
+                rule_count = sum(1 for line in rules.splitlines() if "# handle" in line and "{" not in line)
+                res.add("unshaped", subject, n, "throughput", bps, "bit/s")
+                res.add("unshaped", subject, n, "rules", rule_count, "rules")
+                print(f"  {subject:<16} run {n}: {bps / 1e9:6.2f} Gbit/s, {rule_count} rules", flush=True)
+                if subject != "10 mappings":
+                    detour_mappings(lab, 2, 30000, many - 10)
+    res.save()
+    few, lots = (res.median("unshaped", s, "throughput") for s in ("10 mappings", f"{many} mappings"))
+    print(f"\nTCP through the NAT detour, unshaped, median of {runs}: 10 mappings {few / 1e9:.2f} Gbit/s, "
+          f"{many} mappings {lots / 1e9:.2f} Gbit/s ({lots / few:.3f}x)")
+    return res
+
+
+def plot_boxes(res, scenarios, subjects):
+    """Box plots like the thesis's Figs. 5.2-5.7: one panel per scenario, one box per subject."""
+    panels = []
+    for k, sc in enumerate(scenarios):
+        dat = RESULTS / f"{res.bench}-{STAMP}-{k}.box.dat"
+        rows = []
+        for i, su in enumerate(subjects, 1):
+            rows += [f"{i} {v / 1e6:.4f}" for v in res.values(sc, su, "throughput")]
+        dat.write_text("\n".join(rows) + "\n")
+        panels.append((sc, dat))
+    png = RESULTS / f"{res.bench}-{STAMP}.png"
+    names = {"tcp": "TCP", "tcp_nat": "TCP (NAT)", "tcp_vpn": "TCP (VPN)", "mptcp_1sf": "1-Subflow",
+             "mptcp_nat": "NAT", "mptcp_vpn": "VPN"}  # the thesis's labels
+    labels = ", ".join(f'"{names.get(su, su)}" {i}' for i, su in enumerate(subjects, 1))
+    script = [f"set terminal png size 1500,900 noenhanced\nset output '{png}'\nset multiplot layout 2,3",
+              "set style data boxplot\nset style boxplot outliers pointtype 6\nset style fill empty",
+              f"set xtics ({labels}) rotate by -30\nset ylabel 'Throughput (Mbit/s)'\nset yrange [0:*]",
+              f"set boxwidth 0.5\nunset key\nset xrange [0.5:{len(subjects) + 0.5}]"]
+    for sc, dat in panels:
+        script.append(f"set title '{sc}'\nplot for [i=1:{len(subjects)}] '{dat}' "
+                      f"using (i):(column(1) == i ? column(2) : NaN)")
+    script.append("unset multiplot")
+    gnuplot("\n".join(script) + "\n")
+
+
 def gnuplot(script):
     if shutil.which("gnuplot"):
         subprocess.run(["gnuplot"], input=script, text=True, check=False)
@@ -1111,45 +1787,75 @@ def plot_cdf(res, metric):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=["throughput", "requests", "conversion", "aggregation", "concurrency",
-                                          "throttle", "throttle-scale", "mpip", "all"])
+                                          "throttle", "throttle-scale", "mpip", "fig9", "detour", "all"])
     parser.add_argument("--subflows", type=int, default=10000, help="throttle-scale: steered subflows")
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--size-mib", type=int, default=256)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, help="rounds (default 5 for throughput, 3 for the others)")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=30, help="conversion: time-to-first-byte rounds")
     parser.add_argument("--tunnels", type=int, default=9900)
     parser.add_argument("--downloads", type=int, default=1000)
-    parser.add_argument("--perf", action="store_true", help="mpip: also record a perf profile of both ends")
+    parser.add_argument("--perf", action="store_true",
+                        help="mpip: also record a perf profile of both ends; requests: of mptcp-proxy and haproxy")
+    parser.add_argument("--compare", metavar="BIN", action="append",
+                        help="requests: also measure this mptcp-proxy binary (A/B of builds in one run; repeatable)")
+    parser.add_argument("--skip", metavar="SUBJECT", action="append", choices=["squid", "direct_tcp"],
+                        help="requests: leave out a peer (for quick A/B runs of builds)")
+    parser.add_argument("--scenario", action="append",
+                        help="detour: only scenarios whose name contains this (repeatable)")
+    parser.add_argument("--report", nargs="+", metavar="CSV",
+                        help="detour: print Table 1 and draw the plots from these results, measuring nothing")
+    parser.add_argument("--clients", type=int, default=0,
+                        help="mpip: N mpipd clients at once against one (capacity) instead of the tunnel bench")
     a = parser.parse_args()
+    if a.bench == "detour" and a.report:
+        report_detour(load_results(a.report), a.seconds)
+        return
     if os.geteuid() != 0:
         sys.exit("bench.py needs root (network namespaces)")
     # Installs what is missing, then stops at once naming any program of deploy/requirements.txt still absent.
     if subprocess.run(["bash", str(ROOT / "deploy/prerequisites.sh"), "bench"]).returncode != 0:
         sys.exit("bench.py: prerequisites missing (see above)")
-    todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle", "mpip"]
+    todo = (["throughput", "requests", "conversion", "aggregation", "concurrency", "throttle", "mpip", "fig9",
+             "detour"]
             if a.bench == "all" else [a.bench])
+    mpip = "mpip" in todo or "fig9" in todo
     run(["cargo", "build", "--release", "-q", "-p", "mptcp-proxy", "--bin", "mptcp-proxy",
-         *(["--bin", "mptcp-convert", "-p", "testbed", "--bin", "testbed-delay"] if "conversion" in todo else []),
-         *(["-p", "mpip-proxy", "--bin", "mpipd", "--bin", "mpip-proxy"] if "mpip" in todo else [])], cwd=ROOT)
+         *(["--bin", "mptcp-convert"] if "conversion" in todo else []),
+         *(["-p", "testbed", "--bin", "testbed-delay"] if {"conversion", "fig9", "detour"} & set(todo) else []),
+         *(["-p", "mpip-proxy", "--bin", "mpipd", "--bin", "mpip-proxy"] if mpip else []),
+         *(["-p", "mptcp-detour", "--bins"] if "detour" in todo else [])],
+        cwd=ROOT)
+    if {"throughput", "requests", "conversion"} & set(todo):
+        print(f"HAProxy: {haproxy_binary()}")  # builds it on the first run (about 2 minutes on 2 cores)
     for name in todo:
         if name == "throughput":
-            bench_throughput(a.size_mib, a.runs)
+            bench_throughput(a.size_mib, a.runs or 5)
         elif name == "requests":
-            bench_requests(a.seconds)
+            bench_requests(a.seconds, runs=a.runs or 3, compare=a.compare, perf=a.perf, skip=a.skip or ())
         elif name == "conversion":
             bench_conversion(a.requests, a.rounds)
         elif name == "aggregation":
-            bench_aggregation(a.seconds, min(a.runs, 3))
+            bench_aggregation(a.seconds, a.runs or 3)
         elif name == "concurrency":
             bench_concurrency(a.tunnels, a.downloads)
         elif name == "throttle":
             bench_throttle(a.connections)
         elif name == "throttle-scale":
-            bench_throttle_scale(a.subflows, min(a.runs, 3))
+            bench_throttle_scale(a.subflows, a.runs or 3)
+        elif name == "fig9":
+            bench_fig9()
+        elif name == "mpip" and a.clients:
+            bench_mpip_clients(a.clients, a.seconds, a.runs or 3)
         elif name == "mpip":
-            bench_mpip(a.seconds, min(a.runs, 3), a.perf)
+            bench_mpip(a.seconds, a.runs or 3, a.perf)
+        elif name == "detour":
+            if not a.scenario or any("scale" in sc for sc in a.scenario):
+                bench_detour_scale(a.seconds, a.runs or 3)
+            if not a.scenario or any("scale" not in sc for sc in a.scenario):
+                bench_detour(a.seconds, a.runs or 5, a.scenario)
 
 
 if __name__ == "__main__":

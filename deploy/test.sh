@@ -11,9 +11,11 @@ bash deploy/prerequisites.sh test
 export PATH="$HOME/.cargo/bin:$PATH"
 # Leftovers of an interrupted earlier run (namespaces are named mpx<pid>n<k>-*). Only those whose
 # test process is gone: other test runs on this machine may be using theirs right now.
-for ns in $(ip netns list | awk '/^mpx[0-9]+n[0-9]+-/ {print $1}'); do
-  pid=${ns#mpx}; pid=${pid%%n*}
+# The detour lab's are mpx<pid>d<k>-*, and may hold OpenVPN or delay-line processes.
+for ns in $(ip netns list | awk '/^mpx[0-9]+[nd][0-9]+-/ {print $1}'); do
+  pid=${ns#mpx}; pid=${pid%%[nd]*}
   [ -d "/proc/$pid" ] && continue
+  for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
   ip netns del "$ns" 2>/dev/null || true
 done
 

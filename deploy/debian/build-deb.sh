@@ -10,12 +10,12 @@ export PATH="$HOME/.cargo/bin:$PATH"
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb >&2
 target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 
-cargo build --release --locked -p mptcp-proxy -p mptcp-sniffer -p mpip-proxy --bins >&2
+cargo build --release --locked -p mptcp-proxy -p mptcp-sniffer -p mpip-proxy -p mptcp-detour --bins >&2
 
 # Generated assets: the help texts, and the default configuration with the packaged access-log path.
 generated=$target/release/debian
 rm -rf "$generated"; mkdir -p "$generated/help"
-for binary in mptcp-proxy mptcp-convert mptcp-sniffer mpip-proxy mpipd; do
+for binary in mptcp-proxy mptcp-convert mptcp-sniffer mpip-proxy mpipd mptcp-detourd mptcp-detour; do
   "$target/release/$binary" --help >"$generated/help/$binary.txt"
 done
 "$target/release/mptcp-proxy" connections --help >"$generated/help/mptcp-proxy-connections.txt"

@@ -26,7 +26,7 @@ dpkg_retry() {
 # Files and state of the package: the same list before install and after purge.
 leftovers() {
   { find /etc /lib/systemd /usr/lib/systemd /usr/bin /usr/share/doc /var/log /var/lib/systemd \
-      /var/lib/dpkg/info -xdev 2>/dev/null | grep -E '(^|/)(mptcp-proxy|mptcp-convert|mptcp-sniffer|mpip-proxy|mpipd)([./]|$)' || true
+      /var/lib/dpkg/info -xdev 2>/dev/null | grep -E '(^|/)(mptcp-proxy|mptcp-convert|mptcp-sniffer|mpip-proxy|mpipd|mptcp-detourd|mptcp-detour)([./]|$)' || true
     getent passwd mptcp-proxy || true
     getent group mptcp-proxy || true
   } | sort
@@ -52,13 +52,15 @@ check "dpkg-deb --info: amd64, depends on adduser and libnftnl" \
 for path in usr/bin/mptcp-proxy usr/bin/mptcp-convert usr/bin/mptcp-sniffer usr/bin/mpip-proxy usr/bin/mpipd \
   etc/mptcp-proxy/mptcp-proxy.toml etc/mptcp-proxy/mpip-proxy.toml etc/mptcp-proxy/mpipd.toml \
   etc/logrotate.d/mptcp-proxy lib/systemd/system/mptcp-proxy.service lib/systemd/system/mpip-proxy.service \
-  lib/systemd/system/mpipd.service usr/share/doc/mptcp-proxy/help/mptcp-proxy.txt; do
+  lib/systemd/system/mpipd.service usr/share/doc/mptcp-proxy/help/mptcp-proxy.txt \
+  usr/bin/mptcp-detourd usr/bin/mptcp-detour etc/mptcp-proxy/mptcp-detourd.toml etc/mptcp-proxy/mptcp-detour.toml \
+  lib/systemd/system/mptcp-detourd.service lib/systemd/system/mptcp-detour.service; do
   check "dpkg-deb --contents has /$path" grep -q " \./$path\$" <<<"$contents"
 done
 control=$(mktemp -d)
 dpkg-deb --control "$deb" "$control"
 check "configurations are conffiles" \
-  bash -c 'for f in mptcp-proxy mpip-proxy mpipd; do grep -qx "/etc/mptcp-proxy/$f.toml" "$1/conffiles" || exit 1; done' _ "$control"
+  bash -c 'for f in mptcp-proxy mpip-proxy mpipd mptcp-detourd mptcp-detour; do grep -qx "/etc/mptcp-proxy/$f.toml" "$1/conffiles" || exit 1; done' _ "$control"
 rm -rf "$control"
 lintian_out=$(lintian --fail-on error "$deb" 2>&1) && lintian_rc=0 || lintian_rc=$?
 echo "$lintian_out" | sed 's/^/  lintian: /'
@@ -74,7 +76,7 @@ check "dpkg -i installs it" dpkg_retry -i "$deb"
 check "the system user mptcp-proxy exists" getent passwd mptcp-proxy
 check "/var/log/mptcp-proxy belongs to mptcp-proxy" \
   test "$(stat -c %U "/var/log/mptcp-proxy" 2>/dev/null)" = mptcp-proxy
-for unit in mptcp-proxy mpip-proxy mpipd; do
+for unit in mptcp-proxy mpip-proxy mpipd mptcp-detourd mptcp-detour; do
   verify=$(systemd-analyze verify "/lib/systemd/system/$unit.service" 2>&1) && rc=0 || rc=$?
   # Offline (PID 1 is not systemd here), verify may only warn that no manager runs; anything about the
   # unit itself fails.
@@ -82,9 +84,21 @@ for unit in mptcp-proxy mpip-proxy mpipd; do
   [ -n "$problems" ] && echo "$problems" | sed 's/^/  systemd-analyze: /'
   check "systemd-analyze verify $unit.service" test "$rc" = 0 -a -z "$problems"
 done
+# Each daemon reloads its configuration on SIGHUP (before READY=1 the handlers are in place).
+for unit in mptcp-proxy mpip-proxy mpipd; do
+  check "$unit.service reloads with SIGHUP" \
+    grep -qx 'ExecReload=/bin/kill -HUP \$MAINPID' "/lib/systemd/system/$unit.service"
+done
 check "logrotate accepts /etc/logrotate.d/mptcp-proxy" \
   logrotate --debug --state /dev/null /etc/logrotate.d/mptcp-proxy
 check "the installed configuration checks" /usr/bin/mptcp-proxy --config /etc/mptcp-proxy/mptcp-proxy.toml --check-config
+# The detour daemons' configurations name a key the administrator creates; check them with a temporary one.
+openssl rand -hex 32 >/etc/mptcp-proxy/detour.key
+for daemon in mptcp-detourd mptcp-detour; do
+  check "the installed $daemon configuration checks" \
+    /usr/bin/$daemon --config /etc/mptcp-proxy/$daemon.toml --check-config
+done
+rm -f /etc/mptcp-proxy/detour.key
 
 echo "== the installed proxy in a testbed, as its system user with the unit's capabilities"
 prefix="mpx$$n900"

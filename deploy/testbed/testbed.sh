@@ -12,16 +12,21 @@
 #   d1 10.0.4.2             <-- path 1 -->  p4 10.0.4.1
 #   d2 10.0.5.2             <-- path 2 -->  p5 10.0.5.1
 #
+#   with --clients N, N more two-path clients (IPv4 only) on two access networks, as an ISP's: each
+#   path is a bridge in the proxy namespace, and client K (1..N, namespace PREFIX-cK) has
+#   a1 10.1.K.2/16          <-- path 1 -->  br1 10.1.0.1/16   (bridge; port qKa)
+#   a2 10.2.K.2/16          <-- path 2 -->  br2 10.2.0.1/16   (bridge; port qKb)
+#
 # The client has an MPTCP `subflow` endpoint on c2 and policy routing, so each subflow leaves through the
 # interface that owns its source address. The proxy namespace forwards, so the direct routed path
 # client -> server works too (the benchmarks' baseline).
 #
 # Usage:
 #   testbed.sh up PREFIX [--rate1 MBIT] [--rate2 MBIT] [--loss1 PCT] [--loss2 PCT] [--no-endpoint]
-#                        [--second-client] [--delay1 MS] [--delay2 MS] [--delay3 MS]
+#                        [--second-client] [--clients N] [--delay1 MS] [--delay2 MS] [--delay3 MS]
 #   testbed.sh delay PREFIX cli|cl2|prx|srv DEV egress|ingress DELAY [testbed-delay options...]
 #   testbed.sh down PREFIX
-#   testbed.sh exec PREFIX cli|cl2|prx|srv CMD...
+#   testbed.sh exec PREFIX cli|cl2|prx|srv|cK CMD...
 #
 # Rates are HTB on both ends of a path (download: p1/p2 egress; upload: c1/c2 egress). Loss is nftables
 # `numgen random` in the client namespace, both directions. There is no netem on the target kernels:
@@ -44,39 +49,13 @@ cli="$prefix-cli" cl2="$prefix-cl2" prx="$prefix-prx" srv="$prefix-srv"
 # Where the delay lines of this testbed keep their logs.
 delay_dir="${TMPDIR:-/tmp}/mpx-testbed-$prefix"
 
-delay_binary() {
-  if [ -n "${TESTBED_DELAY:-}" ]; then echo "$TESTBED_DELAY"; return; fi
-  local root target newest="" candidate
-  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-  target=${CARGO_TARGET_DIR:-$root/target}
-  case "$target" in /*) ;; *) target="$root/$target" ;; esac
-  for candidate in "$target/release/testbed-delay" "$target/debug/testbed-delay"; do
-    if [ -x "$candidate" ] && { [ -z "$newest" ] || [ "$candidate" -nt "$newest" ]; }; then newest=$candidate; fi
-  done
-  if [ -n "$newest" ]; then echo "$newest"; return; fi
-  command -v testbed-delay || die "testbed-delay not found: cargo build -p testbed --bin testbed-delay, or set TESTBED_DELAY"
-}
-
-start_delay() { # ns dev egress|ingress DELAY [options...]
-  local ns=$1 dev=$2 direction=$3 delay=$4 bin log i
-  shift 4
-  case "$direction" in egress|ingress) ;; *) die "direction must be egress or ingress, not $direction" ;; esac
-  bin=$(delay_binary)
-  mkdir -p "$delay_dir"
-  log="$delay_dir/$ns-$dev-$direction.log"
-  # Detached, so a caller that captures our output does not wait for the line to end.
-  setsid ip netns exec "$ns" "$bin" --dev "$dev" "--$direction" --delay "$delay" "$@" </dev/null >"$log" 2>&1 &
-  for i in $(seq 100); do
-    if grep -q '^ready' "$log" 2>/dev/null; then echo "$log"; return; fi
-    if ! kill -0 $! 2>/dev/null; then die "delay line on $ns $dev failed: $(cat "$log")"; fi
-    sleep 0.05
-  done
-  die "delay line on $ns $dev not ready after 5 s: $(cat "$log")"
-}
+# delay_binary and start_delay (shared with detour.sh).
+# shellcheck source=deploy/testbed/delay-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/delay-lib.sh"
 
 down() {
   local ns
-  for ns in "$cli" "$cl2" "$prx" "$srv"; do
+  for ns in "$cli" "$cl2" "$prx" "$srv" $(ip netns list | awk -v p="$prefix-c" 'index($1, p) == 1 && substr($1, length(p) + 1) ~ /^[0-9]+$/ { print $1 }'); do
     if ip netns list | grep -qw "^$ns"; then
       # Kill whatever still runs inside, then drop the namespace (its veths go with it).
       for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
@@ -95,7 +74,7 @@ shape() { # ns dev mbit
 }
 
 up() {
-  local rate1="" rate2="" loss1="" loss2="" endpoint=1 second=0 delay1="" delay2="" delay3=""
+  local rate1="" rate2="" loss1="" loss2="" endpoint=1 second=0 delay1="" delay2="" delay3="" clients=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --rate1) rate1=$2; shift 2 ;;
@@ -104,6 +83,7 @@ up() {
       --loss2) loss2=$2; shift 2 ;;
       --no-endpoint) endpoint=0; shift ;;
       --second-client) second=1; shift ;;
+      --clients) clients=$2; shift 2 ;;
       --delay1) delay1=$2; shift 2 ;;
       --delay2) delay2=$2; shift 2 ;;
       --delay3) delay3=$2; shift 2 ;;
@@ -154,6 +134,29 @@ up() {
       ip -n "$prx" link set "p$((i + 3))" up
     done
     ip -n "$cl2" route add default via 10.0.4.1 dev d1
+  fi
+  if [ "$clients" -gt 0 ]; then
+    [[ "$clients" =~ ^[0-9]+$ ]] && [ "$clients" -le 250 ] || die "--clients takes 1..250, not $clients"
+    local k
+    for i in 1 2; do
+      ip -n "$prx" link add "br$i" type bridge
+      ip -n "$prx" addr add "10.$i.0.1/16" dev "br$i"
+      ip -n "$prx" link set "br$i" up
+    done
+    for k in $(seq 1 "$clients"); do
+      ip netns add "$prefix-c$k"
+      ip -n "$prefix-c$k" link set lo up
+      ip link add name a1 netns "$prefix-c$k" type veth peer name "q${k}a" netns "$prx"
+      ip link add name a2 netns "$prefix-c$k" type veth peer name "q${k}b" netns "$prx"
+      for i in 1 2; do
+        local port="q${k}a"
+        [ "$i" = 2 ] && port="q${k}b"
+        ip -n "$prx" link set "$port" master "br$i" up
+        ip -n "$prefix-c$k" addr add "10.$i.$k.2/16" dev "a$i"
+        ip -n "$prefix-c$k" link set "a$i" up
+      done
+      ip -n "$prefix-c$k" route add default via 10.1.0.1 dev a1
+    done
   fi
   ip -n "$srv" route add default via 10.0.3.1 dev s1
   ip -n "$srv" -6 route add default via fd00:3::1 dev s1
@@ -206,7 +209,11 @@ case "$action" in
   exec)
     [ $# -ge 2 ] || die "usage: testbed.sh exec PREFIX cli|cl2|prx|srv CMD..."
     role=$1; shift
-    case "$role" in cli) ns=$cli ;; cl2) ns=$cl2 ;; prx) ns=$prx ;; srv) ns=$srv ;; *) die "unknown host $role" ;; esac
+    case "$role" in
+      cli) ns=$cli ;; cl2) ns=$cl2 ;; prx) ns=$prx ;; srv) ns=$srv ;;
+      c[0-9]*) ns="$prefix-$role" ;;
+      *) die "unknown host $role" ;;
+    esac
     exec ip netns exec "$ns" "$@"
     ;;
   *) die "unknown action $action" ;;

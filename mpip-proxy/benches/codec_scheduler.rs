@@ -23,6 +23,7 @@ fn data_repr() -> CmRepr {
         timestamp: 0x1234_5678,
         sequence: 99,
         addresses: Vec::new(),
+        auth: None,
     }
 }
 
@@ -115,11 +116,78 @@ fn scheduler(c: &mut Criterion) {
     group.finish();
 }
 
+/// The inner packet on the data path: header parsing (every packet, both
+/// ends) and the TCP checksum (MSS clamp, TUN offloads).
+fn inner(c: &mut Criterion) {
+    use mpip_proxy::packet::{build, checksum, InnerPacket, TCP_ACK};
+    let source = std::net::Ipv4Addr::new(10, 200, 0, 2);
+    let destination = std::net::Ipv4Addr::new(10, 0, 3, 2);
+    let timestamps = [1u8, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+    let segment = build::ipv4_tcp(
+        source,
+        destination,
+        40000,
+        80,
+        7,
+        TCP_ACK,
+        &timestamps,
+        &[0x5a; 1400],
+    );
+    let ack = build::ipv4_tcp(source, destination, 40000, 80, 7, TCP_ACK, &timestamps, &[]);
+    let mut group = c.benchmark_group("inner_packet");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("parse_1400_byte_segment", |b| {
+        b.iter(|| InnerPacket::parse(black_box(&segment)).unwrap())
+    });
+    group.bench_function("parse_ack", |b| {
+        b.iter(|| InnerPacket::parse(black_box(&ack)).unwrap())
+    });
+    group.bench_function("tcp_checksum_1400_byte_segment", |b| {
+        b.iter(|| checksum::tcp_checksum_ok(black_box(&segment)).unwrap())
+    });
+    group.finish();
+}
+
+/// What `[auth] data = true` adds per data datagram (1400-byte inner packet):
+/// the sender's HMAC-SHA-256 tag, the receiver's check, beside the codec's
+/// check and parse of the same datagram.
+fn auth(c: &mut Criterion) {
+    use mpip_proxy::auth::Key;
+    use mpip_proxy::wire::AuthExt;
+    let mut repr = data_repr();
+    repr.auth = Some(AuthExt {
+        key_id: 1,
+        counter: 7,
+        tag: [0; mpip_proxy::wire::AUTH_TAG_LEN],
+    });
+    let mut datagram = vec![0x5a; repr.buffer_len() + 1400];
+    repr.emit(&mut datagram).unwrap();
+    let auth_at = CmPacket::new_checked(&datagram[..]).unwrap().auth_offset();
+    let key = Key::new(1, &[7; 32], None).unwrap();
+    key.sign(&mut datagram, auth_at);
+    let mut group = c.benchmark_group("data_auth_1400_bytes");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("check_and_parse_untagged_peer", |b| {
+        b.iter(|| {
+            let packet = CmPacket::new_checked(black_box(&datagram[..])).unwrap();
+            CmRepr::parse(&packet).unwrap()
+        })
+    });
+    group.bench_function("sign", |b| {
+        let mut copy = datagram.clone();
+        b.iter(|| key.sign(black_box(&mut copy), auth_at))
+    });
+    group.bench_function("verify", |b| {
+        b.iter(|| assert!(key.verify(black_box(&datagram), auth_at)))
+    });
+    group.finish();
+}
+
 mod groups {
     // criterion_group! generates an undocumented public function.
     #![allow(missing_docs)]
-    use super::{codec, scheduler};
-    criterion::criterion_group!(benches, codec, scheduler);
+    use super::{auth, codec, inner, scheduler};
+    criterion::criterion_group!(benches, codec, scheduler, inner, auth);
 }
 
 criterion_main!(groups::benches);

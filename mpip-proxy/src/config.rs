@@ -44,7 +44,21 @@ pub struct ClientConfig {
 pub struct ProxyEndpoints {
     /// UDP endpoints the handshake is sent to; the other addresses of the
     /// proxy end are learned from its address list (`PROTOCOL.md` §4.1).
+    /// Only these may assign the tunnel address.
     pub endpoints: Vec<SocketAddr>,
+    /// The proxy end's node ID; default: whatever node first answers the
+    /// handshake, kept from then on. Datagrams of other nodes are dropped.
+    #[serde(default, deserialize_with = "optional_node_id")]
+    pub node_id: Option<NodeId>,
+}
+
+fn optional_node_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NodeId>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_node_id(&text).map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "node_id {text:?}: expected six hex bytes like 02:00:00:00:00:01"
+        ))
+    })
 }
 
 /// `mpip-proxy`'s configuration file.
@@ -63,6 +77,35 @@ pub struct ProxyEndConfig {
     /// Forward clients' other traffic with nftables masquerade.
     #[serde(default)]
     pub gateway: GatewayConfig,
+    /// Handshake rate limits.
+    #[serde(default)]
+    pub handshake: HandshakeSection,
+    /// Threads.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+}
+
+/// `[runtime]` of the proxy end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// Shards: threads that split the clients by node ID, each with its own
+    /// socket per path interface (one `SO_REUSEPORT` group per interface,
+    /// steered by node ID) and its own TUN queue (steered by tunnel
+    /// address). Default: one per CPU, at most 8.
+    #[serde(default)]
+    pub shards: Option<usize>,
+}
+
+impl RuntimeSection {
+    /// The shard count in force.
+    pub fn shards(&self) -> usize {
+        self.shards.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(8)
+        })
+    }
 }
 
 /// Settings both ends share.
@@ -87,15 +130,77 @@ pub struct CommonConfig {
     /// Session Information Table expiry.
     #[serde(default)]
     pub sessions: SessionsConfig,
-    /// Table IV and coordinated-routing pins.
+    /// Table IV and coordinated-routing pins, with named profiles.
     #[serde(default)]
-    pub routing: RoutingTable,
+    pub routing: RoutingConfig,
     /// `/metrics`.
     #[serde(default)]
     pub metrics: MetricsSection,
-    /// Impairments for experiments; never set them in production.
+    /// Authentication (`PROTOCOL.md` §11).
     #[serde(default)]
-    pub testing: TestingConfig,
+    pub auth: AuthSection,
+}
+
+/// `[auth]`: shared keys and what they cover.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// A key file (`[[key]]` entries: id, secret of 32 or more bytes in hex,
+    /// optionally the one client node it is for; readable by its owner
+    /// only). With keys, every control datagram carries an HMAC tag and a
+    /// counter checked against a replay window, and untagged ones are
+    /// dropped. Default: none, nothing is authenticated (the paper's MPIP:
+    /// trust the path networks). SIGHUP re-reads it (key rotation).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Tag data packets too: every packet pays 25 bytes (the MSS shrinks
+    /// accordingly) and an HMAC-SHA-256 over it; a receiver with this on
+    /// drops untagged data. Default false: data is authenticated by the path
+    /// it arrives on (an attacker who can spoof a path's source address can
+    /// inject or replay data, never control it).
+    #[serde(default)]
+    pub data: bool,
+    /// The keys read from `key_file` (by `from_file`).
+    #[serde(skip)]
+    pub keys: Option<crate::auth::KeyRing>,
+}
+
+/// `[handshake]` of the proxy end: how many handshakes (and datagrams of
+/// unknown nodes) one source address, and all together, may send.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandshakeSection {
+    /// Per source address, per second; default 5.
+    #[serde(default = "HandshakeSection::default_rate")]
+    pub rate_per_source: f64,
+    /// Burst per source address; default 10.
+    #[serde(default = "HandshakeSection::default_burst")]
+    pub burst_per_source: f64,
+    /// All sources together, per second; default 5000.
+    #[serde(default = "HandshakeSection::default_total")]
+    pub rate_total: f64,
+}
+
+impl HandshakeSection {
+    fn default_rate() -> f64 {
+        5.0
+    }
+    fn default_burst() -> f64 {
+        10.0
+    }
+    fn default_total() -> f64 {
+        5000.0
+    }
+}
+
+impl Default for HandshakeSection {
+    fn default() -> Self {
+        HandshakeSection {
+            rate_per_source: Self::default_rate(),
+            burst_per_source: Self::default_burst(),
+            rate_total: Self::default_total(),
+        }
+    }
 }
 
 fn auto() -> Option<NodeId> {
@@ -107,19 +212,24 @@ fn node_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NodeId>,
     if text == "auto" {
         return Ok(None);
     }
+    parse_node_id(&text).map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "node_id {text:?}: expected \"auto\" or six hex bytes like 02:00:00:00:00:01"
+        ))
+    })
+}
+
+/// A node ID written as six hex bytes, `02:00:00:00:00:01`.
+pub fn parse_node_id(text: &str) -> Option<NodeId> {
     let bytes: Vec<u8> = text
         .split(':')
-        .map(|part| u8::from_str_radix(part, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| {
-            serde::de::Error::custom(format!(
-                "node_id {text:?}: expected \"auto\" or six hex bytes like 02:00:00:00:00:01"
-            ))
-        })?;
-    let id: [u8; 6] = bytes
-        .try_into()
-        .map_err(|_| serde::de::Error::custom(format!("node_id {text:?}: expected six bytes")))?;
-    Ok(Some(NodeId(id)))
+        .map(|part| {
+            (part.len() == 2)
+                .then(|| u8::from_str_radix(part, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    Some(NodeId(bytes.try_into().ok()?))
 }
 
 /// The TUN device.
@@ -172,6 +282,12 @@ pub struct PathsConfig {
     /// Interface scan period (up/down, address changes); default 100 ms.
     #[serde(default = "PathsConfig::default_scan_ms")]
     pub scan_interval_ms: u64,
+    /// While no data flows, the client sends one keepalive per path per this
+    /// interval (the proxy end answers it), enough for NAT bindings; default
+    /// 15 s. Heartbeats and the 400 ms death detection run only while data
+    /// flows (`PROTOCOL.md` §6.2).
+    #[serde(default = "PathsConfig::default_keepalive_s")]
+    pub keepalive_interval_s: u64,
 }
 
 impl PathsConfig {
@@ -189,6 +305,9 @@ impl PathsConfig {
     }
     fn default_scan_ms() -> u64 {
         100
+    }
+    fn default_keepalive_s() -> u64 {
+        15
     }
 }
 
@@ -235,9 +354,16 @@ pub struct ResequencerSection {
     /// Segments held at most; default 100.
     #[serde(default = "ResequencerSection::default_capacity")]
     pub capacity: usize,
-    /// A held segment is released after this long; default 50 ms.
+    /// A held segment is released after this long when the paths' delays
+    /// are alike; default 50 ms. The node adds the spread of the peer's
+    /// paths' one-way delays (a segment from the fast path waits for the
+    /// slow one's), up to `max_timeout_ms`.
     #[serde(default = "ResequencerSection::default_timeout_ms")]
     pub timeout_ms: u64,
+    /// The longest a held segment waits, however different the paths;
+    /// default 1000 ms.
+    #[serde(default = "ResequencerSection::default_max_timeout_ms")]
+    pub max_timeout_ms: u64,
 }
 
 impl ResequencerSection {
@@ -247,6 +373,9 @@ impl ResequencerSection {
     fn default_timeout_ms() -> u64 {
         50
     }
+    fn default_max_timeout_ms() -> u64 {
+        1000
+    }
 }
 
 impl Default for ResequencerSection {
@@ -254,6 +383,7 @@ impl Default for ResequencerSection {
         ResequencerSection {
             capacity: Self::default_capacity(),
             timeout_ms: Self::default_timeout_ms(),
+            max_timeout_ms: Self::default_max_timeout_ms(),
         }
     }
 }
@@ -314,27 +444,55 @@ fn optional_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr
     mptcp_proxy::config::parse_optional_address(&text).map_err(serde::de::Error::custom)
 }
 
-/// Test-only impairments (this kernel has no netem).
+/// `[routing]`: Table IV (`default` and `[[routing.rule]]`), which is the
+/// profile `"default"`, and any number of named alternatives
+/// (`[routing.profile.NAME]`, each with its own `default` and
+/// `[[routing.profile.NAME.rule]]`). `active` names the profile in force at
+/// start; the admin endpoint switches profiles while running, SIGHUP re-reads
+/// them all (`PROTOCOL.md` §8.4).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TestingConfig {
-    /// Per-interface delay and loss applied by the sender.
+pub struct RoutingConfig {
+    /// Priority of packets no rule matches.
     #[serde(default)]
-    pub impairment: Vec<Impairment>,
+    pub default: crate::routing::Priority,
+    /// The rules of the profile `"default"`.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<crate::routing::RoutingRule>,
+    /// Named profiles.
+    #[serde(default, rename = "profile")]
+    pub profiles: std::collections::BTreeMap<String, RoutingTable>,
+    /// The profile in force at start; default `"default"`.
+    #[serde(default)]
+    pub active: Option<String>,
 }
 
-/// Delay and loss on datagrams sent from one interface.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Impairment {
-    /// The interface.
-    pub interface: String,
-    /// Added one-way delay in milliseconds.
-    #[serde(default)]
-    pub delay_ms: u64,
-    /// Datagrams dropped, in percent.
-    #[serde(default)]
-    pub loss_percent: u8,
+/// The name of the profile made of `[routing]`'s own `default` and rules.
+pub const DEFAULT_PROFILE: &str = "default";
+
+impl RoutingConfig {
+    /// The table of profile `name`.
+    pub fn profile(&self, name: &str) -> Option<RoutingTable> {
+        if name == DEFAULT_PROFILE {
+            return Some(RoutingTable {
+                default: self.default,
+                rules: self.rules.clone(),
+            });
+        }
+        self.profiles.get(name).cloned()
+    }
+
+    /// The name of the profile in force at start.
+    pub fn active_name(&self) -> &str {
+        self.active.as_deref().unwrap_or(DEFAULT_PROFILE)
+    }
+
+    /// Every profile name, `"default"` first.
+    pub fn names(&self) -> Vec<String> {
+        std::iter::once(DEFAULT_PROFILE.to_owned())
+            .chain(self.profiles.keys().cloned())
+            .collect()
+    }
 }
 
 /// The proxy end's tunnel network.
@@ -435,9 +593,11 @@ impl ClientConfig {
         Ok(config)
     }
 
-    /// Reads, parses and validates a file.
+    /// Reads, parses and validates a file, and reads its key file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        Self::from_toml(&read(path)?, &path.display().to_string())
+        let mut config = Self::from_toml(&read(path)?, &path.display().to_string())?;
+        config.common.load_keys(&path.display().to_string())?;
+        Ok(config)
     }
 
     /// The UDP port paths bind: configured, else any.
@@ -447,12 +607,14 @@ impl ClientConfig {
 
     /// The sans-IO node's configuration for `node_id`.
     pub fn node_config(&self, node_id: NodeId) -> NodeConfig {
-        self.common.node_config(
+        let mut config = self.common.node_config(
             node_id,
             Role::Client {
                 proxy_endpoints: self.proxy.endpoints.clone(),
             },
-        )
+        );
+        config.proxy_node = self.proxy.node_id;
+        config
     }
 }
 
@@ -461,6 +623,27 @@ impl ProxyEndConfig {
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let config: ProxyEndConfig = parse(text, origin)?;
         config.common.validate(origin)?;
+        if config
+            .runtime
+            .shards
+            .is_some_and(|n| !(1..=64).contains(&n))
+        {
+            return Err(invalid(origin, "runtime.shards", "must be in 1..=64"));
+        }
+        let limits = [
+            (
+                "handshake.rate_per_source",
+                config.handshake.rate_per_source,
+            ),
+            (
+                "handshake.burst_per_source",
+                config.handshake.burst_per_source,
+            ),
+            ("handshake.rate_total", config.handshake.rate_total),
+        ];
+        if let Some((key, _)) = limits.iter().find(|(_, v)| !(v.is_finite() && *v >= 1.0)) {
+            return Err(invalid(origin, key, "must be a number of at least 1"));
+        }
         if config.tunnel.pool.prefix_len() > 30 {
             return Err(invalid(
                 origin,
@@ -471,9 +654,11 @@ impl ProxyEndConfig {
         Ok(config)
     }
 
-    /// Reads, parses and validates a file.
+    /// Reads, parses and validates a file, and reads its key file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        Self::from_toml(&read(path)?, &path.display().to_string())
+        let mut config = Self::from_toml(&read(path)?, &path.display().to_string())?;
+        config.common.load_keys(&path.display().to_string())?;
+        Ok(config)
     }
 
     /// The UDP port paths bind: configured, else 4789.
@@ -483,12 +668,18 @@ impl ProxyEndConfig {
 
     /// The sans-IO node's configuration for `node_id`.
     pub fn node_config(&self, node_id: NodeId) -> NodeConfig {
-        self.common.node_config(
+        let mut config = self.common.node_config(
             node_id,
             Role::Proxy {
                 pool: self.tunnel.pool.trunc(),
             },
-        )
+        );
+        config.handshake_limit = crate::auth::RateLimit {
+            per_source: self.handshake.rate_per_source,
+            burst: self.handshake.burst_per_source,
+            total: self.handshake.rate_total,
+        };
+        config
     }
 }
 
@@ -501,6 +692,19 @@ fn invalid(origin: &str, key: &str, reason: &str) -> ConfigError {
 }
 
 impl CommonConfig {
+    /// Reads `[auth] key_file` into `auth.keys`; `origin` names the
+    /// configuration in errors.
+    pub fn load_keys(&mut self, origin: &str) -> Result<(), ConfigError> {
+        self.auth.keys = match &self.auth.key_file {
+            Some(path) => Some(
+                crate::auth::KeyRing::from_file(path)
+                    .map_err(|e| invalid(origin, "auth.key_file", &e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(())
+    }
+
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         if self.paths.interfaces.is_empty() {
             return Err(invalid(
@@ -534,6 +738,10 @@ impl CommonConfig {
             ),
             ("paths.dead_after_ms", self.paths.dead_after_ms),
             ("paths.scan_interval_ms", self.paths.scan_interval_ms),
+            (
+                "paths.keepalive_interval_s",
+                self.paths.keepalive_interval_s,
+            ),
             ("scheduler.period_ms", self.scheduler.period_ms),
             ("resequencer.timeout_ms", self.resequencer.timeout_ms),
             ("sessions.idle_s", self.sessions.idle_s),
@@ -554,39 +762,63 @@ impl CommonConfig {
         if self.resequencer.capacity == 0 {
             return Err(invalid(origin, "resequencer.capacity", "must be above 0"));
         }
-        self.routing
-            .validate()
-            .map_err(|e| invalid(origin, "routing", &e.to_string()))?;
-        for rule in &self.routing.rules {
-            for (key, path) in rule
-                .path
-                .iter()
-                .map(|p| ("routing.rule.path", p))
-                .chain(rule.paths.iter().map(|p| ("routing.rule.paths", p)))
-            {
-                if !self.paths.interfaces.contains(path) {
+        if self.resequencer.max_timeout_ms < self.resequencer.timeout_ms {
+            return Err(invalid(
+                origin,
+                "resequencer.max_timeout_ms",
+                "must be at least timeout_ms",
+            ));
+        }
+        if self.routing.profiles.contains_key(DEFAULT_PROFILE) {
+            return Err(invalid(
+                origin,
+                "routing.profile.default",
+                "\"default\" is [routing]'s own table; name the profile otherwise",
+            ));
+        }
+        let active = self.routing.active_name();
+        if self.routing.profile(active).is_none() {
+            return Err(invalid(
+                origin,
+                "routing.active",
+                &format!(
+                    "no profile {active:?} (profiles: {})",
+                    self.routing.names().join(", ")
+                ),
+            ));
+        }
+        for name in self.routing.names() {
+            let table = self.routing.profile(&name).unwrap_or_default();
+            let prefix = if name == DEFAULT_PROFILE {
+                "routing".to_owned()
+            } else {
+                format!("routing.profile.{name}")
+            };
+            table
+                .validate()
+                .map_err(|e| invalid(origin, &prefix, &e.to_string()))?;
+            for rule in &table.rules {
+                for (key, path) in rule
+                    .path
+                    .iter()
+                    .map(|p| ("rule.path", p))
+                    .chain(rule.paths.iter().map(|p| ("rule.paths", p)))
+                {
+                    if !self.paths.interfaces.contains(path) {
+                        return Err(invalid(
+                            origin,
+                            &format!("{prefix}.{key}"),
+                            &format!("{path:?} is not in paths.interfaces"),
+                        ));
+                    }
+                }
+                if rule.path.is_some() && !rule.paths.is_empty() {
                     return Err(invalid(
                         origin,
-                        key,
-                        &format!("{path:?} is not in paths.interfaces"),
+                        &format!("{prefix}.rule"),
+                        "give either path (a pin) or paths (selected-paths), not both",
                     ));
                 }
-            }
-            if rule.path.is_some() && !rule.paths.is_empty() {
-                return Err(invalid(
-                    origin,
-                    "routing.rule",
-                    "give either path (a pin) or paths (selected-paths), not both",
-                ));
-            }
-        }
-        for impairment in &self.testing.impairment {
-            if impairment.loss_percent > 100 {
-                return Err(invalid(
-                    origin,
-                    "testing.impairment.loss_percent",
-                    "above 100",
-                ));
             }
         }
         Ok(())
@@ -599,7 +831,8 @@ impl CommonConfig {
             probe_interval: ms(self.paths.probe_interval_ms),
             heartbeat_interval: ms(self.paths.heartbeat_interval_ms),
             dead_after: ms(self.paths.dead_after_ms),
-            ..PathConfig::default()
+            keepalive_interval: Duration::from_secs(self.paths.keepalive_interval_s),
+            ..config.paths
         };
         config.handshake = HandshakeConfig {
             probe_interval: ms(self.paths.probe_interval_ms),
@@ -612,10 +845,16 @@ impl CommonConfig {
         config.resequencer = ResequencerConfig {
             capacity: self.resequencer.capacity,
             timeout: ms(self.resequencer.timeout_ms),
+            max_timeout: ms(self.resequencer.max_timeout_ms),
         };
         config.session_idle = Duration::from_secs(self.sessions.idle_s);
-        config.routing = self.routing.clone();
+        config.routing = self
+            .routing
+            .profile(self.routing.active_name())
+            .unwrap_or_default();
         config.path_mtu = self.paths.mtu;
+        config.auth.keys = self.auth.keys.clone();
+        config.auth.data = self.auth.data;
         config
     }
 }

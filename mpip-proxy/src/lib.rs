@@ -24,6 +24,7 @@
 //! | [`scheduler`], [`routing`] | equation 1, Algorithm 1, single/selected/protected modes, Table IV with path pins |
 //! | [`resequencer`], [`mss`] | TCP re-sequencing and MSS clamping |
 //! | [`packet`] | bounds-checked inner IPv4/IPv6 TCP/UDP headers, checksums, test packet builders |
+//! | [`auth`] | shared keys, the HMAC tag of version-2 CM blocks, the replay window, handshake rate limits |
 //! | [`node`] | one node: all of the above composed into the data path |
 //! | [`offload`] | TUN offloads: the virtio header, checksum completion, TCP segmentation |
 //!
@@ -31,6 +32,7 @@
 //! sockets through [`sys`]; [`config`] is both binaries' configuration,
 //! [`metrics`] their `mpip_*` metrics and [`cli`] what the binaries share.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod fuzz;

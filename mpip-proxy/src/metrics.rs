@@ -64,8 +64,10 @@ pub struct MpipMetrics {
     protected_copies: Counter,
     mss_clamped: Counter,
     compressed: Counter,
-    /// Last values seen, to turn the node's totals into counter increments.
-    seen: std::sync::Mutex<Seen>,
+    handovers: Counter,
+    /// Last values seen per shard, to turn each node's totals into counter
+    /// increments and sum the gauges.
+    seen: std::sync::Mutex<Vec<Seen>>,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +75,8 @@ struct Seen {
     traffic: HashMap<PathTrafficLabels, (u64, u64)>,
     counters: NodeCounters,
     paths: Vec<PathLabels>,
+    sessions: usize,
+    peers: usize,
 }
 
 impl MpipMetrics {
@@ -134,24 +138,45 @@ impl MpipMetrics {
             self.compressed.clone(),
         );
         r.register(
+            "shard_handovers",
+            "Packets a shard received for another and handed over (0 while the steering programs work)",
+            self.handovers.clone(),
+        );
+        r.register(
             "mss_clamped",
             "TCP SYNs whose MSS was lowered to fit the encapsulation",
             self.mss_clamped.clone(),
         );
     }
 
-    /// Refreshes everything from the node's state.
+    /// Counts a packet one shard handed to another.
+    pub fn note_handover(&self) {
+        self.handovers.inc();
+    }
+
+    /// Refreshes everything from the state of the node of shard `shard`
+    /// (0 when not sharded; the shards' nodes serve disjoint peers, and the
+    /// gauges are their sums).
     pub fn update(
         &self,
+        shard: usize,
         sessions: usize,
         peers: usize,
         paths: &[PathSnapshot],
         counters: NodeCounters,
     ) {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if all.len() <= shard {
+            all.resize_with(shard + 1, Seen::default);
+        }
+        all[shard].sessions = sessions;
+        all[shard].peers = peers;
+        let total = |f: fn(&Seen) -> usize| all.iter().map(f).sum::<usize>();
         self.sessions
-            .set(i64::try_from(sessions).unwrap_or(i64::MAX));
-        self.peers.set(i64::try_from(peers).unwrap_or(i64::MAX));
+            .set(i64::try_from(total(|s| s.sessions)).unwrap_or(i64::MAX));
+        self.peers
+            .set(i64::try_from(total(|s| s.peers)).unwrap_or(i64::MAX));
+        let seen = &mut all[shard];
         let mut current = Vec::with_capacity(paths.len());
         for path in paths {
             let labels = PathLabels {
@@ -229,6 +254,22 @@ impl MpipMetrics {
                 counters.unknown_session,
                 last.unknown_session,
             ),
+            (
+                "endpoint_conflict",
+                counters.endpoint_conflict,
+                last.endpoint_conflict,
+            ),
+            (
+                "unauthenticated",
+                counters.unauthenticated,
+                last.unauthenticated,
+            ),
+            ("bad_mac", counters.bad_mac, last.bad_mac),
+            ("unknown_key", counters.unknown_key, last.unknown_key),
+            ("replayed", counters.replayed, last.replayed),
+            ("unverified", counters.unverified, last.unverified),
+            ("rate_limited", counters.rate_limited, last.rate_limited),
+            ("unsolicited", counters.unsolicited, last.unsolicited),
         ];
         for (reason, now, before) in drops {
             self.dropped

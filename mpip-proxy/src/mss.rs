@@ -100,31 +100,23 @@ pub fn clamp_syn(packet: &mut [u8], max_mss: u16) -> Result<MssRewrite, MssError
         return Ok(MssRewrite::NotSyn);
     }
     let options = tcp.offset + TCP_HEADER_LEN..tcp.offset + tcp.header_len;
-    let mut at = options.start;
-    while at < options.end {
-        match packet[at] {
-            0 => break,
-            1 => at += 1,
-            kind => {
-                let len = usize::from(*packet.get(at + 1).ok_or(MssError::MalformedOptions)?);
-                if len < 2 || at + len > options.end {
-                    return Err(MssError::MalformedOptions);
-                }
-                if kind == 2 {
-                    if len != 4 {
-                        return Err(MssError::MalformedOptions);
-                    }
-                    let from = u16::from_be_bytes([packet[at + 2], packet[at + 3]]);
-                    if from <= max_mss {
-                        return Ok(MssRewrite::Unchanged(from));
-                    }
-                    packet[at + 2..at + 4].copy_from_slice(&max_mss.to_be_bytes());
-                    checksum::update_tcp_checksum(packet)?;
-                    return Ok(MssRewrite::Clamped { from, to: max_mss });
-                }
-                at += len;
-            }
+    // The workspace's one option walker (the sniffer's too).
+    let found = mptcp_wire::TcpOptionIter::new(&packet[options.clone()])
+        .find_map(|option| match option {
+            Err(_) => Some(Err(MssError::MalformedOptions)),
+            Ok(o) if o.kind == 2 && o.bytes.len() != 4 => Some(Err(MssError::MalformedOptions)),
+            Ok(o) if o.kind == 2 => Some(Ok(options.start + o.offset)),
+            Ok(_) => None,
+        })
+        .transpose()?;
+    if let Some(at) = found {
+        let from = u16::from_be_bytes([packet[at + 2], packet[at + 3]]);
+        if from <= max_mss {
+            return Ok(MssRewrite::Unchanged(from));
         }
+        packet[at + 2..at + 4].copy_from_slice(&max_mss.to_be_bytes());
+        checksum::update_tcp_checksum(packet)?;
+        return Ok(MssRewrite::Clamped { from, to: max_mss });
     }
     Ok(MssRewrite::NoMssOption)
 }

@@ -19,8 +19,10 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
+use crate::auth::{KeyRing, RateLimit, ReplayWindow, SourceLimiter};
 use crate::mss::{clamp_for_path, clamp_syn, IpVersion};
 use crate::packet::{InnerPacket, TCP_SYN};
+pub use crate::path_manager::PathCounters;
 use crate::path_manager::{InterfaceId, PathConfig, PathEvent, PathManager, PathState, Transmit};
 use crate::resequencer::{Resequencer, ResequencerConfig};
 use crate::routing::{PacketClass, RoutingTable};
@@ -30,8 +32,8 @@ use crate::table::path::{DelayMetrics, PathTable};
 use crate::table::session::{Protocol, SessionTable, DEFAULT_SESSION_IDLE};
 use crate::time::Timestamp;
 use crate::wire::{
-    AssignmentPacket, AssignmentRepr, CmFlags, CmPacket, CmRepr, NodeId, PathId, SessionId,
-    FIXED_LEN,
+    AssignmentPacket, AssignmentRepr, AuthExt, CmFlags, CmPacket, CmRepr, NodeId, PathId,
+    SessionId, AUTH_LEN, FIXED_LEN,
 };
 
 /// Bytes the shell reserves in front of a packet read from the TUN device, so
@@ -56,6 +58,21 @@ const COMPRESSION_PROOF: Duration = Duration::from_secs(2);
 
 /// How often sessions and address assignments are expired.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The shard (of `shards`) that serves `node` on a sharded proxy end:
+/// bytes 2..6 of the node ID (a MAC's most varied ones) as a big-endian
+/// number, modulo the shard count. The path sockets' reuseport program
+/// computes the same from the CM block ([`crate::sys::bpf`]).
+pub fn shard_of_node(node: NodeId, shards: u32) -> u32 {
+    let id = node.0;
+    u32::from_be_bytes([id[2], id[3], id[4], id[5]]) % shards.max(1)
+}
+
+/// The shard that owns tunnel address `address`: the address as a number,
+/// modulo the shard count (the TUN steering program computes the same).
+pub fn shard_of_address(address: Ipv4Addr, shards: u32) -> u32 {
+    u32::from(address) % shards.max(1)
+}
 
 /// Which end of MPIP this node is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +111,43 @@ pub struct NodeConfig {
     pub routing: RoutingTable,
     /// MTU of the paths; inner TCP MSS is clamped to fit it.
     pub path_mtu: u16,
+    /// Authentication (`PROTOCOL.md` §11).
+    pub auth: AuthConfig,
+    /// Client: the proxy end's node ID, if configured. Otherwise the first
+    /// confirmed handshake pins it.
+    pub proxy_node: Option<NodeId>,
+    /// Proxy end: handshake rate limits per source address and in total.
+    pub handshake_limit: RateLimit,
+    /// Proxy end: this node is shard `.0` of `.1` (threads that split the
+    /// clients by node); it hands out only the pool addresses
+    /// [`shard_of_address`] gives it. (0, 1) when not sharded.
+    pub shard: (u32, u32),
+}
+
+/// How a node authenticates (`PROTOCOL.md` §11).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// The shared keys; `None`: nothing is authenticated (the paper's MPIP).
+    pub keys: Option<KeyRing>,
+    /// Whether data packets carry a tag too (control packets always do
+    /// when there are keys). A receiver with `data` refuses untagged data.
+    pub data: bool,
+    /// Wall-clock microseconds (UNIX epoch) at [`Timestamp::ZERO`]: counters
+    /// start from the wall clock, so they keep growing across restarts.
+    pub counter_base: u64,
+    /// Random bits (handshake nonces, the rate limiter's hash key).
+    pub entropy: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            keys: None,
+            data: false,
+            counter_base: 0,
+            entropy: 0x6d70_6970_6175_7468,
+        }
+    }
 }
 
 impl NodeConfig {
@@ -101,21 +155,44 @@ impl NodeConfig {
     pub fn new(node_id: NodeId, role: Role) -> Self {
         NodeConfig {
             node_id,
+            paths: PathConfig {
+                // The client keeps idle paths alive; the proxy end answers.
+                sends_keepalives: matches!(role, Role::Client { .. }),
+                ..PathConfig::default()
+            },
             role,
-            paths: PathConfig::default(),
             handshake: HandshakeConfig::default(),
             scheduler: SchedulerConfig::default(),
             resequencer: ResequencerConfig::default(),
             session_idle: DEFAULT_SESSION_IDLE,
             routing: RoutingTable::default(),
             path_mtu: 1500,
+            auth: AuthConfig::default(),
+            proxy_node: None,
+            handshake_limit: RateLimit::default(),
+            shard: (0, 1),
         }
+    }
+
+    /// Bytes in front of a data packet's inner packet: the CM block, and the
+    /// authentication extension when data packets are authenticated.
+    pub fn headroom(&self) -> usize {
+        if self.auth_data() {
+            HEADROOM + AUTH_LEN
+        } else {
+            HEADROOM
+        }
+    }
+
+    fn auth_data(&self) -> bool {
+        self.auth.keys.is_some() && self.auth.data
     }
 
     /// The largest TUN MTU whose packets fit a path after encapsulation in
     /// IPv4 (the shell's path endpoints are IPv4).
     pub fn tun_mtu(&self) -> u16 {
-        let overhead = crate::mss::encapsulation_overhead(IpVersion::V4);
+        let overhead =
+            crate::mss::encapsulation_overhead(IpVersion::V4) + self.headroom() - HEADROOM;
         self.path_mtu
             .saturating_sub(u16::try_from(overhead).unwrap_or(u16::MAX))
     }
@@ -190,19 +267,6 @@ pub enum NodeEvent {
     },
 }
 
-/// Packets and bytes one path carried (UDP payload bytes: CM block included).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PathCounters {
-    /// Datagrams sent.
-    pub tx_packets: u64,
-    /// Bytes sent.
-    pub tx_bytes: u64,
-    /// Datagrams received.
-    pub rx_packets: u64,
-    /// Bytes received.
-    pub rx_bytes: u64,
-}
-
 /// Why packets were dropped, and other node-wide counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeCounters {
@@ -228,6 +292,26 @@ pub struct NodeCounters {
     pub compressed: u64,
     /// Compressed packets of a session this node does not know (dropped).
     pub unknown_session: u64,
+    /// Datagrams naming another node than the one whose active path uses
+    /// their source endpoint (dropped).
+    pub endpoint_conflict: u64,
+    /// Datagrams without a tag where one is required (dropped).
+    pub unauthenticated: u64,
+    /// Datagrams whose tag is wrong (dropped).
+    pub bad_mac: u64,
+    /// Datagrams tagged with a key this node does not have, or with a key
+    /// bound to another node (dropped).
+    pub unknown_key: u64,
+    /// Authentic datagrams whose counter was seen before or is too old (dropped).
+    pub replayed: u64,
+    /// Proxy end: data from a node that has not proven it is live since
+    /// this end started (dropped; the node is challenged).
+    pub unverified: u64,
+    /// Proxy end: handshakes over the per-source or total rate (dropped).
+    pub rate_limited: u64,
+    /// Client: datagrams from other nodes than its proxy end, or assignments
+    /// that answer no handshake of ours (dropped).
+    pub unsolicited: u64,
 }
 
 /// One path, for metrics.
@@ -264,6 +348,51 @@ struct Session {
     resequencer: Option<Resequencer<TunPacket>>,
 }
 
+/// What the node keeps per peer node: its sessions and the delay samples
+/// of our paths toward it. Indexed by node, so nothing on the packet path
+/// looks at another peer's sessions.
+#[derive(Debug, Default)]
+struct Peer {
+    sessions: HashMap<SessionId, Session>,
+    /// Every delay sample for our paths, whatever the session.
+    delays: PathTable,
+    /// Counters of the peer's authentic datagrams.
+    window: ReplayWindow,
+    /// The key the peer authenticates with (we answer with it).
+    key_id: Option<u8>,
+    /// Proxy end: the peer proved it is live since this end started (a
+    /// datagram over one of its paths echoed a counter we sent over it).
+    verified: bool,
+    /// The nonce of the peer's latest `ENABLE` (echoed in the `CONFIRM`).
+    enable_nonce: u32,
+    /// Smoothed one-way delay (with the peer's clock offset, the same on
+    /// every path) of what arrives over each of our paths from the peer:
+    /// the spread over the active ones is how long a segment from the
+    /// fastest path may wait for the slowest's.
+    arrivals: BTreeMap<PathId, i64>,
+}
+
+impl Peer {
+    fn note_arrival(&mut self, path: PathId, sample_us: i32) {
+        let sample = i64::from(sample_us);
+        let smoothed = self.arrivals.entry(path).or_insert(sample);
+        // An EWMA of 1/8, as TCP's SRTT.
+        *smoothed += (sample - *smoothed) / 8;
+    }
+
+    /// The spread of the one-way delays of the paths `active` says are up.
+    fn delay_spread(&self, active: impl Fn(PathId) -> bool) -> Duration {
+        let (min, max) = self
+            .arrivals
+            .iter()
+            .filter(|(path, _)| active(**path))
+            .fold((i64::MAX, i64::MIN), |(lo, hi), (_, d)| {
+                (lo.min(*d), hi.max(*d))
+            });
+        Duration::from_micros(u64::try_from(max.saturating_sub(min)).unwrap_or(0))
+    }
+}
+
 /// Proxy end: tunnel addresses handed to client nodes.
 #[derive(Debug)]
 struct AddressPool {
@@ -271,27 +400,45 @@ struct AddressPool {
     proxy: Ipv4Addr,
     by_node: HashMap<NodeId, Ipv4Addr>,
     by_address: HashMap<Ipv4Addr, NodeId>,
+    /// This shard's part of the pool: addresses `a` with
+    /// `shard_of_address(a, shard.1) == shard.0`.
+    shard: (u32, u32),
+    /// Where the search for a free address starts (the lowest free one is
+    /// at or after it).
+    cursor: u32,
 }
 
 impl AddressPool {
-    fn new(network: Ipv4Net) -> Self {
+    fn new(network: Ipv4Net, shard: (u32, u32)) -> Self {
         let proxy = first_host(&network);
         AddressPool {
             network,
             proxy,
             by_node: HashMap::new(),
             by_address: HashMap::new(),
+            shard,
+            cursor: u32::from(network.network()),
         }
+    }
+
+    fn mine(&self, address: Ipv4Addr) -> bool {
+        shard_of_address(address, self.shard.1) == self.shard.0
     }
 
     fn assign(&mut self, node: NodeId) -> Option<Ipv4Addr> {
         if let Some(address) = self.by_node.get(&node) {
             return Some(*address);
         }
-        let free = self
-            .network
-            .hosts()
-            .find(|a| *a != self.proxy && !self.by_address.contains_key(a))?;
+        let start = self.cursor.max(u32::from(self.network.network()));
+        let free = (start..u32::from(self.network.broadcast()))
+            .map(Ipv4Addr::from)
+            .find(|a| {
+                *a != self.proxy
+                    && *a != self.network.network()
+                    && self.mine(*a)
+                    && !self.by_address.contains_key(a)
+            })?;
+        self.cursor = u32::from(free);
         self.bind(node, free);
         Some(free)
     }
@@ -303,6 +450,7 @@ impl AddressPool {
             && address != self.proxy
             && address != self.network.network()
             && address != self.network.broadcast()
+            && self.mine(address)
             && !self.by_address.contains_key(&address)
             && !self.by_node.contains_key(&node);
         if usable {
@@ -319,6 +467,7 @@ impl AddressPool {
     fn release(&mut self, node: NodeId) {
         if let Some(address) = self.by_node.remove(&node) {
             self.by_address.remove(&address);
+            self.cursor = self.cursor.min(u32::from(address));
         }
     }
 
@@ -344,7 +493,7 @@ pub struct Node<R: RandomSource> {
     config: NodeConfig,
     paths: PathManager,
     sessions: SessionTable,
-    states: HashMap<(NodeId, SessionId), Session>,
+    peers: HashMap<NodeId, Peer>,
     /// Sessions whose re-sequencer holds segments: the only ones with a
     /// re-sequencing timer, so timers cost nothing per idle session.
     holding: HashSet<(NodeId, SessionId)>,
@@ -354,41 +503,172 @@ pub struct Node<R: RandomSource> {
     /// Client: the assignment and the proxy end's node ID.
     assignment: Option<(AssignmentRepr, NodeId)>,
     pool: Option<AddressPool>,
-    /// Per peer node: every delay sample for our paths, whatever the session.
-    node_delays: HashMap<NodeId, PathTable>,
     counters: NodeCounters,
-    path_counters: BTreeMap<PathId, PathCounters>,
     transmits: VecDeque<Datagram>,
     tun: VecDeque<TunPacket>,
     events: VecDeque<NodeEvent>,
     next_housekeeping: Option<Timestamp>,
+    /// The last counter this node used (authentication).
+    counter: u64,
+    /// Client: nonces of the `ENABLE`s of the running handshake.
+    enable_nonces: VecDeque<u32>,
+    /// Proxy end: handshake rate limits.
+    limiter: SourceLimiter,
 }
+
+/// What [`Node::admit`] decided about a received datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Dropped (and counted).
+    Drop,
+    /// Processed; whether it proves its path (`PROTOCOL.md` §11.3).
+    Accept(bool),
+    /// Authentic data from a node not proven live: the path manager sees it,
+    /// the inner packet is dropped, the node is challenged.
+    Challenge,
+}
+
+/// `ENABLE` nonces remembered (a handshake round sends five per interface).
+const ENABLE_NONCES: usize = 32;
 
 impl<R: RandomSource> Node<R> {
     /// A node with no interface yet; `rng` drives equation 1.
     pub fn new(config: NodeConfig, rng: R) -> Self {
         let pool = match &config.role {
-            Role::Proxy { pool } => Some(AddressPool::new(*pool)),
+            Role::Proxy { pool } => Some(AddressPool::new(*pool, config.shard)),
             Role::Client { .. } => None,
         };
+        let path_config = PathConfig {
+            require_proof: config.auth.keys.is_some(),
+            ..config.paths
+        };
         Node {
-            paths: PathManager::new(config.paths, config.node_id),
+            paths: PathManager::new(path_config, config.node_id),
             sessions: SessionTable::new(config.node_id),
-            states: HashMap::new(),
+            peers: HashMap::new(),
             holding: HashSet::new(),
             scheduler: Scheduler::new(config.scheduler, config.routing.clone(), rng),
             availability: AvailabilityTable::new(config.handshake),
             interfaces: BTreeMap::new(),
             assignment: None,
             pool,
-            node_delays: HashMap::new(),
             counters: NodeCounters::default(),
-            path_counters: BTreeMap::new(),
             transmits: VecDeque::new(),
             tun: VecDeque::new(),
             events: VecDeque::new(),
             next_housekeeping: None,
+            counter: 0,
+            enable_nonces: VecDeque::new(),
+            limiter: SourceLimiter::new(config.handshake_limit, config.auth.entropy),
             config,
+        }
+    }
+
+    /// Bytes [`Node::handle_tun_packet`] needs in front of each packet.
+    pub fn headroom(&self) -> usize {
+        self.config.headroom()
+    }
+
+    /// The routing table in force.
+    pub fn routing(&self) -> &RoutingTable {
+        &self.config.routing
+    }
+
+    /// Replaces the Table IV rules and default (a reload or a profile
+    /// switch). Rules are looked up per packet, so existing sessions follow
+    /// the new table from their next packet; nothing queued is dropped.
+    pub fn set_routing(&mut self, routing: RoutingTable) {
+        self.scheduler.set_routing(routing.clone());
+        self.config.routing = routing;
+    }
+
+    /// Applies what a configuration reload may change while running:
+    /// routing, path timers, Algorithm 1, re-sequencing, session idle time
+    /// and keys. Keys must keep data tags as they were (the tunnel MTU
+    /// depends on them): a change that would turn data tags on or off is
+    /// refused with the reason, and nothing changes.
+    pub fn reconfigure(&mut self, now: Timestamp, new: &NodeConfig) -> Result<(), String> {
+        if new.headroom() != self.headroom() {
+            return Err(
+                "[auth] data (or keys with it) changes the tunnel MTU; restart to apply".into(),
+            );
+        }
+        if new.node_id != self.config.node_id || new.role != self.config.role {
+            return Err(
+                "node_id, the pool or the proxy endpoints changed; restart to apply".into(),
+            );
+        }
+        if self.config.auth.keys.is_some() != new.auth.keys.is_some() {
+            return Err("turning authentication on or off needs a restart".into());
+        }
+        self.set_routing(new.routing.clone());
+        let paths = PathConfig {
+            require_proof: new.auth.keys.is_some(),
+            ..new.paths
+        };
+        self.paths.set_config(now, paths);
+        if new.handshake_limit != self.config.handshake_limit {
+            self.limiter = SourceLimiter::new(new.handshake_limit, self.config.auth.entropy);
+            self.config.handshake_limit = new.handshake_limit;
+        }
+        self.scheduler.set_config(new.scheduler);
+        self.config.paths = new.paths;
+        self.config.scheduler = new.scheduler;
+        self.config.resequencer = new.resequencer;
+        self.config.session_idle = new.session_idle;
+        self.config.handshake = new.handshake;
+        self.config.proxy_node = new.proxy_node;
+        self.config.auth.keys = new.auth.keys.clone();
+        Ok(())
+    }
+
+    /// The next authentication counter: the wall clock in microseconds, at
+    /// least one above the last.
+    fn next_counter(&mut self, now: Timestamp) -> u64 {
+        let clock = self
+            .config
+            .auth
+            .counter_base
+            .saturating_add(now.as_micros());
+        self.counter = clock.max(self.counter + 1);
+        self.counter
+    }
+
+    /// A handshake nonce: unpredictable without the node's entropy.
+    fn nonce(&mut self, now: Timestamp) -> u32 {
+        let mut x = self.config.auth.entropy ^ self.next_counter(now).rotate_left(29);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((x ^ (x >> 31)) as u32) | 1
+    }
+
+    /// The authentication extension for a datagram to `node` over `path`
+    /// (zero tag; the caller signs after emitting), or `None` without keys.
+    fn auth_ext(&mut self, now: Timestamp, node: Option<NodeId>, path: PathId) -> Option<AuthExt> {
+        let send_key = self.config.auth.keys.as_ref()?.send_key().id;
+        let counter = self.next_counter(now);
+        let key_id = match node {
+            Some(node) => {
+                self.paths.note_tx_counter(node, path, counter);
+                self.peers
+                    .get(&node)
+                    .and_then(|p| p.key_id)
+                    .unwrap_or(send_key)
+            }
+            None => send_key,
+        };
+        Some(AuthExt {
+            key_id,
+            counter,
+            tag: [0; crate::wire::AUTH_TAG_LEN],
+        })
+    }
+
+    /// Signs an emitted datagram in place if its CM block has the extension.
+    fn sign(&self, bytes: &mut [u8], ext: Option<AuthExt>, auth_at: usize) {
+        let key = ext.and_then(|e| self.config.auth.keys.as_ref()?.get(e.key_id));
+        if let Some(key) = key {
+            key.sign(bytes, auth_at);
         }
     }
 
@@ -438,11 +718,11 @@ impl<R: RandomSource> Node<R> {
         self.paths
             .paths()
             .map(|path| {
-                let weights: Vec<f64> = self
-                    .states
-                    .iter()
-                    .filter(|((node, _), _)| *node == path.node)
-                    .filter_map(|(_, s)| s.paths.get(path.id))
+                let peer = self.peers.get(&path.node);
+                let weights: Vec<f64> = peer
+                    .into_iter()
+                    .flat_map(|p| p.sessions.values())
+                    .filter_map(|s| s.paths.get(path.id))
                     .filter(|e| e.live)
                     .map(|e| f64::from(e.weight))
                     .collect();
@@ -456,15 +736,9 @@ impl<R: RandomSource> Node<R> {
                     local: path.local,
                     remote: path.remote,
                     state: path.state,
-                    counters: self
-                        .path_counters
-                        .get(&path.id)
-                        .copied()
-                        .unwrap_or_default(),
-                    delay: self
-                        .node_delays
-                        .get(&path.node)
-                        .and_then(|t| t.get(path.id))
+                    counters: path.counters,
+                    delay: peer
+                        .and_then(|p| p.delays.get(path.id))
                         .map(|e| e.delay.clone())
                         .unwrap_or_default(),
                     weight: (!weights.is_empty())
@@ -511,14 +785,23 @@ impl<R: RandomSource> Node<R> {
         self.drain_path_events();
     }
 
+    /// An interface is no longer configured: its paths go.
+    pub fn remove_interface(&mut self, _now: Timestamp, interface: InterfaceId) {
+        self.interfaces.remove(&interface);
+        self.paths.remove_interface(interface);
+        self.drain_path_events();
+    }
+
     /// A packet the local stack wrote into the TUN device, at
-    /// `buffer[HEADROOM..]`; the front is overwritten with the CM block.
+    /// `buffer[headroom..]` ([`Node::headroom`]); the front is overwritten
+    /// with the CM block.
     pub fn handle_tun_packet(&mut self, now: Timestamp, mut buffer: Vec<u8>) {
-        if buffer.len() <= HEADROOM {
+        let headroom = self.headroom();
+        if buffer.len() <= headroom {
             self.counters.malformed_packets += 1;
             return;
         }
-        let Ok(info) = InnerPacket::parse(&buffer[HEADROOM..]) else {
+        let Ok(info) = InnerPacket::parse(&buffer[headroom..]) else {
             self.counters.malformed_packets += 1;
             return;
         };
@@ -531,7 +814,7 @@ impl<R: RandomSource> Node<R> {
             return;
         };
         if info.tcp.is_some_and(|tcp| tcp.flags & TCP_SYN != 0) {
-            self.clamp_mss(&mut buffer[HEADROOM..], &info);
+            self.clamp_mss(&mut buffer[headroom..], &info);
         }
         let class = PacketClass::from(&info);
         let rule = self.config.routing.rule_for(&class);
@@ -554,9 +837,14 @@ impl<R: RandomSource> Node<R> {
             })
             .unwrap_or_default();
         let paths = &self.paths;
-        let state = self.states.entry((node, session)).or_insert_with(|| {
-            Session::new(paths.path_table_for(node), &info, self.config.resequencer)
-        });
+        let resequencer = self.config.resequencer;
+        let state = self
+            .peers
+            .entry(node)
+            .or_default()
+            .sessions
+            .entry(session)
+            .or_insert_with(|| Session::new(paths.path_table_for(node), &info, resequencer));
         let sequence = state.next_sequence;
         state.next_sequence = sequence.wrapping_add(1);
         if !selected.is_empty() && mode == Mode::AllPaths {
@@ -584,15 +872,20 @@ impl<R: RandomSource> Node<R> {
             .last_inbound
             .is_some_and(|t| now.saturating_since(t) < COMPRESSION_PROOF);
         let mut flags = CmFlags::NONE;
-        if peer_knows_session && compressible(&buffer[HEADROOM..]) {
-            buffer[HEADROOM + COMPRESSED_AWAY] = buffer[HEADROOM + IPV4_TTL];
-            buffer.drain(HEADROOM..HEADROOM + COMPRESSED_AWAY);
+        if peer_knows_session && compressible(&buffer[headroom..]) {
+            buffer[headroom + COMPRESSED_AWAY] = buffer[headroom + IPV4_TTL];
+            buffer.drain(headroom..headroom + COMPRESSED_AWAY);
             flags = CmFlags::COMPRESSED;
             self.counters.compressed += 1;
         }
+        if selection != Selection::NoPath {
+            self.paths.note_data(now, node);
+        }
         match selection {
             Selection::NoPath => self.counters.no_path += 1,
-            Selection::One(path) => self.send_data(now, session, path, sequence, flags, buffer),
+            Selection::One(path) => {
+                self.send_data(now, node, session, path, sequence, flags, buffer)
+            }
             Selection::Copies(copies) => {
                 self.counters.protected_copies += 1;
                 let last = copies.len() - 1;
@@ -603,48 +896,49 @@ impl<R: RandomSource> Node<R> {
                         buffer.clone()
                     };
                     let copy = flags.union(CmFlags::DUPLICATE);
-                    self.send_data(now, session, *path, sequence, copy, bytes);
+                    self.send_data(now, node, session, *path, sequence, copy, bytes);
                 }
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_data(
         &mut self,
         now: Timestamp,
+        node: NodeId,
         session: SessionId,
         path: PathId,
         sequence: u32,
         flags: CmFlags,
         mut bytes: Vec<u8>,
     ) {
-        let Some(interface) = self.paths.path(path).map(|p| (p.interface, p.remote)) else {
+        let Some(interface) = self.paths.path(node, path).map(|p| (p.interface, p.remote)) else {
             self.counters.no_path += 1;
             return;
         };
-        let Ok(mut repr) = self.paths.data_cm(now, session, path, sequence) else {
+        let Ok(mut repr) = self.paths.data_cm(now, node, session, path, sequence) else {
             self.counters.no_path += 1;
             return;
         };
         repr.flags.insert(flags);
-        // A data CM block has no address list: exactly HEADROOM bytes.
-        if repr.emit(&mut bytes[..HEADROOM]).is_err() {
+        if self.config.auth_data() {
+            repr.auth = self.auth_ext(now, Some(node), path);
+        }
+        // A data CM block has no address list: exactly the headroom.
+        let headroom = self.headroom();
+        if repr.emit(&mut bytes[..headroom]).is_err() {
             self.counters.no_path += 1;
             return;
         }
-        self.count_tx(path, bytes.len());
+        self.sign(&mut bytes, repr.auth, HEADROOM);
+        let _ = self.paths.count_sent(node, path, bytes.len());
         self.transmits.push_back(Datagram {
             interface: interface.0,
             remote: interface.1,
             path,
             bytes,
         });
-    }
-
-    fn count_tx(&mut self, path: PathId, len: usize) {
-        let counters = self.path_counters.entry(path).or_default();
-        counters.tx_packets += 1;
-        counters.tx_bytes += len as u64;
     }
 
     /// The peer a TUN packet goes to: the proxy end for a client; the client
@@ -676,7 +970,9 @@ impl<R: RandomSource> Node<R> {
         } else {
             IpVersion::V4
         };
-        let Ok(max) = clamp_for_path(self.config.path_mtu, self.outer_version(), inner) else {
+        let extra = u16::try_from(self.headroom() - HEADROOM).unwrap_or(0);
+        let mtu = self.config.path_mtu.saturating_sub(extra);
+        let Ok(max) = clamp_for_path(mtu, self.outer_version(), inner) else {
             return;
         };
         if let Ok(crate::mss::MssRewrite::Clamped { .. }) = clamp_syn(packet, max) {
@@ -692,9 +988,9 @@ impl<R: RandomSource> Node<R> {
         remote: SocketAddr,
         bytes: Vec<u8>,
     ) {
-        let (repr, cm_len) = match CmPacket::new_checked(&bytes[..]) {
+        let (repr, cm_len, auth_at) = match CmPacket::new_checked(&bytes[..]) {
             Ok(packet) => match CmRepr::parse(&packet) {
-                Ok(repr) => (repr, packet.cm_len()),
+                Ok(repr) => (repr, packet.cm_len(), packet.auth_offset()),
                 Err(_) => {
                     self.counters.malformed_datagrams += 1;
                     return;
@@ -709,24 +1005,50 @@ impl<R: RandomSource> Node<R> {
         if node == self.config.node_id {
             return;
         }
-        if !self.handle_handshake(now, remote, &repr, &bytes[cm_len..]) {
+        // An endpoint an active path of another node uses speaks for that
+        // node only (a forged node ID from a client's address takes nothing).
+        if self
+            .paths
+            .path_between(interface, remote)
+            .is_some_and(|p| p.node != node && p.is_active())
+        {
+            self.counters.endpoint_conflict += 1;
             return;
-        }
-        self.paths.handle_received(now, interface, remote, &repr);
-        self.drain_path_events();
-        if let Some(path) = self.paths.path_between(interface, remote).map(|p| p.id) {
-            let counters = self.path_counters.entry(path).or_default();
-            counters.rx_packets += 1;
-            counters.rx_bytes += bytes.len() as u64;
         }
         let control = CmFlags::ENABLE
             .union(CmFlags::CONFIRM)
             .union(CmFlags::HEARTBEAT)
-            .union(CmFlags::ASSIGN);
-        if bytes.len() == cm_len
+            .union(CmFlags::ASSIGN)
+            .union(CmFlags::IP_CHANGE);
+        let is_control = bytes.len() == cm_len
             || repr.flags.bits() & control.bits() != 0
-            || repr.session_id == SessionId::CONTROL
-        {
+            || repr.session_id == SessionId::CONTROL;
+        let admitted = self.admit(now, interface, remote, &repr, &bytes, auth_at, is_control);
+        if admitted == Admission::Drop {
+            return;
+        }
+        if !self.handle_handshake(now, remote, &repr, &bytes[cm_len..]) {
+            return;
+        }
+        let proves = matches!(admitted, Admission::Accept(true));
+        self.paths
+            .handle_received_proven(now, interface, remote, &repr, proves);
+        if let Some(path) = self.paths.path_between(interface, remote).map(|p| p.id) {
+            self.peers
+                .entry(node)
+                .or_default()
+                .note_arrival(path, crate::time::one_way_delay_sample(repr.timestamp, now));
+        }
+        self.drain_path_events();
+        self.paths.note_received(interface, remote, bytes.len());
+        if admitted == Admission::Challenge {
+            // Authentic data from a node not proven live: its path is kept,
+            // its packet dropped, and it is asked to echo our counter.
+            self.counters.unverified += 1;
+            self.paths.answer(now, interface, remote);
+            return;
+        }
+        if is_control {
             return;
         }
         let mut bytes = bytes;
@@ -759,12 +1081,19 @@ impl<R: RandomSource> Node<R> {
         {
             return;
         }
+        self.paths.note_data(now, node);
         let paths = &self.paths;
         let resequencer = self.config.resequencer;
-        let state = self
-            .states
-            .entry((node, repr.session_id))
+        let peer = self.peers.entry(node).or_default();
+        let wait = resequencer.timeout
+            + peer.delay_spread(|id| paths.path(node, id).is_some_and(|p| p.is_active()));
+        let state = peer
+            .sessions
+            .entry(repr.session_id)
             .or_insert_with(|| Session::new(paths.path_table_for(node), &info, resequencer));
+        if let Some(resequencer) = &mut state.resequencer {
+            resequencer.set_timeout(wait);
+        }
         if repr.flags.contains(CmFlags::DUPLICATE) && !state.dedup.accept(repr.sequence) {
             self.counters.duplicates += 1;
             return;
@@ -785,6 +1114,112 @@ impl<R: RandomSource> Node<R> {
             }
             _ => self.tun.push_back(packet),
         }
+    }
+
+    /// Whether a received datagram may be processed: the client hears only
+    /// its proxy end; the proxy end rate-limits handshakes and unknown nodes
+    /// per source; with keys, the tag, the key, the replay window and (proxy
+    /// end, data) the peer's proof of freshness are checked
+    /// (`PROTOCOL.md` §11). Counts what it drops.
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &mut self,
+        now: Timestamp,
+        interface: InterfaceId,
+        remote: SocketAddr,
+        repr: &CmRepr,
+        bytes: &[u8],
+        auth_at: usize,
+        is_control: bool,
+    ) -> Admission {
+        let node = repr.node_id;
+        let enable = repr.flags.contains(CmFlags::ENABLE);
+        let client = match &self.config.role {
+            Role::Client { proxy_endpoints } => {
+                let pinned = self.assignment.map(|(_, p)| p).or(self.config.proxy_node);
+                let assignment = repr.flags.contains(CmFlags::CONFIRM.union(CmFlags::ASSIGN));
+                let foreign = pinned.is_some_and(|p| p != node);
+                // The proxy end speaks from the configured endpoints and the
+                // ones it announced from those: a datagram from anywhere
+                // else never makes a path (no path toward an attacker).
+                let trusted = proxy_endpoints.contains(&remote)
+                    || pinned
+                        .and_then(|p| self.paths.nodes().get(p))
+                        .is_some_and(|entry| {
+                            entry.announced.contains(&remote)
+                                || entry.observed.contains_key(&remote)
+                        });
+                let unsolicited = !trusted
+                    || (self.assignment.is_none()
+                        && !(assignment && proxy_endpoints.contains(&remote)));
+                if foreign || unsolicited || enable {
+                    self.counters.unsolicited += 1;
+                    return Admission::Drop;
+                }
+                true
+            }
+            Role::Proxy { .. } => false,
+        };
+        let keys = self.config.auth.keys.is_some();
+        // Handshakes and unknown nodes make the proxy end work (a tag to
+        // check) or keep state; untagged datagrams where tags are required
+        // are refused below without either.
+        if !client && (repr.auth.is_some() || !keys) {
+            let known = self.paths.nodes().get(node).is_some();
+            if (enable || !known) && !self.limiter.allow(now, remote.ip()) {
+                self.counters.rate_limited += 1;
+                return Admission::Drop;
+            }
+        }
+        let Some(keys) = self.config.auth.keys.as_ref().filter(|_| keys) else {
+            return Admission::Accept(true);
+        };
+        let Some(ext) = repr.auth else {
+            // Untagged: only data over a path the node already uses, from a
+            // node proven live, and only where data tags are not required.
+            let over_path = self
+                .paths
+                .path_between(interface, remote)
+                .is_some_and(|p| p.node == node);
+            let live = client || self.peers.get(&node).is_some_and(|p| p.verified);
+            if is_control || self.config.auth.data || !over_path || !live {
+                self.counters.unauthenticated += 1;
+                return Admission::Drop;
+            }
+            return Admission::Accept(false);
+        };
+        let Some(key) = keys
+            .get(ext.key_id)
+            .filter(|k| k.node.is_none_or(|n| n == node))
+        else {
+            self.counters.unknown_key += 1;
+            return Admission::Drop;
+        };
+        if !key.verify(bytes, auth_at) {
+            self.counters.bad_mac += 1;
+            return Admission::Drop;
+        }
+        // A control datagram echoing a counter we sent over its path proves
+        // the peer is there and live; so does the answer to our handshake.
+        let proves = is_control
+            && !enable
+            && (self.paths.path_echoes(interface, remote, repr.sequence)
+                || (client
+                    && repr.flags.contains(CmFlags::CONFIRM.union(CmFlags::ASSIGN))
+                    && self.enable_nonces.contains(&repr.sequence)));
+        let peer = self.peers.entry(node).or_default();
+        if !peer.window.accept(ext.counter) {
+            self.counters.replayed += 1;
+            return Admission::Drop;
+        }
+        peer.key_id = Some(ext.key_id);
+        if proves {
+            peer.verified = true;
+        }
+        if !client && !is_control && !peer.verified {
+            return Admission::Challenge;
+        }
+        Admission::Accept(proves)
     }
 
     /// Whether an inner packet from `node` carries that node's addresses: a
@@ -829,6 +1264,7 @@ impl<R: RandomSource> Node<R> {
         let node = repr.node_id;
         if let Some(pool) = &mut self.pool {
             if repr.flags.contains(CmFlags::ENABLE) {
+                self.peers.entry(node).or_default().enable_nonce = repr.sequence;
                 let known = pool.by_node.contains_key(&node);
                 match pool.assign(node) {
                     Some(address) if !known => self
@@ -844,6 +1280,15 @@ impl<R: RandomSource> Node<R> {
             return true;
         }
         if !repr.flags.contains(CmFlags::CONFIRM.union(CmFlags::ASSIGN)) {
+            return true;
+        }
+        // Only an answer to one of our ENABLEs (it echoes the nonce) assigns:
+        // a replayed or forged assignment changes nothing.
+        if !self.enable_nonces.contains(&repr.sequence) {
+            if self.assignment.is_none() {
+                self.counters.unsolicited += 1;
+                return false;
+            }
             return true;
         }
         let Ok(packet) = AssignmentPacket::new_checked(payload) else {
@@ -872,32 +1317,28 @@ impl<R: RandomSource> Node<R> {
                     delay_us,
                     ..
                 } => {
-                    let table = self.node_delays.entry(node).or_default();
-                    if table.get(path).is_none() {
-                        if let Some(p) = self.paths.path(path) {
-                            table.insert(path, p.local, p.remote);
+                    let peer = self.peers.entry(node).or_default();
+                    if peer.delays.get(path).is_none() {
+                        if let Some(p) = self.paths.path(node, path) {
+                            peer.delays.insert(path, p.local, p.remote);
                         }
                     }
-                    table.record_delay(path, delay_us);
-                    for ((n, s), state) in &mut self.states {
-                        if *n == node {
-                            self.paths.apply_event(node, *s, &event, &mut state.paths);
-                        }
+                    peer.delays.record_delay(path, delay_us);
+                    for (s, state) in &mut peer.sessions {
+                        self.paths.apply_event(node, *s, &event, &mut state.paths);
                     }
                     continue;
                 }
             };
-            for ((n, s), state) in &mut self.states {
-                if *n == node {
+            if let Some(peer) = self.peers.get_mut(&node) {
+                if state.is_none() {
+                    peer.arrivals.remove(&path);
+                }
+                for (s, state) in &mut peer.sessions {
                     self.paths.apply_event(node, *s, &event, &mut state.paths);
                 }
-            }
-            if let Some(table) = self.node_delays.get_mut(&node) {
                 self.paths
-                    .apply_event(node, SessionId::CONTROL, &event, table);
-            }
-            if state.is_none() {
-                self.path_counters.remove(&path);
+                    .apply_event(node, SessionId::CONTROL, &event, &mut peer.delays);
             }
             self.events.push_back(NodeEvent::Path { path, node, state });
         }
@@ -916,17 +1357,25 @@ impl<R: RandomSource> Node<R> {
                     .collect();
                 for interface in up {
                     if let Ok(transmit) = self.paths.enable_packet(now, interface, remote) {
-                        self.push_control(transmit, None);
+                        self.push_control(now, transmit, None);
                     }
                 }
             }
         }
-        self.scheduler
-            .handle_timeout(now, self.states.values_mut().map(|s| &mut s.paths));
-        let states = &mut self.states;
+        self.scheduler.handle_timeout(
+            now,
+            self.peers
+                .values_mut()
+                .flat_map(|p| p.sessions.values_mut().map(|s| &mut s.paths)),
+        );
+        let peers = &mut self.peers;
         let tun = &mut self.tun;
-        self.holding.retain(|key| {
-            let Some(resequencer) = states.get_mut(key).and_then(|s| s.resequencer.as_mut()) else {
+        self.holding.retain(|(node, session)| {
+            let Some(resequencer) = peers
+                .get_mut(node)
+                .and_then(|p| p.sessions.get_mut(session))
+                .and_then(|s| s.resequencer.as_mut())
+            else {
                 return false;
             };
             resequencer.handle_timeout(now);
@@ -946,7 +1395,11 @@ impl<R: RandomSource> Node<R> {
 
     fn housekeeping(&mut self, now: Timestamp) {
         for entry in self.sessions.expire(now, self.config.session_idle) {
-            if let Some(mut state) = self.states.remove(&(entry.node, entry.session)) {
+            let removed = self
+                .peers
+                .get_mut(&entry.node)
+                .and_then(|p| p.sessions.remove(&entry.session));
+            if let Some(mut state) = removed {
                 if let Some(resequencer) = &mut state.resequencer {
                     resequencer.handle_timeout(Timestamp::from_micros(u64::MAX));
                     while let Some(ready) = resequencer.poll_deliver() {
@@ -955,13 +1408,33 @@ impl<R: RandomSource> Node<R> {
                 }
             }
         }
-        let known: Vec<NodeId> = self.paths.nodes().nodes().collect();
-        self.node_delays.retain(|node, _| known.contains(node));
+        let paths = &self.paths;
+        // The client keeps its proxy end's replay window for good.
+        let pinned = self.assignment.map(|(_, p)| p).or(self.config.proxy_node);
+        self.peers.retain(|node, peer| {
+            !peer.sessions.is_empty() || paths.nodes().get(*node).is_some() || pinned == Some(*node)
+        });
+        // The client: a proxy end silent long enough to be forgotten gets a
+        // new handshake (it may have restarted under another node ID).
+        if let (Role::Client { proxy_endpoints }, Some((_, proxy))) =
+            (&self.config.role, self.assignment)
+        {
+            if paths.nodes().get(proxy).is_none() && paths.paths_to(proxy).next().is_none() {
+                self.assignment = None;
+                for remote in proxy_endpoints.clone() {
+                    self.availability.restart(now, remote);
+                }
+            }
+        }
+        let paths = &self.paths;
         if let Some(pool) = &mut self.pool {
             let gone: Vec<NodeId> = pool
                 .by_node
                 .keys()
-                .filter(|n| !known.contains(n) && self.sessions.sessions_of(**n).next().is_none())
+                .filter(|n| {
+                    paths.nodes().get(**n).is_none()
+                        && self.sessions.sessions_of(**n).next().is_none()
+                })
                 .copied()
                 .collect();
             for node in gone {
@@ -979,7 +1452,7 @@ impl<R: RandomSource> Node<R> {
         while let Some(transmit) = self.paths.poll_transmit(now) {
             self.drain_path_events();
             let assignment = if transmit.repr.flags.contains(CmFlags::CONFIRM) {
-                let node = self.paths.path(transmit.path).map(|p| p.node);
+                let node = transmit.node;
                 match (&self.pool, node) {
                     (Some(pool), Some(node)) => match pool.assignment(node) {
                         Some(assignment) => Some(assignment),
@@ -991,14 +1464,35 @@ impl<R: RandomSource> Node<R> {
             } else {
                 None
             };
-            self.push_control(transmit, assignment);
+            self.push_control(now, transmit, assignment);
             return self.transmits.pop_front();
         }
         self.drain_path_events();
         None
     }
 
-    fn push_control(&mut self, mut transmit: Transmit, assignment: Option<AssignmentRepr>) {
+    fn push_control(
+        &mut self,
+        now: Timestamp,
+        mut transmit: Transmit,
+        assignment: Option<AssignmentRepr>,
+    ) {
+        // Packet Sequence on control packets: an ENABLE's nonce, the CONFIRM's
+        // echo of it, or with keys the echo of the path's latest counter (set
+        // by the path manager).
+        if transmit.repr.flags.contains(CmFlags::ENABLE) {
+            let nonce = self.nonce(now);
+            if self.enable_nonces.len() == ENABLE_NONCES {
+                self.enable_nonces.pop_front();
+            }
+            self.enable_nonces.push_back(nonce);
+            transmit.repr.sequence = nonce;
+        } else if transmit.repr.flags.contains(CmFlags::CONFIRM) {
+            if let Some(peer) = transmit.node.and_then(|n| self.peers.get(&n)) {
+                transmit.repr.sequence = peer.enable_nonce;
+            }
+        }
+        transmit.repr.auth = self.auth_ext(now, transmit.node, transmit.path);
         let payload = assignment.map(|a| {
             transmit.repr.flags.insert(CmFlags::ASSIGN);
             a.to_bytes()
@@ -1011,8 +1505,13 @@ impl<R: RandomSource> Node<R> {
         if let Some(payload) = payload {
             bytes[cm_len..].copy_from_slice(&payload);
         }
-        if transmit.path != PathId(0) {
-            self.count_tx(transmit.path, bytes.len());
+        self.sign(
+            &mut bytes,
+            transmit.repr.auth,
+            cm_len.saturating_sub(AUTH_LEN),
+        );
+        if let Some(node) = transmit.node {
+            let _ = self.paths.count_sent(node, transmit.path, bytes.len());
         }
         self.transmits.push_back(Datagram {
             interface: transmit.interface,
@@ -1037,7 +1536,7 @@ impl<R: RandomSource> Node<R> {
         let resequencing = self
             .holding
             .iter()
-            .filter_map(|key| self.states.get(key))
+            .filter_map(|(node, session)| self.peers.get(node)?.sessions.get(session))
             .filter_map(|s| s.resequencer.as_ref().and_then(Resequencer::poll_timeout))
             .min();
         let handshake = if self.assignment.is_none() {
@@ -1106,7 +1605,7 @@ fn restore_ipv4_header(packet: &mut [u8], tuple: crate::table::session::FiveTupl
     header[9] = tuple.protocol.number();
     header[12..16].copy_from_slice(&source.octets());
     header[16..20].copy_from_slice(&destination.octets());
-    let checksum = crate::packet::checksum::finish(crate::packet::checksum::sum16(0, header));
+    let checksum = crate::packet::checksum::checksum(header);
     header[10..12].copy_from_slice(&checksum.to_be_bytes());
     true
 }
@@ -1119,10 +1618,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn with_df(mut packet: Vec<u8>) -> Vec<u8> {
-        use crate::packet::checksum::{finish, sum16};
         packet[6] = 0x40;
         packet[10..12].fill(0);
-        let checksum = finish(sum16(0, &packet[..IPV4_HEADER_LEN]));
+        let checksum = crate::packet::checksum::checksum(&packet[..IPV4_HEADER_LEN]);
         packet[10..12].copy_from_slice(&checksum.to_be_bytes());
         packet
     }

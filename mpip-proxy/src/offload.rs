@@ -8,7 +8,7 @@
 //! packets of at most the MTU, each in its own buffer with room in front for
 //! the CM block, exactly what [`crate::node::Node::handle_tun_packet`] takes.
 
-use crate::packet::checksum::finish;
+use crate::packet::checksum::{finish, sum};
 
 /// Length of `struct virtio_net_hdr` (set with `TUNSETVNETHDRSZ`).
 pub const VNET_HDR_LEN: usize = 10;
@@ -135,31 +135,10 @@ pub fn plain_header_before(bytes: &mut [u8], start: usize) -> Option<usize> {
     Some(from)
 }
 
-/// One's-complement sum of `data` (not folded, not inverted), 32 bits at a
-/// time; equal modulo folding to [`crate::packet::checksum::sum16`].
-fn sum(data: &[u8]) -> u64 {
-    let mut acc = 0u64;
-    let mut words = data.chunks_exact(4);
-    for w in &mut words {
-        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
-    }
-    let rest = words.remainder();
-    let mut tail = [0u8; 4];
-    tail[..rest.len()].copy_from_slice(rest);
-    acc + u64::from(u32::from_be_bytes(tail))
-}
-
-/// Folds a 64-bit one's-complement sum to 32 bits for [`finish`].
-fn fold(mut acc: u64) -> u32 {
-    while acc > 0xffff_ffff {
-        acc = (acc & 0xffff_ffff) + (acc >> 32);
-    }
-    acc as u32
-}
-
-/// The checksum of `data` with `initial` added, inverted.
+/// The checksum of `data` with `initial` (a pseudo-header sum) added,
+/// inverted: the workspace's one implementation ([`mptcp_wire::checksum`]).
 fn checksum(initial: u64, data: &[u8]) -> u16 {
-    finish(fold(initial + sum(data)))
+    finish(sum(initial, data))
 }
 
 /// Splits one read from an `IFF_VNET_HDR` TUN device (virtio header, then
@@ -280,7 +259,7 @@ fn segment_tcpv4(
     ]);
     let flags = packet[ip_len + 13];
     // Pseudo-header without the length, which varies per segment.
-    let pseudo = sum(&packet[12..20]) + 6;
+    let pseudo = sum(0, &packet[12..20]) + 6;
     let count = payload.len().div_ceil(gso_size).max(1);
     out.reserve(count);
     for i in 0..count {
@@ -351,7 +330,7 @@ impl<'a> TcpSegment<'a> {
         if checksum(0, &packet[..20]) != 0 {
             return None;
         }
-        let pseudo = sum(&packet[12..20]) + 6 + (packet.len() - 20) as u64;
+        let pseudo = sum(0, &packet[12..20]) + 6 + (packet.len() - 20) as u64;
         if checksum(pseudo, &packet[20..]) != 0 {
             return None;
         }
@@ -459,7 +438,7 @@ pub fn coalesce(packets: &[&[u8]], out: &mut Vec<u8>) -> usize {
         ip[33] |= TCP_PSH;
     }
     // The pseudo-header sum, folded, not inverted.
-    let pseudo = !checksum(sum(&ip[12..20]) + 6 + (total - 20) as u64, &[]);
+    let pseudo = !checksum(sum(0, &ip[12..20]) + 6 + (total - 20) as u64, &[]);
     ip[36..38].copy_from_slice(&pseudo.to_be_bytes());
     run
 }
@@ -468,7 +447,7 @@ pub fn coalesce(packets: &[&[u8]], out: &mut Vec<u8>) -> usize {
 mod tests {
     use super::*;
     use crate::packet::build;
-    use crate::packet::checksum::{sum16, tcp_checksum_ok};
+    use crate::packet::checksum::{sum, tcp_checksum_ok};
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
 
@@ -477,7 +456,7 @@ mod tests {
 
     fn ip_checksum_ok(p: &[u8]) -> bool {
         let len = usize::from(p[0] & 0x0f) * 4;
-        finish(sum16(0, &p[..len])) == 0
+        finish(sum(0, &p[..len])) == 0
     }
 
     /// A TSO read as the kernel makes it: pseudo-header sum in the TCP
@@ -486,7 +465,7 @@ mod tests {
         let mut packet = packet.to_vec();
         let ip_len = usize::from(packet[0] & 0x0f) * 4;
         let tcp_len = packet.len() - ip_len;
-        let pseudo = sum16(sum16(0, &packet[12..20]), &[0, 6]) + tcp_len as u32;
+        let pseudo = sum(sum(0, &packet[12..20]), &[0, 6]) + tcp_len as u64;
         let mut folded = pseudo;
         while folded > 0xffff {
             folded = (folded & 0xffff) + (folded >> 16);
@@ -555,7 +534,7 @@ mod tests {
         let mut p = build::ipv4_udp(SRC, DST, 1000, 2000, b"some payload!");
         // The kernel leaves the pseudo-header sum in the field.
         let udp_len = p.len() - 20;
-        let partial = sum16(sum16(0, &p[12..20]), &[0, 17]) + udp_len as u32;
+        let partial = sum(sum(0, &p[12..20]), &[0, 17]) + udp_len as u64;
         let partial = !finish(partial);
         p[26..28].copy_from_slice(&partial.to_be_bytes());
         let header = VnetHeader {
@@ -570,8 +549,8 @@ mod tests {
         let mut out = Vec::new();
         split(&read, 1447, 0, &mut out).unwrap();
         let q = &out[0];
-        let mut acc = sum16(sum16(0, &q[12..20]), &[0, 17]) + udp_len as u32;
-        acc = sum16(acc, &q[20..]);
+        let mut acc = sum(sum(0, &q[12..20]), &[0, 17]) + udp_len as u64;
+        acc = sum(acc, &q[20..]);
         assert_eq!(finish(acc), 0);
         assert_ne!(&q[26..28], &[0, 0]);
     }
@@ -703,7 +682,7 @@ mod tests {
                 let mut p = build::ipv4_tcp(DST, SRC, 80, 5000, seq, flags, options, chunk);
                 p[4..6].copy_from_slice(&(7u16 + i as u16).to_be_bytes());
                 p[10..12].fill(0);
-                let c = finish(sum16(0, &p[..20]));
+                let c = finish(sum(0, &p[..20]));
                 p[10..12].copy_from_slice(&c.to_be_bytes());
                 p
             })

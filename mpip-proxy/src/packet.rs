@@ -1,10 +1,11 @@
-//! Minimal, bounds-checked reading of the inner IP packet: addresses, protocol,
-//! ports and the TCP fields the re-sequencer and the routing table need.
-//!
-//! IPv6 extension headers are not walked: a packet whose first Next Header is
-//! not TCP or UDP is reported with that protocol and no ports.
+//! What the cores need to know about the inner IP packet: addresses,
+//! protocol, ports and the TCP fields the re-sequencer, the routing table and
+//! the MSS clamp use, read with the workspace's one header parser
+//! ([`mptcp_wire`]); and test packet builders.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
+
+use mptcp_wire::{IpHeader, TcpHeader, UdpHeader};
 
 use crate::table::session::{FiveTuple, Protocol};
 
@@ -81,100 +82,55 @@ pub struct InnerPacket {
 }
 
 impl InnerPacket {
-    /// Parses the headers of the IP packet in `buf`.
+    /// Parses the headers of the IP packet in `buf` (with the workspace's
+    /// one parser, [`mptcp_wire`]): the whole packet its header claims must
+    /// be in `buf`, and a TCP header fit in it. IPv6 extension headers are
+    /// walked to the upper-layer protocol.
     pub fn parse(buf: &[u8]) -> Result<InnerPacket, PacketError> {
-        let first = *buf.first().ok_or(PacketError::Truncated)?;
-        let (source, destination, proto, ip_header_len, total_len, first_fragment) =
-            match first >> 4 {
-                4 => {
-                    if buf.len() < 20 {
-                        return Err(PacketError::Truncated);
-                    }
-                    let ihl = usize::from(first & 0x0f) * 4;
-                    let total = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
-                    if ihl < 20 || total < ihl || total > buf.len() {
-                        return Err(PacketError::BadHeaderLength);
-                    }
-                    let fragment_offset = u16::from_be_bytes([buf[6], buf[7]]) & 0x1fff;
-                    let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
-                    let dst = Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]);
-                    (
-                        IpAddr::V4(src),
-                        IpAddr::V4(dst),
-                        buf[9],
-                        ihl,
-                        total,
-                        fragment_offset == 0,
-                    )
-                }
-                6 => {
-                    if buf.len() < 40 {
-                        return Err(PacketError::Truncated);
-                    }
-                    let payload = usize::from(u16::from_be_bytes([buf[4], buf[5]]));
-                    let total = 40 + payload;
-                    if total > buf.len() {
-                        return Err(PacketError::BadHeaderLength);
-                    }
-                    let mut src = [0u8; 16];
-                    src.copy_from_slice(&buf[8..24]);
-                    let mut dst = [0u8; 16];
-                    dst.copy_from_slice(&buf[24..40]);
-                    (
-                        IpAddr::V6(Ipv6Addr::from(src)),
-                        IpAddr::V6(Ipv6Addr::from(dst)),
-                        buf[6],
-                        40,
-                        total,
-                        true,
-                    )
-                }
-                other => return Err(PacketError::UnsupportedVersion(other)),
-            };
-        let protocol = Protocol::from_number(proto);
-        let transport = &buf[ip_header_len..total_len];
+        let ip = IpHeader::parse(buf).map_err(PacketError::from)?;
+        // A 0 length field: an empty IPv6 payload, or a broken IPv4 header.
+        let total_len = match ip.total_len {
+            Some(total) => total,
+            None if ip.version == 6 => 40,
+            None => return Err(PacketError::BadHeaderLength),
+        };
+        if total_len < ip.transport_offset || total_len > buf.len() {
+            return Err(PacketError::BadHeaderLength);
+        }
+        let protocol = Protocol::from_number(ip.protocol);
         let mut packet = InnerPacket {
-            source,
-            destination,
+            source: ip.source,
+            destination: ip.destination,
             protocol,
-            ip_header_len,
+            ip_header_len: ip.transport_offset,
             total_len,
             source_port: None,
             destination_port: None,
             tcp: None,
         };
-        if !first_fragment {
+        if !ip.first_fragment {
             return Ok(packet);
         }
+        let transport = &buf[ip.transport_offset..total_len];
         match protocol {
             Protocol::Udp => {
-                if transport.len() < 8 {
-                    return Err(PacketError::Truncated);
-                }
-                packet.source_port = Some(u16::from_be_bytes([transport[0], transport[1]]));
-                packet.destination_port = Some(u16::from_be_bytes([transport[2], transport[3]]));
+                let udp = UdpHeader::parse(transport).map_err(PacketError::from)?;
+                packet.source_port = Some(udp.source_port);
+                packet.destination_port = Some(udp.destination_port);
             }
             Protocol::Tcp => {
-                if transport.len() < 20 {
-                    return Err(PacketError::Truncated);
-                }
-                let header_len = usize::from(transport[12] >> 4) * 4;
-                if header_len < 20 || header_len > transport.len() {
+                let tcp = TcpHeader::parse(transport).map_err(PacketError::from)?;
+                if tcp.header_len > transport.len() {
                     return Err(PacketError::BadHeaderLength);
                 }
-                packet.source_port = Some(u16::from_be_bytes([transport[0], transport[1]]));
-                packet.destination_port = Some(u16::from_be_bytes([transport[2], transport[3]]));
+                packet.source_port = Some(tcp.source_port);
+                packet.destination_port = Some(tcp.destination_port);
                 packet.tcp = Some(TcpInfo {
-                    sequence: u32::from_be_bytes([
-                        transport[4],
-                        transport[5],
-                        transport[6],
-                        transport[7],
-                    ]),
-                    flags: transport[13],
-                    offset: ip_header_len,
-                    header_len,
-                    payload_len: transport.len() - header_len,
+                    sequence: tcp.sequence,
+                    flags: tcp.flags,
+                    offset: ip.transport_offset,
+                    header_len: tcp.header_len,
+                    payload_len: transport.len() - tcp.header_len,
                 });
             }
             Protocol::Other(_) => {}
@@ -201,64 +157,38 @@ impl InnerPacket {
     }
 }
 
-/// Internet checksum (RFC 1071) helpers.
+impl From<mptcp_wire::IpError> for PacketError {
+    fn from(error: mptcp_wire::IpError) -> Self {
+        match error {
+            mptcp_wire::IpError::Truncated { .. } => PacketError::Truncated,
+            mptcp_wire::IpError::BadVersion(v) => PacketError::UnsupportedVersion(v),
+            mptcp_wire::IpError::BadHeaderLength { .. } => PacketError::BadHeaderLength,
+        }
+    }
+}
+
+/// The Internet checksum: the workspace's one implementation
+/// ([`mptcp_wire::checksum`]), and the inner packets' TCP checksums.
 pub mod checksum {
     use super::{InnerPacket, PacketError};
-    use std::net::IpAddr;
+    pub use mptcp_wire::checksum::{checksum, finish, fold, sum};
 
-    /// One's-complement sum of `data` folded into `acc` (not yet inverted).
-    pub fn sum16(mut acc: u32, data: &[u8]) -> u32 {
-        let mut chunks = data.chunks_exact(2);
-        for pair in &mut chunks {
-            acc += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-        }
-        if let [last] = chunks.remainder() {
-            acc += u32::from(u16::from_be_bytes([*last, 0]));
-        }
-        acc
-    }
-
-    /// Folds and inverts a one's-complement sum.
-    pub fn finish(mut acc: u32) -> u16 {
-        while acc > 0xffff {
-            acc = (acc & 0xffff) + (acc >> 16);
-        }
-        !(acc as u16)
-    }
-
-    /// One's-complement sum of the TCP/UDP pseudo-header of `packet` (not inverted).
-    pub fn pseudo_header_sum(packet: &InnerPacket, transport_len: usize) -> u32 {
-        let mut acc = 0;
-        match (packet.source, packet.destination) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                acc = sum16(acc, &s.octets());
-                acc = sum16(acc, &d.octets());
-                acc += u32::from(packet.protocol.number());
-                // An IPv4 packet is at most 65535 bytes.
-                acc += transport_len as u32;
-            }
-            (s, d) => {
-                for ip in [s, d] {
-                    acc = match ip {
-                        IpAddr::V4(v4) => sum16(acc, &v4.to_ipv6_mapped().octets()),
-                        IpAddr::V6(v6) => sum16(acc, &v6.octets()),
-                    };
-                }
-                let len = transport_len as u32;
-                acc += len >> 16;
-                acc += len & 0xffff;
-                acc += u32::from(packet.protocol.number());
-            }
-        }
-        acc
+    /// Sum of the TCP/UDP pseudo-header of `packet` for a transport segment of
+    /// `transport_len` bytes (not folded, not inverted).
+    pub fn pseudo_header_sum(packet: &InnerPacket, transport_len: usize) -> u64 {
+        mptcp_wire::checksum::pseudo_header(
+            packet.source,
+            packet.destination,
+            packet.protocol.number(),
+            transport_len,
+        )
     }
 
     /// Whether the TCP checksum of the IP packet in `buf` is correct.
     pub fn tcp_checksum_ok(buf: &[u8]) -> Result<bool, PacketError> {
         let packet = InnerPacket::parse(buf)?;
         let segment = &buf[packet.ip_header_len..packet.total_len];
-        let acc = sum16(pseudo_header_sum(&packet, segment.len()), segment);
-        Ok(finish(acc) == 0)
+        Ok(finish(sum(pseudo_header_sum(&packet, segment.len()), segment)) == 0)
     }
 
     /// Recomputes the TCP checksum of the IP packet in `buf` in place.
@@ -268,7 +198,7 @@ pub mod checksum {
         let checksum_at = tcp.offset + 16;
         buf[checksum_at..checksum_at + 2].copy_from_slice(&[0, 0]);
         let segment = &buf[packet.ip_header_len..packet.total_len];
-        let value = finish(sum16(pseudo_header_sum(&packet, segment.len()), segment));
+        let value = finish(sum(pseudo_header_sum(&packet, segment.len()), segment));
         buf[checksum_at..checksum_at + 2].copy_from_slice(&value.to_be_bytes());
         Ok(())
     }
@@ -278,7 +208,7 @@ pub mod checksum {
 pub mod build {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    use super::checksum::{finish, sum16};
+    use super::checksum::{finish, sum};
 
     fn tcp_segment(
         src_port: u16,
@@ -320,7 +250,7 @@ pub mod build {
         pseudo.extend_from_slice(&dst.octets());
         pseudo.extend_from_slice(&[0, 6]);
         pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
-        let checksum = finish(sum16(sum16(0, &pseudo), &tcp));
+        let checksum = finish(sum(sum(0, &pseudo), &tcp));
         tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
         let total = 20 + tcp.len();
         let mut ip = vec![0u8; 20];
@@ -330,7 +260,7 @@ pub mod build {
         ip[9] = 6;
         ip[12..16].copy_from_slice(&src.octets());
         ip[16..20].copy_from_slice(&dst.octets());
-        let ip_checksum = finish(sum16(0, &ip));
+        let ip_checksum = finish(sum(0, &ip));
         ip[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
         ip.extend_from_slice(&tcp);
         ip
@@ -354,7 +284,7 @@ pub mod build {
         pseudo.extend_from_slice(&dst.octets());
         pseudo.extend_from_slice(&(tcp.len() as u32).to_be_bytes());
         pseudo.extend_from_slice(&[0, 0, 0, 6]);
-        let checksum = finish(sum16(sum16(0, &pseudo), &tcp));
+        let checksum = finish(sum(sum(0, &pseudo), &tcp));
         tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
         let mut ip = vec![0u8; 40];
         ip[0] = 0x60;
@@ -383,7 +313,7 @@ pub mod build {
         ip[9] = 17;
         ip[12..16].copy_from_slice(&src.octets());
         ip[16..20].copy_from_slice(&dst.octets());
-        let ip_checksum = finish(sum16(0, &ip[..20]));
+        let ip_checksum = finish(sum(0, &ip[..20]));
         ip[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
         ip[20..22].copy_from_slice(&src_port.to_be_bytes());
         ip[22..24].copy_from_slice(&dst_port.to_be_bytes());
@@ -396,6 +326,7 @@ pub mod build {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn parses_ipv4_tcp() {
@@ -446,6 +377,37 @@ mod tests {
             (Some(5), Some(53))
         );
         assert!(info.tcp.is_none());
+    }
+
+    #[test]
+    fn walks_ipv6_extension_headers_and_reads_an_empty_payload() {
+        let pkt = build::ipv6_tcp(
+            "2001:db8::2".parse().unwrap(),
+            "2001:db8::80".parse().unwrap(),
+            1,
+            443,
+            7,
+            TCP_ACK,
+            &[],
+            &[0; 10],
+        );
+        // The same segment behind an 8-byte destination-options header.
+        let mut with_ext = pkt[..40].to_vec();
+        with_ext[6] = 60;
+        with_ext[4..6].copy_from_slice(&(8u16 + 30).to_be_bytes());
+        with_ext.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]);
+        with_ext.extend_from_slice(&pkt[40..]);
+        let info = InnerPacket::parse(&with_ext).unwrap();
+        assert_eq!(info.protocol, Protocol::Tcp);
+        assert_eq!(info.ip_header_len, 48);
+        assert_eq!(info.destination_port, Some(443));
+        assert_eq!(info.tcp.unwrap().payload_len, 10);
+        // Payload length 0 with No Next Header: a valid, empty IPv6 packet.
+        let mut empty = pkt[..40].to_vec();
+        empty[4..6].fill(0);
+        empty[6] = 59;
+        let info = InnerPacket::parse(&empty).unwrap();
+        assert_eq!((info.total_len, info.source_port), (40, None));
     }
 
     #[test]

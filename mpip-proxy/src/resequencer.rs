@@ -16,8 +16,12 @@ use crate::time::Timestamp;
 pub struct ResequencerConfig {
     /// Most segments held (the paper uses 100).
     pub capacity: usize,
-    /// Longest time a segment waits for a missing predecessor.
+    /// Longest time a segment waits for a missing predecessor, when the
+    /// paths' delays are alike; the node adds the spread of the paths'
+    /// one-way delays ([`Resequencer::set_timeout`]).
     pub timeout: Duration,
+    /// The timeout never grows beyond this.
+    pub max_timeout: Duration,
 }
 
 impl Default for ResequencerConfig {
@@ -25,6 +29,7 @@ impl Default for ResequencerConfig {
         ResequencerConfig {
             capacity: 100,
             timeout: Duration::from_millis(50),
+            max_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -56,6 +61,7 @@ pub struct ResequencerStats {
 #[derive(Debug, Clone)]
 pub struct Resequencer<T> {
     config: ResequencerConfig,
+    timeout: Duration,
     next: Option<u32>,
     held: Vec<Held<T>>,
     ready: VecDeque<T>,
@@ -71,6 +77,7 @@ impl<T> Resequencer<T> {
     /// An empty buffer.
     pub fn new(config: ResequencerConfig) -> Self {
         Resequencer {
+            timeout: config.timeout,
             config,
             next: None,
             held: Vec::new(),
@@ -155,13 +162,28 @@ impl<T> Resequencer<T> {
         }
     }
 
+    /// Sets the timeout in force, within the configured `timeout` and
+    /// `max_timeout`: a segment that came over a fast path waits as long as
+    /// the slowest path's packets may take to catch up.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout.clamp(
+            self.config.timeout,
+            self.config.max_timeout.max(self.config.timeout),
+        );
+    }
+
+    /// The timeout in force.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// When the oldest held segment times out.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         self.held
             .iter()
             .map(|h| h.arrived)
             .min()
-            .map(|oldest| oldest + self.config.timeout)
+            .map(|oldest| oldest + self.timeout)
     }
 
     /// The next packet to pass to the transport layer, in order.
@@ -329,7 +351,7 @@ mod tests {
         fn prop_shuffled_segments_come_out_in_order(
             order in Just((0u32..60).collect::<Vec<_>>()).prop_shuffle()
         ) {
-            let config = ResequencerConfig { capacity: 100, timeout: Duration::from_secs(1) };
+            let config = ResequencerConfig { capacity: 100, timeout: Duration::from_secs(1), max_timeout: Duration::from_secs(1) };
             let mut r = Resequencer::new(config);
             r.handle_segment(Timestamp::ZERO, 0, 1, u32::MAX);
             for &i in &order {

@@ -215,6 +215,16 @@ impl<R: RandomSource> Scheduler<R> {
         }
     }
 
+    /// Replaces the routing table (a reload or a profile switch).
+    pub fn set_routing(&mut self, routing: RoutingTable) {
+        self.routing = routing;
+    }
+
+    /// Replaces Algorithm 1's period and step (a reload).
+    pub fn set_config(&mut self, config: SchedulerConfig) {
+        self.config = config;
+    }
+
     /// The mode for a packet of `class` according to the routing table.
     pub fn mode_for(&self, class: &PacketClass) -> Mode {
         Mode::from(self.routing.classify(class))

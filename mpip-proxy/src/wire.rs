@@ -3,7 +3,9 @@
 //! The layout is specified in `PROTOCOL.md`. In short: the CM block leads the UDP
 //! payload of the encapsulation, the inner IP packet follows it. The fixed part is
 //! [`FIXED_LEN`] = 25 bytes; a variable Local IP Address List follows, announced by
-//! the last byte of the fixed part. All integers are big-endian.
+//! the last byte of the fixed part. A version-2 block ends with the
+//! [`AUTH_LEN`]-byte authentication extension (key ID, counter, tag;
+//! `PROTOCOL.md` §11). All integers are big-endian.
 //!
 //! [`CmPacket::new_checked`] is the only entry point for untrusted bytes: once it
 //! returned `Ok`, every accessor is in bounds. [`frame`] tells a caller that reads
@@ -13,8 +15,29 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-/// CM block format version carried in byte 0.
+/// CM block format version carried in byte 0: a block without authentication.
 pub const VERSION: u8 = 1;
+
+/// Version of a CM block that ends with the authentication extension.
+pub const VERSION_AUTH: u8 = 2;
+
+/// Length of the authentication extension: key ID (1), counter (8), tag (16).
+pub const AUTH_LEN: usize = 1 + 8 + AUTH_TAG_LEN;
+
+/// Length of the authentication tag: HMAC-SHA-256 truncated to 128 bits.
+pub const AUTH_TAG_LEN: usize = 16;
+
+/// Offsets inside the authentication extension.
+pub mod auth_field {
+    use super::field::Field;
+
+    /// Key ID (u8).
+    pub const KEY_ID: usize = 0;
+    /// The sender's counter (u64), strictly increasing over its lifetime.
+    pub const COUNTER: Field = 1..9;
+    /// The tag.
+    pub const TAG: Field = 9..25;
+}
 
 /// Length of the fixed part of the CM block, as in the paper (§III-B).
 pub const FIXED_LEN: usize = 25;
@@ -116,9 +139,12 @@ pub enum Framing {
 /// Checks the version, the reserved flags, the address count and every entry
 /// kind as soon as the bytes are there, so malformed input fails early.
 pub fn frame(buf: &[u8]) -> Result<Framing, WireError> {
+    let mut auth = 0;
     if let Some(&version) = buf.get(field::VERSION) {
-        if version != VERSION {
-            return Err(WireError::BadVersion(version));
+        match version {
+            VERSION => {}
+            VERSION_AUTH => auth = AUTH_LEN,
+            other => return Err(WireError::BadVersion(other)),
         }
     }
     if let Some(&flags) = buf.get(field::FLAGS) {
@@ -147,6 +173,10 @@ pub fn frame(buf: &[u8]) -> Result<Framing, WireError> {
         if buf.len() < offset {
             return Ok(Framing::NeedMore { needed: offset });
         }
+    }
+    offset += auth;
+    if buf.len() < offset {
+        return Ok(Framing::NeedMore { needed: offset });
     }
     Ok(Framing::Complete { cm_len: offset })
 }
@@ -395,8 +425,20 @@ impl<T: AsRef<[u8]>> CmPacket<T> {
         }
     }
 
-    /// Length of the whole CM block, fixed part plus address list.
+    /// Length of the whole CM block: fixed part, address list and, in a
+    /// version-2 block, the authentication extension.
     pub fn cm_len(&self) -> usize {
+        self.auth_offset()
+            + if self.version() == VERSION_AUTH {
+                AUTH_LEN
+            } else {
+                0
+            }
+    }
+
+    /// Where the authentication extension starts (the end of the address
+    /// list); meaningful in a version-2 block.
+    pub fn auth_offset(&self) -> usize {
         let buf = self.buffer.as_ref();
         let mut offset = field::ADDRESSES;
         for _ in 0..self.address_count() {
@@ -407,6 +449,23 @@ impl<T: AsRef<[u8]>> CmPacket<T> {
             };
         }
         offset
+    }
+
+    /// The authentication extension of a version-2 block.
+    pub fn auth(&self) -> Option<AuthExt> {
+        if self.version() != VERSION_AUTH {
+            return None;
+        }
+        let ext = &self.buffer.as_ref()[self.auth_offset()..][..AUTH_LEN];
+        let mut counter = [0u8; 8];
+        counter.copy_from_slice(&ext[auth_field::COUNTER]);
+        let mut tag = [0u8; AUTH_TAG_LEN];
+        tag.copy_from_slice(&ext[auth_field::TAG]);
+        Some(AuthExt {
+            key_id: ext[auth_field::KEY_ID],
+            counter: u64::from_be_bytes(counter),
+            tag,
+        })
     }
 
     /// The bytes after the CM block: the inner IP packet, empty for control packets.
@@ -529,6 +588,20 @@ pub struct CmRepr {
     pub sequence: u32,
     /// Local IP Address List: the sender's (address, encapsulation port) pairs.
     pub addresses: Vec<SocketAddr>,
+    /// The authentication extension (a version-2 block), if any.
+    pub auth: Option<AuthExt>,
+}
+
+/// The authentication extension of a version-2 CM block (`PROTOCOL.md` §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct AuthExt {
+    /// Which of the shared keys the tag was made with.
+    pub key_id: u8,
+    /// The sender's counter: strictly increasing, the replay window's index.
+    pub counter: u64,
+    /// HMAC-SHA-256 over the datagram but the tag, truncated to 128 bits.
+    /// Emitted as given (normally zero, then signed in place).
+    pub tag: [u8; AUTH_TAG_LEN],
 }
 
 impl CmRepr {
@@ -549,12 +622,14 @@ impl CmRepr {
             timestamp: packet.timestamp(),
             sequence: packet.sequence(),
             addresses: packet.addresses().collect(),
+            auth: packet.auth(),
         })
     }
 
     /// Length of the emitted CM block.
     pub fn buffer_len(&self) -> usize {
         FIXED_LEN
+            + self.auth.map_or(0, |_| AUTH_LEN)
             + self
                 .addresses
                 .iter()
@@ -589,7 +664,11 @@ impl CmRepr {
         }
         {
             let mut packet = CmPacket::new_unchecked(&mut buf[..needed]);
-            packet.set_version(VERSION);
+            packet.set_version(if self.auth.is_some() {
+                VERSION_AUTH
+            } else {
+                VERSION
+            });
             packet.set_flags(flags);
             packet.set_node_id(self.node_id);
             packet.set_session_id(self.session_id);
@@ -618,6 +697,13 @@ impl CmRepr {
                     offset += ADDRESS_ENTRY_V6_LEN;
                 }
             }
+        }
+        if let Some(auth) = self.auth {
+            let ext = &mut buf[offset..offset + AUTH_LEN];
+            ext[auth_field::KEY_ID] = auth.key_id;
+            ext[auth_field::COUNTER].copy_from_slice(&auth.counter.to_be_bytes());
+            ext[auth_field::TAG].copy_from_slice(&auth.tag);
+            offset += AUTH_LEN;
         }
         Ok(offset)
     }
@@ -787,13 +873,51 @@ mod tests {
                 "192.0.2.1:4789".parse().unwrap(),
                 "[2001:db8::1]:4789".parse().unwrap(),
             ],
+            auth: None,
         }
+    }
+
+    #[test]
+    fn version_2_ends_with_the_authentication_extension() {
+        let mut repr = sample_repr();
+        repr.auth = Some(AuthExt {
+            key_id: 9,
+            counter: 0x0102_0304_0506_0708,
+            tag: [0xaa; AUTH_TAG_LEN],
+        });
+        let bytes = repr.encapsulate(b"inner").unwrap();
+        let list = 7 + 19;
+        assert_eq!(bytes[0], VERSION_AUTH);
+        assert_eq!(bytes.len(), FIXED_LEN + list + AUTH_LEN + 5);
+        let ext = &bytes[FIXED_LEN + list..];
+        assert_eq!(ext[0], 9);
+        assert_eq!(&ext[1..9], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&ext[9..25], &[0xaa; 16]);
+        let packet = CmPacket::new_checked(&bytes[..]).unwrap();
+        assert_eq!(packet.auth_offset(), FIXED_LEN + list);
+        assert_eq!(packet.cm_len(), FIXED_LEN + list + AUTH_LEN);
+        assert_eq!(packet.payload(), b"inner");
+        assert_eq!(CmRepr::parse(&packet).unwrap(), repr);
+        // Cut inside the extension: need more.
+        let cut = &bytes[..FIXED_LEN + list + 10];
+        assert_eq!(
+            frame(cut),
+            Ok(Framing::NeedMore {
+                needed: FIXED_LEN + list + AUTH_LEN
+            })
+        );
+        assert!(CmPacket::new_checked(cut).is_err());
+        // Version 3 is nobody's.
+        let mut bad = bytes.clone();
+        bad[0] = 3;
+        assert_eq!(frame(&bad), Err(WireError::BadVersion(3)));
     }
 
     #[test]
     fn fixed_part_is_25_bytes_at_documented_offsets() {
         let repr = CmRepr {
             addresses: vec![],
+            auth: None,
             ..sample_repr()
         };
         let mut buf = [0u8; FIXED_LEN];
@@ -873,13 +997,13 @@ mod tests {
     #[test]
     fn bad_version_flags_count_and_kind_are_errors() {
         let mut bytes = sample_repr().encapsulate(&[]).unwrap();
-        bytes[0] = 2;
+        bytes[0] = 4;
         assert_eq!(
             CmPacket::new_checked(&bytes[..]).unwrap_err(),
-            WireError::BadVersion(2)
+            WireError::BadVersion(4)
         );
         // The version is judged from the first byte alone.
-        assert_eq!(frame(&bytes[..1]), Err(WireError::BadVersion(2)));
+        assert_eq!(frame(&bytes[..1]), Err(WireError::BadVersion(4)));
         bytes[0] = VERSION;
         bytes[field::ADDRESS_COUNT] = (MAX_ADDRESSES + 1) as u8;
         assert_eq!(
@@ -955,6 +1079,7 @@ mod tests {
             timestamp in any::<u32>(),
             sequence in any::<u32>(),
             addresses in proptest::collection::vec(arb_socket_addr(), 0..=MAX_ADDRESSES),
+            auth in proptest::option::of((any::<u8>(), any::<u64>(), any::<[u8; AUTH_TAG_LEN]>())),
         ) -> CmRepr {
             CmRepr {
                 flags: CmFlags::from_bits_truncate(flags).difference(CmFlags::FEEDBACK),
@@ -965,6 +1090,7 @@ mod tests {
                 timestamp,
                 sequence,
                 addresses,
+                auth: auth.map(|(key_id, counter, tag)| AuthExt { key_id, counter, tag }),
             }
         }
     }

@@ -68,3 +68,54 @@ fn a_bad_config_is_a_clear_error() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/mpipd.toml"));
 }
+
+/// `--generate-key` prints a key file both ends can use; `--check-config`
+/// reads the key file too, and refuses one others may read.
+#[test]
+fn generated_keys_are_checked_with_the_configuration() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mpip-proxy"))
+        .args(["--generate-key", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stanza = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stanza.contains("id = 3") && stanza.contains("secret = \""),
+        "{stanza}"
+    );
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, &stanza).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut config = std::fs::read_to_string(examples().join("mpipd.toml")).unwrap();
+    config.push_str(&format!(
+        "\n[auth]\nkey_file = {:?}\n",
+        keys.display().to_string()
+    ));
+    let path = dir.path().join("mpipd.toml");
+    std::fs::write(&path, config).unwrap();
+    let check = |binary: &str| {
+        Command::new(binary)
+            .arg("--check-config")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let ok = check(env!("CARGO_BIN_EXE_mpipd"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = check(env!("CARGO_BIN_EXE_mpipd"));
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("auth.key_file") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+}

@@ -36,7 +36,7 @@ fn load(path: &Path) -> Result<(), String> {
 #[test]
 fn valid_fixtures_parse() {
     let files = files("valid");
-    assert_eq!(files.len(), 2, "the test read the fixture folder");
+    assert_eq!(files.len(), 4, "the test read the fixture folder");
     for file in files {
         load(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     }
@@ -45,7 +45,7 @@ fn valid_fixtures_parse() {
 #[test]
 fn invalid_fixtures_are_refused_with_their_name() {
     let files = files("invalid");
-    assert_eq!(files.len(), 8, "the test read the fixture folder");
+    assert_eq!(files.len(), 12, "the test read the fixture folder");
     for file in files {
         let error = load(&file).expect_err(&file.display().to_string());
         assert!(error.contains(&file.display().to_string()), "{error}");
@@ -80,5 +80,52 @@ fn defaults_are_the_documented_ones() {
         Some("127.0.0.1:9465".parse().unwrap())
     );
     let node = proxy.node_config(mpip_proxy::wire::NodeId([2, 0, 0, 0, 0, 1]));
-    assert_eq!(node.paths, mpip_proxy::path_manager::PathConfig::default());
+    let defaults = mpip_proxy::path_manager::PathConfig::default();
+    assert_eq!(
+        node.paths,
+        mpip_proxy::path_manager::PathConfig {
+            sends_keepalives: false,
+            ..defaults
+        },
+        "the proxy end answers keepalives"
+    );
+    let client = ClientConfig::from_toml(
+        "[paths]\ninterfaces = [\"c1\"]\n[proxy]\nendpoints = [\"192.0.2.1:4789\"]\n",
+        "inline",
+    )
+    .unwrap();
+    let node = client.node_config(mpip_proxy::wire::NodeId([2, 0, 0, 0, 0, 2]));
+    assert_eq!(node.paths, defaults, "the client sends them");
+    assert_eq!(
+        defaults.keepalive_interval,
+        std::time::Duration::from_secs(15)
+    );
+}
+
+#[test]
+fn routing_profiles_and_shards() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/mpip-proxy-profiles.toml");
+    let config = ProxyEndConfig::from_file(&path).unwrap();
+    assert_eq!(
+        config.common.routing.names(),
+        ["default", "coordinated", "protected"]
+    );
+    assert_eq!(config.common.routing.active_name(), "coordinated");
+    let node = config.node_config(mpip_proxy::wire::NodeId([2, 0, 0, 0, 0, 1]));
+    assert_eq!(
+        node.routing.rules.len(),
+        2,
+        "the active profile is in force"
+    );
+    assert_eq!(config.runtime.shards(), 3);
+    let error = load(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/invalid/mpipd-profile-pins-unknown-interface.toml"),
+    )
+    .unwrap_err();
+    assert!(
+        error.contains("routing.profile.coordinated.rule.path"),
+        "{error}"
+    );
 }

@@ -57,7 +57,7 @@ fn exported() -> BTreeSet<String> {
         delay,
         weight: Some(500.0),
     };
-    metrics.update(1, 1, &[path], NodeCounters::default());
+    metrics.update(0, 1, 1, &[path], NodeCounters::default());
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
     text.lines()

@@ -57,6 +57,7 @@ fn run(mode: Mode, count: u32, resequence: bool) -> (Vec<u32>, usize, [usize; 2]
     let mut reseq = Resequencer::new(ResequencerConfig {
         capacity: 100,
         timeout: Duration::from_millis(50),
+        max_timeout: Duration::from_millis(50),
     });
     // The stream starts at sequence 1, as the SYN (not simulated) would tell.
     reseq.expect(1);
@@ -103,6 +104,7 @@ fn run(mode: Mode, count: u32, resequence: bool) -> (Vec<u32>, usize, [usize; 2]
                     timestamp: now.to_wire(),
                     sequence: sent,
                     addresses: vec![],
+                    auth: None,
                 };
                 let delay = delays.iter().find(|(p, _)| *p == path).unwrap().1;
                 wire.push(InFlight {
@@ -229,6 +231,7 @@ fn routing_table_and_mss_clamp_on_a_syn() {
         timestamp: 0,
         sequence: 0,
         addresses: vec![],
+        auth: None,
     };
     let udp_payload = repr.encapsulate(&full).unwrap();
     assert_eq!(20 + 8 + udp_payload.len(), 1500);

@@ -6,7 +6,8 @@
 //! - Failover: a path's link goes down mid-transfer and comes back.
 //! - Fig. 9: two concurrent sessions pinned to different paths (gateway mode).
 //! - Protected-path: 5% loss on one path costs no TCP retransmission.
-//! - Delay impairment, single-path mode, and an address change mid-transfer.
+//! - Delay (the testbed's delay line), single-path mode, and an address
+//!   change mid-transfer.
 //! - Two clients, each with two paths, served at once from the address pool.
 //!
 //! Fig. 4a, the throughput test, is in `fig4a.rs`: its own test binary, so it
@@ -17,7 +18,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use testbed::{pseudo_random, Background, Host, Options};
+use testbed::{pseudo_random, Background, DelayConfig, Direction, Host, Options};
 
 /// Failover: c2's link goes down mid-download and comes back; the TCP session
 /// survives and path 2 carries data again within 1 s of link up.
@@ -291,38 +292,47 @@ fn protected_path_masks_loss_without_retransmission() {
     );
 }
 
-/// `[[testing.impairment]]` adds 30 ms to path 2 in both directions (this
-/// kernel has no netem). The delay feedback shows it in `/metrics`, and
-/// responsiveness-first (single-path) sends the download over path 1.
+/// The testbed's delay line (user space, nfqueue: this kernel has no netem)
+/// adds 30 ms to path 2 in both directions, on the proxy host's p2. The
+/// delay feedback shows it in `/metrics`, and responsiveness-first
+/// (single-path) sends the download over path 1.
 #[test]
-fn delay_impairment_and_single_path_mode() {
+fn delay_and_single_path_mode() {
     let file = pseudo_random(4 << 20, 0xde1a);
-    let impair = |table: &mut toml::Table, interface: &str| {
-        let mut impairment = toml::Table::new();
-        impairment.insert("interface".into(), interface.into());
-        impairment.insert("delay_ms".into(), 30.into());
-        section(table, "testing").insert(
-            "impairment".into(),
-            toml::Value::Array(vec![toml::Value::Table(impairment)]),
-        );
-    };
     let Some(lab) = MpipLab::new(
         Options {
             subflow_endpoint: false,
             ..Options::default()
         },
         &[("file.bin", &file)],
-        |proxy| {
-            impair(proxy, "p2");
-            routing(proxy, "responsiveness-first", &[]);
-        },
-        |client| {
-            impair(client, "c2");
-            routing(client, "responsiveness-first", &[]);
-        },
+        |proxy| routing(proxy, "responsiveness-first", &[]),
+        |client| routing(client, "responsiveness-first", &[]),
     ) else {
         return;
     };
+    let line = |direction| {
+        lab.tb
+            .delay(
+                Host::Proxy,
+                "p2",
+                direction,
+                DelayConfig {
+                    delay: Duration::from_millis(30),
+                    ..DelayConfig::default()
+                },
+            )
+            .expect("delay line")
+    };
+    let _lines = [line(Direction::Egress), line(Direction::Ingress)];
+    // Delay samples ride on data and on the heartbeats that flow while it
+    // does: a little traffic first.
+    lab.curl(&[
+        "-x",
+        PROXY_HTTP,
+        "-o",
+        "/dev/null",
+        &format!("http://{SERVER}/file.bin"),
+    ]);
     // Heartbeats carry the delay samples; give the moving averages time.
     std::thread::sleep(Duration::from_millis(1500));
     let metrics = lab.metrics();
@@ -416,17 +426,6 @@ fn address_change_mid_transfer() {
     );
 }
 
-/// The IPv4 address of `mpip0` in `ns`, once the proxy end assigned one.
-fn tunnel_address(lab: &MpipLab, ns: &str) -> Option<String> {
-    let text = lab
-        .tb
-        .exec(ns, &["ip", "-o", "-4", "addr", "show", "dev", "mpip0"])
-        .ok()?;
-    let mut words = text.split_whitespace();
-    words.find(|w| *w == "inet")?;
-    Some(words.next()?.split('/').next()?.to_owned())
-}
-
 /// Several clients at once: a second `mpipd` on a host of its own, with two
 /// paths of its own (d1, d2 to the proxy end's p4, p5), gets another address
 /// from the pool, and both clients download through the proxy end's HTTP
@@ -455,8 +454,7 @@ fn two_clients_are_served_at_once() {
     let second_dir = lab.out_path("second");
     std::fs::create_dir(&second_dir).expect("dir");
     let second_config = config_from_example(&second_dir, "mpipd.toml", |client| {
-        let interfaces = ["d1", "d2"].map(toml::Value::from).to_vec();
-        section(client, "paths").insert("interfaces".into(), interfaces.into());
+        set_interfaces(client, &["d1", "d2"]);
         let endpoints = ["10.0.4.1:4789", "10.0.5.1:4789"]
             .map(toml::Value::from)
             .to_vec();
@@ -523,6 +521,17 @@ fn two_clients_are_served_at_once() {
         .find_map(|line| line.strip_prefix("mpip_peers "))
         .and_then(|value| value.trim().parse::<f64>().ok());
     assert_eq!(peers, Some(2.0), "the proxy end counts two peers");
+    // The proxy end runs a shard per CPU; the reuseport and TUN steering
+    // programs give each shard only its own clients' traffic.
+    assert!(
+        metrics.contains("mpip_shard_handovers_total 0"),
+        "no packet reached the wrong shard:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("mpip_shard"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // Both clients' paths carried data: p1/p2 toward the first, p4/p5 toward
     // the second.
     for interface in ["p1", "p2", "p4", "p5"] {
@@ -547,4 +556,296 @@ fn two_clients_are_served_at_once() {
         .expect("ip link");
     assert!(!links.contains("mpip"), "TUN device left: {links}");
     lab.stop_and_assert_clean();
+}
+
+/// Live coordinated routing and reloads, with keys on both ends:
+///
+/// 1. A download from the server's port 8081 (gateway mode) runs over both
+///    paths (profile "default", all-paths); mid-transfer the admin endpoint
+///    of both ends switches to profile "coordinated" (port 8081 on path 2):
+///    from then on path 1 carries only control packets, and the file
+///    arrives intact with no packet dropped for want of a path.
+/// 2. SIGHUP with a file whose active profile pins port 8081 to path 1: the
+///    next download goes over path 1.
+/// 3. Key rotation: the proxy end's file gets key 2 beside key 1 (SIGHUP),
+///    then the client's lists key 2 first (SIGHUP); traffic goes on and no
+///    datagram is refused.
+#[test]
+fn live_routing_switch_and_reload() {
+    let file = pseudo_random(24 << 20, 0x11fe);
+    let small = pseudo_random(2 << 20, 0x11ff);
+    let keys_dir = tempfile::tempdir().expect("dir");
+    let key1 = write_key_file(keys_dir.path(), "k1.toml", 1, 0x11);
+    let key1_text = std::fs::read_to_string(&key1).unwrap();
+    let Some(lab) = MpipLab::new(
+        Options {
+            path_rate_mbit: [Some(40), Some(40)],
+            subflow_endpoint: false,
+            ..Options::default()
+        },
+        &[("file.bin", &file), ("small.bin", &small)],
+        |proxy| {
+            section(proxy, "gateway").insert("enabled".into(), true.into());
+            routing(proxy, "throughput-first", &[]);
+            profile(proxy, "coordinated", "throughput-first", &[(8081, "p2")]);
+            profile(proxy, "other", "throughput-first", &[(8081, "p1")]);
+            with_keys(proxy, &key1, false);
+        },
+        |client| {
+            client.insert(
+                "routes".into(),
+                toml::Value::Array(vec!["10.0.3.0/24".into()]),
+            );
+            routing(client, "throughput-first", &[]);
+            profile(client, "coordinated", "throughput-first", &[(8081, "c2")]);
+            profile(client, "other", "throughput-first", &[(8081, "c1")]);
+            with_keys(client, &key1, false);
+        },
+    ) else {
+        return;
+    };
+    let routing_state = lab.admin(true, "GET", "/mpip/routing");
+    assert!(
+        routing_state.contains("\"active\":\"default\"")
+            && routing_state.contains("\"coordinated\""),
+        "{routing_state}"
+    );
+    let url = format!("http://{SERVER}:8081/file.bin");
+    let out = lab.out_path("file.out");
+    let mut curl = lab.curl_background(&out, &[&url]);
+    let started = Instant::now();
+    while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) < 3 << 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "download stalled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The shards publish their counters every 500 ms; at 80 Mbit/s the first
+    // 3 MiB can arrive before the first publication.
+    let metrics_deadline = Instant::now() + Duration::from_secs(3);
+    let (p1_spread, p2_spread) = loop {
+        let spread = (lab.proxy_path_tx_bytes("p1"), lab.proxy_path_tx_bytes("p2"));
+        if (spread.0 > 256 << 10 && spread.1 > 256 << 10) || Instant::now() > metrics_deadline {
+            break spread;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        p1_spread > 256 << 10 && p2_spread > 256 << 10,
+        "all-paths used both: p1 {p1_spread}, p2 {p2_spread}\n{}",
+        lab.logs()
+    );
+    for proxy_end in [true, false] {
+        let answer = lab.admin(proxy_end, "POST", "/mpip/routing/profile/coordinated");
+        assert!(answer.contains("\"active\":\"coordinated\""), "{answer}");
+    }
+    let unknown = lab
+        .tb
+        .exec(
+            lab.tb.proxy_ns(),
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "http://127.0.0.1:9464/mpip/routing/profile/nope",
+            ],
+        )
+        .unwrap();
+    assert_eq!(unknown, "404", "an unknown profile is refused");
+    // Packets already queued on path 1 drain; then only control.
+    std::thread::sleep(Duration::from_millis(700));
+    let p1_switched = lab.proxy_path_tx_bytes("p1");
+    watch_download(&out, &mut curl, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(700));
+    let p1_after = lab.proxy_path_tx_bytes("p1") - p1_switched;
+    let p2_after = lab.proxy_path_tx_bytes("p2") - p2_spread;
+    eprintln!("live switch: p1 sent {p1_after} bytes after the switch, p2 {p2_after}");
+    assert!(
+        p1_after < 100_000,
+        "path 1 carried only control: {p1_after}"
+    );
+    assert!(p2_after > 4 << 20, "path 2 carried the rest: {p2_after}");
+    assert!(
+        sha256(&std::fs::read(&out).unwrap()) == sha256(&file),
+        "the file is intact"
+    );
+    let metrics = lab.metrics();
+    for reason in ["no_path", "send_failed"] {
+        assert_eq!(
+            sum_metric(
+                &metrics,
+                "mpip_dropped_packets_total",
+                &[("reason", reason)]
+            ),
+            0,
+            "{reason}"
+        );
+    }
+
+    // 2. SIGHUP: the files now make "other" (port 8081 on path 1) active.
+    for (proxy_end, name) in [(true, "mpip-proxy.toml"), (false, "mpipd.toml")] {
+        let path = lab.config_path(name);
+        let mut table: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        section(&mut table, "routing").insert("active".into(), "other".into());
+        std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+        lab.hangup(proxy_end);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab
+        .admin(true, "GET", "/mpip/routing")
+        .contains("\"active\":\"other\"")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the reload took effect\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let small_url = format!("http://{SERVER}:8081/small.bin");
+    let p2_before = lab.proxy_path_tx_bytes("p2");
+    lab.curl(&["-o", "/dev/null", &small_url]);
+    std::thread::sleep(Duration::from_millis(700));
+    let p2_reloaded = lab.proxy_path_tx_bytes("p2") - p2_before;
+    assert!(
+        p2_reloaded < 100_000,
+        "after the reload port 8081 is on path 1: p2 {p2_reloaded}"
+    );
+
+    // 3. Key rotation.
+    let key2 = write_key_file(keys_dir.path(), "k2.toml", 2, 0x22);
+    let key2_text = std::fs::read_to_string(&key2).unwrap();
+    std::fs::write(&key1, format!("{key1_text}{key2_text}")).unwrap();
+    lab.hangup(true);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&key1, format!("{key2_text}{key1_text}")).unwrap();
+    lab.hangup(false);
+    std::thread::sleep(Duration::from_millis(500));
+    let small_out = lab.out_path("small.out");
+    lab.curl(&["-o", small_out.to_str().unwrap(), &small_url]);
+    assert!(sha256(&std::fs::read(&small_out).unwrap()) == sha256(&small));
+    std::thread::sleep(Duration::from_millis(700));
+    let (proxy, client) = (lab.metrics(), lab.client_metrics());
+    for reason in ["unknown_key", "bad_mac", "replayed", "unauthenticated"] {
+        for (end, text) in [("proxy end", &proxy), ("client", &client)] {
+            assert_eq!(
+                sum_metric(text, "mpip_dropped_packets_total", &[("reason", reason)]),
+                0,
+                "{end}: {reason}\n{}",
+                lab.logs()
+            );
+        }
+    }
+    let logs = std::fs::read_to_string(lab.out_path("mpipd.log")).unwrap_or_default();
+    assert!(logs.contains("configuration reloaded"), "{logs}");
+}
+
+/// The systemd units' `ExecReload=/bin/kill -HUP $MAINPID` against a fake
+/// service manager: each binary says READY=1 only once its SIGHUP and SIGTERM
+/// handlers are in place (a SIGHUP or SIGTERM right after READY=1 reloads or
+/// stops it cleanly instead of killing it), reloads on SIGHUP (RELOADING=1,
+/// READY=1) and says STOPPING=1 on SIGTERM, leaving no TUN device or
+/// nftables table behind. The proxy end with its HTTP core (which notifies
+/// for itself) and without (`http.port = 0`).
+#[test]
+fn sd_notify_reload_and_stop_right_after_ready() {
+    if testbed::skip_unless_root() {
+        return;
+    }
+    sd_notify_run(true);
+    sd_notify_run(false);
+}
+
+fn sd_notify_run(http: bool) {
+    use std::os::unix::net::UnixDatagram;
+    let tb = testbed::Testbed::new(Options::default()).expect("testbed");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy_config = config_from_example(dir.path(), "mpip-proxy.toml", |proxy| {
+        section(proxy, "gateway").insert("enabled".into(), true.into());
+        if !http {
+            section(proxy, "http").insert("port".into(), 0.into());
+        }
+    });
+    let client_config = config_from_example(dir.path(), "mpipd.toml", |_| {});
+    let start = |name: &str, ns: &str, binary: &str, config: &std::path::Path| {
+        let socket_path = dir.path().join(format!("{name}.notify"));
+        let manager = UnixDatagram::bind(&socket_path).expect("bind");
+        manager
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut cmd = tb.command(ns, binary);
+        cmd.arg("--config")
+            .arg(config)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stderr(std::fs::File::create(dir.path().join(format!("{name}.log"))).expect("log"));
+        (Background::start(cmd).expect(name), manager)
+    };
+    let log = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    };
+    let next = |manager: &UnixDatagram, name: &str| {
+        let mut buf = [0u8; 512];
+        let n = manager
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{name}: no notification ({e})\n{}", log(name)));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let (mut proxy, proxy_manager) = start(
+        "mpip-proxy",
+        tb.proxy_ns(),
+        env!("CARGO_BIN_EXE_mpip-proxy"),
+        &proxy_config,
+    );
+    let (mut client, client_manager) = start(
+        "mpipd",
+        tb.client_ns(),
+        env!("CARGO_BIN_EXE_mpipd"),
+        &client_config,
+    );
+    for (name, process, manager) in [
+        ("mpip-proxy", &proxy, &proxy_manager),
+        ("mpipd", &client, &client_manager),
+    ] {
+        let ready = next(manager, name);
+        assert!(ready.starts_with("READY=1\n"), "{name}: {ready}");
+        // At once, as systemctl reload may.
+        process.signal(libc::SIGHUP).expect("SIGHUP");
+        let reloading = next(manager, name);
+        assert!(
+            reloading.starts_with("RELOADING=1\n"),
+            "{name}: {reloading}"
+        );
+        let ready = next(manager, name);
+        assert!(ready.starts_with("READY=1\n"), "{name}: {ready}");
+    }
+    for (name, process, manager) in [
+        ("mpipd", &mut client, &client_manager),
+        ("mpip-proxy", &mut proxy, &proxy_manager),
+    ] {
+        process.signal(libc::SIGTERM).expect("SIGTERM");
+        let stopping = next(manager, name);
+        assert!(stopping.starts_with("STOPPING=1"), "{name}: {stopping}");
+        let status = process.wait_timeout(Duration::from_secs(20)).expect("exit");
+        assert!(
+            status.success(),
+            "{name} exited with {status}\n{}",
+            log(name)
+        );
+    }
+    for ns in [tb.client_ns(), tb.proxy_ns()] {
+        let links = tb.exec(ns, &["ip", "-o", "link", "show"]).expect("ip link");
+        assert!(!links.contains("mpip"), "TUN device left in {ns}:\n{links}");
+        let tables = tb.exec(ns, &["nft", "list", "tables"]).expect("nft");
+        assert!(
+            !tables.contains("mpip"),
+            "nftables table left in {ns}:\n{tables}"
+        );
+    }
+    assert!(log("mpipd").contains("reload"), "{}", log("mpipd"));
 }

@@ -1,6 +1,8 @@
 //! Path management over a simulated network with a simulated clock: a client
 //! with two interfaces, each behind its own NAT, and a proxy with one public
-//! interface. Every datagram goes through the real CM codec.
+//! interface. Every datagram goes through the real CM codec. Unless a test
+//! says otherwise, both ends have data flowing (the peers are busy), so
+//! heartbeats run and dead paths are found within a second.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +54,10 @@ struct Sim {
     in_flight: Vec<Datagram>,
     client_events: Vec<(Timestamp, PathEvent)>,
     proxy_events: Vec<(Timestamp, PathEvent)>,
+    /// Whether sessions carry data (each end notes a data packet every ms).
+    traffic: bool,
+    /// Datagrams the client and the proxy sent.
+    sent: [u64; 2],
 }
 
 impl Sim {
@@ -78,7 +84,13 @@ impl Sim {
         for a in &access {
             client.handle_interface_up(now, a.interface, a.private);
         }
-        let mut proxy = PathManager::new(PathConfig::default(), PROXY);
+        let mut proxy = PathManager::new(
+            PathConfig {
+                sends_keepalives: false,
+                ..PathConfig::default()
+            },
+            PROXY,
+        );
         proxy.handle_interface_up(now, PUBLIC, proxy_addr);
         let mut availability = AvailabilityTable::new(HandshakeConfig::default());
         availability.start(now, proxy_addr);
@@ -92,6 +104,8 @@ impl Sim {
             in_flight: Vec::new(),
             client_events: Vec::new(),
             proxy_events: Vec::new(),
+            traffic: true,
+            sent: [0, 0],
         }
     }
 
@@ -103,6 +117,7 @@ impl Sim {
     }
 
     fn send_from_client(&mut self, transmit: Transmit) {
+        self.sent[0] += 1;
         let bytes = transmit.repr.encapsulate(&[]).unwrap();
         let Some(access) = self.access.iter().find(|a| a.private == transmit.local) else {
             return;
@@ -120,6 +135,7 @@ impl Sim {
     }
 
     fn send_from_proxy(&mut self, transmit: Transmit) {
+        self.sent[1] += 1;
         let bytes = transmit.repr.encapsulate(&[]).unwrap();
         // Only NAT mappings are reachable; announced private addresses are not.
         let Some(access) = self.access.iter().find(|a| a.public == transmit.remote) else {
@@ -144,6 +160,10 @@ impl Sim {
             .into_iter()
             .partition(|d| d.deliver_at <= now);
         self.in_flight = later;
+        if self.traffic {
+            self.client.note_data(now, PROXY);
+            self.proxy.note_data(now, CLIENT);
+        }
         for datagram in due {
             let packet = CmPacket::new_checked(&datagram.bytes[..]).unwrap();
             let repr = CmRepr::parse(&packet).unwrap();
@@ -391,4 +411,58 @@ fn delay_feedback_ranks_paths_by_one_way_delay() {
     }
     assert!(!table.get(ids[&LTE]).unwrap().live);
     assert!(table.get(ids[&WIFI]).unwrap().live);
+}
+
+/// Quiet idle (`PROTOCOL.md` §6.2): once the sessions stop, the client sends
+/// one keepalive per path per 15 s, which the proxy end answers, and both
+/// paths stay up through the NATs; a link that dies while idle is found
+/// within two keepalive intervals, and traffic brings heartbeats back.
+#[test]
+fn idle_paths_cost_one_keepalive_per_path_per_interval() {
+    let mut sim = established();
+    sim.traffic = false;
+    let config = PathConfig::default();
+    sim.run_for(config.linger + Duration::from_secs(1));
+    let before = sim.sent;
+    let idle = Duration::from_secs(300);
+    sim.run_for(idle);
+    let minutes = idle.as_secs_f64() / 60.0;
+    let client_per_minute = (sim.sent[0] - before[0]) as f64 / minutes;
+    let proxy_per_minute = (sim.sent[1] - before[1]) as f64 / minutes;
+    eprintln!(
+        "idle: the client sent {client_per_minute:.1} and the proxy end {proxy_per_minute:.1} datagrams per minute over two paths"
+    );
+    assert!(client_per_minute <= 8.0 + 0.01, "{client_per_minute}");
+    assert!(
+        client_per_minute >= 7.0,
+        "keepalives flow: {client_per_minute}"
+    );
+    assert!(proxy_per_minute <= client_per_minute, "{proxy_per_minute}");
+    assert!(sim.both_ends_active(WIFI) && sim.both_ends_active(LTE));
+
+    // A link dying while idle is noticed within two keepalive intervals.
+    sim.access_mut(LTE).link_up = false;
+    let detect = sim
+        .run_until(config.idle_dead_after() + Duration::from_secs(16), |s| {
+            s.client_path(LTE) == Some(PathState::Dead)
+        })
+        .expect("the idle client notices the dead path");
+    assert!(detect <= config.idle_dead_after() + config.keepalive_interval);
+    // While idle, a dead path is probed no more often than a live one gets
+    // keepalives: every 15 s on each path, five each in a closed minute.
+    let before = sim.sent[0];
+    sim.run_for(Duration::from_secs(60));
+    let probes = sim.sent[0] - before;
+    assert!(
+        probes <= 10,
+        "{probes} datagrams in a minute with one path dead"
+    );
+
+    // Traffic again: heartbeats, and the link's return is seen within a second.
+    sim.traffic = true;
+    sim.access_mut(LTE).link_up = true;
+    let back = sim
+        .run_until(Duration::from_secs(3), |s| s.both_ends_active(LTE))
+        .expect("path back once busy");
+    assert!(back < Duration::from_secs(1), "{back:?}");
 }

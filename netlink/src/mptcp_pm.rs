@@ -466,6 +466,89 @@ pub fn open_event_socket() -> Result<(NetlinkSocket, GenlFamily), PmError> {
     Ok((socket, family))
 }
 
+/// What an [`EventListener`] hands its callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// One event.
+    Event(PmEvent),
+    /// The socket's buffer overflowed (`ENOBUFS`): some events were lost.
+    Lost,
+}
+
+/// Reads `mptcp_pm` events of the network namespace it was started in, on a thread of its own, and
+/// hands each to a callback until the callback returns `false`, the socket fails, or the listener is
+/// stopped or dropped (within 250 ms: the socket has a receive timeout).
+#[derive(Debug)]
+pub struct EventListener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), std::io::Error>>>,
+}
+
+impl EventListener {
+    /// Subscribes (in the calling thread's namespace; needs `CAP_NET_ADMIN`) and starts the thread.
+    pub fn spawn(
+        mut on_event: impl FnMut(Delivery) -> bool + Send + 'static,
+    ) -> Result<Self, PmError> {
+        use std::sync::atomic::Ordering;
+        let (socket, family) = open_event_socket()?;
+        socket
+            .set_recv_timeout(std::time::Duration::from_millis(250))
+            .map_err(PmError::Socket)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("mptcp_pm events".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    match socket.recv() {
+                        Ok(messages) => {
+                            for message in messages.iter().filter(|m| m.msg_type == family.id) {
+                                if let Some(event) = decode_event(&message.payload) {
+                                    if !on_event(Delivery::Event(event)) {
+                                        return Ok(());
+                                    }
+                                }
+                            }
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                            if !on_event(Delivery::Lost) {
+                                return Ok(());
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            })
+            .map_err(PmError::Socket)?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits for it; returns the socket error that ended it early, if any.
+    pub fn stop(&mut self) -> Result<(), std::io::Error> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for EventListener {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
 /// A blocking command socket to the path manager of the calling thread's network namespace.
 #[derive(Debug)]
 pub struct PathManager {

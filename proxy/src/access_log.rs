@@ -226,6 +226,11 @@ impl AccessLog {
         })
     }
 
+    /// Whether lines are written at all (`path = "off"` writes none): callers skip building entries.
+    pub fn is_enabled(&self) -> bool {
+        self.inner.enabled.load(Ordering::Relaxed)
+    }
+
     /// Queues one entry for the writer; drops it (and counts it) when the queue is full. Never blocks.
     pub fn log(&self, entry: Entry) {
         if !self.inner.enabled.load(Ordering::Relaxed) {

@@ -33,6 +33,14 @@ fn wants_openmetrics(request: &Request<Incoming>) -> bool {
         .any(|v| v.contains("application/openmetrics-text"))
 }
 
+/// Endpoints an embedding program adds to the admin listener (mpip-proxy's
+/// routing profiles). Asked first, for every request.
+pub trait AdminExtension: Send + Sync + std::fmt::Debug {
+    /// The answer to `method path` if it is one of this extension's
+    /// endpoints: status, content type and body.
+    fn answer(&self, method: &Method, path: &str) -> Option<(StatusCode, &'static str, String)>;
+}
+
 /// What the admin endpoints report.
 #[derive(Debug)]
 pub struct AdminState {
@@ -41,6 +49,7 @@ pub struct AdminState {
     /// True while the proxy accepts connections; false before and while draining.
     pub ready: AtomicBool,
     connections: Option<ConnectionsView>,
+    extension: Option<Arc<dyn AdminExtension>>,
     /// What `POST /drain` triggers; without it the endpoint answers 404.
     drain: Option<DrainSignal>,
 }
@@ -60,8 +69,15 @@ impl AdminState {
             metrics,
             ready: AtomicBool::new(true),
             connections: None,
+            extension: None,
             drain: None,
         }
+    }
+
+    /// Also serves the endpoints of `extension`.
+    pub fn with_extension(mut self, extension: Option<Arc<dyn AdminExtension>>) -> Self {
+        self.extension = extension;
+        self
     }
 
     /// Also takes `POST /drain` (from this host), which requests `drain`.
@@ -134,7 +150,17 @@ impl Peer {
 }
 
 fn answer(request: &Request<Incoming>, state: &AdminState, peer: Peer) -> Response<Full<Bytes>> {
+    // An extension's changes (anything but GET), like a drain, only from this host: it is not even
+    // asked otherwise, since answering is what changes things.
+    let extended = state
+        .extension
+        .as_ref()
+        .filter(|_| request.method() == Method::GET || peer.is_same_host())
+        .and_then(|e| e.answer(request.method(), request.uri().path()));
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        _ if extended.is_some() => {
+            extended.unwrap_or((StatusCode::NOT_FOUND, "text/plain", String::new()))
+        }
         (&Method::POST, "/drain") => match &state.drain {
             Some(_) if !peer.is_same_host() => (
                 StatusCode::FORBIDDEN,

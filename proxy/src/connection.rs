@@ -107,10 +107,6 @@ pub struct ClientConnection {
     pub max_subflows: AtomicU8,
     /// When bytes last moved on the client socket.
     pub activity: Activity,
-    /// Whether the next bytes from the client start a request head (see [`HeadScan`]).
-    awaiting_head: AtomicBool,
-    /// What [`HeadScan`] found wrong with the last request head, if anything.
-    head_problem: AtomicU8,
     /// When the connection was accepted.
     pub accepted: std::time::Instant,
     /// When the subflows were last sampled, in ms since `accepted` (bounds the sampling cost).
@@ -126,8 +122,8 @@ pub struct ClientConnection {
     upstream: Mutex<Option<UpstreamInfo>>,
     /// The connection's entry in the server's table of open connections (`/connections`).
     _registration: Option<Registration>,
-    _permit: OwnedSemaphorePermit,
-    _slot: ClientSlot,
+    /// The global permit and the per-client slot, held until dropped or released.
+    limits: Mutex<Option<(OwnedSemaphorePermit, ClientSlot)>>,
 }
 
 /// Where a client connection's latest request or tunnel went.
@@ -190,8 +186,6 @@ impl ClientConnection {
             bytes_out: AtomicU64::new(0),
             max_subflows: AtomicU8::new(1),
             activity: Activity::new(),
-            awaiting_head: AtomicBool::new(true),
-            head_problem: AtomicU8::new(HeadProblem::None as u8),
             accepted: std::time::Instant::now(),
             sampled_ms: AtomicU64::new(0),
             converted: AtomicBool::new(false),
@@ -201,8 +195,7 @@ impl ClientConnection {
             interfaces,
             upstream: Mutex::new(None),
             _registration: registry.map(|registry| registry.insert(this)),
-            _permit: permit,
-            _slot: slot,
+            limits: Mutex::new(Some((permit, slot))),
         };
         connection.sample_fd(stream.as_raw_fd());
         connection
@@ -323,25 +316,14 @@ impl ClientConnection {
         (&self.metrics.relayed_upload, &self.metrics.relayed_download)
     }
 
-    fn set_head_problem(&self, problem: HeadProblem) {
-        self.head_problem.store(problem as u8, Ordering::Relaxed);
-    }
-
-    /// Called when a response is complete: the next client bytes start a new request head.
-    pub fn expect_next_head(&self) {
-        self.awaiting_head.store(true, Ordering::Relaxed);
-    }
-
-    /// What was wrong with the request head hyper just parsed, if anything. Clears it.
-    pub fn take_head_problem(&self) -> HeadProblem {
-        match self
-            .head_problem
-            .swap(HeadProblem::None as u8, Ordering::Relaxed)
-        {
-            x if x == HeadProblem::AmbiguousFraming as u8 => HeadProblem::AmbiguousFraming,
-            x if x == HeadProblem::TooLarge as u8 => HeadProblem::TooLarge,
-            _ => HeadProblem::None,
-        }
+    /// Gives the connection's limit permits back before it ends: a refused connection that only reads
+    /// what its client still sends, so its answer is not reset away, no longer counts (a new
+    /// connection must not be refused because refused ones are closing).
+    pub fn release_limits(&self) {
+        self.limits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
     }
 
     /// Samples the subflows (at most every [`MIN_SAMPLE_GAP`]); returns how many are open (1 for TCP).
@@ -389,84 +371,6 @@ impl ClientConnection {
     }
 }
 
-/// A request-head problem hyper does not report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum HeadProblem {
-    /// Nothing wrong.
-    None = 0,
-    /// Both `Content-Length` and `Transfer-Encoding`: hyper drops `Content-Length` silently.
-    AmbiguousFraming = 1,
-    /// Larger than `limits.max_header_bytes`: hyper enforces its buffer limit only when it must read
-    /// more, so a large head that arrives at once would pass.
-    TooLarge = 2,
-}
-
-/// Finds request heads that are too large or carry both `Content-Length` and `Transfer-Encoding` (request smuggling,
-/// RFC 9112 §6.3), which hyper resolves silently in favour of `Transfer-Encoding`. The proxy refuses
-/// them instead. Scans from the connection's start and after each complete response, up to
-/// the end of the head; bytes inside bodies are never scanned.
-#[derive(Debug, Default)]
-struct HeadScan {
-    head: Vec<u8>,
-}
-
-impl HeadScan {
-    /// Feeds bytes read from the client.
-    fn feed(&mut self, connection: &ClientConnection, bytes: &[u8], limit: usize) {
-        if !connection.awaiting_head.load(Ordering::Relaxed) {
-            return;
-        }
-        self.head.extend_from_slice(bytes);
-        match scan_head(&self.head, limit) {
-            HeadScanResult::Partial => return,
-            HeadScanResult::Complete(problem) => connection.set_head_problem(problem),
-            // hyper answers it itself.
-            HeadScanResult::Malformed => {}
-        }
-        self.head.clear();
-        connection.awaiting_head.store(false, Ordering::Relaxed);
-    }
-}
-
-/// What [`scan_head`] found in the bytes of a request head received so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeadScanResult {
-    /// The head is not complete yet (and not over the limit).
-    Partial,
-    /// The head is complete (or over the limit): what is wrong with it, if anything.
-    Complete(HeadProblem),
-    /// Not a request head, or more than 128 fields: hyper answers it itself.
-    Malformed,
-}
-
-/// Scans the bytes of one request head (from its first byte) for what hyper would not report: a head
-/// over `limit` bytes, or both `Content-Length` and `Transfer-Encoding`.
-pub fn scan_head(head: &[u8], limit: usize) -> HeadScanResult {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(head) {
-        Ok(httparse::Status::Partial) if head.len() <= limit => HeadScanResult::Partial,
-        Ok(httparse::Status::Partial) => HeadScanResult::Complete(HeadProblem::TooLarge),
-        Ok(httparse::Status::Complete(length)) => {
-            let has = |name: &str| {
-                request
-                    .headers
-                    .iter()
-                    .any(|h| h.name.eq_ignore_ascii_case(name))
-            };
-            HeadScanResult::Complete(if length > limit {
-                HeadProblem::TooLarge
-            } else if has("content-length") && has("transfer-encoding") {
-                HeadProblem::AmbiguousFraming
-            } else {
-                HeadProblem::None
-            })
-        }
-        Err(_) => HeadScanResult::Malformed,
-    }
-}
-
 impl Drop for ClientConnection {
     fn drop(&mut self) {
         self.paths
@@ -494,28 +398,24 @@ pub const MIN_SAMPLE_GAP: std::time::Duration = std::time::Duration::from_millis
 /// How often live connections sample their subflows for the path metrics.
 pub const SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The client socket as hyper sees it: counts bytes and activity, and logs the close.
+/// The client socket of an HTTP connection: counts bytes and activity, and logs the close.
 #[derive(Debug)]
 pub struct ClientIo {
     stream: Option<TcpStream>,
     connection: Arc<ClientConnection>,
-    head_scan: HeadScan,
-    head_limit: usize,
 }
 
 impl ClientIo {
-    /// Wraps an accepted stream; `head_limit` is the largest request head accepted.
-    pub fn new(stream: TcpStream, connection: Arc<ClientConnection>, head_limit: usize) -> Self {
+    /// Wraps an accepted stream.
+    pub fn new(stream: TcpStream, connection: Arc<ClientConnection>) -> Self {
         Self {
             stream: Some(stream),
             connection,
-            head_scan: HeadScan::default(),
-            head_limit,
         }
     }
 
-    /// Takes the stream back (after a CONNECT upgrade); the caller then owns the close.
-    pub fn into_stream(mut self) -> Option<TcpStream> {
+    /// Takes the stream back (for a CONNECT tunnel); the caller then owns the close.
+    pub fn take_stream(&mut self) -> Option<TcpStream> {
         self.stream.take()
     }
 
@@ -548,9 +448,6 @@ impl AsyncRead for ClientIo {
         };
         let n = buf.filled().len() - before;
         if n > 0 {
-            let this = &mut *self;
-            this.head_scan
-                .feed(&this.connection, &buf.filled()[before..], this.head_limit);
             self.connection
                 .bytes_in
                 .fetch_add(n as u64, Ordering::Relaxed);

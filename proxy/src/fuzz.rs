@@ -4,35 +4,36 @@
 //! Adding a target: write `pub fn NAME(data: &[u8])` here, a `fuzz/fuzz_targets/NAME.rs` that calls
 //! it, a `[[bin]]` in `fuzz/Cargo.toml`, a seed in `fuzz/corpus/NAME/`, and a row in the replay test.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Uri;
 
-use crate::connection::{scan_head, HeadScanResult};
 use crate::convert::converter::{decide, CookieJar, Policy};
 use crate::convert::wire::{MessageRepr, Parsed};
-use crate::http::headers;
+use crate::http::headers::{self, Fields, MaxForwards};
 use crate::http::target::{host_and_port, loggable, parse_target};
+use crate::http::wire::{self, RequestRewrite};
 
-/// The request-head scanner and every parser a request target and its fields go through: never a
-/// panic; a head scanned whole or in two pieces gets the same verdict; what `parse_target` accepts
-/// has a host, a non-zero port and a path; the logged URL never carries user info.
+/// The request-head parser and every parser a request target and its fields go through: never a
+/// panic; a head parsed whole or in two pieces gets the same verdict; what `parse_target` accepts
+/// has a host, a non-zero port and a path; the logged URL never carries user info; a forwarded head
+/// parses again and carries no hop-by-hop field but the proxy's own.
 pub fn request_head(data: &[u8]) {
     const LIMIT: usize = 8192;
-    let whole = scan_head(data, LIMIT);
+    let mut storage = wire::field_storage();
+    let whole = wire::parse_request(data, &mut storage, LIMIT);
     // Fed in two pieces as a socket may deliver it: the first piece alone is at most as complete.
     let split = data.first().map_or(0, |b| usize::from(*b)).min(data.len());
-    if let HeadScanResult::Complete(_) = scan_head(&data[..split], LIMIT) {
+    let mut prefix_storage = wire::field_storage();
+    if let Ok(Some(_)) = wire::parse_request(&data[..split], &mut prefix_storage, LIMIT) {
         assert!(
-            !matches!(whole, HeadScanResult::Partial),
+            !matches!(whole, Ok(None)),
             "a prefix completed but the whole is partial"
         );
     }
-    let mut fields = [httparse::EMPTY_HEADER; 64];
-    let mut request = httparse::Request::new(&mut fields);
-    if !matches!(request.parse(data), Ok(httparse::Status::Complete(_))) {
+    let Ok(Some(head)) = whole else {
         return;
-    }
-    if let Some(Ok(uri)) = request.path.map(str::parse::<Uri>) {
+    };
+    assert!(head.len <= LIMIT && head.len <= data.len());
+    if let Ok(uri) = head.target.parse::<Uri>() {
         if let Ok(target) = parse_target(&uri) {
             assert!(!target.host.is_empty() && target.port != 0);
             assert!(target.origin_form.path().starts_with('/'));
@@ -47,23 +48,50 @@ pub fn request_head(data: &[u8]) {
             let _ = host_and_port(authority, None);
         }
     }
-    let mut map = HeaderMap::new();
-    for field in request.headers.iter() {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(field.name.as_bytes()),
-            HeaderValue::from_bytes(field.value),
-        ) {
-            map.append(name, value);
-        }
+    let fields = Fields(head.fields);
+    let framing = headers::check_framing(fields, head.http11);
+    let _ = headers::check_host(fields, head.http11);
+    let max_forwards = headers::max_forwards(fields);
+    let te_trailers = headers::accepts_trailers(fields);
+    let _ = headers::expects_continue(fields);
+    let Ok(body) = framing else {
+        return;
+    };
+    let mut out = Vec::new();
+    wire::write_request_head(
+        &mut out,
+        &head,
+        &RequestRewrite {
+            origin_form: "/",
+            host: "example.com",
+            max_forwards: match max_forwards {
+                Ok(MaxForwards::Forward(n)) => Some(n),
+                _ => None,
+            },
+            te_trailers,
+            body,
+        },
+    );
+    let mut again = wire::field_storage();
+    let forwarded = match wire::parse_request(&out, &mut again, usize::MAX) {
+        Ok(Some(forwarded)) => forwarded,
+        other => panic!("forwarded head does not parse: {other:?}"),
+    };
+    assert_eq!(forwarded.len, out.len());
+    for field in forwarded.fields {
+        let own = field.name.eq_ignore_ascii_case("te")
+            || field.name.eq_ignore_ascii_case("connection")
+            || field.name.eq_ignore_ascii_case("transfer-encoding");
+        assert!(
+            own || !headers::is_hop_by_hop(field.name),
+            "hop-by-hop {} forwarded",
+            field.name
+        );
     }
-    let _ = headers::check_framing(&map);
-    let _ = headers::max_forwards(&map);
-    let _ = headers::accepts_trailers(&map);
-    headers::remove_hop_by_hop(&mut map);
-    assert!(!map.contains_key(http::header::CONNECTION));
-    if headers::fix_response_framing(&mut map) {
-        assert!(!map.contains_key(http::header::CONTENT_LENGTH));
-    }
+    assert_eq!(
+        headers::check_framing(Fields(forwarded.fields), true).ok(),
+        Some(body)
+    );
 }
 
 /// The configuration parser and validation: any text gives a config or an error, never a panic.

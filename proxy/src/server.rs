@@ -15,8 +15,6 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -27,11 +25,9 @@ use crate::acl::{local_addresses, Acl};
 use crate::admin::{AdminState, DrainSignal};
 use crate::auth::{AuthError, Credentials};
 use crate::config::{Config, ConfigError, ConvertConfig, ListenerConfig, ListenerMode};
-use crate::connection::{
-    ClientConnection, ClientIo, ConnectionContext, PerClientCounter, SAMPLE_INTERVAL,
-};
+use crate::connection::{ClientConnection, ConnectionContext, PerClientCounter};
 use crate::convert::wire::ErrorCode as ConvertError;
-use crate::http::{connect_upstream, handle, HttpConnection, Shared};
+use crate::http::{connect_upstream, Shared};
 use crate::metrics::{InterfaceMap, Metrics};
 use crate::registry::{ConnectionRegistry, SubflowClasses};
 use crate::relay::relay;
@@ -190,6 +186,7 @@ pub struct Server {
     reload_tx: mpsc::Sender<ReloadRequest>,
     reload_rx: mpsc::Receiver<ReloadRequest>,
     sighup: Option<(String, ConfigSource)>,
+    admin_extension: Option<Arc<dyn crate::admin::AdminExtension>>,
     drain: DrainSignal,
     before_drain: Option<BeforeDrain>,
 }
@@ -382,6 +379,7 @@ impl Server {
             reload_tx,
             reload_rx,
             sighup: None,
+            admin_extension: None,
             drain: DrainSignal::default(),
             before_drain: None,
         })
@@ -409,6 +407,15 @@ impl Server {
             .iter()
             .find(|l| l.socket.local_addr().ok() == Some(address))
             .map(|l| l.socket.as_fd().try_clone_to_owned())
+    }
+
+    /// Serves the endpoints of `extension` on the admin listener too.
+    pub fn with_admin_extension(
+        mut self,
+        extension: Arc<dyn crate::admin::AdminExtension>,
+    ) -> Self {
+        self.admin_extension = Some(extension);
+        self
     }
 
     /// The admin listener's address, if it is on.
@@ -459,6 +466,7 @@ impl Server {
             reload_tx,
             mut reload_rx,
             sighup,
+            admin_extension,
             drain,
             before_drain,
         } = self;
@@ -470,6 +478,7 @@ impl Server {
             throttle,
             (registry, classes),
             drain.clone(),
+            admin_extension,
         )?;
         // Signal handlers before READY=1: a manager may send SIGHUP or SIGTERM as soon as it reads it,
         // and their default action ends the process. `termination()` installs its handlers when first
@@ -678,6 +687,7 @@ impl Running {
         throttle: Option<ThrottleHandle>,
         (registry, classes): (Arc<ConnectionRegistry>, Arc<SubflowClasses>),
         drain: DrainSignal,
+        admin_extension: Option<Arc<dyn crate::admin::AdminExtension>>,
     ) -> Result<Self, ServerError> {
         let metrics = shared.metrics.clone();
         let sniffer = start_sniffer(&shared.config, &metrics, shared.throttle_events.clone())?;
@@ -695,7 +705,8 @@ impl Running {
         let admin_state = Arc::new(
             AdminState::new(metrics.clone())
                 .with_connections(registry.clone(), shared.interfaces.clone(), classes.clone())
-                .with_drain(drain),
+                .with_drain(drain)
+                .with_extension(admin_extension),
         );
         let mut running = Running {
             live: Arc::new(LiveShared {
@@ -1298,58 +1309,10 @@ async fn serve_http(
     live: Arc<LiveShared>,
     stream: TcpStream,
     client: Arc<ClientConnection>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let shared = live.current();
-    let limits = &shared.config.limits;
-    let http_connection = Arc::new(HttpConnection::new(client.clone()));
-    let io = TokioIo::new(ClientIo::new(
-        stream,
-        client.clone(),
-        limits.max_header_bytes,
-    ));
     // Each request takes the configuration in force when it arrives (ACLs, credentials, upstream).
-    let service =
-        service_fn(move |request| handle(live.current(), http_connection.clone(), request));
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .keep_alive(true);
-    let connection = builder.serve_connection(io, service).with_upgrades();
-    tokio::pin!(connection);
-    let idle = client.activity.idle(limits.idle_timeout);
-    tokio::pin!(idle);
-    let mut sample = tokio::time::interval_at(
-        tokio::time::Instant::now() + SAMPLE_INTERVAL,
-        SAMPLE_INTERVAL,
-    );
-    let mut draining = *stop.borrow();
-    if draining {
-        connection.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(client = %client.client, %error, "client connection error");
-                }
-                return;
-            }
-            _ = stop.changed(), if !draining => {
-                draining = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            () = &mut idle => {
-                tracing::debug!(client = %client.client, "idle timeout");
-                return;
-            }
-            _ = sample.tick() => {
-                client.subflows();
-            }
-        }
-    }
+    crate::http::serve_connection(move || live.current(), stream, client, stop).await;
 }
 
 async fn serve_transparent(

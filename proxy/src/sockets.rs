@@ -407,12 +407,47 @@ pub fn subflow_flags(local: SocketAddr, remote: SocketAddr) -> io::Result<Option
 
 /// The host's interfaces and their addresses (in the current network namespace).
 pub fn interface_addresses() -> io::Result<Vec<(String, IpAddr)>> {
+    Ok(interface_networks()?
+        .into_iter()
+        .map(|(name, net)| (name, net.addr()))
+        .collect())
+}
+
+/// The length of the prefix a netmask sockaddr describes (its leading one bits).
+fn prefix_len(netmask: *const libc::sockaddr, family: i32) -> u8 {
+    if netmask.is_null() {
+        return if family == libc::AF_INET { 32 } else { 128 };
+    }
+    let ones = |bytes: &[u8]| {
+        let mut n = 0u8;
+        for byte in bytes {
+            n += byte.leading_ones() as u8;
+            if *byte != 0xff {
+                break;
+            }
+        }
+        n
+    };
+    if family == libc::AF_INET {
+        // SAFETY: the netmask of an AF_INET address is a sockaddr_in.
+        let sin = unsafe { &*(netmask as *const libc::sockaddr_in) };
+        ones(&sin.sin_addr.s_addr.to_ne_bytes())
+    } else {
+        // SAFETY: the netmask of an AF_INET6 address is a sockaddr_in6.
+        let sin6 = unsafe { &*(netmask as *const libc::sockaddr_in6) };
+        ones(&sin6.sin6_addr.s6_addr)
+    }
+}
+
+/// The host's interfaces with each address and its prefix (`10.0.1.1/24` on `p1`), in the current
+/// network namespace.
+pub fn interface_networks() -> io::Result<Vec<(String, ipnet::IpNet)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut addresses = Vec::new();
+    let mut networks = Vec::new();
     let mut cursor = head;
     while !cursor.is_null() {
         // SAFETY: cursor walks the list getifaddrs returned, until its null terminator.
@@ -438,11 +473,14 @@ pub fn interface_addresses() -> io::Result<Vec<(String, IpAddr)>> {
         } else {
             continue;
         };
-        addresses.push((name, ip));
+        let prefix = prefix_len(entry.ifa_netmask, family);
+        if let Ok(net) = ipnet::IpNet::new(ip, prefix) {
+            networks.push((name, net));
+        }
     }
     // SAFETY: head came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(head) };
-    Ok(addresses)
+    Ok(networks)
 }
 
 /// Whether a socket() error means "this kernel has no (enabled) MPTCP".

@@ -8,6 +8,7 @@ fn every_fuzz_corpus_file_replays_without_a_panic() {
     testbed::replay_fuzz_corpus(
         env!("CARGO_MANIFEST_DIR"),
         &[
+            ("convert_message", mptcp_proxy::fuzz::convert_message),
             ("request_head", mptcp_proxy::fuzz::request_head),
             ("config", mptcp_proxy::fuzz::config),
             ("convert_message", mptcp_proxy::fuzz::convert_message),

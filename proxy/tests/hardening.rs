@@ -221,3 +221,33 @@ fn ipv6_clients_are_limited_per_64() {
     let response = get(&lab, "http://10.0.3.2/small.txt");
     assert_eq!(status_of(&response), 200, "{response}");
 }
+
+/// A refused request is answered, then the proxy reads what the client still sends for a moment (so
+/// closing does not reset the answer away). That moment must not hold the connection's limit: with
+/// `max_connections = 1`, a client that keeps its refused connection open must not get the next
+/// client refused (503) until the linger ends.
+#[test]
+fn a_lingering_refusal_does_not_hold_the_connection_limit() {
+    let Some(lab) = Lab::new() else { return };
+    let config = lab.config(
+        "proxy.toml",
+        "[access_log]\npath = \"off\"\n[limits]\nmax_connections = 1\n",
+    );
+    let _proxy = lab.start_proxy(
+        &["--config", &config.display().to_string(), "--listen", PROXY],
+        proxy_addr(),
+    );
+    let mut refused = client_connect(&lab.tb, proxy_addr(), true);
+    std::io::Write::write_all(
+        &mut refused,
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .expect("send");
+    // The answer ends with the proxy's half-close; the client keeps its side open.
+    let mut answer = String::new();
+    let _ = refused.read_to_string(&mut answer);
+    assert_eq!(status_of(&answer), 403, "{answer}");
+    let response = get(&lab, "http://10.0.3.2/small.txt");
+    assert_eq!(status_of(&response), 200, "{response}");
+    drop(refused);
+}

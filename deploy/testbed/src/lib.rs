@@ -14,9 +14,12 @@
 //!
 //! With [`Options::second_client`], a second client namespace joins the proxy over two more paths:
 //! `d1 10.0.4.2 <-> p4 10.0.4.1` and `d2 10.0.5.2 <-> p5 10.0.5.1` (IPv4 only, no shaping).
+//!
+//! [`detour::DetourLab`] builds the detour lab of seed 003's Fig. 5.1 (`detour.sh`) the same way.
 
 pub mod cluster;
 pub mod delay;
+pub mod detour;
 
 pub use delay::{DelayConfig, DelayLine, Direction};
 
@@ -113,6 +116,11 @@ pub struct Options {
     pub subflow_endpoint: bool,
     /// Whether a second client host ([`Host::SecondClient`]) is built.
     pub second_client: bool,
+    /// More two-path clients on two bridged access networks
+    /// ([`Testbed::extra_client_ns`]): client K (1..=N) has `a1` 10.1.K.2/16
+    /// and `a2` 10.2.K.2/16; the proxy has `br1` 10.1.0.1/16 and `br2`
+    /// 10.2.0.1/16.
+    pub extra_clients: usize,
 }
 
 impl Default for Options {
@@ -122,6 +130,7 @@ impl Default for Options {
             path_loss_percent: [None, None],
             subflow_endpoint: true,
             second_client: false,
+            extra_clients: 0,
         }
     }
 }
@@ -267,6 +276,9 @@ impl Testbed {
         if options.second_client {
             cmd.arg("--second-client");
         }
+        if options.extra_clients > 0 {
+            cmd.arg("--clients").arg(options.extra_clients.to_string());
+        }
         run(&mut cmd)?;
         Ok(testbed)
     }
@@ -279,6 +291,11 @@ impl Testbed {
             Host::Server => &self.namespaces[2],
             Host::SecondClient => &self.namespaces[3],
         }
+    }
+
+    /// The namespace of extra client `k` (1-based, [`Options::extra_clients`]).
+    pub fn extra_client_ns(&self, k: usize) -> String {
+        format!("{}-c{k}", self.prefix)
     }
 
     /// The client namespace.
@@ -335,6 +352,38 @@ impl Testbed {
         config: DelayConfig,
     ) -> Result<DelayLine, delay::DelayError> {
         DelayLine::start(Some(self.ns(host)), dev, direction, config)
+    }
+
+    /// Starts nginx in `host`'s namespace, serving `root` on each of `listen`, and waits for the first.
+    /// Its pid file, logs and temporary files go to `work_dir`, which must differ per instance.
+    pub fn start_nginx_in(
+        &self,
+        host: Host,
+        root: &Path,
+        work_dir: &Path,
+        listen: &[SocketAddr],
+    ) -> Result<Background> {
+        let conf = work_dir.join("nginx.conf");
+        let listens: String = listen.iter().map(|a| format!("listen {a}; ")).collect();
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nuser root;\nworker_processes 1;\npid {work}/nginx.pid;\nerror_log {work}/error.log;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{\n  access_log {work}/access.log;\n  client_body_temp_path {work}/body;\n  \
+                 proxy_temp_path {work}/proxy;\n  fastcgi_temp_path {work}/fastcgi;\n  uwsgi_temp_path {work}/uwsgi;\n  \
+                 scgi_temp_path {work}/scgi;\n  sendfile on;\n  types {{ text/html html; video/mp4 mp4; }}\n  \
+                 server {{ {listens}root {root}; }}\n}}\n",
+                work = work_dir.display(),
+                root = root.display(),
+            ),
+        )?;
+        let conf = conf.to_string_lossy().into_owned();
+        let nginx = self.spawn(self.ns(host), &["nginx", "-c", &conf])?;
+        if let Some(first) = listen.first() {
+            self.wait_for_tcp(self.ns(host), *first, Duration::from_secs(10))?;
+        }
+        Ok(nginx)
     }
 
     /// Reads an interface's byte counters `(rx_bytes, tx_bytes)` inside `ns`.
@@ -410,6 +459,27 @@ pub(crate) fn tear_down(script: &Path, prefix: &str) {
             "{} down {prefix}: teardown failed: {result:?}",
             script.display()
         );
+    }
+}
+
+/// Sets a socket's receive buffer past `net.core.rmem_max` (SO_RCVBUFFORCE, needs CAP_NET_ADMIN): a test
+/// that counts datagrams must not mistake a full socket buffer (a reader not scheduled in time on a
+/// loaded machine) for loss on the path.
+pub fn force_receive_buffer(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid socket descriptor and a pointer to a c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

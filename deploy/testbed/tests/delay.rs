@@ -152,7 +152,7 @@ fn loss_drops_about_the_configured_fraction_on_ingress() {
     // The line releases each 1 ms batch at once: with the default receive buffer a counter thread that is
     // not scheduled in time (loaded CI machine) lost 164 of 1600 released datagrams in the socket, which
     // looked like line loss. 8 MiB holds all 2000 (root may exceed rmem_max with SO_RCVBUFFORCE).
-    force_receive_buffer(&receiver, 8 << 20);
+    testbed::force_receive_buffer(&receiver, 8 << 20).expect("SO_RCVBUFFORCE");
     let server = receiver.local_addr().unwrap();
     let counter = std::thread::spawn(move || {
         let mut buf = [0u8; 64];
@@ -271,20 +271,4 @@ fn testbed_script_delay_options_run_lines_until_down() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&list.stdout).contains(&prefix));
     assert!(!std::path::Path::new(log.trim()).exists(), "{log}");
-}
-
-/// Sets a socket's receive buffer past `net.core.rmem_max` (needs CAP_NET_ADMIN, which these tests have).
-fn force_receive_buffer(socket: &UdpSocket, bytes: libc::c_int) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid socket descriptor and a pointer to a c_int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
 }

@@ -109,3 +109,29 @@ fn the_second_client_reaches_the_proxy_on_both_its_paths_and_is_torn_down() {
     let list = netns_list();
     assert!(!list.contains(&second), "{second} survived teardown");
 }
+
+#[test]
+fn extra_clients_reach_the_proxy_over_both_bridges_and_are_torn_down() {
+    if testbed::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::new(Options {
+        extra_clients: 3,
+        ..Options::default()
+    })
+    .unwrap();
+    for k in [1usize, 3] {
+        let ns = tb.extra_client_ns(k);
+        for (i, port) in [(1, 7101u16), (2, 7102)] {
+            echo_between(
+                &tb,
+                (tb.proxy_ns(), format!("10.{i}.0.1:{port}").parse().unwrap()),
+                (&ns, format!("10.{i}.{k}.2:0").parse().unwrap()),
+            );
+        }
+    }
+    let third = tb.extra_client_ns(3);
+    drop(tb);
+    let list = netns_list();
+    assert!(!list.contains(&third), "{third} survived teardown");
+}

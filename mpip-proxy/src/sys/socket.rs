@@ -26,12 +26,49 @@ pub const PATH_SOCKET_BUFFER: usize = 4 << 20;
 /// `IPV6_V6ONLY` for IPv6, non-blocking, registered with the current tokio
 /// runtime (an error outside one).
 pub fn bind_path_socket(interface: &str, address: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
-    super::ifreq::validate_name(interface, false)?;
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(io::Error::other(
             "bind_path_socket must be called within a tokio runtime",
         ));
     }
+    tokio::net::UdpSocket::from_std(bind_std(interface, address, false)?)
+}
+
+/// `count` path sockets on `interface` bound to the same `address` with
+/// `SO_REUSEPORT`, in order, and (for more than one) the reuseport program
+/// that gives each datagram to the socket of its sender's shard
+/// ([`crate::sys::bpf::attach_reuseport_steering`]). Port 0 picks one port
+/// for all. Non-blocking std sockets, to be registered with the runtime of
+/// the thread that reads each.
+pub fn bind_path_socket_group(
+    interface: &str,
+    address: SocketAddr,
+    count: usize,
+) -> io::Result<Vec<std::net::UdpSocket>> {
+    if count <= 1 {
+        return Ok(vec![bind_std(interface, address, false)?]);
+    }
+    let first = bind_std(interface, address, true)?;
+    let address = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..count {
+        sockets.push(bind_std(interface, address, true)?);
+    }
+    super::bpf::attach_reuseport_steering(sockets[0].as_raw_fd(), count as u32).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("path sockets {address} on {interface}: SO_ATTACH_REUSEPORT_CBPF: {e}"),
+        )
+    })?;
+    Ok(sockets)
+}
+
+fn bind_std(
+    interface: &str,
+    address: SocketAddr,
+    reuse_port: bool,
+) -> io::Result<std::net::UdpSocket> {
+    super::ifreq::validate_name(interface, false)?;
     let context = |what: &str, e: io::Error| {
         io::Error::new(
             e.kind(),
@@ -47,6 +84,11 @@ pub fn bind_path_socket(interface: &str, address: SocketAddr) -> io::Result<toki
     socket
         .set_reuse_address(true)
         .map_err(|e| context("SO_REUSEADDR", e))?;
+    if reuse_port {
+        socket
+            .set_reuse_port(true)
+            .map_err(|e| context("SO_REUSEPORT", e))?;
+    }
     socket
         .bind_device(Some(interface.as_bytes()))
         .map_err(|e| context("SO_BINDTODEVICE", e))?;
@@ -67,7 +109,7 @@ pub fn bind_path_socket(interface: &str, address: SocketAddr) -> io::Result<toki
     socket
         .set_nonblocking(true)
         .map_err(|e| context("O_NONBLOCK", e))?;
-    tokio::net::UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// `setsockopt(SOL_SOCKET, option, size)` for the `*BUFFORCE` options,
@@ -785,6 +827,46 @@ mod tests {
     fn outside_a_runtime_is_an_error() {
         let err = bind_path_socket("lo", "127.0.0.1:0".parse().unwrap()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::Other);
+    }
+
+    #[test]
+    fn a_socket_group_gives_each_node_id_to_its_shard() {
+        in_netns("a_socket_group_gives_each_node_id_to_its_shard", |_| {
+            let group = bind_path_socket_group("lo", "127.0.0.1:0".parse().unwrap(), 3).unwrap();
+            let port = group[0].local_addr().unwrap().port();
+            assert!(group.iter().all(|s| s.local_addr().unwrap().port() == port));
+            let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            // Node IDs whose bytes 2..6 are 0..6: shard id % 3. Different
+            // source ports too, so the kernel's own hash cannot explain it.
+            for id in 0u32..6 {
+                let mut datagram = vec![1u8, 0];
+                datagram.extend_from_slice(&[2, 0]);
+                datagram.extend_from_slice(&id.to_be_bytes());
+                datagram.extend_from_slice(&[0u8; 20]);
+                let from = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                from.send_to(&datagram, ("127.0.0.1", port)).unwrap();
+            }
+            sender.send_to(b"ab", ("127.0.0.1", port)).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            let mut got = vec![Vec::new(); 3];
+            for (shard, socket) in group.iter().enumerate() {
+                let mut buf = [0u8; 64];
+                while let Ok((n, _)) = socket.recv_from(&mut buf) {
+                    got[shard].push(if n >= 8 {
+                        u32::from_be_bytes(buf[4..8].try_into().unwrap())
+                    } else {
+                        u32::MAX
+                    });
+                }
+            }
+            assert_eq!(
+                got[0],
+                vec![0, 3, u32::MAX],
+                "short datagrams go to the first"
+            );
+            assert_eq!(got[1], vec![1, 4]);
+            assert_eq!(got[2], vec![2, 5]);
+        });
     }
 
     #[test]

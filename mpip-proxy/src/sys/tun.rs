@@ -45,7 +45,7 @@ impl TunDevice {
     /// Must be called within a tokio runtime (the descriptor is registered
     /// with its reactor); outside one this returns an error.
     pub fn create(name: &str) -> io::Result<TunDevice> {
-        Self::open(name, false)
+        Self::open(name, false, false)
     }
 
     /// Like [`TunDevice::create`], with `IFF_VNET_HDR` (a 10-byte
@@ -55,10 +55,19 @@ impl TunDevice {
     /// ([`crate::offload::split`]); size read buffers for
     /// [`crate::offload::MAX_READ`].
     pub fn create_with_offload(name: &str) -> io::Result<TunDevice> {
-        Self::open(name, true)
+        Self::open(name, true, false)
     }
 
-    fn open(name: &str, offload: bool) -> io::Result<TunDevice> {
+    /// One queue of a multi-queue device (`IFF_MULTI_QUEUE`): the first call
+    /// with a name creates the device, later calls with the name it got
+    /// attach more queues, each read by its own thread. Which queue the
+    /// kernel hands a packet to follows the flow hash, or a steering program
+    /// ([`crate::sys::bpf::set_tun_steering`]).
+    pub fn create_queue(name: &str, offload: bool) -> io::Result<TunDevice> {
+        Self::open(name, offload, true)
+    }
+
+    fn open(name: &str, offload: bool, multi_queue: bool) -> io::Result<TunDevice> {
         let mut req = ifreq::ifreq(name)?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(io::Error::other(
@@ -84,6 +93,9 @@ impl TunDevice {
         let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
         if offload {
             flags |= libc::IFF_VNET_HDR;
+        }
+        if multi_queue {
+            flags |= libc::IFF_MULTI_QUEUE;
         }
         req.ifr_ifru.ifru_flags = flags as libc::c_short;
         ifreq::ioctl(&fd, libc::TUNSETIFF as libc::c_ulong, &mut req)
@@ -679,7 +691,7 @@ mod tests {
                 split(&read, MTU, 25, &mut out).unwrap();
                 let udp = &out[0][25..];
                 let info = InnerPacket::parse(udp).unwrap();
-                let sum = checksum::sum16(
+                let sum = checksum::sum(
                     checksum::pseudo_header_sum(&info, udp.len() - 20),
                     &udp[20..],
                 );
@@ -721,7 +733,7 @@ mod tests {
                     for seg in &out {
                         let seg = &seg[25..];
                         assert!(seg.len() <= MTU);
-                        assert_eq!(checksum::finish(checksum::sum16(0, &seg[..20])), 0);
+                        assert_eq!(checksum::finish(checksum::sum(0, &seg[..20])), 0);
                         assert!(checksum::tcp_checksum_ok(seg).unwrap());
                         let info = InnerPacket::parse(seg).unwrap();
                         let tcp = info.tcp.unwrap();

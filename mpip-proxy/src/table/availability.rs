@@ -99,6 +99,17 @@ impl AvailabilityTable {
         }
     }
 
+    /// Starts the handshake with `remote` again, whatever its state.
+    pub fn restart(&mut self, now: Timestamp, remote: SocketAddr) {
+        self.entries.insert(
+            remote,
+            Availability::Probing {
+                probes_sent: 0,
+                next_probe: now,
+            },
+        );
+    }
+
     /// Handles a valid CM block received from `remote`; returns `true` if the
     /// endpoint just became [`Availability::Enabled`].
     ///
@@ -187,6 +198,7 @@ mod tests {
             timestamp: 0,
             sequence: 0,
             addresses: vec![],
+            auth: None,
         }
     }
 

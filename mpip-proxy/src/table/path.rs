@@ -1,10 +1,10 @@
 //! The Path Information Table (Table III) of one session, Algorithm 1, and the
 //! queue of delay feedback owed to peers (§III-D2, §III-E1, `PROTOCOL.md` §7–8).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use crate::wire::{Feedback, NodeId, PathId, SessionId};
+use crate::wire::{Feedback, PathId, SessionId};
 
 /// Highest path weight (Algorithm 1).
 pub const MAX_WEIGHT: u16 = 1000;
@@ -210,12 +210,13 @@ pub fn initial_weight(n: usize) -> u16 {
     (MAX_WEIGHT / n).max(MIN_WEIGHT)
 }
 
-/// Delay samples measured on received packets, waiting to be returned to the
-/// sender in the Feedback Path ID / Path Delay fields (`PROTOCOL.md` §7).
+/// Delay samples measured on packets received from one peer node, waiting to
+/// be returned to it in the Feedback Path ID / Path Delay fields
+/// (`PROTOCOL.md` §7). One queue per peer, so nothing here scans other peers.
 #[derive(Debug, Clone, Default)]
 pub struct FeedbackQueue {
-    pending: HashMap<(NodeId, SessionId), SessionFeedback>,
-    session_cursor: HashMap<NodeId, SessionId>,
+    pending: BTreeMap<SessionId, SessionFeedback>,
+    session_cursor: Option<SessionId>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -230,18 +231,18 @@ impl FeedbackQueue {
         Self::default()
     }
 
-    /// Stores the latest sample for the peer's path `path` of (`node`, `session`).
-    pub fn record(&mut self, node: NodeId, session: SessionId, path: PathId, delay_us: i32) {
+    /// Stores the latest sample for the peer's path `path` of `session`.
+    pub fn record(&mut self, session: SessionId, path: PathId, delay_us: i32) {
         self.pending
-            .entry((node, session))
+            .entry(session)
             .or_default()
             .latest
             .insert(path, delay_us);
     }
 
-    /// The next sample to return for (`node`, `session`), round robin over paths.
-    pub fn take(&mut self, node: NodeId, session: SessionId) -> Option<Feedback> {
-        let queue = self.pending.get_mut(&(node, session))?;
+    /// The next sample to return for `session`, round robin over paths.
+    pub fn take(&mut self, session: SessionId) -> Option<Feedback> {
+        let queue = self.pending.get_mut(&session)?;
         let after = queue.cursor;
         let next = after
             .and_then(|c| {
@@ -256,7 +257,7 @@ impl FeedbackQueue {
         queue.latest.remove(&path);
         queue.cursor = Some(path);
         if queue.latest.is_empty() {
-            self.pending.remove(&(node, session));
+            self.pending.remove(&session);
         }
         Some(Feedback {
             path_id: path,
@@ -264,35 +265,30 @@ impl FeedbackQueue {
         })
     }
 
-    /// The next sample owed to `node` for any session, taking the sessions with
-    /// samples pending in turn, so no session starves (used by heartbeats).
-    pub fn take_any(&mut self, node: NodeId) -> Option<(SessionId, Feedback)> {
-        let sessions = self.sessions_with_feedback(node);
-        let after = self.session_cursor.get(&node).copied();
-        let session = after
-            .and_then(|c| sessions.iter().find(|s| **s > c))
-            .or_else(|| sessions.first())
-            .copied()?;
-        self.session_cursor.insert(node, session);
-        self.take(node, session).map(|f| (session, f))
+    /// The next sample owed for any session, taking the sessions with samples
+    /// pending in turn, so no session starves (used by heartbeats).
+    pub fn take_any(&mut self) -> Option<(SessionId, Feedback)> {
+        let session = self
+            .session_cursor
+            .and_then(|c| {
+                self.pending
+                    .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                    .next()
+            })
+            .or_else(|| self.pending.iter().next())
+            .map(|(session, _)| *session)?;
+        self.session_cursor = Some(session);
+        self.take(session).map(|f| (session, f))
     }
 
-    /// Sessions of `node` with samples pending.
-    pub fn sessions_with_feedback(&self, node: NodeId) -> Vec<SessionId> {
-        let mut sessions: Vec<SessionId> = self
-            .pending
-            .keys()
-            .filter(|(n, _)| *n == node)
-            .map(|(_, s)| *s)
-            .collect();
-        sessions.sort();
-        sessions
+    /// Sessions with samples pending.
+    pub fn sessions_with_feedback(&self) -> Vec<SessionId> {
+        self.pending.keys().copied().collect()
     }
 
-    /// Drops everything pending for `node`.
-    pub fn forget_node(&mut self, node: NodeId) {
-        self.pending.retain(|(n, _), _| *n != node);
-        self.session_cursor.remove(&node);
+    /// Whether no sample is pending.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
     }
 }
 
@@ -412,14 +408,13 @@ mod tests {
 
     #[test]
     fn feedback_is_returned_round_robin_latest_first() {
-        let node = NodeId([2, 0, 0, 0, 0, 1]);
         let s = SessionId(5);
         let mut queue = FeedbackQueue::new();
-        queue.record(node, s, PathId(1), 100);
-        queue.record(node, s, PathId(2), 200);
-        queue.record(node, s, PathId(1), 150);
-        assert_eq!(queue.sessions_with_feedback(node), vec![s]);
-        let first = queue.take(node, s).unwrap();
+        queue.record(s, PathId(1), 100);
+        queue.record(s, PathId(2), 200);
+        queue.record(s, PathId(1), 150);
+        assert_eq!(queue.sessions_with_feedback(), vec![s]);
+        let first = queue.take(s).unwrap();
         assert_eq!(
             first,
             Feedback {
@@ -427,30 +422,30 @@ mod tests {
                 delay_us: 150
             }
         );
-        queue.record(node, s, PathId(1), 175);
+        queue.record(s, PathId(1), 175);
         // Path 2 is next even though path 1 has a newer sample.
-        assert_eq!(queue.take(node, s).unwrap().path_id, PathId(2));
-        assert_eq!(queue.take(node, s).unwrap().delay_us, 175);
-        assert_eq!(queue.take(node, s), None);
-        assert!(queue.sessions_with_feedback(node).is_empty());
+        assert_eq!(queue.take(s).unwrap().path_id, PathId(2));
+        assert_eq!(queue.take(s).unwrap().delay_us, 175);
+        assert_eq!(queue.take(s), None);
+        assert!(queue.sessions_with_feedback().is_empty());
+        assert!(queue.is_empty());
     }
 
     #[test]
     fn take_any_alternates_between_sessions() {
-        let node = NodeId([2, 0, 0, 0, 0, 1]);
         let mut queue = FeedbackQueue::new();
         let mut taken = Vec::new();
         for round in 0..4 {
             // The control session is refilled every round, as heartbeats do.
-            queue.record(node, SessionId::CONTROL, PathId(1), round);
-            queue.record(node, SessionId(7), PathId(1), 100 + round);
-            taken.push(queue.take_any(node).unwrap().0);
+            queue.record(SessionId::CONTROL, PathId(1), round);
+            queue.record(SessionId(7), PathId(1), 100 + round);
+            taken.push(queue.take_any().unwrap().0);
         }
         assert!(
             taken.contains(&SessionId(7)),
             "data session not starved: {taken:?}"
         );
         assert!(taken.contains(&SessionId::CONTROL));
-        assert_eq!(queue.take_any(NodeId([9; 6])), None);
+        assert_eq!(FeedbackQueue::new().take_any(), None);
     }
 }

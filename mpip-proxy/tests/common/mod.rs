@@ -52,6 +52,14 @@ pub fn section<'a>(table: &'a mut toml::Table, name: &str) -> &'a mut toml::Tabl
         .expect("a table")
 }
 
+/// `[paths] interfaces`; the example's routing profiles name its own
+/// interfaces, so they go.
+pub fn set_interfaces(table: &mut toml::Table, names: &[&str]) {
+    let names: Vec<toml::Value> = names.iter().map(|n| toml::Value::from(*n)).collect();
+    section(table, "paths").insert("interfaces".into(), names.into());
+    section(table, "routing").remove("profile");
+}
+
 /// `[routing]` with `default` and `rules` as (port, interface) pins.
 pub fn routing(table: &mut toml::Table, default: &str, pins: &[(u16, &str)]) {
     let routing = section(table, "routing");
@@ -69,6 +77,25 @@ pub fn routing(table: &mut toml::Table, default: &str, pins: &[(u16, &str)]) {
     routing.insert("rule".into(), toml::Value::Array(rules));
 }
 
+/// `[routing.profile.NAME]` with `default` and `rules` as (port, interface) pins.
+pub fn profile(table: &mut toml::Table, name: &str, default: &str, pins: &[(u16, &str)]) {
+    let profiles = section(section(table, "routing"), "profile");
+    let mut profile = toml::Table::new();
+    profile.insert("default".into(), default.into());
+    let rules: Vec<toml::Value> = pins
+        .iter()
+        .map(|(port, path)| {
+            let mut rule = toml::Table::new();
+            rule.insert("port".into(), i64::from(*port).into());
+            rule.insert("protocol".into(), "tcp".into());
+            rule.insert("path".into(), (*path).into());
+            toml::Value::Table(rule)
+        })
+        .collect();
+    profile.insert("rule".into(), toml::Value::Array(rules));
+    profiles.insert(name.into(), toml::Value::Table(profile));
+}
+
 impl MpipLab {
     /// Builds the lab with `files` served by nginx, or returns None when the
     /// test must skip (not root and CI unset).
@@ -77,6 +104,18 @@ impl MpipLab {
         files: &[(&str, &[u8])],
         edit_proxy: impl FnOnce(&mut toml::Table),
         edit_client: impl FnOnce(&mut toml::Table),
+    ) -> Option<MpipLab> {
+        Self::with_hook(options, files, edit_proxy, edit_client, |_, _| {})
+    }
+
+    /// Like [`MpipLab::new`]; `before_client` runs once the proxy end is up
+    /// and before mpipd starts (with the testbed and the work folder).
+    pub fn with_hook(
+        options: Options,
+        files: &[(&str, &[u8])],
+        edit_proxy: impl FnOnce(&mut toml::Table),
+        edit_client: impl FnOnce(&mut toml::Table),
+        before_client: impl FnOnce(&Testbed, &Path),
     ) -> Option<MpipLab> {
         if testbed::skip_unless_root() {
             return None;
@@ -104,6 +143,7 @@ impl MpipLab {
             Duration::from_secs(10),
         )
         .expect("mpip-proxy metrics listener");
+        before_client(&tb, dir.path());
         let mut client_cmd = tb.command(tb.client_ns(), env!("CARGO_BIN_EXE_mpipd"));
         client_cmd
             .arg("--config")
@@ -196,6 +236,54 @@ impl MpipLab {
         Background::start(cmd).expect("curl")
     }
 
+    /// An admin request (`curl -X METHOD`) to the proxy end (port 9464) or
+    /// the client (9465); returns the body.
+    pub fn admin(&self, proxy_end: bool, method: &str, path: &str) -> String {
+        let (ns, port) = if proxy_end {
+            (self.tb.proxy_ns(), 9464)
+        } else {
+            (self.tb.client_ns(), 9465)
+        };
+        self.tb
+            .exec(
+                ns,
+                &[
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    "-X",
+                    method,
+                    &format!("http://127.0.0.1:{port}{path}"),
+                ],
+            )
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()))
+    }
+
+    /// The paths of the configurations the lab started with.
+    pub fn config_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// SIGHUP to the proxy end or the client.
+    pub fn hangup(&self, proxy_end: bool) {
+        let process = if proxy_end { &self.proxy } else { &self.client };
+        process
+            .as_ref()
+            .expect("running")
+            .signal(libc::SIGHUP)
+            .expect("SIGHUP");
+    }
+
+    /// mpipd's `/metrics`.
+    pub fn client_metrics(&self) -> String {
+        self.tb
+            .exec(
+                self.tb.client_ns(),
+                &["curl", "-sS", "http://127.0.0.1:9465/metrics"],
+            )
+            .expect("scrape")
+    }
+
     /// The proxy end's `/metrics`.
     pub fn metrics(&self) -> String {
         self.tb
@@ -275,7 +363,9 @@ impl MpipLab {
 /// Sums every sample of `name` whose labels include all of `labels`.
 pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
         .filter(|line| {
             labels
                 .iter()
@@ -328,4 +418,40 @@ pub fn shaped_download(
     let url = format!("http://{SERVER}/big.bin");
     let curl = lab.curl_background(&out, &["-x", PROXY_HTTP, &url]);
     Some((lab, file, out, curl))
+}
+
+/// A key file with one fresh key (readable by its owner only), in `dir`;
+/// returns its path.
+pub fn write_key_file(dir: &Path, name: &str, id: u8, seed: u64) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let secret: String = pseudo_random(32, seed)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!("[[key]]\nid = {id}\nsecret = \"{secret}\"\n"),
+    )
+    .expect("key file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+/// `[auth] key_file = PATH` (and `data`).
+pub fn with_keys(table: &mut toml::Table, keys: &Path, data: bool) {
+    let auth = section(table, "auth");
+    auth.insert("key_file".into(), keys.display().to_string().into());
+    auth.insert("data".into(), data.into());
+}
+
+/// The IPv4 address of `mpip0` in `ns`, once the proxy end assigned one.
+pub fn tunnel_address(lab: &MpipLab, ns: &str) -> Option<String> {
+    let text = lab
+        .tb
+        .exec(ns, &["ip", "-o", "-4", "addr", "show", "dev", "mpip0"])
+        .ok()?;
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "inet")?;
+    Some(words.next()?.split('/').next()?.to_owned())
 }

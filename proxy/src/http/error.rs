@@ -1,12 +1,8 @@
 //! Answers the proxy gives by itself: [`ProxyError`] and its plain-text response.
 
-use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Response, StatusCode, Version};
-use http_body_util::{BodyExt, Empty, Full};
+use http::StatusCode;
 
-use super::headers::add_via;
-use super::ProxyBody;
+use super::wire::{put_decimal, put_field, via_value};
 use crate::acl::Denied;
 
 /// Why a request is answered by the proxy itself.
@@ -72,33 +68,36 @@ impl ProxyError {
     }
 }
 
-/// A plain-text response with a one-line reason, closing the connection.
-pub fn text_response(status: StatusCode, reason: &str) -> Response<ProxyBody> {
+/// Writes a plain-text response with a one-line reason that closes the connection: the proxy's own
+/// answers. `fields` are extra fields (a `Proxy-Authenticate` challenge).
+pub fn write_text_response(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    reason: &str,
+    fields: &[(&[u8], &[u8])],
+) {
     let body = format!(
         "{} {}\n",
         status.as_u16(),
         reason.replace(['\r', '\n'], " ")
     );
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    add_via(headers, Version::HTTP_11);
-    response
-}
-
-pub(crate) fn full(body: impl Into<Bytes>) -> ProxyBody {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
-pub(crate) fn empty() -> ProxyBody {
-    Empty::new().map_err(|never| match never {}).boxed()
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_decimal(out, u64::from(status.as_u16()));
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    put_field(out, b"content-type", b"text/plain; charset=utf-8");
+    put_field(out, b"connection", b"close");
+    for (name, value) in fields {
+        put_field(out, name, value);
+    }
+    out.extend_from_slice(b"content-length: ");
+    put_decimal(out, body.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    super::date::with_date(|date| put_field(out, b"date", date));
+    put_field(out, b"via", via_value(true));
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
 }
 
 #[cfg(test)]
@@ -117,7 +116,20 @@ mod tests {
             ProxyError::Denied(Denied::ConnectPort(1)).status().as_u16(),
             403
         );
-        let response = text_response(StatusCode::BAD_GATEWAY, "refused\r\nInjected: yes");
-        assert_eq!(response.headers()["connection"], "close");
+        let mut out = Vec::new();
+        write_text_response(
+            &mut out,
+            StatusCode::BAD_GATEWAY,
+            "refused\r\nInjected: yes",
+            &[],
+        );
+        let text = String::from_utf8(out).expect("ascii");
+        assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{text}");
+        assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+        assert!(
+            text.ends_with("\r\n\r\n502 refused  Injected: yes\n"),
+            "{text}"
+        );
+        assert!(!text.contains("\r\nInjected"), "{text}");
     }
 }

@@ -1,55 +1,49 @@
-//! The HTTP proxy: absolute-form forwarding and CONNECT tunnels, on hyper 1.x.
+//! The HTTP proxy: absolute-form forwarding and CONNECT tunnels, over HTTP/1.x on both sides.
 //!
-//! One [`handle`] call serves one request. Forwarded requests reuse one upstream connection per client
-//! connection while the target stays the same (keep-alive on both sides). Every request leaves one
-//! access-log line, written when its response body ends.
+//! One task serves one client connection (`conn`): it reads a request head, checks it, and forwards
+//! it on the client connection's kept upstream connection (`forward`) or opens a tunnel (`tunnel`),
+//! all within that task: no wakeup crosses tasks or threads between a request and its response.
+//! Heads are parsed with httparse into views of the bytes received and written on rewritten straight
+//! into the output (`wire`); no header map is built. Bodies are relayed with their framing checked and
+//! re-made (`chunked`). Every request leaves one access-log line, written when its response ends.
 //!
 //! The concerns live in their own modules: [`error`] (answers the proxy gives itself), [`headers`]
-//! (hop-by-hop fields, `Via`, framing), [`target`] (absolute-form targets), `forward` (absolute-form
-//! requests), `tunnel` (CONNECT) and `body` (the logged response body). Connecting to servers is
-//! [`crate::upstream`].
+//! (field policy: hop-by-hop fields, framing, `Host`, `Max-Forwards`), [`target`] (absolute-form
+//! targets), [`wire`] (heads on the wire), [`chunked`] (the chunked coding), `buffer` (read buffers),
+//! `date` (the `Date` value). Connecting to servers is [`crate::upstream`].
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Method, Request, Response};
-use http_body_util::combinators::BoxBody;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use http::{Method, StatusCode, Uri};
 
 use crate::access_log::{AccessLog, Entry};
 use crate::acl::Acl;
 use crate::auth::Credentials;
 use crate::config::Config;
-use crate::connection::{ClientConnection, HeadProblem};
+use crate::connection::ClientConnection;
 use crate::metrics::{CodeLabel, InterfaceMap, KindLabel, Metrics};
 use crate::relay::{ClientLimits, RelaySettings};
 use mptcp_throttle::ClientRateLimiter;
 
-mod body;
+mod buffer;
+pub mod chunked;
+mod conn;
+mod date;
 pub mod error;
 mod forward;
 pub mod headers;
-mod request_body;
 pub mod target;
 mod tunnel;
+pub mod wire;
 
 pub use crate::upstream::connect_upstream;
-use body::{head_len, LoggedBody};
-use error::empty;
-pub use error::{text_response, ProxyError};
-use forward::Upstream;
-use headers::MaxForwards;
-pub use headers::{add_via, check_framing, remove_hop_by_hop};
+pub use conn::serve_connection;
+pub use error::{write_text_response, ProxyError};
+use headers::{Fields, MaxForwards};
 pub use target::{parse_target, Target};
-
-/// The body type the proxy answers with.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+use wire::{RequestBody, RequestHead, RequestRewrite};
 
 /// The `Via` pseudonym (RFC 9110 §7.6.3).
 pub const VIA_PSEUDONYM: &str = "mptcp-proxy";
@@ -124,256 +118,306 @@ impl Shared {
     }
 }
 
-/// Per-connection HTTP state: the client connection and its kept upstream connection.
-#[derive(Debug)]
-pub struct HttpConnection {
-    /// The client connection.
-    pub client: Arc<ClientConnection>,
-    upstream: Mutex<Option<Upstream>>,
-    /// Whether the current request (and its body) has gone out: the response timeout runs from then.
-    request_sent: AtomicBool,
-    request_sent_notify: tokio::sync::Notify,
-    /// Whether the client's request body failed (malformed chunks, cut short) while being forwarded.
-    client_body_failed: AtomicBool,
-}
-
-impl HttpConnection {
-    /// Wraps a client connection.
-    pub fn new(client: Arc<ClientConnection>) -> Self {
-        Self {
-            client,
-            upstream: Mutex::new(None),
-            request_sent: AtomicBool::new(false),
-            request_sent_notify: tokio::sync::Notify::new(),
-            client_body_failed: AtomicBool::new(false),
-        }
-    }
-
-    /// A request is about to be sent upstream.
-    fn request_started(&self) {
-        self.request_sent.store(false, Ordering::Release);
-        self.client_body_failed.store(false, Ordering::Release);
-    }
-
-    /// The request, body included, has been sent (or given up).
-    fn request_sent(&self) {
-        self.request_sent.store(true, Ordering::Release);
-        self.request_sent_notify.notify_waiters();
-    }
-
-    /// Resolves `timeout` after the current request has been sent: the server is that late.
-    async fn response_deadline(&self, timeout: std::time::Duration) {
-        loop {
-            let notified = self.request_sent_notify.notified();
-            if self.request_sent.load(Ordering::Acquire) {
-                break;
-            }
-            notified.await;
-        }
-        tokio::time::sleep(timeout).await;
-    }
-}
-
-/// The access-log entry of a request being served.
+/// The access-log line and metrics of a request being served.
 pub(crate) struct Pending {
-    entry: Entry,
+    /// The line, when the access log is on (nothing is formatted or copied for it otherwise).
+    /// Boxed: a refusal carries the `Pending` in an `Err`, kept small.
+    entry: Option<Box<Entry>>,
     started: Instant,
-    /// Under `Expect: 100-continue`, the gate to give up once the response has been relayed.
-    expect: Option<Arc<request_body::ExpectGate>>,
+    status: u16,
+    result: &'static str,
+    peer: Option<IpAddr>,
 }
 
-/// Serves one request. Never fails: errors become responses.
-pub async fn handle(
-    shared: Arc<Shared>,
-    connection: Arc<HttpConnection>,
-    request: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    let client = &connection.client;
-    // Never the user info: it may hold a password.
-    let url = target::loggable(request.uri());
-    let mut pending = Pending {
-        entry: Entry {
-            started: SystemTime::now(),
-            elapsed: Default::default(),
-            client: client.client.ip(),
-            result: "TCP_MISS",
+impl Pending {
+    /// A request whose head arrived now.
+    fn new(shared: &Shared, client: &ClientConnection, method: &str, uri: Option<&Uri>) -> Self {
+        let entry = shared.access_log.is_enabled().then(|| {
+            Box::new(Entry {
+                started: SystemTime::now(),
+                elapsed: Default::default(),
+                client: client.client.ip(),
+                result: "TCP_MISS",
+                status: 0,
+                bytes: 0,
+                method: method.to_owned(),
+                // Never the user info: it may hold a password.
+                url: uri.map_or_else(|| "-".to_owned(), target::loggable),
+                user: None,
+                peer: None,
+                content_type: None,
+                transport: client.transport,
+                subflows: 1,
+            })
+        });
+        Self {
+            entry,
+            started: Instant::now(),
             status: 0,
-            bytes: 0,
-            method: request.method().to_string(),
-            url,
-            user: None,
+            result: "TCP_MISS",
             peer: None,
-            content_type: None,
-            transport: client.transport,
-            subflows: 1,
-        },
-        started: Instant::now(),
-        expect: None,
-    };
-    let result = serve(&shared, &connection, request, &mut pending).await;
-    let mut response = match result {
-        Ok(Served::Response(response)) => response,
-        Ok(Served::Tunnel(response)) => {
+        }
+    }
+
+    /// Records the response's `Content-Type` for the log.
+    fn content_type(&mut self, value: Option<&[u8]>) {
+        if let (Some(entry), Some(value)) = (&mut self.entry, value) {
+            entry.content_type = Some(String::from_utf8_lossy(value).into_owned());
+        }
+    }
+
+    /// Counts the response status (at its head).
+    fn respond(&mut self, shared: &Shared, status: u16) {
+        self.status = status;
+        shared
+            .metrics
+            .responses
+            .get_or_create(&CodeLabel { code: status })
+            .inc();
+    }
+
+    /// Writes the access-log line: `bytes` went to the client.
+    fn finish(self, shared: &Shared, client: &ClientConnection, bytes: u64) {
+        let elapsed = self.started.elapsed();
+        // A tunnel's life is no request duration.
+        if self.result != "TCP_TUNNEL" {
             shared
                 .metrics
-                .responses
-                .get_or_create(&CodeLabel { code: 200 })
-                .inc();
-            return Ok(response);
+                .request_duration
+                .observe(elapsed.as_secs_f64());
         }
-        Err(error) => {
-            tracing::debug!(client = %client.client, %error, "request refused");
-            pending.entry.result = error.result_code();
-            let mut response = text_response(error.status(), &error.public_message());
-            if let (ProxyError::AuthRequired, Some(credentials)) = (&error, &shared.credentials) {
-                if let Ok(value) = HeaderValue::from_str(&credentials.challenge()) {
-                    response
-                        .headers_mut()
-                        .insert(header::PROXY_AUTHENTICATE, value);
-                }
-            }
-            response
+        client.subflows();
+        if let Some(mut entry) = self.entry {
+            entry.elapsed = elapsed;
+            entry.status = self.status;
+            entry.result = self.result;
+            entry.bytes = bytes;
+            entry.peer = self.peer;
+            entry.subflows = client.max_subflows();
+            shared.access_log.log(*entry);
         }
-    };
-    pending.entry.status = response.status().as_u16();
-    shared
-        .metrics
-        .responses
-        .get_or_create(&CodeLabel {
-            code: pending.entry.status,
-        })
-        .inc();
-    pending.entry.content_type = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let head_bytes = head_len(&response);
-    let body = std::mem::replace(response.body_mut(), empty());
-    *response.body_mut() = LoggedBody {
-        inner: body,
-        limit: shared
-            .client_limiters
-            .as_ref()
-            .map(|(_, download)| (download.clone(), client.client.ip())),
-        held: None,
-        body_bytes: 0,
-        head_bytes,
-        pending: Some(pending),
-        shared: shared.clone(),
-        connection: connection.client.clone(),
     }
-    .boxed();
-    Ok(response)
+}
+
+/// What a request asks the proxy to do, checked and ready.
+pub(crate) enum Action {
+    /// Forward it: the head to send upstream is in the connection's output buffer.
+    Forward(Forward),
+    /// Open a tunnel to `host:port`.
+    Connect {
+        /// The host, without IPv6 brackets.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+    /// The proxy is the final recipient: the answer is in the output buffer.
+    Answer {
+        /// Its status.
+        status: u16,
+    },
+}
+
+/// A request to forward.
+pub(crate) struct Forward {
+    /// Where it goes.
+    pub target: Target,
+    /// How its body is delimited.
+    pub body: RequestBody,
+    /// `Expect: 100-continue`.
+    pub expect: bool,
+    /// A HEAD request (the response has no body).
+    pub head_method: bool,
+    /// Safe to send again on a new connection when a kept one closed under it (RFC 9110 §9.2.2).
+    pub idempotent: bool,
+    /// The client accepts trailer fields.
+    pub trailers: bool,
+}
+
+/// A request head, checked.
+pub(crate) struct Prepared {
+    pub pending: Pending,
+    /// The client speaks HTTP/1.1.
+    pub http11: bool,
+    /// The client wants the connection closed after this request.
+    pub close: bool,
+    /// The request has a body.
+    pub body: RequestBody,
+    pub action: Action,
+}
+
+/// A request refused before anything was sent on: the error to answer and its log line.
+pub(crate) struct Refused {
+    pub error: ProxyError,
+    pub pending: Pending,
+}
+
+/// Checks a request head (credentials, framing, `Host`, the target and the ACLs that need no lookup),
+/// and for a request to forward writes the head to send upstream into `out`. Synchronous: the head
+/// borrows the connection's read buffer.
+pub(crate) fn prepare(
+    shared: &Shared,
+    client: &ClientConnection,
+    head: &RequestHead<'_>,
+    out: &mut Vec<u8>,
+) -> Result<Prepared, Refused> {
+    let method = head.method;
+    let connect = method == "CONNECT";
+    // hyper answered 400 for request targets that are not a URI; so does the proxy.
+    let uri = head.target.parse::<Uri>();
+    let mut pending = Pending::new(shared, client, method, uri.as_ref().ok());
+    let fields = Fields(head.fields);
+    let checked = (|| {
+        if let Some(credentials) = &shared.credentials {
+            let user = credentials
+                .verify(fields.get("proxy-authorization"))
+                .ok_or(ProxyError::AuthRequired)?;
+            if let Some(entry) = &mut pending.entry {
+                entry.user = Some(user);
+            }
+        }
+        let body = headers::check_framing(fields, head.http11)?;
+        if !connect {
+            headers::check_host(fields, head.http11)?;
+        }
+        let uri = uri.map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
+        let options = fields.connection_options();
+        let close = if head.http11 {
+            options.close
+        } else {
+            options.close || !options.keep_alive
+        };
+        let max_forwards = final_recipient(head, &uri, fields, out)?;
+        let action = if let Some(status) = max_forwards.answer {
+            Action::Answer { status }
+        } else if connect {
+            let authority = uri
+                .authority()
+                .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
+            if authority.as_str().contains('@') {
+                return Err(ProxyError::BadRequest(
+                    "CONNECT takes host:port, without user info".into(),
+                ));
+            }
+            let (host, port) = target::host_and_port(authority, None)?;
+            shared.acl.check_connect_port(port)?;
+            Action::Connect { host, port }
+        } else {
+            let target = parse_target(&uri)?;
+            shared.acl.check_safe_port(target.port)?;
+            out.clear();
+            let origin_form = target
+                .origin_form
+                .path_and_query()
+                .map_or("/", |p| p.as_str());
+            wire::write_request_head(
+                out,
+                head,
+                &RequestRewrite {
+                    origin_form,
+                    host: &target.host_header,
+                    max_forwards: max_forwards.forward,
+                    te_trailers: headers::accepts_trailers(fields),
+                    body,
+                },
+            );
+            Action::Forward(Forward {
+                target,
+                body,
+                expect: body != RequestBody::None && headers::expects_continue(fields),
+                head_method: method == "HEAD",
+                idempotent: matches!(
+                    method,
+                    "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+                ),
+                trailers: headers::accepts_trailers(fields),
+            })
+        };
+        Ok((close, body, action))
+    })();
+    match checked {
+        Ok((close, body, action)) => Ok(Prepared {
+            pending,
+            http11: head.http11,
+            close,
+            body,
+            action,
+        }),
+        Err(error) => Err(Refused { error, pending }),
+    }
+}
+
+/// What `Max-Forwards` made of an OPTIONS or TRACE request.
+#[derive(Default)]
+struct FinalRecipient {
+    /// The proxy answered (the answer is in `out`) with this status.
+    answer: Option<u16>,
+    /// Forward with this `Max-Forwards`.
+    forward: Option<u64>,
 }
 
 /// OPTIONS and TRACE with `Max-Forwards: 0`, and `OPTIONS *`, are for the proxy itself (RFC 9110
-/// §7.6.2, §9.3.7): it answers as the final recipient. Other values of `Max-Forwards` are decremented.
-fn answer_as_final_recipient(
-    request: &mut Request<Incoming>,
-) -> Result<Option<Response<ProxyBody>>, ProxyError> {
-    let method = request.method();
-    if method != Method::OPTIONS && method != Method::TRACE {
-        return Ok(None);
+/// §7.6.2, §9.3.7): it answers as the final recipient, into `out`. Other values of `Max-Forwards`
+/// are decremented.
+fn final_recipient(
+    head: &RequestHead<'_>,
+    uri: &Uri,
+    fields: Fields<'_, '_>,
+    out: &mut Vec<u8>,
+) -> Result<FinalRecipient, ProxyError> {
+    let options = head.method == Method::OPTIONS.as_str();
+    if !options && head.method != Method::TRACE.as_str() {
+        return Ok(FinalRecipient::default());
     }
-    let asterisk = method == Method::OPTIONS && request.uri() == "*";
-    match headers::max_forwards(request.headers())? {
+    let asterisk = options && uri == "*";
+    match headers::max_forwards(fields)? {
         MaxForwards::Zero => {}
         MaxForwards::Absent if asterisk => {}
-        MaxForwards::Absent => return Ok(None),
+        MaxForwards::Absent => return Ok(FinalRecipient::default()),
         MaxForwards::Forward(left) => {
-            request
-                .headers_mut()
-                .insert(header::MAX_FORWARDS, HeaderValue::from(left));
-            return Ok(None);
+            return Ok(FinalRecipient {
+                answer: None,
+                forward: Some(left),
+            })
         }
     }
-    let mut response = if method == Method::OPTIONS {
-        let mut response = Response::new(error::empty());
-        response.headers_mut().insert(
-            header::ALLOW,
-            HeaderValue::from_static(
-                "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT",
-            ),
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    let body = if options {
+        wire::put_field(
+            out,
+            b"allow",
+            b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT",
         );
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-        response
+        Vec::new()
     } else {
         // The request as received, without fields that may hold secrets (RFC 9110 §9.3.8).
-        let mut echo = format!(
-            "{} {} {:?}\r\n",
-            request.method(),
-            request.uri(),
-            request.version()
-        );
-        for (name, value) in request.headers() {
-            if [
-                header::AUTHORIZATION,
-                header::PROXY_AUTHORIZATION,
-                header::COOKIE,
-            ]
-            .contains(name)
+        let version = if head.http11 { "HTTP/1.1" } else { "HTTP/1.0" };
+        let mut echo = format!("{} {} {version}\r\n", head.method, uri).into_bytes();
+        for field in head.fields {
+            if ["authorization", "proxy-authorization", "cookie"]
+                .iter()
+                .any(|secret| field.name.eq_ignore_ascii_case(secret))
             {
                 continue;
             }
-            echo.push_str(name.as_str());
-            echo.push_str(": ");
-            echo.push_str(&String::from_utf8_lossy(value.as_bytes()));
-            echo.push_str("\r\n");
+            echo.extend_from_slice(field.name.to_ascii_lowercase().as_bytes());
+            echo.extend_from_slice(b": ");
+            echo.extend_from_slice(field.value);
+            echo.extend_from_slice(b"\r\n");
         }
-        echo.push_str("\r\n");
-        let mut response = Response::new(error::full(echo));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("message/http"),
-        );
-        response
+        echo.extend_from_slice(b"\r\n");
+        wire::put_field(out, b"content-type", b"message/http");
+        echo
     };
-    add_via(response.headers_mut(), http::Version::HTTP_11);
-    Ok(Some(response))
-}
-
-pub(crate) enum Served {
-    Response(Response<ProxyBody>),
-    /// A CONNECT response; the tunnel task writes its log line.
-    Tunnel(Response<ProxyBody>),
-}
-
-async fn serve(
-    shared: &Arc<Shared>,
-    connection: &Arc<HttpConnection>,
-    mut request: Request<Incoming>,
-    pending: &mut Pending,
-) -> Result<Served, ProxyError> {
-    // First, so the scan result always pairs with its own request.
-    let head_problem = connection.client.take_head_problem();
-    if let Some(credentials) = &shared.credentials {
-        let header = request
-            .headers()
-            .get(header::PROXY_AUTHORIZATION)
-            .map(HeaderValue::as_bytes);
-        pending.entry.user = Some(credentials.verify(header).ok_or(ProxyError::AuthRequired)?);
-    }
-    match head_problem {
-        HeadProblem::None => {}
-        HeadProblem::AmbiguousFraming => {
-            return Err(ProxyError::BadRequest(
-                "both Content-Length and Transfer-Encoding (ambiguous framing)".into(),
-            ))
-        }
-        HeadProblem::TooLarge => return Err(ProxyError::HeadTooLarge),
-    }
-    check_framing(request.headers())?;
-    if request.method() != Method::CONNECT {
-        headers::check_host(request.headers(), request.version())?;
-    }
-    if let Some(answer) = answer_as_final_recipient(&mut request)? {
-        return Ok(Served::Response(answer));
-    }
-    if request.method() == Method::CONNECT {
-        return tunnel::connect(shared, connection, request, pending).await;
-    }
-    forward::forward(shared, connection, request, pending).await
+    out.extend_from_slice(b"content-length: ");
+    wire::put_decimal(out, body.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    date::with_date(|date| wire::put_field(out, b"date", date));
+    wire::put_field(out, b"via", wire::via_value(true));
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    Ok(FinalRecipient {
+        answer: Some(StatusCode::OK.as_u16()),
+        forward: None,
+    })
 }

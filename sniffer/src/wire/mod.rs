@@ -1,5 +1,5 @@
-//! Sans-IO wire formats: the MPTCP option (TCP option kind 30), a TCP options walker and minimal
-//! IPv4/IPv6/TCP header views used to find MPTCP options in captured packets.
+//! Sans-IO wire formats: the MPTCP option (TCP option kind 30), and the TCP segments of captured
+//! packets, read with the workspace's one IP/TCP parser and option walker ([`mptcp_wire`]).
 //!
 //! Every view follows the smoltcp pattern: `Packet::new_unchecked` wraps a buffer,
 //! `Packet::new_checked` is the only constructor for untrusted bytes, and `*Repr` structs
