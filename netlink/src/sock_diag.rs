@@ -177,7 +177,10 @@ pub fn listening_tcp_ports() -> Result<BTreeSet<u16>, NetlinkError> {
         })?;
     let mut ports = BTreeSet::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
-        let replies = socket.dump(tcp_dump_request(family as u8, tcp_states::LISTEN), operation)?;
+        let replies = socket.dump(
+            tcp_dump_request(family as u8, tcp_states::LISTEN),
+            operation,
+        )?;
         // struct inet_diag_msg: family, state, timer, retrans, then the sockid (sport first, big endian).
         ports.extend(
             replies
