@@ -21,6 +21,10 @@ with two paths. Proxies' CPU (user + system, all threads) comes from /proc/PID/s
       20000 and cannot be raised, as on the sandbox these numbers come from, 10000 do not fit)
   bench.py throttle   [--connections 500]             (e) seed 002 Figs. 6/7 per-path time series;
                                                      rule-install latency; cost of the nft rules
+  bench.py throttle-scale [--subflows 10000] [--runs 3]  (e') issue 15: 10,000 steered subflows from two
+                                                     client namespaces: rule-install latency p50/p99
+                                                     (exact), bulk download with them against none,
+                                                     memory per steered subflow, resync time
   bench.py fig9                                     (i) Fig. 9 with headless Chromium: a 720p video and a download
                                                      over 2 x 2 Mbit/s (+20 ms on one), coordinated routing at 60 s,
                                                      download stopped at 120 s: per-second CSV and plot
@@ -102,9 +106,9 @@ class Lab:
     """One testbed (three namespaces) with nginx, and the proxies under test in the proxy namespace."""
 
     def __init__(self, name, rates=(None, None), losses=(None, None), server_rate=None, delays=(None, None),
-                 clients=0, extra=()):
+                 clients=0, extra=(), second_client=False):
         self.prefix = f"b{os.getpid() % 100000}{name}"
-        args = [str(TESTBED), "up", self.prefix, *extra]
+        args = [str(TESTBED), "up", self.prefix, *extra] + (["--second-client"] if second_client else [])
         if clients:
             args += ["--clients", str(clients)]
         for i, delay in enumerate(delays, 1):
@@ -117,7 +121,7 @@ class Lab:
             if loss:
                 args += [f"--loss{i}", str(loss)]
         run(args, env={**os.environ, "TESTBED_DELAY": str(DELAY_BIN)})
-        self.ns = {h: f"{self.prefix}-{h}" for h in ("cli", "prx", "srv")}
+        self.ns = {h: f"{self.prefix}-{h}" for h in ("cli", "cl2", "prx", "srv")}
         self.ns.update({f"c{k}": f"{self.prefix}-c{k}" for k in range(1, clients + 1)})
         self.work = Path(tempfile.mkdtemp(prefix="mpx-bench-"))
         self.procs = []
@@ -901,6 +905,224 @@ def bench_throttle(connections=500, size_mb=200):
     return res
 
 
+# Holds N MPTCP connections to the proxy (CONNECT tunnels to nginx) from one client namespace; prints
+# "ready" once every tunnel is up, closes them all when stdin closes.
+HOLDING_CLIENT = r"""
+import resource, socket, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+n, host, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+socks = []
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    s.connect((host, port))
+    s.sendall(b"CONNECT 10.0.3.2:80 HTTP/1.1\r\nHost: 10.0.3.2:80\r\n\r\n")
+    socks.append(s)
+for s in socks:
+    if not s.recv(64).startswith(b"HTTP/1.1 200"):
+        sys.exit("tunnel refused")
+print("ready", flush=True)
+sys.stdin.read()
+for s in socks:
+    s.close()
+"""
+
+
+def scrape(lab, port=9464):
+    """The proxy's /metrics (classic text) as {name{labels}: value}."""
+    text = lab.exec("prx", "curl", "-s", f"http://127.0.0.1:{port}/metrics").stdout
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                values[key] = float(value)
+            except ValueError:
+                pass
+    return values
+
+
+def slab_bytes():
+    """Kernel slab memory (SUnreclaim) of the whole machine, bytes: shared with other sessions, noisy."""
+    text = Path("/proc/meminfo").read_text()
+    return int(re.search(r"SUnreclaim:\s+(\d+) kB", text).group(1)) * 1024
+
+
+def wait_metric(lab, name, at_least, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = scrape(lab).get(name, 0.0)
+        if value >= at_least:
+            return value
+        time.sleep(0.5)
+    raise RuntimeError(f"{name} stayed below {at_least} for {timeout} s")
+
+
+def live_subflows(lab, port):
+    """TCP subflows of client connections to the proxy's `port` in the proxy namespace."""
+    out = lab.exec("prx", "ss", "-tnH", "state", "established", f"( sport = :{port} )").stdout
+    return len(out.splitlines())
+
+
+def wait_steered(lab, port, target, timeout):
+    """Waits until the throttle steers `target` subflows, or every subflow the kernel has when a few
+    joins failed under the burst (the in-kernel PM does not retry them); returns (steered, live)."""
+    deadline, stable_since, last = time.time() + timeout, None, None
+    while time.time() < deadline:
+        steered = scrape(lab).get("mptcp_proxy_throttle_steered_subflows", 0.0)
+        live = live_subflows(lab, port)
+        if steered >= target:
+            return steered, live
+        if steered >= live >= 0.95 * target:
+            if (steered, live) == last and stable_since and time.time() - stable_since > 3:
+                return steered, live
+            if (steered, live) != last:
+                stable_since, last = time.time(), (steered, live)
+        time.sleep(0.5)
+    raise RuntimeError(f"steered {steered} of {target} subflows ({live} live) after {timeout} s")
+
+
+def bench_throttle_scale(subflows=10000, runs=3, size_mib=256):
+    """(e') issue 15 at ISP scale: SUBFLOWS steered subflows (SUBFLOWS/2 two-subflow MPTCP connections held
+    open from two client namespaces) against none, on one proxy whose policy steers every subflow; and a
+    second proxy without a throttle for the memory baseline. Interleaved runs, medians."""
+    res = Results("throttle-scale")
+    per_client = subflows // 4  # connections per client namespace, two subflows each
+    with Lab("ts", second_client=True) as lab:
+        # The second client: MPTCP limits, a subflow endpoint on its path 2 and source routing.
+        lab.exec("cl2", "ip", "mptcp", "limits", "set", "subflow", "2", "add_addr_accepted", "2")
+        lab.exec("cl2", "ip", "mptcp", "endpoint", "add", "10.0.5.2", "dev", "d2", "id", "2", "subflow")
+        lab.exec("cl2", "ip", "rule", "add", "from", "10.0.5.2", "table", "105")
+        lab.exec("cl2", "ip", "route", "add", "default", "via", "10.0.5.1", "dev", "d2", "table", "105")
+        lab.nginx({"big.bin": size_mib << 20})
+        classes = "".join(
+            f'[[throttle.classes]]\nname = "{name}"\ninterface = "{dev}"\nrate = "40gbit"\ndirection = "both"\n{scope}'
+            f'[[throttle.rules]]\nclass = "{name}"\nmatch = {{ interface = "{dev}" }}\n'
+            for name, dev, scope in (("path1", "p1", 'scope = "client"\n'), ("path2", "p2", ""),
+                                     ("c2path1", "p4", 'scope = "client"\n'), ("c2path2", "p5", "")))
+        common = (f'[access_log]\npath = "off"\n[limits]\nmax_connections = {min(subflows + 2000, 9800)}\n'
+                  f'max_connections_per_client = {subflows}\n[acl]\nconnect_ports = [80, 443]\n')
+        throttled = lab.work / "throttled.toml"
+        throttled.write_text(f'[[listener]]\naddress = "0.0.0.0:3128"\n[metrics]\naddress = "127.0.0.1:9464"\n{common}'
+                             f'[throttle]\nresync_interval = "15s"\n{classes}')
+        plain = lab.work / "plain.toml"
+        plain.write_text(f'[[listener]]\naddress = "0.0.0.0:3129"\n[metrics]\naddress = "127.0.0.1:9465"\n{common}')
+        proxies = {}
+        logs = {subject: Path(tempfile.gettempdir()) / f"bench-{STAMP}-{subject}.log" for subject in ("throttled", "plain")}
+        for subject, conf, port in (("throttled", throttled, 3128), ("plain", plain, 3129)):
+            wrapper = lab.spawn("prx", "prlimit", "--nofile=20000", str(PROXY_BIN), "--config", str(conf),
+                                stderr=open(logs[subject], "w"))
+            lab.wait_port("prx", "10.0.1.1", port)
+            proxies[subject] = (child_pid(wrapper.pid, "mptcp-proxy"), port)
+        url = "http://10.0.3.2/big.bin"
+
+        def hold(port):
+            clients = []
+            for ns, host in (("cli", "10.0.1.1"), ("cl2", "10.0.4.1")):
+                clients.append(lab.spawn(ns, sys.executable, "-c", HOLDING_CLIENT, str(per_client), host, str(port),
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            for client in clients:
+                line = client.stdout.readline().strip()
+                if line != "ready":
+                    raise RuntimeError(f"holding client failed ({line!r})")
+            return clients
+
+        def release(clients):
+            for client in clients:
+                client.stdin.close()
+                client.wait()
+
+        def download(label, n, port=3128):
+            size, sec = curl_fetch(lab, MPTCP, via_proxy(port), url)
+            if size != size_mib << 20:
+                raise RuntimeError(f"download delivered {size} bytes")
+            res.add("bulk-download", label, n, "throughput", size * 8 / sec, "bit/s")
+
+        steered_key = "mptcp_proxy_throttle_steered_subflows"
+        for n in range(1, runs + 1):
+            # None steered (the throttle runs; only the download's own subflows are steered).
+            download("none-steered", n)
+            download("plain-idle-none", n, 3129)
+            # SUBFLOWS steered: hold the connections, wait for every subflow's elements.
+            before = scrape(lab)
+            pid = proxies["throttled"][0]
+            rss0, slab0 = rss_and_fds(lab, pid)[0], slab_bytes()
+            started = time.time()
+            clients = hold(3128)
+            held = time.time() - started
+            try:
+                steered_count, live = wait_steered(lab, 3128, subflows, 180)
+            except RuntimeError:
+                print(f"proxy logs: {logs}; joins: " + " ".join(
+                    l for l in lab.exec("cli", "nstat", "-az").stdout.splitlines() if "Join" in l))
+                raise
+            steered_after = time.time() - started
+            res.add("hold", "throttled", n, "steered", steered_count, "1")
+            res.add("hold", "throttled", n, "live_subflows", live, "1")
+            time.sleep(2.0)
+            rss1, slab1 = rss_and_fds(lab, pid)[0], slab_bytes()
+            res.add("hold", "throttled", n, "connections_up", held, "s")
+            res.add("hold", "throttled", n, "all_steered", steered_after, "s")
+            res.add("memory", "throttled", n, "rss_delta", rss1 - rss0, "byte")
+            res.add("memory", "throttled", n, "slab_delta", slab1 - slab0, "byte")
+            download("steered", n)
+            # Periodic resyncs with every subflow live.
+            resync_sum, resync_count = ("mptcp_proxy_throttle_resync_duration_seconds_sum",
+                                        "mptcp_proxy_throttle_resync_duration_seconds_count")
+            at = scrape(lab)
+            wait_metric(lab, resync_count, at.get(resync_count, 0) + 1, 30)
+            after = scrape(lab)
+            res.add("resync", "throttled", n, "duration",
+                    (after[resync_sum] - at[resync_sum]) / (after[resync_count] - at[resync_count]), "s")
+            installs = after.get("mptcp_proxy_throttle_rule_install_duration_seconds_count", 0) - \
+                before.get("mptcp_proxy_throttle_rule_install_duration_seconds_count", 0)
+            res.add("rule-install", "throttled", n, "installs", installs, "1")
+            for p in ("50", "99"):
+                res.add("rule-install", "throttled", n, f"p{p}",
+                        after[f'mptcp_proxy_throttle_rule_install_recent_seconds{{percentile="{p}"}}'], "s")
+            release(clients)
+            wait_metric(lab, steered_key, 0, 60)
+            deadline = time.time() + 60
+            while scrape(lab).get(steered_key, 0) > 2 and time.time() < deadline:
+                time.sleep(0.5)
+            # The same connections to a proxy without a throttle: the memory baseline.
+            pid = proxies["plain"][0]
+            rss0, slab0 = rss_and_fds(lab, pid)[0], slab_bytes()
+            clients = hold(3129)
+            time.sleep(2.0 + max(0.0, steered_after - held))
+            rss1, slab1 = rss_and_fds(lab, pid)[0], slab_bytes()
+            res.add("memory", "plain", n, "rss_delta", rss1 - rss0, "byte")
+            res.add("memory", "plain", n, "slab_delta", slab1 - slab0, "byte")
+            download("plain-idle-held", n, 3129)
+            release(clients)
+            time.sleep(3.0)
+    res.save()
+    med = lambda scenario, subject, metric: res.median(scenario, subject, metric)
+    none, steered = med("bulk-download", "none-steered", "throughput"), med("bulk-download", "steered", "throughput")
+    print(f"\n(e') throttle at scale: {subflows} steered subflows ({per_client} two-subflow connections from each of "
+          f"2 client namespaces), median of {runs}")
+    print(f"rule install (event sent -> batch ack), exact, last {med('rule-install', 'throttled', 'installs'):.0f} installs: "
+          f"p50 {med('rule-install', 'throttled', 'p50') * 1e3:.3f} ms, p99 {med('rule-install', 'throttled', 'p99') * 1e3:.3f} ms")
+    print(f"connections up in {med('hold', 'throttled', 'connections_up'):.1f} s, "
+          f"{med('hold', 'throttled', 'steered'):.0f} subflows steered (of {med('hold', 'throttled', 'live_subflows'):.0f} "
+          f"live) after {med('hold', 'throttled', 'all_steered'):.1f} s")
+    plain_none = med("bulk-download", "plain-idle-none", "throughput")
+    plain_held = med("bulk-download", "plain-idle-held", "throughput")
+    print(f"bulk download {size_mib} MiB: {none / 1e9:.2f} Gbit/s with none steered, {steered / 1e9:.2f} Gbit/s with "
+          f"{subflows} steered ({steered / none:.3f}x)")
+    print(f"  the same connections held by a proxy without throttle: {plain_none / 1e9:.2f} -> {plain_held / 1e9:.2f} Gbit/s "
+          f"({plain_held / plain_none:.3f}x); steering's own share: {(steered / none) / (plain_held / plain_none):.3f}x")
+    # Memory from run 1 only: both processes are fresh there; later runs reuse the heap the first freed
+    # (their RSS deltas are near zero whatever the throttle holds).
+    first = lambda subject, metric: next(r["value"] for r in res.rows if r["scenario"] == "memory"
+                                         and r["subject"] == subject and r["run"] == 1 and r["metric"] == metric)
+    rss = (first("throttled", "rss_delta") - first("plain", "rss_delta")) / subflows
+    slab = (first("throttled", "slab_delta") - first("plain", "slab_delta")) / subflows
+    print(f"memory per steered subflow (run 1, fresh processes): {rss:.0f} B proxy RSS, {slab:.0f} B kernel slab "
+          f"(machine-wide, noisy)")
+    print(f"resync with {subflows} live subflows (dump, diff, apply): {med('resync', 'throttled', 'duration') * 1e3:.1f} ms")
+    return res
+
+
 def proc_cpu(pid):
     """utime + stime of a process (all its threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -1565,7 +1787,8 @@ def plot_cdf(res, metric):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=["throughput", "requests", "conversion", "aggregation", "concurrency",
-                                          "throttle", "mpip", "fig9", "detour", "all"])
+                                          "throttle", "throttle-scale", "mpip", "fig9", "detour", "all"])
+    parser.add_argument("--subflows", type=int, default=10000, help="throttle-scale: steered subflows")
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--runs", type=int, help="rounds (default 5 for throughput, 3 for the others)")
@@ -1620,6 +1843,8 @@ def main():
             bench_concurrency(a.tunnels, a.downloads)
         elif name == "throttle":
             bench_throttle(a.connections)
+        elif name == "throttle-scale":
+            bench_throttle_scale(a.subflows, a.runs or 3)
         elif name == "fig9":
             bench_fig9()
         elif name == "mpip" and a.clients:

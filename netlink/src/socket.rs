@@ -439,6 +439,29 @@ impl NetlinkSocket {
         }
     }
 
+    /// Sets both buffer sizes past `net.core.{r,w}mem_max` (`SO_SNDBUFFORCE`, `SO_RCVBUFFORCE`; needs
+    /// `CAP_NET_ADMIN`). An nftables batch must reach the kernel in one message, so a batch of tens of
+    /// thousands of set elements needs a send buffer of several MiB, as `nft` itself sets.
+    pub fn force_buffer_sizes(&self, bytes: usize) -> io::Result<()> {
+        let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        for option in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
+            // SAFETY: bytes is a valid c_int for the duration of the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    self.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    &bytes as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
     /// Joins a multicast group (generic netlink group ids included).
     pub fn add_membership(&self, group: u32) -> io::Result<()> {
         self.set_int_option(NETLINK_ADD_MEMBERSHIP, group as libc::c_int)
@@ -497,6 +520,18 @@ impl NetlinkSocket {
     /// Receives one datagram and splits it into messages.
     pub fn recv(&self) -> io::Result<Vec<Message>> {
         self.recv_with_flags(0)
+    }
+
+    /// Receives what is queued without waiting: the messages of every datagram already there.
+    pub fn recv_pending(&self) -> io::Result<Vec<Message>> {
+        let mut all = Vec::new();
+        loop {
+            match self.recv_with_flags(libc::MSG_DONTWAIT) {
+                Ok(messages) => all.extend(messages),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(all),
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn recv_with_flags(&self, flags: libc::c_int) -> io::Result<Vec<Message>> {

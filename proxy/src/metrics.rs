@@ -201,6 +201,8 @@ pub struct Metrics {
     pub throttle_change_failures: Counter,
     /// Refreshes tc statistics at scrape time, when the throttle runs.
     class_stats_source: Mutex<Option<StatsSource>>,
+    /// The throttle at scale: steered subflows, per-client classes, limits, resyncs (issue 15).
+    pub throttle_scale: crate::throttle::ScaleMetrics,
     /// Packets the sniffer's kernel filter passed.
     pub sniffer_packets: Counter,
     /// MPTCP options the sniffer decoded, by subtype.
@@ -410,6 +412,7 @@ impl Metrics {
             "Throttle changes the kernel refused",
             throttle_change_failures.clone(),
         );
+        let throttle_scale = crate::throttle::ScaleMetrics::register(throttle);
         let sniffer = proxy.sub_registry_with_prefix("sniffer");
         sniffer.register(
             "packets",
@@ -509,6 +512,7 @@ impl Metrics {
             rule_install_duration,
             throttle_change_failures,
             class_stats_source: Mutex::new(None),
+            throttle_scale,
             relayed_upload,
             relayed_download,
             connections,

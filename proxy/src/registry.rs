@@ -112,6 +112,17 @@ impl SubflowClasses {
         *self.classes.write().unwrap_or_else(|p| p.into_inner()) = classes;
     }
 
+    /// Records the class of one subflow (`None`: it has none any more).
+    pub fn set(&self, local: SocketAddr, remote: SocketAddr, class: Option<String>) {
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let key = (canonical(local), canonical(remote));
+        let mut classes = self.classes.write().unwrap_or_else(|p| p.into_inner());
+        match class {
+            Some(class) => classes.insert(key, class),
+            None => classes.remove(&key),
+        };
+    }
+
     /// The class of the subflow `local`↔`remote`, if the throttle placed it.
     pub fn class_of(&self, local: SocketAddr, remote: SocketAddr) -> Option<String> {
         let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());

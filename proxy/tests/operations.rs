@@ -150,9 +150,9 @@ fn sighup_applies_acl_and_class_rate_without_dropping_a_download() {
         lab.tb
             .exec(
                 lab.tb.proxy_ns(),
-                &["nft", "list", "table", "inet", "mptcp_proxy"],
+                &["nft", "list", "map", "inet", "mptcp_proxy", "download4"],
             )
-            .is_ok_and(|table| table.contains("priority set"))
+            .is_ok_and(|map| map.contains(": 4d50:"))
     });
 
     std::fs::write(

@@ -78,14 +78,15 @@ fn stop_and_assert_clean(lab: &Lab, proxy: &mut Background, when: &str) {
     assert_eq!(installed_state(lab), Vec::<String>::new(), "{when}");
 }
 
-/// Whether the throttle's nft table holds a classifying rule (`meta priority set`) for some subflow.
+/// Whether the throttle classifies some subflow: an element of its download map (the rules that look
+/// the map up are there from the start).
 fn subflow_rule_installed(lab: &Lab) -> bool {
     lab.tb
         .exec(
             lab.tb.proxy_ns(),
-            &["nft", "list", "table", "inet", "mptcp_proxy"],
+            &["nft", "list", "map", "inet", "mptcp_proxy", "download4"],
         )
-        .is_ok_and(|table| table.contains("priority set"))
+        .is_ok_and(|map| map.contains(": 4d50:"))
 }
 
 /// What the proxy's two paths carried during a transfer, from the first classified subflow to the end.
@@ -180,17 +181,53 @@ fn assert_path1_throttled_download(lab: &Lab, what: &str) {
     assert_path1_held(&split, what);
 }
 
+/// The root qdisc of `dev` in the proxy namespace: kind, handle and options as `tc -j` shows them.
+fn root_qdisc(lab: &Lab, dev: &str) -> String {
+    let shown = lab
+        .tb
+        .exec(
+            lab.tb.proxy_ns(),
+            &["tc", "-j", "qdisc", "show", "dev", dev],
+        )
+        .expect("tc");
+    let qdiscs: serde_json::Value = serde_json::from_str(&shown).expect("tc json");
+    qdiscs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|q| q["root"] == true)
+        .map(|q| format!("{} {} {}", q["kind"], q["handle"], q["options"]))
+        .unwrap_or_default()
+}
+
 #[test]
 fn throttled_path_carries_at_most_its_rate_and_the_host_is_left_clean() {
     let Some(lab) = Lab::new() else { return };
+    // The operator's own root qdisc on path 1 (a tuned tbf); path 2 has the kernel's default.
+    lab.tb
+        .exec(
+            lab.tb.proxy_ns(),
+            &[
+                "tc", "qdisc", "add", "dev", "p1", "root", "handle", "7:", "tbf", "rate", "10gbit",
+                "burst", "1mb", "latency", "50ms",
+            ],
+        )
+        .expect("operator qdisc");
+    let original = (root_qdisc(&lab, "p1"), root_qdisc(&lab, "p2"));
+    assert!(original.0.contains("tbf"), "{original:?}");
     let mut proxy = start_throttled(&lab);
     wait_for_installed(&lab);
 
     // Download: path 1 is held to 20 Mbit/s once the second subflow joins; MPTCP moves the rest to path 2.
     assert_path1_throttled_download(&lab, "download");
 
-    // SIGTERM: everything the proxy installed is gone.
+    // SIGTERM: everything the proxy installed is gone, and the root qdiscs it replaced are back.
     stop_and_assert_clean(&lab, &mut proxy, "left behind after SIGTERM");
+    assert_eq!(
+        (root_qdisc(&lab, "p1"), root_qdisc(&lab, "p2")),
+        original,
+        "root qdiscs after SIGTERM"
+    );
 
     // SIGKILL leaves state behind; the next start reconciles it, and its SIGTERM cleans up.
     let mut killed = start_throttled(&lab);
@@ -205,6 +242,11 @@ fn throttled_path_carries_at_most_its_rate_and_the_host_is_left_clean() {
     wait_for_installed(&lab);
     lab.curl_via_proxy(true, &["http://10.0.3.2/small.txt"]);
     stop_and_assert_clean(&lab, &mut restarted, "left behind after restart + SIGTERM");
+    assert_eq!(
+        (root_qdisc(&lab, "p1"), root_qdisc(&lab, "p2")),
+        original,
+        "root qdiscs after a crash, a restart and SIGTERM"
+    );
 }
 
 /// The quick form shapes downloads only (seed 002 throttles the download direction); a policy class

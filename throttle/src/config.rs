@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
@@ -71,6 +73,20 @@ impl ClassDirection {
     }
 }
 
+/// Who shares a class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassScope {
+    /// One class for every subflow the rules put in it: all subscribers share its rate. Default: the
+    /// seed's behaviour (§3.4 caps an interface).
+    #[default]
+    Shared,
+    /// A template: each subscriber (client address, or client prefix) gets its own class with this
+    /// rate, under a parent class named like the template. Created with the subscriber's first steered
+    /// subflow, removed after its last.
+    Client,
+}
+
 impl fmt::Display for Direction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -118,6 +134,30 @@ pub struct ThrottleConfig {
     /// 15-byte interface name limit).
     #[serde(default = "default_ifb_prefix")]
     pub ifb_prefix: String,
+    /// Most subflows steered at once (nft map elements, BPF map entries). Beyond it a subflow is not
+    /// steered, with a warning and a metric, until others close. Default 262144: 25 bytes of packet-path
+    /// state each in the kernel at most (allocated as used), far above 10,000 connections' worth.
+    #[serde(default = "default_max_steered_subflows")]
+    pub max_steered_subflows: u32,
+    /// How often the live subflows are read back from the kernel (sock_diag) and diffed, repairing what
+    /// lost events left wrong (`event_source = "kernel"` only). Also done at start and when the event
+    /// socket overflows. Default `60s`; `off` disables the periodic one.
+    #[serde(default = "default_resync_interval", deserialize_with = "de_interval")]
+    pub resync_interval: Option<Duration>,
+    /// Where the root qdiscs found at start are saved (one file per network namespace and table), so
+    /// that they are restored at exit, and by the next start after a crash. Default `/run/mptcp-proxy`
+    /// (a tmpfs: after a reboot nothing is stale).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// `SCHED_RR` priority (1..=99) of the throttle's two control threads, the kernel event listener
+    /// and the owner task (in the proxy); 0 = none, they run at nice -10 instead. Default 1, the lowest
+    /// real-time priority: under a burst of connections on a loaded machine the nice threads waited up
+    /// to 100 ms for a CPU (rule-install p99 17 to 100 ms at 10,000 subflows; 0.16 to 3.9 ms with
+    /// `SCHED_RR` 1, bench (e')). Their work is bounded by the event rate (tens of microseconds per
+    /// event), and the kernel's real-time throttling keeps 5% of each second for everything else.
+    /// Needs `CAP_SYS_NICE`; without it the nice fallback is used (logged at debug level).
+    #[serde(default = "default_realtime_priority")]
+    pub realtime_priority: u8,
     /// Shaping classes.
     #[serde(default)]
     pub classes: Vec<ClassConfig>,
@@ -141,6 +181,55 @@ fn default_ifb_prefix() -> String {
 fn default_min_subflows() -> u32 {
     2
 }
+fn default_max_steered_subflows() -> u32 {
+    1 << 18
+}
+fn default_resync_interval() -> Option<Duration> {
+    Some(Duration::from_secs(60))
+}
+fn default_realtime_priority() -> u8 {
+    1
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/run/mptcp-proxy")
+}
+fn default_max_clients() -> u32 {
+    4096
+}
+fn default_client_prefix4() -> u8 {
+    32
+}
+fn default_client_prefix6() -> u8 {
+    64
+}
+
+fn de_interval<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_interval(&text).map_err(serde::de::Error::custom)
+}
+
+/// Reads `500ms`, `30s`, `5m`, `1h`, or `off` / `0` (no periodic action).
+pub fn parse_interval(text: &str) -> Result<Option<Duration>, String> {
+    let text = text.trim();
+    if text == "off" || text == "0" {
+        return Ok(None);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 5m, off)"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(value),
+        "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value.saturating_mul(60)),
+        "h" => Duration::from_secs(value.saturating_mul(3600)),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Ok((!duration.is_zero()).then_some(duration))
+}
 
 impl Default for ThrottleConfig {
     fn default() -> Self {
@@ -151,6 +240,10 @@ impl Default for ThrottleConfig {
             nft_table: default_nft_table(),
             qdisc_major: default_qdisc_major(),
             ifb_prefix: default_ifb_prefix(),
+            max_steered_subflows: default_max_steered_subflows(),
+            resync_interval: default_resync_interval(),
+            state_dir: default_state_dir(),
+            realtime_priority: default_realtime_priority(),
             classes: Vec::new(),
             rules: Vec::new(),
         }
@@ -181,6 +274,41 @@ pub struct ClassConfig {
     /// Which directions the class shapes. Default `download`.
     #[serde(default)]
     pub direction: ClassDirection,
+    /// `shared` (default): one class for all; `client`: a class per subscriber with this rate.
+    #[serde(default)]
+    pub scope: ClassScope,
+    /// With `scope = "client"`: most subscribers with a class at once (per direction). Beyond it a
+    /// subscriber's subflows are not steered, with a warning and a metric, until a class frees. Default
+    /// 4096 (about 4 KiB of kernel memory each).
+    #[serde(default = "default_max_clients")]
+    pub max_clients: u32,
+    /// With `scope = "client"`: IPv4 clients in one prefix of this length are one subscriber. Default 32
+    /// (an address).
+    #[serde(default = "default_client_prefix4")]
+    pub client_prefix4: u8,
+    /// With `scope = "client"`: IPv6 clients in one prefix of this length are one subscriber. Default 64:
+    /// a device's privacy addresses share its /64, so they share its class.
+    #[serde(default = "default_client_prefix6")]
+    pub client_prefix6: u8,
+}
+
+impl ClassConfig {
+    /// A shared class with defaults for everything but name, interface and rate.
+    pub fn new(name: &str, interface: &str, rate: Rate) -> Self {
+        Self {
+            name: name.to_owned(),
+            interface: interface.to_owned(),
+            rate,
+            ceil: None,
+            burst: None,
+            priority: 0,
+            direction: ClassDirection::default(),
+            scope: ClassScope::default(),
+            max_clients: default_max_clients(),
+            client_prefix4: default_client_prefix4(),
+            client_prefix6: default_client_prefix6(),
+        }
+    }
 }
 
 /// Matching criteria; every criterion given must hold (absent = any).
@@ -338,15 +466,44 @@ pub enum PolicyViolation {
     /// Major 0 and 0xffff are reserved by the kernel (root/ingress).
     #[error("qdisc_major {0:#x} is reserved")]
     ReservedQdiscMajor(u16),
+    /// `max_clients` is 0 or more than the class ids a qdisc has for subscribers.
+    #[error("max_clients {0} is out of range 1..={max}", max = MAX_CLIENT_CLASSES)]
+    MaxClientsOutOfRange(u32),
+    /// A client prefix length is longer than the address.
+    #[error("{key} {value} is longer than the address ({max} bits)")]
+    ClientPrefixOutOfRange {
+        /// `client_prefix4` or `client_prefix6`.
+        key: &'static str,
+        /// The value given.
+        value: u8,
+        /// The address length in bits.
+        max: u8,
+    },
+    /// `max_steered_subflows` is 0.
+    #[error("max_steered_subflows must be at least 1")]
+    MaxSteeredSubflowsZero,
+    /// `realtime_priority` is above the kernel's `SCHED_RR` range.
+    #[error("realtime_priority {0} is out of range 0..=99 (0 = none)")]
+    RealtimePriorityOutOfRange(u8),
+    /// `state_dir` is not an absolute path.
+    #[error("state_dir {0:?} must be an absolute path")]
+    RelativeStateDir(PathBuf),
     /// The IFB prefix leaves no room for an interface index in 15 bytes.
     #[error("ifb_prefix {0:?} must be 1..=9 characters of [a-z0-9_-]")]
     InvalidIfbPrefix(String),
 }
 
-/// Classes get minor ids from [`FIRST_CLASS_MINOR`] upward.
-pub const MAX_CLASSES: usize = 0xfff0;
+/// Classes get minor ids from [`FIRST_CLASS_MINOR`] up to below [`FIRST_CLIENT_MINOR`].
+pub const MAX_CLASSES: usize = (FIRST_CLIENT_MINOR - FIRST_CLASS_MINOR) as usize;
 /// Minor id of the first class (`<major>:10`, like `tc` examples).
 pub const FIRST_CLASS_MINOR: u16 = 0x10;
+/// Per-subscriber classes (`scope = "client"`) get minor ids from here to [`LAST_CLIENT_MINOR`], shared
+/// by the templates on one interface and direction.
+pub const FIRST_CLIENT_MINOR: u16 = 0x1000;
+/// The last minor id for per-subscriber classes.
+pub const LAST_CLIENT_MINOR: u16 = 0xfffe;
+/// How many per-subscriber classes one qdisc can hold.
+pub const MAX_CLIENT_CLASSES: u32 = (LAST_CLIENT_MINOR - FIRST_CLIENT_MINOR + 1) as u32;
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -402,6 +559,24 @@ impl ThrottleConfig {
                 PolicyViolation::InvalidIfbPrefix(self.ifb_prefix.clone()),
             );
         }
+        if self.max_steered_subflows == 0 {
+            return invalid(
+                "throttle.max_steered_subflows".into(),
+                PolicyViolation::MaxSteeredSubflowsZero,
+            );
+        }
+        if self.realtime_priority > 99 {
+            return invalid(
+                "throttle.realtime_priority".into(),
+                PolicyViolation::RealtimePriorityOutOfRange(self.realtime_priority),
+            );
+        }
+        if !self.state_dir.is_absolute() {
+            return invalid(
+                "throttle.state_dir".into(),
+                PolicyViolation::RelativeStateDir(self.state_dir.clone()),
+            );
+        }
         if self.classes.len() > MAX_CLASSES {
             return invalid(
                 "throttle.classes".into(),
@@ -442,6 +617,23 @@ impl ThrottleConfig {
                     location,
                     PolicyViolation::PriorityOutOfRange(class.priority),
                 );
+            }
+            if class.max_clients == 0 || class.max_clients > MAX_CLIENT_CLASSES {
+                return invalid(
+                    location,
+                    PolicyViolation::MaxClientsOutOfRange(class.max_clients),
+                );
+            }
+            for (key, value, max) in [
+                ("client_prefix4", class.client_prefix4, 32),
+                ("client_prefix6", class.client_prefix6, 128),
+            ] {
+                if value > max {
+                    return invalid(
+                        location,
+                        PolicyViolation::ClientPrefixOutOfRange { key, value, max },
+                    );
+                }
             }
         }
         for (i, rule) in self.rules.iter().enumerate() {
@@ -507,6 +699,16 @@ impl ThrottleConfig {
             Some("event_source")
         } else if self.on_missing_privileges != new.on_missing_privileges {
             Some("on_missing_privileges")
+        } else if self.max_steered_subflows != new.max_steered_subflows {
+            // Sizes the upload classifier's BPF map, made once.
+            Some("max_steered_subflows")
+        } else if self.resync_interval != new.resync_interval {
+            Some("resync_interval")
+        } else if self.state_dir != new.state_dir {
+            Some("state_dir")
+        } else if self.realtime_priority != new.realtime_priority {
+            // The threads' scheduling is set when they start.
+            Some("realtime_priority")
         } else {
             None
         }
@@ -517,13 +719,8 @@ impl ThrottleConfig {
         for flag in flags {
             let name = format!("cli-{}", flag.interface);
             self.classes.push(ClassConfig {
-                name: name.clone(),
-                interface: flag.interface.clone(),
-                rate: flag.rate,
                 ceil: flag.ceil,
-                burst: None,
-                priority: 0,
-                direction: ClassDirection::Download,
+                ..ClassConfig::new(&name, &flag.interface, flag.rate)
             });
             self.rules.push(RuleConfig {
                 name: Some(name.clone()),

@@ -155,4 +155,7 @@ pub enum SubflowEvent {
         /// Where its request goes.
         destination: Destination,
     },
+    /// The event source lost events (the kernel's event socket overflowed, or a capture dropped
+    /// packets): the owner task rebuilds the live subflows from the kernel (a resync).
+    EventsLost,
 }

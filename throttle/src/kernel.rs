@@ -4,17 +4,23 @@
 //! Everything here is blocking (netlink requests answered within
 //! microseconds); [`crate::driver::run`] calls it from its owner task.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::{Direction, ThrottleConfig};
-use crate::core::{Change, ClassSpec, InterfaceSetup, SubflowRule};
+use crate::core::{Change, ClassSpec, InterfaceSetup, LiveSubflow, SubflowRule};
 use crate::event::FourTuple;
-use crate::nft::{self, RuleChain};
+use crate::nft::{self, Family, MapKind};
+use crate::restore::{self, SavedRoot};
 use crate::tc::{self, PschedClock};
+use crate::upload::{self, UploadClassifier};
+use mptcp_netlink::bpf::BpfError;
 use mptcp_netlink::mptcp_pm;
+use mptcp_netlink::nft_map;
+use mptcp_netlink::sock_diag::{self, tcp_states};
 use mptcp_netlink::{MessageBuilder, NetlinkError, NetlinkSocket};
 
 /// Why a kernel operation failed.
@@ -45,6 +51,10 @@ pub enum KernelError {
     /// The operation is not possible here (e.g. mixed address families).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The upload classifier (a BPF map and program) could not be set up or changed; uploads need
+    /// `CAP_BPF` (or `CAP_SYS_ADMIN`) and cls_bpf.
+    #[error("upload classifier: {0}")]
+    Bpf(#[from] BpfError),
 }
 
 /// Whether the calling thread has `CAP_NET_ADMIN` (bit 12 of `CapEff`).
@@ -172,6 +182,8 @@ pub struct StaleReport {
     pub ifb_devices: Vec<String>,
     /// Ingress redirect filters to those devices, by interface index.
     pub ingress_redirects: Vec<u32>,
+    /// Root qdiscs put back as they were before the throttle (interface and what was rebuilt).
+    pub restored_roots: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,13 +193,55 @@ struct UploadPath {
     created_ingress: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct UploadFilter {
-    ifb_index: u32,
-    prio: u16,
-    protocol: u16,
-    major: u16,
+/// What the maps hold for one steered subflow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Elements {
+    download: Option<u32>,
+    fwmark: Option<u32>,
+    ct_mark: Option<u32>,
 }
+
+impl Elements {
+    fn of(rule: &SubflowRule) -> Self {
+        Self {
+            download: rule.download.as_ref().map(|p| p.id.handle()),
+            fwmark: rule.fwmark,
+            ct_mark: rule.ct_mark,
+        }
+    }
+
+    fn get(self, kind: MapKind) -> Option<u32> {
+        match kind {
+            MapKind::Download => self.download,
+            MapKind::Fwmark => self.fwmark,
+            MapKind::CtMark => self.ct_mark,
+        }
+    }
+
+    fn is_empty(self) -> bool {
+        self == Self::default()
+    }
+}
+
+/// Element changes of one apply, per map: deletions go into the batch before additions (a changed
+/// subflow is deleted and added again), many elements per message.
+#[derive(Debug, Default)]
+struct Staged {
+    deletes: BTreeMap<(MapKind, Family), Vec<Vec<u8>>>,
+    adds: BTreeMap<(MapKind, Family), Vec<Entry>>,
+}
+
+/// A map element: key and value.
+type Entry = (Vec<u8>, [u8; 4]);
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.deletes.is_empty() && self.adds.is_empty()
+    }
+}
+
+/// Priority of the cls_bpf upload classifier on an IFB's HTB.
+const UPLOAD_FILTER_PRIO: u16 = 1;
 
 /// The kernel side of the throttle in the current network namespace.
 #[derive(Debug)]
@@ -199,10 +253,22 @@ pub struct KernelBackend {
     table: String,
     qdisc_major: u16,
     ifb_prefix: String,
+    max_steered_subflows: u32,
     uploads: BTreeMap<String, UploadPath>,
-    nft_handles: BTreeMap<FourTuple, Vec<(RuleChain, u64)>>,
-    upload_filters: BTreeMap<FourTuple, UploadFilter>,
-    used_prios: BTreeMap<u32, BTreeSet<u16>>,
+    /// The nft map elements installed, per subflow.
+    elements: BTreeMap<FourTuple, Elements>,
+    /// The upload classifier, loaded with the first upload interface.
+    classifier: Option<UploadClassifier>,
+    /// The upload class of each subflow in the classifier's map.
+    upload_classes: BTreeMap<FourTuple, u32>,
+    /// `NETLINK_SOCK_DIAG`, opened with the first resync.
+    diag: Option<NetlinkSocket>,
+    /// The six maps, built once.
+    maps: BTreeMap<(MapKind, Family), nft_map::SetSpec>,
+    /// The root qdisc trees replaced, by interface index (see [`crate::restore`]).
+    saved_roots: BTreeMap<u32, SavedRoot>,
+    /// Where they are kept across a crash.
+    state_path: PathBuf,
 }
 
 /// Filter priority of the ingress redirect; also marks it as ours.
@@ -233,10 +299,19 @@ impl KernelBackend {
             table: config.nft_table.clone(),
             qdisc_major: config.qdisc_major,
             ifb_prefix: config.ifb_prefix.clone(),
+            max_steered_subflows: config.max_steered_subflows,
             uploads: BTreeMap::new(),
-            nft_handles: BTreeMap::new(),
-            upload_filters: BTreeMap::new(),
-            used_prios: BTreeMap::new(),
+            elements: BTreeMap::new(),
+            classifier: None,
+            upload_classes: BTreeMap::new(),
+            diag: None,
+            maps: MapKind::ALL
+                .into_iter()
+                .flat_map(|kind| Family::ALL.map(|family| (kind, family)))
+                .map(|(kind, family)| ((kind, family), nft::map(&config.nft_table, kind, family)))
+                .collect(),
+            saved_roots: BTreeMap::new(),
+            state_path: restore::state_file(&config.state_dir, &config.nft_table),
         })
     }
 
@@ -245,10 +320,7 @@ impl KernelBackend {
     pub fn start(&mut self) -> Result<StaleReport, KernelError> {
         let report = self.sweep()?;
         self.send_nft(nft::reset_table_batch(&self.table), "reset table")?;
-        self.uploads.clear();
-        self.nft_handles.clear();
-        self.upload_filters.clear();
-        self.used_prios.clear();
+        self.forget();
         Ok(report)
     }
 
@@ -258,11 +330,43 @@ impl KernelBackend {
     pub fn shutdown(&mut self) -> Result<StaleReport, KernelError> {
         let report = self.sweep()?;
         self.send_nft(nft::delete_table_batch(&self.table), "delete table")?;
-        self.uploads.clear();
-        self.nft_handles.clear();
-        self.upload_filters.clear();
-        self.used_prios.clear();
+        self.forget();
         Ok(report)
+    }
+
+    fn forget(&mut self) {
+        self.uploads.clear();
+        self.elements.clear();
+        self.upload_classes.clear();
+        // The IFB devices (and their filters) are gone: dropping the classifier frees its map.
+        self.classifier = None;
+    }
+
+    /// Every MPTCP subflow of the namespace that carries data (TCP `ESTABLISHED` or `CLOSE_WAIT`), from
+    /// `sock_diag`: the snapshot a resync gives the core.
+    pub fn live_subflows(&mut self) -> Result<Vec<LiveSubflow>, KernelError> {
+        if self.diag.is_none() {
+            let socket =
+                NetlinkSocket::open(libc::NETLINK_SOCK_DIAG).map_err(KernelError::Socket)?;
+            socket
+                .set_recv_timeout(Duration::from_secs(5))
+                .map_err(KernelError::Socket)?;
+            self.diag = Some(socket);
+        }
+        let socket = self.diag.as_mut().expect("opened above");
+        let subflows = sock_diag::dump_mptcp_subflows(
+            socket,
+            tcp_states::ESTABLISHED | tcp_states::CLOSE_WAIT,
+        )?;
+        Ok(subflows
+            .iter()
+            .filter_map(crate::pm_events::live_subflow)
+            .collect())
+    }
+
+    /// How many subflows the nft maps classify now.
+    pub fn steered_subflows(&self) -> usize {
+        self.elements.len()
     }
 
     fn links(&mut self) -> Result<Vec<(u32, String)>, KernelError> {
@@ -300,8 +404,48 @@ impl KernelBackend {
         Ok(InterfaceTable { links, addresses })
     }
 
+    /// Writes the saved roots to the state file; a failure only costs the restore after a crash.
+    fn persist_saved_roots(&self) {
+        let saved: Vec<SavedRoot> = self.saved_roots.values().cloned().collect();
+        if let Err(error) = restore::write_state(&self.state_path, &saved) {
+            tracing::warn!(%error, path = %self.state_path.display(), "could not write the saved root qdiscs: a restart after a crash cannot restore them");
+        }
+    }
+
+    fn is_ours(&self, kind: &str, handle: u32) -> bool {
+        kind == "htb" && handle >> 16 == u32::from(self.qdisc_major)
+    }
+
+    /// Deletes the throttle's root on `ifindex`, rebuilding the tree saved for it if there is one.
+    fn remove_root(&mut self, ifindex: u32) -> Result<Option<String>, KernelError> {
+        match self.saved_roots.remove(&ifindex) {
+            Some(saved) => {
+                let problems = restore::restore(&mut self.route, &saved);
+                self.persist_saved_roots();
+                if !problems.is_empty() {
+                    tracing::warn!(interface = %saved.ifname, ?problems, "root qdisc not fully restored; the kernel default is there instead");
+                }
+                Ok(Some(format!("{} {}", saved.ifname, saved.describe())))
+            }
+            None => {
+                ignore_missing(
+                    self.route
+                        .request(tc::delete_root(ifindex), "delete htb root"),
+                )?;
+                Ok(None)
+            }
+        }
+    }
+
     fn sweep(&mut self) -> Result<StaleReport, KernelError> {
         let mut report = StaleReport::default();
+        // What an earlier run saved (after a crash) and what this run saved: this run's are current.
+        let links: BTreeMap<u32, String> = self.links()?.into_iter().collect();
+        for saved in restore::read_state(&self.state_path) {
+            if links.get(&saved.ifindex) == Some(&saved.ifname) {
+                self.saved_roots.entry(saved.ifindex).or_insert(saved);
+            }
+        }
         for (index, name) in self.links()? {
             let Some(rest) = name.strip_prefix(&self.ifb_prefix) else {
                 continue;
@@ -341,49 +485,131 @@ impl KernelBackend {
             .iter()
             .filter_map(|m| tc::parse_tc_object(&m.payload))
         {
-            if qdisc.parent == tc::TC_H_ROOT
-                && qdisc.kind == "htb"
-                && qdisc.handle >> 16 == u32::from(self.qdisc_major)
-            {
-                ignore_missing(
-                    self.route
-                        .request(tc::delete_root(qdisc.ifindex), "delete root qdisc"),
-                )?;
+            if qdisc.parent == tc::TC_H_ROOT && self.is_ours(&qdisc.kind, qdisc.handle) {
+                if let Some(restored) = self.remove_root(qdisc.ifindex)? {
+                    report.restored_roots.push(restored);
+                }
                 report.root_qdiscs.push(qdisc.ifindex);
             }
         }
+        // Saved trees whose interface no longer carries our root are stale (someone replaced it).
+        self.saved_roots.clear();
+        self.persist_saved_roots();
         Ok(report)
     }
 
-    fn send_nft(
-        &mut self,
-        batch: nftnl::Batch,
-        operation: &str,
-    ) -> Result<Vec<(String, u64, u32)>, KernelError> {
-        let (bytes, acked, _) = nft::finalize(batch);
-        self.nft.send(&bytes).map_err(KernelError::Socket)?;
-        let (others, errors) = self
-            .nft
-            .collect_batch_replies(&acked)
-            .map_err(KernelError::Socket)?;
-        if let Some((_, errno, message)) = errors.into_iter().next() {
-            return Err(KernelError::Nftables {
+    fn send_nft(&mut self, batch: nftnl::Batch, operation: &str) -> Result<(), KernelError> {
+        nft_map::send_batch_on(&self.nft, batch, operation).map_err(|e| match e {
+            NetlinkError::Kernel {
+                source, message, ..
+            } => KernelError::Nftables {
                 operation: operation.to_owned(),
-                source: std::io::Error::from_raw_os_error(-errno),
+                source,
                 message,
-            });
+            },
+            NetlinkError::Socket { source, .. } => KernelError::Socket(source),
+        })?;
+        Ok(())
+    }
+
+    /// Stages `tuple`'s change from `before`'s map values to `after`'s.
+    fn stage_elements(
+        &self,
+        staged: &mut Staged,
+        tuple: &FourTuple,
+        before: Option<Elements>,
+        after: Option<Elements>,
+    ) -> Result<(), KernelError> {
+        let family = Family::of(tuple).ok_or_else(|| {
+            KernelError::Unsupported(format!("mixed address families in {tuple}"))
+        })?;
+        for kind in MapKind::ALL {
+            let (old, new) = (
+                before.and_then(|e| e.get(kind)),
+                after.and_then(|e| e.get(kind)),
+            );
+            if old.is_none() && new.is_none() {
+                continue;
+            }
+            let key = nft::key(&self.maps[&(kind, family)], tuple);
+            if old.is_some() {
+                staged
+                    .deletes
+                    .entry((kind, family))
+                    .or_default()
+                    .push(key.clone());
+            }
+            if let Some(value) = new {
+                staged
+                    .adds
+                    .entry((kind, family))
+                    .or_default()
+                    .push((key, value.to_ne_bytes()));
+            }
         }
-        Ok(others
-            .iter()
-            .filter(|m| m.msg_type == nft::NFT_NEWRULE_MSG_TYPE)
-            .filter_map(|m| nft::parse_rule_echo(&m.payload).map(|(c, h)| (c, h, m.seq)))
-            .collect())
+        Ok(())
+    }
+
+    /// The batch of `staged`: every deletion, then every addition.
+    fn staged_batch(&self, staged: &Staged) -> nftnl::Batch {
+        let mut batch = nftnl::Batch::new();
+        for (map, keys) in &staged.deletes {
+            self.maps[map].delete_elements(&mut batch, keys.iter().map(Vec::as_slice));
+        }
+        for (map, entries) in &staged.adds {
+            self.maps[map].add_elements(
+                &mut batch,
+                entries
+                    .iter()
+                    .map(|(key, data)| (key.as_slice(), Some(&data[..]))),
+            );
+        }
+        batch
+    }
+
+    /// Replaces every map's elements with what `self.elements` holds, in one transaction: the repair
+    /// after a batch the kernel refused (the maps were changed by someone else, or a state slipped).
+    fn rebuild_maps(&mut self) -> Result<(), KernelError> {
+        let mut staged = Staged::default();
+        for (tuple, elements) in &self.elements {
+            let _ = self.stage_elements(&mut staged, tuple, None, Some(*elements));
+        }
+        let mut batch = nftnl::Batch::new();
+        for spec in self.maps.values() {
+            spec.flush(&mut batch);
+        }
+        for (map, entries) in &staged.adds {
+            self.maps[map].add_elements(
+                &mut batch,
+                entries
+                    .iter()
+                    .map(|(key, data)| (key.as_slice(), Some(&data[..]))),
+            );
+        }
+        self.send_nft(batch, "rebuild subflow maps")
     }
 
     fn add_interface(&mut self, setup: &InterfaceSetup) -> Result<(), KernelError> {
         let index = interface_index(&setup.interface)?;
         match setup.direction {
             Direction::Download => {
+                if !self.saved_roots.contains_key(&index) {
+                    let major = u32::from(self.qdisc_major);
+                    let saved = restore::capture(
+                        &mut self.route,
+                        index,
+                        &setup.interface,
+                        |kind, handle| kind == "htb" && handle >> 16 == major,
+                    )?;
+                    if let Some(saved) = saved {
+                        if saved.classes > 0 {
+                            tracing::warn!(interface = %setup.interface, root = %saved.describe(), classes = saved.classes, "the root qdisc being replaced has classes (and maybe filters): only its qdiscs are restored at exit");
+                        }
+                        tracing::info!(interface = %setup.interface, root = %saved.describe(), "saved the root qdisc; it is restored when the throttle exits");
+                        self.saved_roots.insert(index, saved);
+                        self.persist_saved_roots();
+                    }
+                }
                 self.route
                     .request(tc::htb_root(index, setup.qdisc_major), "add htb root")?;
             }
@@ -402,6 +628,20 @@ impl KernelBackend {
                 self.route.request(
                     tc::htb_root(ifb_index, setup.qdisc_major),
                     "add ifb htb root",
+                )?;
+                if self.classifier.is_none() {
+                    self.classifier = Some(UploadClassifier::new(self.max_steered_subflows)?);
+                }
+                let program = self.classifier.as_ref().expect("loaded above").program_fd();
+                self.route.request(
+                    tc::bpf_filter(
+                        ifb_index,
+                        u32::from(setup.qdisc_major) << 16,
+                        UPLOAD_FILTER_PRIO,
+                        program,
+                        upload::BPF_NAME,
+                    ),
+                    "add upload classifier",
                 )?;
                 let created_ingress = match self
                     .route
@@ -432,10 +672,7 @@ impl KernelBackend {
         match setup.direction {
             Direction::Download => {
                 let index = interface_index(&setup.interface)?;
-                ignore_missing(
-                    self.route
-                        .request(tc::delete_root(index), "delete htb root"),
-                )?;
+                self.remove_root(index)?;
             }
             Direction::Upload => {
                 if let Some(path) = self.uploads.remove(&setup.interface) {
@@ -458,9 +695,6 @@ impl KernelBackend {
                         self.route
                             .request(tc::delete_link(path.ifb_index), "delete ifb"),
                     )?;
-                    self.used_prios.remove(&path.ifb_index);
-                    self.upload_filters
-                        .retain(|_, f| f.ifb_index != path.ifb_index);
                 }
             }
         }
@@ -480,55 +714,34 @@ impl KernelBackend {
         }
     }
 
-    fn add_upload_filter(&mut self, rule: &SubflowRule) -> Result<(), KernelError> {
-        let Some(class) = &rule.upload else {
+    /// Points `tuple`'s upload packets at `classid` (or, with `None`, at no class) in the classifier's
+    /// map.
+    fn set_upload_class(
+        &mut self,
+        tuple: &FourTuple,
+        classid: Option<u32>,
+    ) -> Result<(), KernelError> {
+        let current = self.upload_classes.get(tuple).copied();
+        if current == classid {
             return Ok(());
-        };
-        let ifb_index = self
-            .uploads
-            .get(&class.interface)
-            .map(|p| p.ifb_index)
-            .ok_or_else(|| {
-                KernelError::UnknownInterface(format!("{} (upload ifb)", class.interface))
-            })?;
-        let (protocol, keys) = tc::upload_keys(&rule.tuple).ok_or_else(|| {
-            KernelError::Unsupported(format!("mixed address families in {}", rule.tuple))
+        }
+        let key = upload::key(tuple).ok_or_else(|| {
+            KernelError::Unsupported(format!("mixed address families in {tuple}"))
         })?;
-        let used = self.used_prios.entry(ifb_index).or_default();
-        let prio = (1..=u16::MAX)
-            .find(|p| !used.contains(p))
-            .ok_or_else(|| KernelError::Unsupported("no free filter priority on ifb".into()))?;
-        self.route.request(
-            tc::upload_filter(ifb_index, prio, protocol, &keys, class.id),
-            "add upload filter",
-        )?;
-        used.insert(prio);
-        self.upload_filters.insert(
-            rule.tuple,
-            UploadFilter {
-                ifb_index,
-                prio,
-                protocol,
-                major: class.id.major,
-            },
-        );
-        Ok(())
-    }
-
-    fn remove_upload_filter(&mut self, tuple: &FourTuple) -> Result<(), KernelError> {
-        if let Some(filter) = self.upload_filters.remove(tuple) {
-            if let Some(used) = self.used_prios.get_mut(&filter.ifb_index) {
-                used.remove(&filter.prio);
+        match classid {
+            Some(classid) => {
+                let classifier = self.classifier.as_ref().ok_or_else(|| {
+                    KernelError::Unsupported("no upload interface for an upload class".into())
+                })?;
+                classifier.set(&key, classid)?;
+                self.upload_classes.insert(*tuple, classid);
             }
-            ignore_missing(self.route.request(
-                tc::delete_filters(
-                    filter.ifb_index,
-                    u32::from(filter.major) << 16,
-                    filter.prio,
-                    filter.protocol,
-                ),
-                "delete upload filter",
-            ))?;
+            None => {
+                if let Some(classifier) = &self.classifier {
+                    classifier.remove(&key)?;
+                }
+                self.upload_classes.remove(tuple);
+            }
         }
         Ok(())
     }
@@ -562,26 +775,49 @@ impl KernelBackend {
         Ok(())
     }
 
-    /// Applies changes in order. tc and path-manager changes are sent one by
-    /// one; nftables rule changes go into a single batch sent last (one
-    /// transaction: all apply or none). Returns the changes that failed.
+    /// Applies changes in order. tc and path-manager changes are sent one by one; the subflows' map
+    /// elements go into a single nftables batch sent last (one transaction: all apply or none; if the
+    /// kernel refuses it, the maps are rebuilt from what this backend holds, in one more transaction),
+    /// then their upload classes go into the BPF map. Returns the changes that failed.
     pub fn apply(&mut self, changes: &[Change]) -> Vec<(Change, KernelError)> {
         let mut failed = Vec::new();
-        let mut batch = nftnl::Batch::new();
-        let mut batch_changes: Vec<Change> = Vec::new();
-        let mut pending_adds: Vec<(FourTuple, Vec<RuleChain>)> = Vec::new();
-        let mut pending_removes: Vec<(FourTuple, Vec<(RuleChain, u64)>)> = Vec::new();
+        let mut batch = Staged::default();
+        // Element changes staged in the batch: (change, tuple, before, after), already recorded in
+        // `self.elements`, undone if the batch fails for good.
+        let mut staged: Vec<(Change, FourTuple, Option<Elements>, Option<Elements>)> = Vec::new();
+        // Upload classes to set once the batch is in, for the changes of the batch or without one.
+        let mut uploads: Vec<(Change, FourTuple, Option<u32>)> = Vec::new();
         for change in changes {
             let result = match change {
                 Change::RemoveRule(rule) => {
-                    if let Some(handles) = self.nft_handles.remove(&rule.tuple) {
-                        for (chain, handle) in &handles {
-                            nft::delete_rule(&mut batch, &self.table, *chain, *handle);
+                    let before = self.elements.get(&rule.tuple).copied();
+                    match self.stage_elements(&mut batch, &rule.tuple, before, None) {
+                        Ok(()) => {
+                            if before.is_some() {
+                                self.elements.remove(&rule.tuple);
+                                staged.push((change.clone(), rule.tuple, before, None));
+                            }
+                            uploads.push((change.clone(), rule.tuple, None));
+                            Ok(())
                         }
-                        pending_removes.push((rule.tuple, handles));
-                        batch_changes.push(change.clone());
+                        Err(e) => Err(e),
                     }
-                    self.remove_upload_filter(&rule.tuple)
+                }
+                Change::AddRule { rule, .. } => {
+                    let after = Some(Elements::of(rule)).filter(|e| !e.is_empty());
+                    let before = self.elements.get(&rule.tuple).copied();
+                    match self.stage_elements(&mut batch, &rule.tuple, before, after) {
+                        Ok(()) => {
+                            if let Some(after) = after {
+                                self.elements.insert(rule.tuple, after);
+                                staged.push((change.clone(), rule.tuple, before, Some(after)));
+                            }
+                            let upload = rule.upload.as_ref().map(|p| p.id.handle());
+                            uploads.push((change.clone(), rule.tuple, upload));
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 Change::ClearBackup(request) => self.set_backup(request, false),
                 Change::SetBackup(request) => self.set_backup(request, true),
@@ -602,55 +838,41 @@ impl KernelBackend {
                             .map_err(KernelError::from)
                     })
                 }
-                Change::AddRule { rule, .. } => {
-                    let chains = nft::add_subflow_rules(&mut batch, &self.table, rule);
-                    if !chains.is_empty() {
-                        pending_adds.push((rule.tuple, chains));
-                        batch_changes.push(change.clone());
-                    }
-                    self.add_upload_filter(rule)
-                }
             };
             if let Err(e) = result {
                 failed.push((change.clone(), e));
             }
         }
-        if batch_changes.is_empty() {
-            return failed;
-        }
-        match self.send_nft(batch, "subflow rules") {
-            Ok(echoes) => {
-                // Echoes come in message order; hand them out in the order
-                // the rules were added.
-                let mut echoes = echoes.into_iter();
-                for (tuple, chains) in pending_adds {
-                    let mut handles = Vec::new();
-                    for chain in chains {
-                        if let Some((name, handle, _)) = echoes.next() {
-                            debug_assert_eq!(name, chain.name());
-                            handles.push((chain, handle));
-                        }
+        if !batch.is_empty() {
+            let batch = self.staged_batch(&batch);
+            if let Err(error) = self.send_nft(batch, "subflow map elements") {
+                tracing::warn!(%error, subflows = self.elements.len(), "nftables refused a batch; rebuilding the maps");
+                if let Err(rebuild) = self.rebuild_maps() {
+                    // Nothing of the batch applied: undo it here too, and report each change.
+                    for (_, tuple, before, _) in staged.iter().rev() {
+                        match before {
+                            Some(before) => self.elements.insert(*tuple, *before),
+                            None => self.elements.remove(tuple),
+                        };
                     }
-                    self.nft_handles.insert(tuple, handles);
+                    let message = format!("{error}; rebuilding the maps: {rebuild}");
+                    for (change, ..) in &staged {
+                        failed.push((
+                            change.clone(),
+                            KernelError::Nftables {
+                                operation: message.clone(),
+                                source: std::io::Error::other("batch aborted"),
+                                message: None,
+                            },
+                        ));
+                    }
+                    uploads.retain(|(change, ..)| !staged.iter().any(|(c, ..)| c == change));
                 }
             }
-            Err(e) => {
-                // The batch is one transaction: nothing was removed either.
-                self.nft_handles.extend(pending_removes);
-                let message = e.to_string();
-                for change in batch_changes {
-                    if let Change::AddRule { rule, .. } = &change {
-                        let _ = self.remove_upload_filter(&rule.tuple);
-                    }
-                    failed.push((
-                        change,
-                        KernelError::Nftables {
-                            operation: message.clone(),
-                            source: std::io::Error::other("batch aborted"),
-                            message: None,
-                        },
-                    ));
-                }
+        }
+        for (change, tuple, classid) in uploads {
+            if let Err(e) = self.set_upload_class(&tuple, classid) {
+                failed.push((change, e));
             }
         }
         failed

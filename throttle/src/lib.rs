@@ -26,19 +26,26 @@ pub mod metrics;
 pub mod nft;
 pub mod pm_events;
 pub mod rate;
+pub mod restore;
 pub mod stats;
+pub mod subscribers;
 pub mod tc;
+pub mod upload;
 pub mod userspace;
 
 pub use crate::config::{
-    ClassConfig, ClassDirection, Direction, EventSource, MissingPrivileges, PolicyError,
-    PolicyViolation, QuickThrottle, RuleConfig, SubflowMatch, SubflowRole, ThrottleConfig,
+    ClassConfig, ClassDirection, ClassScope, Direction, EventSource, MissingPrivileges,
+    PolicyError, PolicyViolation, QuickThrottle, RuleConfig, SubflowMatch, SubflowRole,
+    ThrottleConfig,
 };
-pub use crate::core::{Change, ClassId, DesiredState, ThrottleState};
+pub use crate::core::{
+    Change, ClassId, DesiredState, LiveSubflow, ResyncReport, ThrottleState, ThrottleStats,
+};
 pub use crate::driver::{
     event_channel, policy_channel, run, run_with_hooks, run_with_policy_updates,
-    spawn_kernel_events, start_event_source, EventSender, KernelEventListener, PolicyReceiver,
-    PolicySender, RunSummary, ThrottleError, ThrottleHooks,
+    spawn_kernel_events, spawn_kernel_events_with_buffer, spawn_kernel_events_with_options,
+    start_event_source, EventReceiver, EventSender, KernelEventListener, PolicyReceiver,
+    PolicySender, ResyncReason, RunSummary, StampedEvent, ThrottleError, ThrottleHooks,
 };
 pub use crate::event::{
     ConnectionSelector, ConnectionToken, Destination, FourTuple, InterfaceRef, SubflowEvent,

@@ -1,4 +1,4 @@
-//! Metrics hooks: a histogram of rule-install latency (event handled →
+//! Metrics hooks: a histogram of rule-install latency (event sent to the owner task →
 //! nftables batch acked), shareable between the owner task and an exporter.
 
 use std::sync::{Arc, Mutex};

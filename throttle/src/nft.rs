@@ -1,21 +1,26 @@
-//! nftables: the proxy's table, its chains and one rule per subflow, sent as
-//! netlink batches built with libnftnl.
+//! nftables: the proxy's table, its maps and the constant rules that look packets up in them, sent as
+//! netlink batches built with libnftnl and [`mptcp_netlink::nft_map`].
 //!
 //! Layout (family `inet`, table name from the policy, `mptcp_proxy` by default):
-//! - chain `postrouting` (filter, hook postrouting, priority 0): per subflow
-//!   `... meta priority set <major:minor>`, which HTB reads as the class id.
-//! - chain `output` (route, hook output, priority -150): per subflow
-//!   `... meta mark set <fwmark> ct mark set <ct_mark>`, so that `ip rule
-//!   fwmark` routing sees the mark (a route chain re-routes on mark change).
+//! - maps `download4` / `download6`: `proxy addr . client addr . proxy port . client port : classid`;
+//! - maps `fwmark4` / `fwmark6` and `ctmark4` / `ctmark6`: the same key `: mark`;
+//! - chain `postrouting` (filter, hook postrouting, priority 0): one rule per family,
+//!   `meta priority set ip saddr . ip daddr . tcp sport . tcp dport map @download4`, which HTB reads as
+//!   the class id;
+//! - chain `output` (route, hook output, priority -150): per family `meta mark set ... map @fwmark4`
+//!   and `ct mark set ... map @ctmark4`, so that `ip rule fwmark` routing sees the mark (a route chain
+//!   re-routes on mark change).
+//!
+//! Six rules whatever the number of subflows: a packet costs two comparisons, four loads and one hash
+//! lookup per rule. Subflows are map elements, added and removed in the same batches as before.
 
-use std::ffi::CString;
 use std::net::IpAddr;
 
 use mptcp_netlink::nft::{cstring, PayloadLoad, RegisterExpr};
-use nftnl::expr::{Cmp, CmpOp, Counter, Immediate, Register};
+use mptcp_netlink::nft_map::{Field, Lookup, PayloadLoadTo, SetSpec, NFT_REG32_00};
+use nftnl::expr::{Cmp, CmpOp, Counter};
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
 
-use crate::core::SubflowRule;
 use crate::event::FourTuple;
 
 pub use mptcp_netlink::nft::{finalize, parse_rule_echo, NFT_NEWRULE_MSG_TYPE};
@@ -24,6 +29,105 @@ pub use mptcp_netlink::nft::{finalize, parse_rule_echo, NFT_NEWRULE_MSG_TYPE};
 pub const CHAIN_POSTROUTING: &str = "postrouting";
 /// Name of the chain that sets marks.
 pub const CHAIN_OUTPUT: &str = "output";
+
+/// What a map sets on a subflow's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapKind {
+    /// `meta priority` (the HTB class of downloads).
+    Download,
+    /// `meta mark`.
+    Fwmark,
+    /// `ct mark`.
+    CtMark,
+}
+
+impl MapKind {
+    /// All kinds, in rule order.
+    pub const ALL: [MapKind; 3] = [MapKind::Download, MapKind::Fwmark, MapKind::CtMark];
+
+    fn base_name(self) -> &'static str {
+        match self {
+            MapKind::Download => "download",
+            MapKind::Fwmark => "fwmark",
+            MapKind::CtMark => "ctmark",
+        }
+    }
+}
+
+/// The IP version of a subflow (one map per version: keys have one length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// Both.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    /// The family of a subflow, `None` for mixed addresses.
+    pub fn of(tuple: &FourTuple) -> Option<Self> {
+        match (
+            tuple.local.ip().to_canonical(),
+            tuple.remote.ip().to_canonical(),
+        ) {
+            (IpAddr::V4(_), IpAddr::V4(_)) => Some(Family::V4),
+            (IpAddr::V6(_), IpAddr::V6(_)) => Some(Family::V6),
+            _ => None,
+        }
+    }
+}
+
+/// The map of `kind` for `family` in table `table`.
+pub fn map(table: &str, kind: MapKind, family: Family) -> SetSpec {
+    let addr = match family {
+        Family::V4 => Field::Ipv4Addr,
+        Family::V6 => Field::Ipv6Addr,
+    };
+    let index = MapKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .expect("listed")
+        * 2
+        + Family::ALL
+            .iter()
+            .position(|f| *f == family)
+            .expect("listed");
+    SetSpec {
+        table: table.to_owned(),
+        family: ProtoFamily::Inet,
+        name: format!(
+            "{}{}",
+            kind.base_name(),
+            if family == Family::V4 { 4 } else { 6 }
+        ),
+        key: vec![addr, addr, Field::InetService, Field::InetService],
+        data: Some(match kind {
+            MapKind::Download => Field::ClassId,
+            MapKind::Fwmark | MapKind::CtMark => Field::Mark,
+        }),
+        // The core keeps below max_steered_subflows; the kernel needs no limit of its own.
+        size: None,
+        id: 1 + index as u32,
+    }
+}
+
+/// The key of a subflow's packets to the client: proxy address, client address, proxy port, client
+/// port (as the packet has them: source first).
+pub fn key(spec: &SetSpec, tuple: &FourTuple) -> Vec<u8> {
+    let octets = |ip: IpAddr| match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    spec.key_bytes(&[
+        &octets(tuple.local.ip()),
+        &octets(tuple.remote.ip()),
+        &tuple.local.port().to_be_bytes(),
+        &tuple.remote.port().to_be_bytes(),
+    ])
+}
 
 /// The table object.
 pub fn table(name: &str) -> Table {
@@ -46,17 +150,76 @@ fn output_chain(table: &Table) -> Chain<'_> {
     chain
 }
 
-/// A batch that (re)creates the table empty with both chains: adding then
-/// deleting the table first makes it work whether or not a stale table from
-/// an earlier run exists.
+/// `meta nfproto <family> meta l4proto tcp`, then the four key fields into consecutive registers.
+fn add_key_loads(rule: &mut Rule, family: Family) {
+    let (nfproto, saddr, daddr, len) = match family {
+        Family::V4 => (libc::NFPROTO_IPV4 as u8, 12, 16, 4),
+        Family::V6 => (libc::NFPROTO_IPV6 as u8, 8, 24, 16),
+    };
+    rule.add_expr(&RegisterExpr::meta_load(libc::NFT_META_NFPROTO as u32));
+    rule.add_expr(&Cmp::new(CmpOp::Eq, nfproto));
+    rule.add_expr(&RegisterExpr::meta_load(libc::NFT_META_L4PROTO as u32));
+    rule.add_expr(&Cmp::new(CmpOp::Eq, libc::IPPROTO_TCP as u8));
+    let mut register = NFT_REG32_00;
+    for load in [
+        PayloadLoad::network(saddr, len),
+        PayloadLoad::network(daddr, len),
+        PayloadLoad::transport(0, 2),
+        PayloadLoad::transport(2, 2),
+    ] {
+        rule.add_expr(&PayloadLoadTo { load, register });
+        register += load.len.div_ceil(4);
+    }
+}
+
+fn map_rule<'a>(chain: &'a Chain<'a>, table_name: &str, kind: MapKind, family: Family) -> Rule<'a> {
+    let spec = map(table_name, kind, family);
+    let mut rule = Rule::new(chain);
+    add_key_loads(&mut rule, family);
+    rule.add_expr(&Lookup::map(&spec));
+    rule.add_expr(&Counter);
+    rule.add_expr(&match kind {
+        MapKind::Download => RegisterExpr::meta_set(libc::NFT_META_PRIORITY as u32),
+        MapKind::Fwmark => RegisterExpr::meta_set(libc::NFT_META_MARK as u32),
+        MapKind::CtMark => RegisterExpr::ct_set(libc::NFT_CT_MARK as u32),
+    });
+    let _ = rule.set_comment(cstring(&format!(
+        "mptcp-throttle: {} of steered subflows",
+        match kind {
+            MapKind::Download => "download class",
+            MapKind::Fwmark => "fwmark",
+            MapKind::CtMark => "ct mark",
+        }
+    )));
+    rule
+}
+
+/// A batch that (re)creates the table with its maps, chains and rules, and no subflows: adding then
+/// deleting the table first makes it work whether or not a stale table from an earlier run exists.
 pub fn reset_table_batch(name: &str) -> Batch {
     let table = table(name);
     let mut batch = Batch::new();
     batch.add(&table, MsgType::Add);
     batch.add(&table, MsgType::Del);
     batch.add(&table, MsgType::Add);
-    batch.add(&postrouting_chain(&table), MsgType::Add);
-    batch.add(&output_chain(&table), MsgType::Add);
+    for kind in MapKind::ALL {
+        for family in Family::ALL {
+            batch.add(&map(name, kind, family), MsgType::Add);
+        }
+    }
+    let postrouting = postrouting_chain(&table);
+    let output = output_chain(&table);
+    batch.add(&postrouting, MsgType::Add);
+    batch.add(&output, MsgType::Add);
+    for family in Family::ALL {
+        batch.add(
+            &map_rule(&postrouting, name, MapKind::Download, family),
+            MsgType::Add,
+        );
+        for kind in [MapKind::Fwmark, MapKind::CtMark] {
+            batch.add(&map_rule(&output, name, kind, family), MsgType::Add);
+        }
+    }
     batch
 }
 
@@ -65,113 +228,26 @@ pub fn delete_table_batch(name: &str) -> Batch {
     mptcp_netlink::nft::delete_table_batch(name, ProtoFamily::Inet)
 }
 
-fn add_tuple_match(rule: &mut Rule, tuple: &FourTuple) {
-    // Packets to the client: source is the proxy, destination the client.
-    let (nfproto, saddr_offset, daddr_offset, addr_len) = match tuple.local.ip() {
-        IpAddr::V4(_) => (libc::NFPROTO_IPV4 as u8, 12, 16, 4),
-        IpAddr::V6(_) => (libc::NFPROTO_IPV6 as u8, 8, 24, 16),
-    };
-    rule.add_expr(&RegisterExpr::meta_load(libc::NFT_META_NFPROTO as u32));
-    rule.add_expr(&Cmp::new(CmpOp::Eq, nfproto));
-    rule.add_expr(&RegisterExpr::meta_load(libc::NFT_META_L4PROTO as u32));
-    rule.add_expr(&Cmp::new(CmpOp::Eq, libc::IPPROTO_TCP as u8));
-    let addr_bytes = |ip: IpAddr| match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    };
-    for (offset, ip) in [
-        (saddr_offset, tuple.local.ip()),
-        (daddr_offset, tuple.remote.ip()),
-    ] {
-        rule.add_expr(&PayloadLoad::network(offset, addr_len));
-        let bytes = addr_bytes(ip);
-        rule.add_expr(&Cmp::new(CmpOp::Eq, &bytes[..]));
-    }
-    for (offset, port) in [(0, tuple.local.port()), (2, tuple.remote.port())] {
-        rule.add_expr(&PayloadLoad::transport(offset, 2));
-        let bytes = port.to_be_bytes();
-        rule.add_expr(&Cmp::new(CmpOp::Eq, &bytes[..]));
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn comment(subflow: &SubflowRule) -> CString {
-    let name = subflow.rule_name.as_deref().unwrap_or("");
-    cstring(&format!(
-        "mptcp-throttle token={} rule={}{}{}",
-        subflow.token,
-        subflow.rule_index,
-        if name.is_empty() { "" } else { " " },
-        name
-    ))
-}
-
-/// Which chain a rule went to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum RuleChain {
-    /// `postrouting` (priority).
-    Postrouting,
-    /// `output` (marks).
-    Output,
-}
-
-impl RuleChain {
-    /// The chain's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            RuleChain::Postrouting => CHAIN_POSTROUTING,
-            RuleChain::Output => CHAIN_OUTPUT,
-        }
+    #[test]
+    fn download_key_is_the_packet_to_the_client() {
+        let tuple = FourTuple {
+            local: "10.0.0.1:443".parse().unwrap(),
+            remote: "192.0.2.7:50000".parse().unwrap(),
+        };
+        let spec = map("t", MapKind::Download, Family::V4);
+        assert_eq!(spec.name, "download4");
+        assert_eq!(
+            key(&spec, &tuple),
+            [10, 0, 0, 1, 192, 0, 2, 7, 0x01, 0xbb, 0, 0, 0xc3, 0x50, 0, 0]
+        );
+        let ids: Vec<u32> = MapKind::ALL
+            .iter()
+            .flat_map(|k| Family::ALL.iter().map(|f| map("t", *k, *f).id))
+            .collect();
+        assert_eq!(ids, [1, 2, 3, 4, 5, 6], "distinct transaction ids");
     }
-}
-
-/// Adds the nft rules of a subflow to `batch`; returns the chains used, in
-/// the order of the messages added.
-pub fn add_subflow_rules(
-    batch: &mut Batch,
-    table_name: &str,
-    subflow: &SubflowRule,
-) -> Vec<RuleChain> {
-    let table = table(table_name);
-    let mut used = Vec::new();
-    if let Some(class) = &subflow.download {
-        let chain = postrouting_chain(&table);
-        let mut rule = Rule::new(&chain);
-        add_tuple_match(&mut rule, &subflow.tuple);
-        rule.add_expr(&Counter);
-        rule.add_expr(&Immediate::new(class.id.handle(), Register::Reg1));
-        rule.add_expr(&RegisterExpr::meta_set(libc::NFT_META_PRIORITY as u32));
-        let _ = rule.set_comment(comment(subflow));
-        batch.add(&rule, MsgType::Add);
-        used.push(RuleChain::Postrouting);
-    }
-    if subflow.fwmark.is_some() || subflow.ct_mark.is_some() {
-        let chain = output_chain(&table);
-        let mut rule = Rule::new(&chain);
-        add_tuple_match(&mut rule, &subflow.tuple);
-        rule.add_expr(&Counter);
-        if let Some(mark) = subflow.fwmark {
-            rule.add_expr(&Immediate::new(mark, Register::Reg1));
-            rule.add_expr(&RegisterExpr::meta_set(libc::NFT_META_MARK as u32));
-        }
-        if let Some(mark) = subflow.ct_mark {
-            rule.add_expr(&Immediate::new(mark, Register::Reg1));
-            rule.add_expr(&RegisterExpr::ct_set(libc::NFT_CT_MARK as u32));
-        }
-        let _ = rule.set_comment(comment(subflow));
-        batch.add(&rule, MsgType::Add);
-        used.push(RuleChain::Output);
-    }
-    used
-}
-
-/// Adds the deletion of rule `handle` in `chain` to `batch`.
-pub fn delete_rule(batch: &mut Batch, table_name: &str, chain: RuleChain, handle: u64) {
-    let table = table(table_name);
-    let chain = match chain {
-        RuleChain::Postrouting => postrouting_chain(&table),
-        RuleChain::Output => output_chain(&table),
-    };
-    let mut rule = Rule::new(&chain);
-    rule.set_handle(handle);
-    batch.add(&rule, MsgType::Del);
 }

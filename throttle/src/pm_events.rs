@@ -1,9 +1,46 @@
-//! The kernel's MPTCP path-manager events as the throttle sees them: [`decode_event`] turns a decoded
-//! `mptcp_pm` event of the shared netlink layer ([`mptcp_netlink::mptcp_pm`]) into a [`SubflowEvent`].
+//! The kernel's MPTCP state as the throttle sees it: [`decode_event`] turns a decoded `mptcp_pm` event
+//! of the shared netlink layer ([`mptcp_netlink::mptcp_pm`]) into a [`SubflowEvent`], and
+//! [`live_subflow`] a subflow listed by `sock_diag` ([`mptcp_netlink::sock_diag`]) into the core's
+//! resync snapshot entry.
+
+use std::net::SocketAddr;
 
 use mptcp_netlink::mptcp_pm::{self, PmEventKind};
+use mptcp_netlink::sock_diag::{subflow_flags, MptcpSubflowDiag};
 
+use crate::config::SubflowRole;
+use crate::core::LiveSubflow;
 use crate::event::{ConnectionToken, InterfaceRef, SubflowEvent, SubflowInfo};
+
+/// An address as events and snapshots both give it (IPv4-mapped IPv6 as IPv4), so tuples compare.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// A subflow `sock_diag` listed, as the core's snapshot entry; `None` without a token (a socket that
+/// fell back to TCP before its connection got one).
+pub fn live_subflow(diag: &MptcpSubflowDiag) -> Option<LiveSubflow> {
+    if diag.token_local == 0 {
+        return None;
+    }
+    let mut info = SubflowInfo::new(canonical(diag.local), canonical(diag.remote));
+    info.local_id = Some(diag.local_id);
+    info.remote_id = Some(diag.remote_id);
+    info.backup = diag.flags & (subflow_flags::BKUP_REM | subflow_flags::BKUP_LOC) != 0;
+    if diag.bound_interface != 0 {
+        info.interface.index = Some(diag.bound_interface);
+    }
+    let joined = diag.flags & (subflow_flags::JOIN_REM | subflow_flags::JOIN_LOC) != 0;
+    Some(LiveSubflow {
+        token: ConnectionToken(diag.token_local),
+        subflow: info,
+        role: if joined {
+            SubflowRole::Joined
+        } else {
+            SubflowRole::Initial
+        },
+    })
+}
 
 /// Decodes one `mptcp_pm` event message (generic header + attributes).
 /// Returns `None` for events the throttle does not use (listener events) and
@@ -12,7 +49,7 @@ pub fn decode_event(payload: &[u8]) -> Option<SubflowEvent> {
     let event = mptcp_pm::decode_event(payload)?;
     let token = ConnectionToken(event.token?);
     let subflow = || -> Option<SubflowInfo> {
-        let mut info = SubflowInfo::new(event.local()?, event.remote()?);
+        let mut info = SubflowInfo::new(canonical(event.local()?), canonical(event.remote()?));
         info.local_id = event.local_id;
         info.remote_id = event.remote_id;
         info.backup = event.backup;

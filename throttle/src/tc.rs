@@ -213,13 +213,11 @@ pub fn htb_opt(spec: &ClassSpec, clock: PschedClock) -> Vec<u8> {
 
 /// Creates or changes an HTB class on `ifindex`.
 pub fn htb_class(ifindex: u32, spec: &ClassSpec, clock: PschedClock) -> MessageBuilder {
+    let parent = spec
+        .parent
+        .map_or(u32::from(spec.id.major) << 16, |p| p.handle());
     let mut message = MessageBuilder::new(RTM_NEWTCLASS, NLM_F_CREATE)
-        .header(&tcmsg(
-            ifindex,
-            spec.id.handle(),
-            u32::from(spec.id.major) << 16,
-            0,
-        ))
+        .header(&tcmsg(ifindex, spec.id.handle(), parent, 0))
         .attr_str(TCA_KIND, "htb")
         .begin_nest(TCA_OPTIONS)
         .attr(TCA_HTB_PARMS, &htb_opt(spec, clock));
@@ -394,6 +392,36 @@ pub fn upload_filter(
         .begin_nest(TCA_OPTIONS)
         .attr_u32(TCA_U32_CLASSID, class.handle())
         .attr(TCA_U32_SEL, &u32_selector(keys))
+        .end_nest()
+}
+
+/// `TCA_BPF_CLASSID`, `TCA_BPF_FD`, `TCA_BPF_NAME`, `TCA_BPF_FLAGS` and `TCA_BPF_FLAG_ACT_DIRECT`
+/// (linux/pkt_cls.h).
+const TCA_BPF_CLASSID: u16 = 3;
+const TCA_BPF_FD: u16 = 6;
+const TCA_BPF_NAME: u16 = 7;
+const TCA_BPF_FLAGS: u16 = 8;
+const TCA_BPF_FLAG_ACT_DIRECT: u32 = 1;
+
+/// A cls_bpf filter in direct-action mode under `parent` on `ifindex`, running program `program_fd` on
+/// every packet (`tc filter add ... bpf da fd N classid MAJOR:`): the program sets the class and returns
+/// the action. `skb->tc_classid` holds only a minor (16 bits); the major comes from the filter's
+/// `classid`, here the parent qdisc's.
+pub fn bpf_filter(
+    ifindex: u32,
+    parent: u32,
+    prio: u16,
+    program_fd: i32,
+    name: &str,
+) -> MessageBuilder {
+    MessageBuilder::new(RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL)
+        .header(&tcmsg(ifindex, 0, parent, filter_info(prio, ETH_P_ALL)))
+        .attr_str(TCA_KIND, "bpf")
+        .begin_nest(TCA_OPTIONS)
+        .attr_u32(TCA_BPF_CLASSID, parent & 0xffff_0000)
+        .attr_u32(TCA_BPF_FD, program_fd as u32)
+        .attr_str(TCA_BPF_NAME, name)
+        .attr_u32(TCA_BPF_FLAGS, TCA_BPF_FLAG_ACT_DIRECT)
         .end_nest()
 }
 

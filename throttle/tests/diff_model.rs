@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use mptcp_throttle::core::{ClassKey, InterfaceSetup};
 use mptcp_throttle::{
-    Change, ConnectionToken, FourTuple, SubflowEvent, SubflowInfo, ThrottleConfig, ThrottleState,
+    Change, ConnectionToken, FourTuple, LiveSubflow, SubflowEvent, SubflowInfo, SubflowRole,
+    ThrottleConfig, ThrottleState,
 };
 use proptest::prelude::*;
 
@@ -21,6 +22,64 @@ enum Step {
     /// Poll, and let the kernel refuse the n-th change (modulo their number).
     PollFailing(u8),
     TogglePolicy,
+    /// The kernel closes a connection, and its event is lost.
+    LostClosed(u8),
+    /// A subflow joins in the kernel, and its event is lost.
+    LostJoined(u8, u8),
+    /// A subflow closes in the kernel, and its event is lost.
+    LostSubflowClosed(u8, u8),
+    /// The live subflows are read back from the kernel.
+    Resync,
+}
+
+/// What the kernel really has: connections and their subflows' roles.
+#[derive(Debug, Default)]
+struct Truth(BTreeMap<u8, BTreeMap<u8, SubflowRole>>);
+
+impl Truth {
+    fn apply(&mut self, step: &Step) {
+        match *step {
+            Step::Created(c, s) => {
+                self.0
+                    .entry(c)
+                    .or_default()
+                    .entry(s)
+                    .or_insert(SubflowRole::Initial);
+            }
+            Step::Joined(c, s) | Step::LostJoined(c, s) => {
+                self.0.entry(c).or_default().insert(s, SubflowRole::Joined);
+            }
+            Step::SubflowClosed(c, s) | Step::LostSubflowClosed(c, s) => {
+                if let Some(subflows) = self.0.get_mut(&c) {
+                    subflows.remove(&s);
+                }
+            }
+            Step::Closed(c) | Step::LostClosed(c) => {
+                self.0.remove(&c);
+            }
+            _ => {}
+        }
+    }
+
+    fn snapshot(&self) -> Vec<LiveSubflow> {
+        self.0
+            .iter()
+            .flat_map(|(c, subflows)| {
+                subflows.iter().map(|(s, role)| LiveSubflow {
+                    token: ConnectionToken((*c).into()),
+                    subflow: info(*c, *s),
+                    role: *role,
+                })
+            })
+            .collect()
+    }
+
+    fn tuples(&self) -> BTreeSet<FourTuple> {
+        self.snapshot()
+            .into_iter()
+            .map(|l| l.subflow.tuple)
+            .collect()
+    }
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -32,6 +91,10 @@ fn step() -> impl Strategy<Value = Step> {
         Just(Step::Poll),
         (0..8u8).prop_map(Step::PollFailing),
         Just(Step::TogglePolicy),
+        (0..3u8).prop_map(Step::LostClosed),
+        (0..3u8, 0..4u8).prop_map(|(c, s)| Step::LostJoined(c, s)),
+        (0..3u8, 0..4u8).prop_map(|(c, s)| Step::LostSubflowClosed(c, s)),
+        Just(Step::Resync),
     ]
 }
 
@@ -72,10 +135,24 @@ fn policy(variant: bool) -> ThrottleConfig {
         "#
     } else {
         r#"
+        max_steered_subflows = 5
         [[classes]]
         name = "b"
         interface = "eth2"
         rate = "7mbit"
+        scope = "client"
+        max_clients = 2
+        direction = "both"
+        [[classes]]
+        name = "c"
+        interface = "eth1"
+        rate = "3mbit"
+        scope = "client"
+        max_clients = 3
+        [[rules]]
+        class = "c"
+        min_subflows = 1
+        match = { interface = "eth1" }
         [[rules]]
         class = "b"
         match = { interface = "eth2" }
@@ -118,10 +195,30 @@ impl Model {
                 // The kernel refuses a class without its qdisc.
                 return Ok(false);
             }
+            Change::AddClass(c) | Change::UpdateClass(c)
+                if c.parent.is_some_and(|p| {
+                    !self
+                        .classes
+                        .contains_key(&(c.interface.clone(), c.direction, p))
+                }) =>
+            {
+                // The kernel refuses a class whose parent is not there.
+                return Ok(false);
+            }
             Change::AddClass(c) => {
                 if self.classes.insert(c.key(), c.clone()).is_some() {
                     return Err(format!("class added twice: {c:?}"));
                 }
+            }
+            Change::RemoveClass(c)
+                if self.classes.values().any(|child| {
+                    child.parent == Some(c.id)
+                        && child.interface == c.interface
+                        && child.direction == c.direction
+                }) =>
+            {
+                // The kernel refuses to delete a class with children.
+                return Ok(false);
             }
             Change::UpdateClass(c) => {
                 if self.classes.insert(c.key(), c.clone()).is_none() {
@@ -149,9 +246,14 @@ impl Model {
     }
 }
 
-fn handle(state: &mut ThrottleState, step: &Step, variant: &mut bool) {
+fn handle(state: &mut ThrottleState, truth: &mut Truth, step: &Step, variant: &mut bool) {
     let now = Instant::now();
+    truth.apply(step);
     match *step {
+        Step::LostClosed(_) | Step::LostJoined(..) | Step::LostSubflowClosed(..) => {}
+        Step::Resync => {
+            state.resync(now, truth.snapshot());
+        }
         Step::Created(c, s) => state.handle_event(
             now,
             SubflowEvent::ConnectionCreated {
@@ -187,47 +289,88 @@ fn handle(state: &mut ThrottleState, step: &Step, variant: &mut bool) {
     }
 }
 
+/// After a clean poll the kernel holds what a full recomputation wants: exactly that while no limit
+/// leaves a subflow waiting (who wins a contended class or place may differ, not how many), and a second
+/// poll has nothing to do.
+fn check_converged(state: &mut ThrottleState, model: &Model) -> Result<(), TestCaseError> {
+    let desired = state.desired_state();
+    prop_assert_eq!(&model.interfaces, &desired.interfaces);
+    if state.waiting_connections() == 0 {
+        prop_assert_eq!(&model.classes, &desired.classes);
+        prop_assert_eq!(&model.rules, &desired.rules);
+    } else {
+        prop_assert_eq!(model.classes.len(), desired.classes.len());
+        prop_assert_eq!(model.rules.len(), desired.rules.len());
+        let placements = |rules: &BTreeMap<FourTuple, mptcp_throttle::core::SubflowRule>| {
+            rules
+                .values()
+                .map(|r| usize::from(r.download.is_some()) + usize::from(r.upload.is_some()))
+                .sum::<usize>()
+        };
+        prop_assert_eq!(placements(&model.rules), placements(&desired.rules));
+    }
+    prop_assert!(state.poll_changes().is_empty());
+    Ok(())
+}
+
 proptest! {
     #[test]
     fn polls_take_the_kernel_to_the_desired_state(steps in proptest::collection::vec(step(), 1..80)) {
         let mut variant = true;
         let mut state = ThrottleState::new(policy(variant));
         let mut model = Model::default();
+        let mut truth = Truth::default();
         for step in steps {
-            handle(&mut state, &step, &mut variant);
+            handle(&mut state, &mut truth, &step, &mut variant);
             let failing = match step {
                 Step::PollFailing(n) => Some(usize::from(n)),
-                Step::Poll | Step::TogglePolicy => None,
+                Step::Poll | Step::TogglePolicy | Step::Resync => None,
                 _ => continue,
             };
             let changes = state.poll_changes();
             let failing = failing.filter(|_| !changes.is_empty()).map(|n| n % changes.len());
+            // A subflow's rule changes go in one nft batch: removing the old and adding the new fail
+            // together.
+            let failed_tuple = failing.and_then(|i| match &changes[i] {
+                Change::AddRule { rule, .. } | Change::RemoveRule(rule) => Some(rule.tuple),
+                _ => None,
+            });
+            let mut refused = false;
             for (i, change) in changes.iter().enumerate() {
-                let applied = Some(i) != failing && model.apply(change).map_err(TestCaseError::fail)?;
+                let injected = Some(i) == failing
+                    || matches!(change, Change::AddRule { rule, .. } | Change::RemoveRule(rule)
+                        if Some(rule.tuple) == failed_tuple);
+                let applied = !injected && model.apply(change).map_err(TestCaseError::fail)?;
+                refused |= !injected && !applied;
                 if !applied {
                     state.change_failed(change);
                 }
+            }
+            if failing.is_none() {
+                prop_assert!(!refused, "the kernel refused a change of a clean poll: {changes:?}");
             }
             // What the state believes is installed is what is.
             prop_assert_eq!(&model.interfaces, &state.installed().interfaces);
             prop_assert_eq!(&model.classes, &state.installed().classes);
             prop_assert_eq!(&model.rules, &state.installed().rules);
             if failing.is_none() {
-                // Without refusals the kernel now holds exactly the desired state.
-                let desired = state.desired_state();
-                prop_assert_eq!(&model.interfaces, &desired.interfaces);
-                prop_assert_eq!(&model.classes, &desired.classes);
-                prop_assert_eq!(&model.rules, &desired.rules);
-                prop_assert!(state.poll_changes().is_empty());
+                check_converged(&mut state, &model)?;
+            }
+            if matches!(step, Step::Resync) {
+                // After a resync only subflows the kernel has keep rules, and the table is the kernel's.
+                let live = truth.tuples();
+                prop_assert!(model.rules.keys().all(|t| live.contains(t)), "{:?} vs {:?}", model.rules.keys(), live);
+                prop_assert_eq!(state.live_subflow_count(), live.len());
+                prop_assert_eq!(
+                    state.connection_count(),
+                    truth.0.values().filter(|s| !s.is_empty()).count()
+                );
             }
         }
         // A final clean poll converges whatever was refused.
         for change in state.poll_changes() {
             prop_assert!(model.apply(&change).map_err(TestCaseError::fail)?);
         }
-        let desired = state.desired_state();
-        prop_assert_eq!(&model.interfaces, &desired.interfaces);
-        prop_assert_eq!(&model.classes, &desired.classes);
-        prop_assert_eq!(&model.rules, &desired.rules);
+        check_converged(&mut state, &model)?;
     }
 }

@@ -315,3 +315,40 @@ fn missing_privileges_is_a_typed_error_or_unthrottled_run() {
     );
     assert!(!unthrottled.unwrap().throttled);
 }
+
+/// The control threads run as `SCHED_RR` at `realtime_priority` where the kernel allows it (root), and
+/// at nice -10 with 0.
+#[test]
+fn control_threads_get_their_scheduling() {
+    let observe = |realtime_priority: u8| {
+        std::thread::spawn(move || {
+            mptcp_throttle::driver::set_control_thread_scheduling(realtime_priority);
+            // SAFETY: both query the calling thread only.
+            unsafe {
+                let mut param = libc::sched_param { sched_priority: 0 };
+                libc::sched_getparam(0, &mut param);
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                (
+                    libc::sched_getscheduler(0),
+                    param.sched_priority,
+                    libc::getpriority(libc::PRIO_PROCESS, tid),
+                )
+            }
+        })
+        .join()
+        .unwrap()
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let (policy, priority, _) = observe(2);
+    if root {
+        assert_eq!((policy, priority), (libc::SCHED_RR, 2));
+    } else {
+        assert_eq!(policy, libc::SCHED_OTHER, "refused: the nice fallback");
+    }
+    let (policy, _, nice) = observe(0);
+    assert_eq!(policy, libc::SCHED_OTHER);
+    if root {
+        assert_eq!(nice, -10);
+    }
+}

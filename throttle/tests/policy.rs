@@ -107,4 +107,5 @@ fn empty_table_gets_documented_defaults() {
     assert_eq!(config.nft_table, "mptcp_proxy");
     assert_eq!(config.qdisc_major, 0x4d50);
     assert_eq!(config.ifb_prefix, "mpifb");
+    assert_eq!(config.realtime_priority, 1);
 }

@@ -1,8 +1,12 @@
 //! Test helpers: privileged-test gate and throwaway network namespaces.
 #![allow(dead_code)]
 
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Whether privileged tests can run. Without root: skip with a message,
@@ -115,6 +119,22 @@ impl Netns {
             .collect()
     }
 
+    /// Elements of map `<map>` in table `inet <table>`, as nft's JSON gives them
+    /// (`[{"concat": [...]}, value]`).
+    pub fn nft_map(&self, table: &str, map: &str) -> Vec<serde_json::Value> {
+        let listed: serde_json::Value =
+            serde_json::from_str(&self.exec("nft", &["-j", "list", "map", "inet", table, map]))
+                .unwrap();
+        listed["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|item| item.get("map"))
+            .and_then(|m| m.get("elem"))
+            .and_then(|e| e.as_array().cloned())
+            .unwrap_or_default()
+    }
+
     /// Whether table `inet <table>` exists.
     pub fn has_table(&self, table: &str) -> bool {
         self.nft_ruleset()["nftables"]
@@ -204,4 +224,87 @@ impl HtbClass {
             sent_bytes: after("Sent").parse().unwrap_or(0),
         }
     }
+}
+
+/// Proxy namespace (a0 10.80.0.1, a1 10.81.0.1) and client namespace
+/// (b0 10.80.0.2, b1 10.81.0.2). The proxy announces 10.81.0.1 (ADD_ADDR),
+/// so an MPTCP client joins a second subflow over a1/b1.
+pub fn two_paths() -> (Netns, Netns) {
+    let proxy = Netns::new("proxy");
+    let client = Netns::new("client");
+    for (a, b, net) in [("a0", "b0", "10.80.0"), ("a1", "b1", "10.81.0")] {
+        proxy.ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
+        proxy.ip(&["link", "set", b, "netns", &client.name]);
+        proxy.ip(&["addr", "add", &format!("{net}.1/24"), "dev", a]);
+        client.ip(&["addr", "add", &format!("{net}.2/24"), "dev", b]);
+        proxy.ip(&["link", "set", a, "up"]);
+        client.ip(&["link", "set", b, "up"]);
+    }
+    for ns in [&proxy, &client] {
+        ns.exec("sysctl", &["-q", "-w", "net.mptcp.enabled=1"]);
+        ns.ip(&[
+            "mptcp",
+            "limits",
+            "set",
+            "subflows",
+            "2",
+            "add_addr_accepted",
+            "2",
+        ]);
+    }
+    proxy.ip(&[
+        "mptcp",
+        "endpoint",
+        "add",
+        "10.81.0.1",
+        "dev",
+        "a1",
+        "signal",
+    ]);
+    (proxy, client)
+}
+
+pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn listener(addr: &str, mptcp: bool) -> TcpListener {
+    let protocol = if mptcp {
+        Protocol::MPTCP
+    } else {
+        Protocol::TCP
+    };
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(protocol)).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket
+        .bind(&addr.parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(8).unwrap();
+    socket.into()
+}
+
+pub fn connect(addr: &str, mptcp: bool) -> TcpStream {
+    let protocol = if mptcp {
+        Protocol::MPTCP
+    } else {
+        Protocol::TCP
+    };
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(protocol)).unwrap();
+    socket
+        .connect(&addr.parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.into()
+}
+
+pub fn enter_netns(name: &str) {
+    let file = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+    // SAFETY: valid netns descriptor; affects this thread only.
+    assert_eq!(
+        unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) },
+        0
+    );
 }
