@@ -217,10 +217,12 @@ pub fn set_control_thread_scheduling(realtime_priority: u8) {
         if unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) } == 0 {
             return;
         }
-        tracing::debug!(
+        tracing::warn!(
             error = %std::io::Error::last_os_error(),
             realtime_priority,
-            "could not make the thread SCHED_RR; it runs at nice {CONTROL_NICE}"
+            "could not make the throttle's thread SCHED_RR (needs CAP_SYS_NICE and a real-time budget; \
+             throttle.realtime_priority = 0 turns it off); it runs at nice {CONTROL_NICE}, rule installs \
+             may wait for a CPU"
         );
     }
     raise_thread_priority(CONTROL_NICE);

@@ -340,11 +340,23 @@ fn control_threads_get_their_scheduling() {
     };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let (policy, priority, _) = observe(2);
-    if root {
+    // Root may still be refused real-time scheduling (a container or cgroup without a real-time
+    // budget): ask the kernel on a scratch thread what this host allows.
+    let realtime_allowed = std::thread::spawn(|| {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: changes the scratch thread only, with a valid parameter.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) == 0 }
+    })
+    .join()
+    .unwrap();
+    let (policy, priority, nice) = observe(2);
+    if realtime_allowed {
         assert_eq!((policy, priority), (libc::SCHED_RR, 2));
     } else {
         assert_eq!(policy, libc::SCHED_OTHER, "refused: the nice fallback");
+        if root {
+            assert_eq!(nice, -10, "the fallback when real-time is refused");
+        }
     }
     let (policy, _, nice) = observe(0);
     assert_eq!(policy, libc::SCHED_OTHER);
