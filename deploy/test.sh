@@ -12,8 +12,12 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # Leftovers of an interrupted earlier run (namespaces are named mpx<pid>n<k>-*). Only those whose
 # test process is gone: other test runs on this machine may be using theirs right now.
 # The detour lab's are mpx<pid>d<k>-*, and may hold OpenVPN or delay-line processes.
-for ns in $(ip netns list | awk '/^mpx[0-9]+[nd][0-9]+-/ {print $1}'); do
-  pid=${ns#mpx}; pid=${pid%%[nd]*}
+# The throttle crate's own tests name theirs mpthr-<tag>-<pid>-<k>.
+for ns in $(ip netns list | awk '/^mpx[0-9]+[nd][0-9]+-/ || /^mpthr-[a-z0-9]+-[0-9]+-[0-9]+/ {print $1}'); do
+  case $ns in
+    mpx*) pid=${ns#mpx}; pid=${pid%%[nd]*} ;;
+    *) pid=$(echo "$ns" | awk -F- '{print $(NF-1)}') ;;
+  esac
   [ -d "/proc/$pid" ] && continue
   for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
   ip netns del "$ns" 2>/dev/null || true
