@@ -671,7 +671,10 @@ pub enum RelayMode {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
-    /// copy or splice; default copy, which measured faster into MPTCP sockets (bench/README.md).
+    /// copy or splice; default copy. Splice is faster per tunnel (bench/README.md (a): CONNECT 1.27x the
+    /// rate at 0.55x the CPU per GB), but every spliced direction holds a pipe, and pipes count against
+    /// `fs.pipe-user-pages-soft` (16384 pages, 64 MiB per user): past that, an unprivileged service (the
+    /// packaged unit) gets pipes of a page or two (pipe(7)), about 128 busy tunnels at 256 KiB each.
     #[serde(default = "RelayConfig::default_mode")]
     pub mode: RelayMode,
     /// Buffer (copy) or pipe (splice) size per direction; default 256 KiB, enough for a 2 Gbit/s × 1 ms BDP.
