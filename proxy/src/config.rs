@@ -665,16 +665,21 @@ pub enum RelayMode {
     Copy,
     /// splice(2) socket → pipe → socket, no copy through user space.
     Splice,
+    /// splice(2) for each direction whose pipe the kernel grants at the full `buffer_bytes`, copy for the
+    /// others: pipes count against `fs.pipe-user-pages-soft` (64 MiB per user by default), and past it an
+    /// unprivileged service gets pipes of a page or two, too small to splice well.
+    Auto,
 }
 
 /// Tunnel relay settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
-    /// copy or splice; default copy. Splice is faster per tunnel (bench/README.md (a): CONNECT 1.27x the
-    /// rate at 0.55x the CPU per GB), but every spliced direction holds a pipe, and pipes count against
+    /// copy, splice or auto; default auto. Splice is faster per tunnel (bench/README.md (a): CONNECT 1.27x
+    /// the rate at 0.55x the CPU per GB), but every spliced direction holds a pipe, and pipes count against
     /// `fs.pipe-user-pages-soft` (16384 pages, 64 MiB per user): past that, an unprivileged service (the
-    /// packaged unit) gets pipes of a page or two (pipe(7)), about 128 busy tunnels at 256 KiB each.
+    /// packaged unit) gets pipes of a page or two (pipe(7)), about 128 busy tunnels at 256 KiB each. Auto
+    /// splices while full-size pipes are granted and copies after.
     #[serde(default = "RelayConfig::default_mode")]
     pub mode: RelayMode,
     /// Buffer (copy) or pipe (splice) size per direction; default 256 KiB, enough for a 2 Gbit/s × 1 ms BDP.
@@ -684,7 +689,7 @@ pub struct RelayConfig {
 
 impl RelayConfig {
     fn default_mode() -> RelayMode {
-        RelayMode::Copy
+        RelayMode::Auto
     }
     fn default_buffer_bytes() -> usize {
         256 * 1024

@@ -2,8 +2,9 @@
 //!
 //! Each direction runs until its source reaches EOF, then half-closes its destination (`shutdown(SHUT_WR)`),
 //! so a client that finished uploading still receives the rest of the download. Two strategies:
-//! `copy` (read/write through a user-space buffer) and `splice` (socket → pipe → socket in the kernel).
-//! Both work on MPTCP sockets; `bench/` compares them.
+//! `copy` (read/write through a user-space buffer) and `splice` (socket → pipe → socket in the kernel);
+//! `auto` splices a direction when the kernel grants its pipe at full size and copies otherwise. All work
+//! on MPTCP sockets; `bench/` compares them.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -180,7 +181,8 @@ async fn pump(direction: Direction, mode: RelayMode) -> io::Result<u64> {
     let sink = direction.sink.clone();
     let result = match mode {
         RelayMode::Copy => pump_copy(direction).await,
-        RelayMode::Splice => pump_splice(&direction).await,
+        RelayMode::Splice => pump_splice(&direction, None).await,
+        RelayMode::Auto => pump_auto(direction).await,
     };
     // EOF or error: tell the other side no more data comes this way.
     let _ = SockRef::from(&*sink).shutdown(std::net::Shutdown::Write);
@@ -295,6 +297,15 @@ impl Pipe {
         unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
         Ok(pipe)
     }
+
+    /// A pipe of at least `size` bytes, or None when the kernel grants less (over `pipe-max-size`, or
+    /// the user's `pipe-user-pages-soft` spent: then new pipes get a page or two).
+    fn with_size(size: usize) -> io::Result<Option<Self>> {
+        let pipe = Self::new(size)?;
+        // SAFETY: F_GETPIPE_SZ on our own pipe fd.
+        let granted = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        Ok((usize::try_from(granted).unwrap_or(0) >= size).then_some(pipe))
+    }
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
@@ -316,10 +327,19 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-async fn pump_splice(direction: &Direction) -> io::Result<u64> {
+/// Splices when the kernel grants a full-size pipe, copies otherwise (see [`RelayMode::Auto`]).
+async fn pump_auto(direction: Direction) -> io::Result<u64> {
+    // As in the other modes, an idle tunnel waits here holding no pipe and no buffer.
+    direction.source.readable().await?;
+    match Pipe::with_size(direction.buffer_bytes)? {
+        Some(pipe) => pump_splice(&direction, Some(pipe)).await,
+        None => pump_copy(direction).await,
+    }
+}
+
+/// Splices `direction` through `pipe`, or through a pipe made on the first data.
+async fn pump_splice(direction: &Direction, mut pipe: Option<Pipe>) -> io::Result<u64> {
     let (source, sink, pipe_bytes) = (&direction.source, &direction.sink, direction.buffer_bytes);
-    // Created on the first readable event: an idle tunnel holds no pipe.
-    let mut pipe: Option<Pipe> = None;
     let mut total = 0u64;
     loop {
         source.readable().await?;
@@ -417,6 +437,51 @@ mod tests {
     #[tokio::test]
     async fn splice_relay_handles_half_close() {
         half_close_case(RelayMode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn auto_relay_handles_half_close() {
+        half_close_case(RelayMode::Auto).await;
+    }
+
+    /// As an unprivileged user, pipes past `fs.pipe-user-pages-soft` are a page or two: auto mode must
+    /// see that and copy instead. (Measured here as nobody: the first 256 pipes of 256 KiB were granted,
+    /// the next ones 8 KiB.)
+    #[test]
+    fn a_pipe_smaller_than_asked_is_refused_once_the_users_pipe_budget_is_spent() {
+        let soft: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0);
+        if soft == 0 {
+            return; // no per-user budget on this host: nothing to fall back from
+        }
+        const SIZE: usize = 256 * 1024;
+        let pipes = soft * 4096 / SIZE + 16;
+        let (granted, refused) = std::thread::spawn(move || {
+            // SAFETY: the raw syscall changes this thread's credentials only (glibc's setresuid would
+            // change every thread's); root would not be limited.
+            if unsafe { libc::geteuid() } == 0 {
+                let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+                assert_eq!(rc, 0, "setresuid: {}", io::Error::last_os_error());
+            }
+            let mut held = Vec::new();
+            let mut refused = 0;
+            for _ in 0..pipes {
+                match Pipe::with_size(SIZE).expect("pipe") {
+                    Some(pipe) => held.push(pipe),
+                    None => refused += 1,
+                }
+            }
+            (held.len(), refused)
+        })
+        .join()
+        .expect("thread");
+        assert!(granted > 0, "no full-size pipe at all ({refused} refused)");
+        assert!(
+            refused >= 16,
+            "{granted} granted, {refused} refused of {pipes}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
