@@ -111,30 +111,28 @@ pub(super) async fn accept_loop(
             continue;
         }
         let limits = &shared.config.limits;
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        // `limit` names the key in the log; `reason` is what the client reads.
+        let over_limit = |stream, limit: &str, reason| {
             count("over_limit");
-            tracing::warn!(%client, "refused: max_connections reached");
+            tracing::warn!(%client, "refused: {limit} reached");
             log_refusal(&shared, transport, client, 503, "NONE_NONE");
-            let reason = "too many connections";
             let answer = answer(
                 "503 Service Unavailable",
                 reason,
                 ConvertError::ResourceExceeded,
             );
             refuse(&shared.metrics, stream, answer);
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            over_limit(stream, "max_connections", "too many connections");
             continue;
         };
         let Some(slot) = per_client.acquire(client.ip(), limits.max_connections_per_client) else {
-            count("over_limit");
-            tracing::warn!(%client, "refused: max_connections_per_client reached");
-            log_refusal(&shared, transport, client, 503, "NONE_NONE");
-            let reason = "too many connections from this client";
-            let answer = answer(
-                "503 Service Unavailable",
-                reason,
-                ConvertError::ResourceExceeded,
+            over_limit(
+                stream,
+                "max_connections_per_client",
+                "too many connections from this client",
             );
-            refuse(&shared.metrics, stream, answer);
             continue;
         };
         // A converter sends the upstream SYN before any bookkeeping (RFC 8803: 0-RTT conversion).
