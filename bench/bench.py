@@ -183,7 +183,7 @@ class Lab:
         self.exec("srv", "nginx", "-c", str(conf))
         self.wait_port("srv", "10.0.3.2", 80)
 
-    def proxy(self, port, mode="copy", extra="", binary=None):
+    def proxy(self, port, mode="auto", extra="", binary=None):
         conf = self.work / f"proxy-{port}.toml"
         conf.write_text(f'[[listener]]\naddress = "0.0.0.0:{port}"\n[access_log]\npath = "off"\n'
                         f'[metrics]\naddress = "off"\n[relay]\nmode = "{mode}"\n'
