@@ -483,6 +483,35 @@ pub fn force_receive_buffer(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Re
     }
 }
 
+/// Counts the datagrams `receiver` gets until it has been quiet for 500 ms, on a thread of its own;
+/// join the handle for the count. The socket's buffer is forced to 8 MiB first (see
+/// [`force_receive_buffer`]), so only the path can lose datagrams.
+pub fn count_datagrams(receiver: std::net::UdpSocket) -> io::Result<std::thread::JoinHandle<u32>> {
+    receiver.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+    force_receive_buffer(&receiver, 8 << 20)?;
+    Ok(std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut received = 0u32;
+        while receiver.recv(&mut buf).is_ok() {
+            received += 1;
+        }
+        received
+    }))
+}
+
+/// Sends `count` numbered datagrams to `to` from a new socket in the calling thread's namespace,
+/// pausing 2 ms after every 50 so a receiver on a loaded machine keeps up.
+pub fn send_numbered(to: std::net::SocketAddr, count: u32) -> io::Result<()> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    for seq in 0..count {
+        socket.send_to(&seq.to_be_bytes(), to)?;
+        if seq % 50 == 49 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    Ok(())
+}
+
 /// Runs `f` on a new thread inside the named network namespace (`/var/run/netns/NAME`).
 pub fn in_namespace<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
     std::thread::scope(|scope| {

@@ -146,22 +146,11 @@ fn loss_drops_about_the_configured_fraction_on_ingress() {
         .in_ns(tb.server_ns(), || UdpSocket::bind((SERVER, 0)))
         .unwrap()
         .unwrap();
-    receiver
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
+    let server = receiver.local_addr().unwrap();
     // The line releases each 1 ms batch at once: with the default receive buffer a counter thread that is
     // not scheduled in time (loaded CI machine) lost 164 of 1600 released datagrams in the socket, which
-    // looked like line loss. 8 MiB holds all 2000 (root may exceed rmem_max with SO_RCVBUFFORCE).
-    testbed::force_receive_buffer(&receiver, 8 << 20).expect("SO_RCVBUFFORCE");
-    let server = receiver.local_addr().unwrap();
-    let counter = std::thread::spawn(move || {
-        let mut buf = [0u8; 64];
-        let mut received = 0u32;
-        while receiver.recv(&mut buf).is_ok() {
-            received += 1;
-        }
-        received
-    });
+    // looked like line loss. count_datagrams forces 8 MiB, which holds all 2000.
+    let counter = testbed::count_datagrams(receiver).expect("receiver");
     let line = tb
         .delay(
             Host::Server,
@@ -176,16 +165,9 @@ fn loss_drops_about_the_configured_fraction_on_ingress() {
         )
         .unwrap();
     const SENT: u32 = 2000;
-    tb.in_ns(tb.client_ns(), || {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for seq in 0..SENT {
-            socket.send_to(&seq.to_be_bytes(), server).unwrap();
-            if seq % 50 == 49 {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-    })
-    .unwrap();
+    tb.in_ns(tb.client_ns(), || testbed::send_numbered(server, SENT))
+        .unwrap()
+        .expect("send");
     let received = counter.join().unwrap();
     let stats = line.stop().unwrap();
     // 20% of 2000 is 400, sigma 17.9: four sigma either way.

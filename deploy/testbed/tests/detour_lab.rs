@@ -74,31 +74,13 @@ fn loss2_drops_about_its_share_on_link_2() {
         .in_ns(DetourHost::Server, || UdpSocket::bind((SERVER, 0)))
         .unwrap()
         .unwrap();
-    receiver
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    // A full socket buffer must not look like loss on link 2.
-    testbed::force_receive_buffer(&receiver, 8 << 20).expect("SO_RCVBUFFORCE");
     let server = receiver.local_addr().unwrap();
-    let counter = std::thread::spawn(move || {
-        let mut buf = [0u8; 64];
-        let mut received = 0u32;
-        while receiver.recv(&mut buf).is_ok() {
-            received += 1;
-        }
-        received
-    });
+    // A full socket buffer must not look like loss on link 2: count_datagrams forces a large one.
+    let counter = testbed::count_datagrams(receiver).expect("receiver");
     const SENT: u32 = 4000;
-    lab.in_ns(DetourHost::Client, || {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for seq in 0..SENT {
-            socket.send_to(&seq.to_be_bytes(), server).unwrap();
-            if seq % 50 == 49 {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-    })
-    .unwrap();
+    lab.in_ns(DetourHost::Client, || testbed::send_numbered(server, SENT))
+        .unwrap()
+        .expect("send");
     let missing = SENT - counter.join().unwrap();
     // The drop rule for packets leaving r1 over link 2 counted them.
     let rules = lab
