@@ -589,6 +589,8 @@ def bench_conversion(requests=200, rounds=30):
         ("absolute-form", "mptcp-proxy", 3128, MPTCP, via_proxy(3128)),
         ("absolute-form", "squid", 3129, MPTCP, via_proxy(3129)),
         ("connect", "mptcp-proxy", 3128, MPTCP, via_proxy(3128, tunnel=True)),
+        # The same tunnel with `relay.mode = "copy"` (what auto falls back to past the pipe budget).
+        ("connect", "mptcp-proxy-copy", 3132, MPTCP, via_proxy(3132, tunnel=True)),
         ("connect", "squid", 3129, MPTCP, via_proxy(3129, tunnel=True)),
         ("connect", "convert", 5124, [], via_convert()),
         # HAProxy: `mode http` (http-reuse never: each client connection opens its own server connection, as
@@ -601,6 +603,7 @@ def bench_conversion(requests=200, rounds=30):
     with Lab("cv") as lab:
         lab.nginx({"small.txt": 1024})
         lab.proxy(3128, extra=CONVERT_LISTENER)
+        lab.proxy(3132, "copy")
         lab.squid(3129, persistent=False)
         lab.haproxy(3140, 3141, reuse="never")
         start_convert_agent(lab)
@@ -655,18 +658,18 @@ def bench_conversion(requests=200, rounds=30):
     res.save()
     print(f"\n(c) seed 002 Table 1, {requests} interleaved rounds of one request per subject "
           f"(paper: SYN 7.83 ± 0.68 ms, data 15.3 ± 8.1 ms); convert = RFC 8803 via mptcp-convert (SOCKS5)")
-    print(f"{'scenario':<14}{'subject':<13}{'metric':<16}{'mean ms':>9}{'sd':>8}{'p50':>8}{'p99':>8}{'p50 x squid':>12}"
+    print(f"{'scenario':<14}{'subject':<17}{'metric':<16}{'mean ms':>9}{'sd':>8}{'p50':>8}{'p99':>8}{'p50 x squid':>12}"
           f"{'x haproxy':>10}")
     for scenario in ("absolute-form", "connect"):
         for metric in ("syn_conversion", "data_conversion"):
             squid = res.median(scenario, "squid", metric)
             haproxy = res.median(scenario, "haproxy", metric)
-            for subject in ("mptcp-proxy", "haproxy", "squid", "convert"):
+            for subject in ("mptcp-proxy", "mptcp-proxy-copy", "haproxy", "squid", "convert"):
                 v = sorted(res.values(scenario, subject, metric))
                 if len(v) < 2:
                     continue
                 p = lambda q: v[min(len(v) - 1, int(q * len(v)))]
-                print(f"{scenario:<14}{subject:<13}{metric:<16}{statistics.mean(v) * 1e3:>9.3f}"
+                print(f"{scenario:<14}{subject:<17}{metric:<16}{statistics.mean(v) * 1e3:>9.3f}"
                       f"{statistics.stdev(v) * 1e3:>8.3f}{statistics.median(v) * 1e3:>8.3f}{p(0.99) * 1e3:>8.3f}"
                       f"{statistics.median(v) / squid:>12.2f}{statistics.median(v) / haproxy:>10.2f}")
     convert_syn = res.median("connect", "convert", "syn_conversion")

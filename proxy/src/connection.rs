@@ -419,6 +419,22 @@ impl ClientIo {
         self.stream.take()
     }
 
+    /// The socket, to splice into; count what goes in with [`ClientIo::wrote`].
+    pub fn socket(&self) -> io::Result<&TcpStream> {
+        self.stream
+            .as_ref()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+
+    /// Counts `n` bytes written to the client.
+    pub fn wrote(&self, n: usize) {
+        self.connection
+            .bytes_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.connection.metrics.relayed_download.inc_by(n as u64);
+        self.connection.activity.touch();
+    }
+
     fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
         self.stream
             .as_mut()
@@ -469,11 +485,7 @@ impl AsyncWrite for ClientIo {
             Err(e) => return Poll::Ready(Err(e)),
         };
         if let Poll::Ready(Ok(n)) = result {
-            self.connection
-                .bytes_out
-                .fetch_add(n as u64, Ordering::Relaxed);
-            self.connection.metrics.relayed_download.inc_by(n as u64);
-            self.connection.activity.touch();
+            self.wrote(n);
         }
         result
     }
@@ -488,11 +500,7 @@ impl AsyncWrite for ClientIo {
             Err(e) => return Poll::Ready(Err(e)),
         };
         if let Poll::Ready(Ok(n)) = result {
-            self.connection
-                .bytes_out
-                .fetch_add(n as u64, Ordering::Relaxed);
-            self.connection.metrics.relayed_download.inc_by(n as u64);
-            self.connection.activity.touch();
+            self.wrote(n);
         }
         result
     }

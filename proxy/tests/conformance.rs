@@ -565,3 +565,72 @@ fn refusals_beyond_the_budget_are_closed_at_once_and_counted() {
         "{answered} answered with a budget of 4"
     );
 }
+
+/// A `Content-Length` body larger than a relay buffer goes to the client whole and counted in every
+/// relay mode (splice moves it socket to pipe to socket, copy through user space), and the upstream
+/// connection is kept for the next request: the splice reads no byte past the body.
+#[test]
+fn a_large_body_arrives_whole_in_every_relay_mode_and_the_upstream_is_kept() {
+    const BODY: usize = 3 * 1024 * 1024 + 17;
+    let body: Arc<Vec<u8>> = Arc::new((0..BODY).map(|i| (i % 251) as u8).collect());
+    let connections = Arc::new(Mutex::new(0usize));
+    let server = {
+        let (body, connections) = (body.clone(), connections.clone());
+        origin(move |stream| {
+            *connections.lock().expect("lock") += 1;
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut stream = stream;
+            for reply in [&body[..], b"second"] {
+                if read_head(&mut reader).is_empty() {
+                    return;
+                }
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", reply.len());
+                if stream.write_all(head.as_bytes()).is_err() || stream.write_all(reply).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    for mode in ["copy", "splice", "auto"] {
+        *connections.lock().expect("lock") = 0;
+        let proxy = Proxy::start("", &format!("[relay]\nmode = \"{mode}\"\n"));
+        let mut stream = TcpStream::connect(proxy.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        for expected in [&body[..], b"second"] {
+            stream
+                .write_all(
+                    format!("GET http://{server}/ HTTP/1.1\r\nHost: {server}\r\n\r\n").as_bytes(),
+                )
+                .expect("send");
+            let head = read_head(&mut reader);
+            assert!(head[0].contains(" 200 "), "{mode}: {head:?}");
+            let length: usize = header(&head, "content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{mode}: no length in {head:?}"));
+            assert_eq!(length, expected.len(), "{mode}");
+            let mut got = vec![0u8; length];
+            reader.read_exact(&mut got).expect("body");
+            assert!(got == expected, "{mode}: the body differs");
+        }
+        assert_eq!(
+            *connections.lock().expect("lock"),
+            1,
+            "{mode}: upstream not kept"
+        );
+        drop((stream, reader));
+        let log = proxy.log_text();
+        let counted = log.lines().any(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["bytes"].as_u64())
+                .is_some_and(|bytes| bytes > BODY as u64 && bytes < BODY as u64 + 1024)
+        });
+        assert!(
+            counted,
+            "{mode}: the large response's bytes are not in the log: {log}"
+        );
+    }
+}

@@ -24,13 +24,18 @@ use super::error::ProxyError;
 use super::headers::Fields;
 use super::wire::{self, ClientBody, RequestBody, ResponseBody, ResponseRewrite};
 use super::{date, Forward, Pending, Refused, Shared, Target};
+use crate::config::RelayConfig;
 use crate::connection::ClientConnection;
+use crate::relay;
 use crate::upstream::connect_upstream;
 
 /// The first allocation of an upstream connection's read buffer.
 const UPSTREAM_BUFFER: usize = 16 * 1024;
 /// The longest response head accepted from a server.
 const RESPONSE_HEAD_LIMIT: usize = 64 * 1024;
+/// A `Content-Length` body with at least this much left after the first write is spliced (when the
+/// relay mode gives a pipe): below it, a copy or two costs less than setting up a pipe.
+const SPLICE_AT: u64 = 128 * 1024;
 /// Output gathered before it is written to the client while relaying a re-framed body.
 const FLUSH_AT: usize = 64 * 1024;
 
@@ -320,6 +325,7 @@ pub(super) async fn forward(
         plan.trailers,
         config.limits.idle_timeout,
         limit.as_ref(),
+        &config.relay,
     )
     .await;
     let (complete, body_bytes) = match relayed {
@@ -551,6 +557,7 @@ async fn relay_response(
     trailers: bool,
     idle: Duration,
     limit: Option<&(Arc<mptcp_throttle::ClientRateLimiter>, std::net::IpAddr)>,
+    relay_config: &RelayConfig,
 ) -> Result<u64, u64> {
     let mut sent = 0u64;
     match (response.body, response.client_body) {
@@ -566,7 +573,16 @@ async fn relay_response(
             // Byte for byte: straight from the upstream buffer, the head with the first part.
             let mut left = length;
             let mut first = true;
+            let mut spliceable = true;
             while left > 0 || first {
+                if !first && spliceable && up.rbuf.is_empty() && left >= SPLICE_AT {
+                    spliceable = false;
+                    if let Some(spliced) =
+                        splice_body(conn, up, left, idle, limit, relay_config).await
+                    {
+                        return spliced.map(|n| sent + n).map_err(|n| sent + n);
+                    }
+                }
                 if up.rbuf.is_empty() && left > 0 {
                     conn.timer.as_mut().reset(Instant::now() + idle);
                     match deadline(&mut conn.timer, up.rbuf.fill(&mut up.stream)).await {
@@ -701,6 +717,58 @@ async fn relay_response(
             }
         }
     }
+}
+
+/// Splices the last `left` bytes of a `Content-Length` body from the server to the client, with no copy
+/// through user space and no read past the body (the upstream connection may be kept). `None` when the
+/// relay mode gives no pipe (copy, or auto past the user's pipe budget): the caller copies instead.
+/// Otherwise as [`relay_response`]: the bytes written, `Err` when the body was cut.
+async fn splice_body(
+    conn: &mut Conn,
+    up: &Upstream,
+    mut left: u64,
+    idle: Duration,
+    limit: Option<&(Arc<mptcp_throttle::ClientRateLimiter>, std::net::IpAddr)>,
+    relay_config: &RelayConfig,
+) -> Option<Result<u64, u64>> {
+    let pipe = match relay::pipe_for(relay_config.mode, relay_config.buffer_bytes) {
+        Ok(Some(pipe)) => pipe,
+        Ok(None) => return None,
+        Err(error) => {
+            tracing::debug!(%error, "no pipe for a response body: copying it");
+            return None;
+        }
+    };
+    let mut sent = 0u64;
+    while left > 0 {
+        let max = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(relay_config.buffer_bytes);
+        conn.timer.as_mut().reset(Instant::now() + idle);
+        let n = match deadline(&mut conn.timer, relay::splice_in(&up.stream, &pipe, max)).await {
+            Ok(0) | Err(_) => return Some(Err(sent)),
+            Ok(n) => n,
+        };
+        if let Some((limiter, client)) = limit {
+            limiter
+                .until_ready(*client, u32::try_from(n).unwrap_or(u32::MAX))
+                .await;
+        }
+        conn.timer.as_mut().reset(Instant::now() + idle);
+        let Ok(sink) = conn.io.socket() else {
+            return Some(Err(sent));
+        };
+        if deadline(&mut conn.timer, relay::splice_out(&pipe, sink, n))
+            .await
+            .is_err()
+        {
+            return Some(Err(sent));
+        }
+        conn.io.wrote(n);
+        left -= n as u64;
+        sent += n as u64;
+    }
+    Some(Ok(sent))
 }
 
 /// Writes `conn.out` to the client (after the rate limit, if any) and clears it.
