@@ -657,7 +657,7 @@ impl Default for AccessLogConfig {
     }
 }
 
-/// How a tunnel moves bytes.
+/// How a tunnel, or a `Content-Length` response body over 128 KiB, moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayMode {
@@ -671,7 +671,7 @@ pub enum RelayMode {
     Auto,
 }
 
-/// Tunnel relay settings.
+/// Relay settings: tunnels, and the large bodies of forwarded responses.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
