@@ -735,7 +735,16 @@ fn instances_share_the_load_keep_every_subflow_and_drain_and_fail_alone() {
         lost.iter().all(|o| o.instance().is_none_or(|k| k == 3)
             && o.started_at >= kill_at - Duration::from_secs(1)
             && o.started_at <= withdrawn_at + Duration::from_millis(500)),
-        "new connections failed outside the kill window: {lost:#?}"
+        "new connections failed outside the kill window (SIGKILL at 0, route withdrawn at {:?}, instance 3 \
+         back at {:?}; the failures started at {:?} from the SIGKILL): {lost:#?}",
+        withdrawn_at - kill_at,
+        back_at - kill_at,
+        lost.iter()
+            .map(|o| o.started_at.checked_duration_since(kill_at).map_or_else(
+                || format!("-{:?}", kill_at - o.started_at),
+                |after| format!("{after:?}")
+            ))
+            .collect::<Vec<_>>()
     );
     let after_back: Vec<_> = stream_outcomes
         .iter()

@@ -280,6 +280,8 @@ fn connections_view_lists_both_subflows_of_a_client() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let mut view = serde_json::Value::Null;
+    // The download under way: both subflows, one classified, and the response flowing. (A view taken
+    // as the request head arrives shows no target yet, rightly.)
     wait_for("two subflows with a class", Duration::from_secs(20), || {
         view = serde_json::from_str(&fetch(true)).expect("JSON");
         view["connections"]
@@ -290,6 +292,7 @@ fn connections_view_lists_both_subflows_of_a_client() {
                 c["subflows"]
                     .as_array()
                     .is_some_and(|s| s.len() == 2 && s.iter().any(|f| f["class"] == "cli-p2"))
+                    && c["bytes_to_client"].as_u64().unwrap_or(0) > 0
             })
     });
     let connections = view["connections"].as_array().expect("connections");
