@@ -6,11 +6,10 @@
 //! - [`bpf`]: `bpf(2)` maps and programs, and a small eBPF assembler (cls_bpf classifiers).
 //! - [`mptcp_pm`]: the kernel's MPTCP path manager family: events, endpoints and userspace-PM commands.
 //! - [`nft`]: nftables batches over libnftnl, with the expressions nftnl lacks.
-//! - [`nft_map`]: named sets and maps with concatenated keys, their elements, and `lookup` (the
-//!   throttle's maps).
-//! - [`nft_expr`]: expressions with explicit registers (concatenated keys, map lookups, NAT from a map).
-//! - [`nft_set`]: named sets and maps, their elements (added and deleted in batches), and element dumps
-//!   with per-element counters.
+//! - [`nft_set`]: named sets and maps (concatenated keys and data, per-element counters), their
+//!   elements (added, deleted and flushed in batches of any size), and element dumps with counters.
+//! - [`nft_expr`]: expressions with explicit registers: payload loads for concatenated keys, set and
+//!   map lookups, NAT from a map, `ct` loads, `fib`, TCP MSS rewriting.
 //! - [`sock_diag`]: `inet_diag` dumps of TCP sockets: the MPTCP subflows among them, listening ports.
 //! - [`nfqueue`]: `nfnetlink_queue`, packets queued to user space and their verdicts.
 //! - [`rtnl`]: rtnetlink link and address requests (link up, add and delete an address).
@@ -23,7 +22,6 @@ pub mod mptcp_pm;
 pub mod nfqueue;
 pub mod nft;
 pub mod nft_expr;
-pub mod nft_map;
 pub mod nft_set;
 pub mod rtnl;
 pub mod sock_diag;

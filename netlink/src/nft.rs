@@ -11,9 +11,10 @@ use nftnl::expr::Expression;
 use nftnl::nftnl_sys as sys;
 use nftnl::{Batch, MsgType, ProtoFamily, Rule, Table};
 
+use crate::nft_expr::{PayloadToRegister, REG_1};
 use crate::socket::{
-    attr_string, parse_attrs, Message, NetlinkError, NetlinkSocket, NLMSG_HDRLEN, NLM_F_ACK,
-    NLM_F_ECHO,
+    attr_string, parse_attrs, parse_error, Message, NetlinkError, NetlinkSocket, NLMSG_ERROR,
+    NLMSG_HDRLEN, NLM_F_ACK, NLM_F_ECHO,
 };
 
 /// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWRULE`.
@@ -21,7 +22,9 @@ pub const NFT_NEWRULE_MSG_TYPE: u16 = (10 << 8) | 6;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_HANDLE: u16 = 3;
 
-fn alloc_expr(name: &CStr) -> NonNull<sys::nftnl_expr> {
+/// A fresh nftnl expression of kind `name` (`payload`, `lookup`, ...), owned by the caller until a rule
+/// takes it.
+pub(crate) fn alloc_expr(name: &CStr) -> NonNull<sys::nftnl_expr> {
     // SAFETY: name is a valid C string; allocation failure is handled.
     let raw = unsafe { sys::nftnl_expr_alloc(name.as_ptr()) };
     NonNull::new(raw).expect("nftnl_expr_alloc: out of memory")
@@ -59,28 +62,12 @@ impl PayloadLoad {
 }
 
 impl Expression for PayloadLoad {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = alloc_expr(c"payload");
-        // SAFETY: expr is a live payload expression; the attributes are u32.
-        unsafe {
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_PAYLOAD_DREG as u16,
-                libc::NFT_REG_1 as u32,
-            );
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_PAYLOAD_BASE as u16,
-                self.base,
-            );
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_PAYLOAD_OFFSET as u16,
-                self.offset,
-            );
-            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_PAYLOAD_LEN as u16, self.len);
+    fn to_expr(&self, rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        PayloadToRegister {
+            load: *self,
+            dreg: REG_1,
         }
-        expr
+        .to_expr(rule)
     }
 }
 
@@ -269,20 +256,54 @@ pub fn parse_rule_echo(payload: &[u8]) -> Option<(String, u64)> {
 }
 
 /// Sends `batch` on a fresh `NETLINK_NETFILTER` socket of the calling thread's network namespace and waits
-/// (up to 5 s) for every ack. Returns the echoed messages (rule handles, see [`parse_rule_echo`]); the first
-/// error the kernel answered fails the whole call (a batch is one transaction).
+/// (up to 5 s) for every ack, as [`send_batch_on`] does. Returns the echoed messages (rule handles, see
+/// [`parse_rule_echo`]); the first error the kernel answered fails the whole call (a batch is one
+/// transaction).
 pub fn send_batch(batch: Batch, operation: &str) -> Result<Vec<Message>, NetlinkError> {
     let socket_error = |source| NetlinkError::Socket {
         operation: operation.to_owned(),
         source,
     };
-    let (bytes, acked, _) = finalize(batch);
     let socket = NetlinkSocket::open(libc::NETLINK_NETFILTER).map_err(socket_error)?;
     socket
         .set_recv_timeout(Duration::from_secs(5))
         .map_err(socket_error)?;
+    send_batch_on(&socket, batch, operation)
+}
+
+/// Sends `batch` on `socket` (a `NETLINK_NETFILTER` socket) and waits for the kernel's answers, for
+/// batches of any size: the socket's buffers are forced large enough for the batch, and messages that ask
+/// for no ack (set elements, see [`crate::nft_set`]) are still checked for errors. Returns the echoed
+/// messages; the first error fails the call (a batch is one transaction).
+pub fn send_batch_on(
+    socket: &NetlinkSocket,
+    batch: Batch,
+    operation: &str,
+) -> Result<Vec<Message>, NetlinkError> {
+    let socket_error = |source| NetlinkError::Socket {
+        operation: operation.to_owned(),
+        source,
+    };
+    let (bytes, acked, _) = finalize(batch);
+    if bytes.len() > 1 << 20 {
+        socket
+            .force_buffer_sizes(bytes.len().saturating_mul(2))
+            .map_err(socket_error)?;
+    }
     socket.send(&bytes).map_err(socket_error)?;
-    let (echoes, errors) = socket.collect_batch_replies(&acked).map_err(socket_error)?;
+    let (mut echoes, mut errors) = socket.collect_batch_replies(&acked).map_err(socket_error)?;
+    // nfnetlink handles the whole batch inside send(), so every answer is queued by now, including the
+    // error of a message that asked for no ack and comes after the last ack.
+    for message in socket.recv_pending().map_err(socket_error)? {
+        if message.msg_type == NLMSG_ERROR {
+            let (errno, text) = parse_error(&message);
+            if errno != 0 {
+                errors.push((message.seq, errno, text));
+            }
+        } else {
+            echoes.push(message);
+        }
+    }
     if let Some((_, errno, message)) = errors.into_iter().next() {
         return Err(NetlinkError::Kernel {
             operation: operation.to_owned(),

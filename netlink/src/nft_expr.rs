@@ -1,5 +1,6 @@
 //! nftables expressions that address registers explicitly, for rules that build a concatenated key
-//! (`ip saddr . tcp dport`) or use what a map lookup returned (`dnat to ... map @m`).
+//! (`ip saddr . tcp dport`), look it up in a set or map of [`crate::nft_set`] ([`SetLookup`]), or use
+//! what a map lookup returned (`dnat to ... map @m`, `meta priority set ... map @m`).
 //!
 //! nftnl's own expressions (and [`crate::nft::PayloadLoad`]/[`crate::nft::RegisterExpr`]) always use
 //! register 1. A concatenation puts each field in the next 32-bit register (`NFT_REG32_00`,
@@ -13,7 +14,8 @@ use nftnl::expr::Expression;
 use nftnl::nftnl_sys as sys;
 use nftnl::Rule;
 
-use crate::nft::PayloadLoad;
+use crate::nft::{alloc_expr, PayloadLoad};
+use crate::nft_set::SetSpec;
 
 /// `NFT_REG_1`: the first 128-bit register (the same storage as `NFT_REG32_00`..`03`).
 pub const REG_1: u32 = libc::NFT_REG_1 as u32;
@@ -21,30 +23,6 @@ pub const REG_1: u32 = libc::NFT_REG_1 as u32;
 pub const REG32_00: u32 = 8;
 /// `NFT_REG32_01`: the second 32-bit register; a concatenation's second field.
 pub const REG32_01: u32 = 9;
-
-/// nft's datatype numbers (`enum datatypes` in nftables' `datatype.h`), which `nft list` uses to print a
-/// set's keys and data.
-pub mod datatype {
-    /// `TYPE_IPADDR` (`ipv4_addr`).
-    pub const IPV4_ADDR: u32 = 7;
-    /// `TYPE_IP6ADDR` (`ipv6_addr`).
-    pub const IPV6_ADDR: u32 = 8;
-    /// `TYPE_INET_SERVICE` (`inet_service`, a port).
-    pub const INET_SERVICE: u32 = 13;
-    /// `TYPE_MARK` (`mark`).
-    pub const MARK: u32 = 19;
-
-    /// The type id of a concatenation (`a . b . c`): each field's type in 6 bits, first field highest.
-    pub fn concat(fields: &[u32]) -> u32 {
-        fields.iter().fold(0, |acc, field| (acc << 6) | field)
-    }
-}
-
-fn alloc_expr(name: &std::ffi::CStr) -> NonNull<sys::nftnl_expr> {
-    // SAFETY: name is a valid C string; allocation failure is handled.
-    let raw = unsafe { sys::nftnl_expr_alloc(name.as_ptr()) };
-    NonNull::new(raw).expect("nftnl_expr_alloc: out of memory")
-}
 
 fn set_u32(expr: NonNull<sys::nftnl_expr>, attr: u32, value: u32) {
     // SAFETY: expr is a live expression; every attribute set through here is a u32 of that expression.
@@ -108,6 +86,9 @@ impl Expression for CtLoad {
 pub struct SetLookup {
     /// The set or map (in the rule's table).
     pub set: CString,
+    /// The set's transaction id ([`SetSpec::id`]), to find a set created in the same batch by id as
+    /// well as by name.
+    pub set_id: Option<u32>,
     /// Where the key starts ([`REG_1`] for a key built from [`REG32_00`] on).
     pub sreg: u32,
     /// For maps: where the data goes.
@@ -121,6 +102,7 @@ impl SetLookup {
     pub fn new(set: &str) -> Self {
         Self {
             set: crate::nft::cstring(set),
+            set_id: None,
             sreg: REG_1,
             dreg: None,
             invert: false,
@@ -132,6 +114,17 @@ impl SetLookup {
         Self {
             dreg: Some(REG_1),
             ..Self::new(set)
+        }
+    }
+
+    /// A lookup in `spec` of the concatenated key loaded from [`REG32_00`] on; for a map, the data goes
+    /// to register 1.
+    pub fn of(spec: &SetSpec) -> Self {
+        Self {
+            set_id: Some(spec.id),
+            sreg: REG32_00,
+            dreg: spec.data.as_ref().map(|_| REG_1),
+            ..Self::new(&spec.name)
         }
     }
 }
@@ -148,6 +141,9 @@ impl Expression for SetLookup {
                 self.set.as_ptr(),
             )
         };
+        if let Some(id) = self.set_id {
+            set_u32(expr, sys::NFTNL_EXPR_LOOKUP_SET_ID, id);
+        }
         if let Some(dreg) = self.dreg {
             set_u32(expr, sys::NFTNL_EXPR_LOOKUP_DREG, dreg);
         }
@@ -240,20 +236,5 @@ impl Expression for TcpMaxsegSet {
         set_u32(expr, sys::NFTNL_EXPR_EXTHDR_LEN, 2);
         set_u32(expr, sys::NFTNL_EXPR_EXTHDR_OP, NFT_EXTHDR_OP_TCPOPT);
         expr
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn concat_type_matches_nft() {
-        // `ipv4_addr . inet_service` is 7 << 6 | 13 in nft's listing of such a set.
-        assert_eq!(
-            datatype::concat(&[datatype::IPV4_ADDR, datatype::INET_SERVICE]),
-            461
-        );
-        assert_eq!(datatype::concat(&[datatype::MARK]), datatype::MARK);
     }
 }

@@ -269,7 +269,7 @@ pub fn attr_u16(value: &[u8]) -> Option<u16> {
 }
 
 /// What an `NLMSG_ERROR` message says.
-fn parse_error(msg: &Message) -> (i32, Option<String>) {
+pub(crate) fn parse_error(msg: &Message) -> (i32, Option<String>) {
     let errno = msg
         .payload
         .get(..4)

@@ -3,8 +3,7 @@
 use std::net::TcpListener;
 
 use mptcp_netlink::nft::{self, cstring};
-use mptcp_netlink::nft_expr::datatype;
-use mptcp_netlink::nft_set::{dump_elements, SetSpec};
+use mptcp_netlink::nft_set::{dump_elements, Field, SetSpec};
 use mptcp_netlink::sock_diag::listening_tcp_ports;
 use nftnl::{Batch, MsgType, ProtoFamily, Table};
 use testbed::{Options, Testbed};
@@ -16,8 +15,8 @@ fn map_elements_are_added_dumped_and_deleted_in_batches() {
     }
     let bed = Testbed::new(Options::default()).unwrap();
     let ns = bed.proxy_ns().to_owned();
-    let pair = datatype::concat(&[datatype::IPV4_ADDR, datatype::INET_SERVICE]);
-    let mut spec = SetSpec::map("mpx_sets", ProtoFamily::Ipv4, "m", (pair, 8), (pair, 8));
+    let pair = vec![Field::Ipv4Addr, Field::InetService];
+    let mut spec = SetSpec::map("mpx_sets", ProtoFamily::Ipv4, "m", pair.clone(), pair);
     spec.counter = true;
     let key = |n: u16| {
         let mut k = [10, 0, (n >> 8) as u8, n as u8, 0, 0, 0, 0];
@@ -29,25 +28,28 @@ fn map_elements_are_added_dumped_and_deleted_in_batches() {
         let mut batch = Batch::new();
         batch.add(&table, MsgType::Add);
         batch.add(&spec, MsgType::Add);
-        let mut elements = spec.elements();
-        for n in 0..1000u16 {
-            elements.push(&key(n), Some(&key(n.wrapping_add(1))));
-        }
+        let elements: Vec<_> = (0..1000u16)
+            .map(|n| (key(n), key(n.wrapping_add(1))))
+            .collect();
         // More than one message's worth: the batch is split.
-        elements.add_to(&mut batch);
+        spec.add_new_elements(
+            &mut batch,
+            elements.iter().map(|(k, d)| (&k[..], Some(&d[..]))),
+        );
         nft::send_batch(batch, "table, map and 1000 elements").unwrap();
         let all = dump_elements("mpx_sets", ProtoFamily::Ipv4, "m").unwrap();
-        let mut gone = spec.elements();
-        for n in 0..10u16 {
-            gone.push(&key(n), None);
-        }
+        let gone: Vec<_> = (0..10u16).map(key).collect();
         let mut batch = Batch::new();
-        gone.delete_from(&mut batch);
+        spec.delete_elements(&mut batch, gone.iter().map(|k| &k[..]));
         nft::send_batch(batch, "delete 10").unwrap();
         // Deleting one that is absent fails the whole batch.
         let mut batch = Batch::new();
-        gone.delete_from(&mut batch);
+        spec.delete_elements(&mut batch, gone.iter().map(|k| &k[..]));
         assert!(nft::send_batch(batch, "delete again").is_err());
+        // Adding one that exists fails it too (add_new_elements).
+        let mut batch = Batch::new();
+        spec.add_new_elements(&mut batch, [(&key(500)[..], Some(&key(501)[..]))]);
+        assert!(nft::send_batch(batch, "add again").is_err());
         (
             all,
             dump_elements("mpx_sets", ProtoFamily::Ipv4, "m").unwrap(),

@@ -19,7 +19,7 @@ use crate::tc::{self, PschedClock};
 use crate::upload::{self, UploadClassifier};
 use mptcp_netlink::bpf::BpfError;
 use mptcp_netlink::mptcp_pm;
-use mptcp_netlink::nft_map;
+use mptcp_netlink::nft_set::SetSpec;
 use mptcp_netlink::sock_diag::{self, tcp_states};
 use mptcp_netlink::{MessageBuilder, NetlinkError, NetlinkSocket};
 
@@ -264,7 +264,7 @@ pub struct KernelBackend {
     /// `NETLINK_SOCK_DIAG`, opened with the first resync.
     diag: Option<NetlinkSocket>,
     /// The six maps, built once.
-    maps: BTreeMap<(MapKind, Family), nft_map::SetSpec>,
+    maps: BTreeMap<(MapKind, Family), SetSpec>,
     /// The root qdisc trees replaced, by interface index (see [`crate::restore`]).
     saved_roots: BTreeMap<u32, SavedRoot>,
     /// Where they are kept across a crash.
@@ -499,7 +499,7 @@ impl KernelBackend {
     }
 
     fn send_nft(&mut self, batch: nftnl::Batch, operation: &str) -> Result<(), KernelError> {
-        nft_map::send_batch_on(&self.nft, batch, operation).map_err(|e| match e {
+        mptcp_netlink::nft::send_batch_on(&self.nft, batch, operation).map_err(|e| match e {
             NetlinkError::Kernel {
                 source, message, ..
             } => KernelError::Nftables {

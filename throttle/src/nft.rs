@@ -1,5 +1,5 @@
 //! nftables: the proxy's table, its maps and the constant rules that look packets up in them, sent as
-//! netlink batches built with libnftnl and [`mptcp_netlink::nft_map`].
+//! netlink batches built with libnftnl and [`mptcp_netlink::nft_set`].
 //!
 //! Layout (family `inet`, table name from the policy, `mptcp_proxy` by default):
 //! - maps `download4` / `download6`: `proxy addr . client addr . proxy port . client port : classid`;
@@ -17,7 +17,8 @@
 use std::net::IpAddr;
 
 use mptcp_netlink::nft::{cstring, PayloadLoad, RegisterExpr};
-use mptcp_netlink::nft_map::{Field, Lookup, PayloadLoadTo, SetSpec, NFT_REG32_00};
+use mptcp_netlink::nft_expr::{PayloadToRegister, SetLookup, REG32_00};
+use mptcp_netlink::nft_set::{Field, SetSpec};
 use nftnl::expr::{Cmp, CmpOp, Counter};
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
 
@@ -104,10 +105,11 @@ pub fn map(table: &str, kind: MapKind, family: Family) -> SetSpec {
             if family == Family::V4 { 4 } else { 6 }
         ),
         key: vec![addr, addr, Field::InetService, Field::InetService],
-        data: Some(match kind {
+        data: Some(vec![match kind {
             MapKind::Download => Field::ClassId,
             MapKind::Fwmark | MapKind::CtMark => Field::Mark,
-        }),
+        }]),
+        counter: false,
         // The core keeps below max_steered_subflows; the kernel needs no limit of its own.
         size: None,
         id: 1 + index as u32,
@@ -160,14 +162,17 @@ fn add_key_loads(rule: &mut Rule, family: Family) {
     rule.add_expr(&Cmp::new(CmpOp::Eq, nfproto));
     rule.add_expr(&RegisterExpr::meta_load(libc::NFT_META_L4PROTO as u32));
     rule.add_expr(&Cmp::new(CmpOp::Eq, libc::IPPROTO_TCP as u8));
-    let mut register = NFT_REG32_00;
+    let mut register = REG32_00;
     for load in [
         PayloadLoad::network(saddr, len),
         PayloadLoad::network(daddr, len),
         PayloadLoad::transport(0, 2),
         PayloadLoad::transport(2, 2),
     ] {
-        rule.add_expr(&PayloadLoadTo { load, register });
+        rule.add_expr(&PayloadToRegister {
+            load,
+            dreg: register,
+        });
         register += load.len.div_ceil(4);
     }
 }
@@ -176,7 +181,7 @@ fn map_rule<'a>(chain: &'a Chain<'a>, table_name: &str, kind: MapKind, family: F
     let spec = map(table_name, kind, family);
     let mut rule = Rule::new(chain);
     add_key_loads(&mut rule, family);
-    rule.add_expr(&Lookup::map(&spec));
+    rule.add_expr(&SetLookup::of(&spec));
     rule.add_expr(&Counter);
     rule.add_expr(&match kind {
         MapKind::Download => RegisterExpr::meta_set(libc::NFT_META_PRIORITY as u32),

@@ -32,10 +32,10 @@ use std::net::Ipv4Addr;
 
 use mptcp_netlink::nft::{cstring, PayloadLoad};
 use mptcp_netlink::nft_expr::{
-    datatype, CtLoad, FibDaddrType, NatFromRegisters, PayloadToRegister, SetLookup,
-    CT_DIR_ORIGINAL, REG32_00, REG32_01, REG_1, RTN_LOCAL,
+    CtLoad, FibDaddrType, NatFromRegisters, PayloadToRegister, SetLookup, CT_DIR_ORIGINAL,
+    REG32_00, REG32_01, REG_1, RTN_LOCAL,
 };
-use mptcp_netlink::nft_set::{self, SetSpec};
+use mptcp_netlink::nft_set::{self, Field, SetSpec};
 use mptcp_netlink::NetlinkError;
 use nftnl::expr::{Bitwise, Cmp, CmpOp, Masquerade, Meta};
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
@@ -66,8 +66,8 @@ fn key(client: Ipv4Addr, port: u16) -> [u8; 8] {
 }
 
 fn map_spec(table: &str) -> SetSpec {
-    let pair = datatype::concat(&[datatype::IPV4_ADDR, datatype::INET_SERVICE]);
-    let mut spec = SetSpec::map(table, ProtoFamily::Ipv4, MAP, (pair, 8), (pair, 8));
+    let pair = vec![Field::Ipv4Addr, Field::InetService];
+    let mut spec = SetSpec::map(table, ProtoFamily::Ipv4, MAP, pair.clone(), pair);
     spec.counter = true;
     spec
 }
@@ -191,26 +191,26 @@ impl NatTable {
         Ok(())
     }
 
-    fn elements(&self, mappings: &[Mapping]) -> nft_set::SetElements {
-        let mut elements = map_spec(&self.name).elements();
-        for m in mappings {
-            elements.push(&key(m.client, m.dpt), Some(&key(m.rip, m.rpt)));
-        }
-        elements
-    }
-
-    /// Adds mappings in one transaction.
+    /// Adds mappings in one transaction; a mapping whose key is already installed fails it.
     pub fn add(&self, mappings: &[Mapping]) -> Result<(), NetlinkError> {
+        let elements: Vec<_> = mappings
+            .iter()
+            .map(|m| (key(m.client, m.dpt), key(m.rip, m.rpt)))
+            .collect();
         let mut batch = Batch::new();
-        self.elements(mappings).add_to(&mut batch);
+        map_spec(&self.name).add_new_elements(
+            &mut batch,
+            elements.iter().map(|(k, data)| (&k[..], Some(&data[..]))),
+        );
         mptcp_netlink::nft::send_batch(batch, "add mapping")?;
         Ok(())
     }
 
     /// Deletes mappings in one transaction.
     pub fn delete(&self, mappings: &[Mapping]) -> Result<(), NetlinkError> {
+        let keys: Vec<_> = mappings.iter().map(|m| key(m.client, m.dpt)).collect();
         let mut batch = Batch::new();
-        self.elements(mappings).delete_from(&mut batch);
+        map_spec(&self.name).delete_elements(&mut batch, keys.iter().map(|k| &k[..]));
         mptcp_netlink::nft::send_batch(batch, "delete mapping")?;
         Ok(())
     }

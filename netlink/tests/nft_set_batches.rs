@@ -2,7 +2,8 @@
 //! are created in one batch, ten thousand elements go in and come out, and `nft` reads them back.
 
 use mptcp_netlink::nft::{self, PayloadLoad, RegisterExpr};
-use mptcp_netlink::nft_map::{self, Field, Lookup, PayloadLoadTo, SetSpec, NFT_REG32_00};
+use mptcp_netlink::nft_expr::{PayloadToRegister, SetLookup, REG32_00};
+use mptcp_netlink::nft_set::{Field, SetSpec};
 use mptcp_netlink::NetlinkSocket;
 use nftnl::expr::{Cmp, CmpOp};
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
@@ -11,20 +12,18 @@ use testbed::{Options, Testbed};
 const TABLE: &str = "mpx_map_test";
 
 fn map() -> SetSpec {
-    SetSpec {
-        table: TABLE.into(),
-        family: ProtoFamily::Inet,
-        name: "dl4".into(),
-        key: vec![
+    SetSpec::map(
+        TABLE,
+        ProtoFamily::Inet,
+        "dl4",
+        vec![
             Field::Ipv4Addr,
             Field::Ipv4Addr,
             Field::InetService,
             Field::InetService,
         ],
-        data: Some(Field::ClassId),
-        size: None,
-        id: 1,
-    }
+        vec![Field::ClassId],
+    )
 }
 
 fn key(spec: &SetSpec, i: u32) -> Vec<u8> {
@@ -66,19 +65,19 @@ fn map_with_concatenated_key_holds_ten_thousand_elements() {
         .into_iter()
         .enumerate()
         {
-            rule.add_expr(&PayloadLoadTo {
+            rule.add_expr(&PayloadToRegister {
                 load,
-                register: NFT_REG32_00 + i as u32,
+                dreg: REG32_00 + i as u32,
             });
         }
-        rule.add_expr(&Lookup::map(&spec));
+        rule.add_expr(&SetLookup::of(&spec));
         rule.add_expr(&RegisterExpr::meta_set(libc::NFT_META_PRIORITY as u32));
         let mut batch = Batch::new();
         batch.add(&table, MsgType::Add);
         batch.add(&chain, MsgType::Add);
         batch.add(&spec, MsgType::Add);
         batch.add(&rule, MsgType::Add);
-        nft_map::send_batch_on(&socket, batch, "create").unwrap();
+        nft::send_batch_on(&socket, batch, "create").unwrap();
 
         let keys: Vec<Vec<u8>> = (0..10_000).map(|i| key(&spec, i)).collect();
         let class = 0x4d50_0010u32.to_ne_bytes();
@@ -88,7 +87,7 @@ fn map_with_concatenated_key_holds_ten_thousand_elements() {
             keys.iter().map(|k| (k.as_slice(), Some(&class[..]))),
         );
         let started = std::time::Instant::now();
-        nft_map::send_batch_on(&socket, batch, "add 10000").unwrap();
+        nft::send_batch_on(&socket, batch, "add 10000").unwrap();
         eprintln!("10000 elements in one batch: {:?}", started.elapsed());
 
         // Deleting a key that is not there fails the batch, and nothing in it applies.
@@ -96,12 +95,12 @@ fn map_with_concatenated_key_holds_ten_thousand_elements() {
         let mut batch = Batch::new();
         spec.delete_elements(&mut batch, keys[..10].iter().map(Vec::as_slice));
         spec.delete_elements(&mut batch, [missing.as_slice()]);
-        let err = nft_map::send_batch_on(&socket, batch, "delete missing").unwrap_err();
+        let err = nft::send_batch_on(&socket, batch, "delete missing").unwrap_err();
         assert_eq!(err.errno(), Some(libc::ENOENT), "{err}");
 
         let mut batch = Batch::new();
         spec.delete_elements(&mut batch, keys[..4000].iter().map(Vec::as_slice));
-        nft_map::send_batch_on(&socket, batch, "delete 4000").unwrap();
+        nft::send_batch_on(&socket, batch, "delete 4000").unwrap();
     })
     .unwrap();
 
@@ -137,7 +136,7 @@ fn map_with_concatenated_key_holds_ten_thousand_elements() {
         let socket = NetlinkSocket::open(libc::NETLINK_NETFILTER).unwrap();
         let mut batch = Batch::new();
         spec.flush(&mut batch);
-        nft_map::send_batch_on(&socket, batch, "flush").unwrap();
+        nft::send_batch_on(&socket, batch, "flush").unwrap();
     })
     .unwrap();
     let flushed = bed
