@@ -634,3 +634,46 @@ fn a_large_body_arrives_whole_in_every_relay_mode_and_the_upstream_is_kept() {
         );
     }
 }
+
+/// A server that closes (FIN, not a reset) before its `Content-Length` body is complete: in every relay
+/// mode the client gets the bytes that came and then the close, never a response that looks whole, and
+/// the connection is not kept for another request.
+#[test]
+fn a_large_body_cut_by_a_clean_close_is_never_a_whole_answer_in_any_relay_mode() {
+    const CLAIMED: usize = 2 * 1024 * 1024;
+    const SENT: usize = 700 * 1024;
+    let server = origin(|stream| {
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        read_head(&mut reader);
+        let mut stream = stream;
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {CLAIMED}\r\n\r\n");
+        let _ = stream.write_all(head.as_bytes());
+        let _ = stream.write_all(&vec![b'y'; SENT]);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        // Linger until the proxy closes, so the end is a FIN and not a reset.
+        let _ = reader.read_to_end(&mut Vec::new());
+    });
+    for mode in ["copy", "splice", "auto"] {
+        let proxy = Proxy::start("", &format!("[relay]\nmode = \"{mode}\"\n"));
+        let started = Instant::now();
+        let response = proxy.exchange(
+            format!("GET http://{server}/ HTTP/1.1\r\nHost: {server}\r\n\r\n").as_bytes(),
+        );
+        let mut reader = BufReader::new(&response[..]);
+        let head = read_head(&mut reader);
+        assert!(head[0].contains(" 200 "), "{mode}: {head:?}");
+        let mut body = Vec::new();
+        reader.read_to_end(&mut body).expect("read");
+        assert_eq!(
+            body.len(),
+            SENT,
+            "{mode}: every byte that came, and no more"
+        );
+        assert!(body.len() < CLAIMED, "{mode}");
+        // exchange() reads until the proxy closes, or gives up after 10 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{mode}: the proxy kept the cut connection open"
+        );
+    }
+}
