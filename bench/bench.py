@@ -434,7 +434,15 @@ def perf_stat_counts(text):
 
 REQUEST_METRICS = (("requests_per_second", "req/s", 1, ".0f"), ("latency_p50", "p50 ms", 1e3, ".3f"),
                    ("latency_p99", "p99 ms", 1e3, ".3f"), ("cpu_per_request", "CPU us", 1e6, ".1f"),
-                   ("switches_per_request", "cs/req", 1, ".2f"))
+                   ("switches_per_request", "cs/req", 1, ".2f"),
+                   ("second_path_packets_per_request", "p2 pk", 1, ".2f"))
+
+
+def link_packets(lab, host, ifname):
+    """Packets received + sent on `ifname` in `host`'s namespace."""
+    out = lab.exec(host, "ip", "-j", "-s", "link", "show", "dev", ifname).stdout
+    stats = json.loads(out)[0]["stats64"]
+    return stats["rx"]["packets"] + stats["tx"]["packets"]
 
 
 def bench_requests(seconds=10, connections=32, runs=3, compare=None, perf=False, skip=()):
@@ -467,7 +475,9 @@ def bench_requests(seconds=10, connections=32, runs=3, compare=None, perf=False,
                 prog, rest = cmd[:cmd.index("wrk") + 1], cmd[cmd.index("wrk") + 1:]
                 pid = pids.get(subject)
                 cpu0, cs0 = (proc_cpu(pid), proc_switches(pid)) if pid else (0, 0)
+                p2_before = link_packets(lab, "prx", "p2")
                 out = lab.exec("cli", *prog, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", *rest)
+                p2_after = link_packets(lab, "prx", "p2")
                 rps, p50, p99 = parse_wrk(out.stdout)
                 requests, bad, errors = wrk_counts(out.stdout)
                 if bad or errors:
@@ -476,6 +486,10 @@ def bench_requests(seconds=10, connections=32, runs=3, compare=None, perf=False,
                 res.add("keep-alive", subject, n, "latency_p50", p50, "s")
                 res.add("keep-alive", subject, n, "latency_p99", p99, "s")
                 res.add("keep-alive", subject, n, "requests", requests, "1")
+                # The proxies' MPTCP clients have a second path (p2): in some rounds the kernel moves part of
+                # the traffic onto it, and such rounds run slower for every subject (bench/README.md, issue 17).
+                res.add("keep-alive", subject, n, "second_path_packets_per_request",
+                        (p2_after - p2_before) / requests, "1")
                 if pid:
                     res.add("keep-alive", subject, n, "cpu_per_request", (proc_cpu(pid) - cpu0) / requests, "s")
                     res.add("keep-alive", subject, n, "switches_per_request",
@@ -510,6 +524,11 @@ def bench_requests(seconds=10, connections=32, runs=3, compare=None, perf=False,
             ratio = v / res.median("keep-alive", "haproxy", metric)
             line += f"{format(v * scale, fmt):>10}{ratio:>7.2f}" if v == v else f"{'-':>10}{'':>7}"
         print(line)
+    print("\nround by round (req/s @ packets per request on the second client path)")
+    for subject in names:
+        rounds = zip(res.values("keep-alive", subject, "requests_per_second"),
+                     res.values("keep-alive", subject, "second_path_packets_per_request"))
+        print(f"{subject:<22}" + "  ".join(f"{rps:>7.0f} @ {p2:.2f}" for rps, p2 in rounds))
     if perf:
         print("\nper request, perf stat over one more run (syscalls, context switches, wakeups it causes, ...)")
         print(f"{'subject':<22}" + "".join(f"{e[:8]:>9}" for e in PERF_NAMES))

@@ -11,7 +11,8 @@ Every second it records the player (HTMLMediaElement currentTime, the end of the
 and the counts of waiting, stalled and error events), from the kernel's TCP statistics (`ss -ti`) the bytes
 the video's connections (to the proxy port) and the download's connections received, and the bytes each
 path interface (--interfaces) received. It prints one
-JSON object: {"samples": [...], "switched_at": s, "switch_results": [...], "media_errors": [...]}.
+JSON object: {"samples": [...], "switched_at": s, "switch_results": [...], "media_errors": [...],
+"page_reloads": n} (n: reloads after Chromium showed an error page instead of the player, see load_page).
 """
 
 import argparse
@@ -91,6 +92,21 @@ def browser(proxy):
     return driver, profile
 
 
+def load_page(driver, url, attempts=3):
+    """Opens url, and reloads it while Chromium shows an error page instead of the player (as a user would):
+    Chromium aborts a navigation with ERR_NETWORK_CHANGED when the namespace's addresses or routes change
+    while it loads, as they do while the MPIP client brings its paths up. Returns the reloads needed."""
+    for reload in range(attempts):
+        driver.get(url)
+        if driver.execute_script("return document.getElementById('v') !== null"):
+            return reload
+        text = driver.execute_script("return document.body ? document.body.innerText : ''") or ""
+        print(f"fig9_player: {url} showed no player ({' '.join(text.split())[:200]}); reloading",
+              file=sys.stderr)
+        time.sleep(1.0)
+    raise RuntimeError(f"{url}: no player after {attempts} attempts")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--page", required=True)
@@ -109,11 +125,11 @@ def main():
 
     driver, profile = browser(a.proxy)
     download = None
-    samples, switch_results, switched_at = [], [], None
+    samples, switch_results, switched_at, reloads = [], [], None, 0
     counter = Counter()
     try:
         download = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--noproxy", "*", a.download])
-        driver.get(a.page)
+        reloads = load_page(driver, a.page)
         start = time.monotonic()
         next_tick = start
         while True:
@@ -145,7 +161,7 @@ def main():
     errors = sorted({e for s in samples for e in s.get("errors", [])} |
                     {s["error"] for s in samples if s.get("error") is not None})
     json.dump({"samples": samples, "switched_at": switched_at, "switch_results": switch_results,
-               "media_errors": errors}, sys.stdout)
+               "media_errors": errors, "page_reloads": reloads}, sys.stdout)
     print()
 
 
