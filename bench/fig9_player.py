@@ -94,8 +94,9 @@ def browser(proxy):
 
 def load_page(driver, url, attempts=3):
     """Opens url, and reloads it while Chromium shows an error page instead of the player (as a user would):
-    Chromium aborts a navigation with ERR_NETWORK_CHANGED when the namespace's addresses or routes change
-    while it loads, as they do while the MPIP client brings its paths up. Returns the reloads needed."""
+    Chromium aborts a navigation with ERR_NETWORK_CHANGED when it sees the namespace's network change while it
+    loads (1 run in 5 of the fig9 test here; which change in the lab it sees is not pinned down). Returns the
+    reloads needed."""
     for reload in range(attempts):
         driver.get(url)
         if driver.execute_script("return document.getElementById('v') !== null"):
