@@ -677,3 +677,55 @@ fn a_large_body_cut_by_a_clean_close_is_never_a_whole_answer_in_any_relay_mode()
         );
     }
 }
+
+/// A chunked upload that the client sends in one go and then waits: the proxy framed at most 64 KiB of
+/// it per write upstream and then waited for more from the client, even when the rest of the body (its
+/// last chunk included) was already in its buffer, so the request hung until the idle timeout and was
+/// answered 400 (seen once on the fresh machine: a 3 MiB upload, 310 s). Buffers large enough to hold a
+/// chunk's tail of more than 64 KiB make it happen here.
+#[test]
+fn a_chunked_upload_whose_end_is_already_buffered_is_not_left_waiting() {
+    let server = origin(|stream| {
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let head = read_head(&mut reader);
+        if head.is_empty() {
+            return;
+        }
+        let (body, _) = read_chunked(&mut reader);
+        let mut stream = stream;
+        let answer = format!("{}", body.len());
+        let _ = stream.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            )
+            .as_bytes(),
+        );
+    });
+    let proxy = Proxy::start(
+        "",
+        "[limits]\nmax_header_bytes = 1048576\nidle_timeout = \"20s\"\n",
+    );
+    for size in [70_000usize, 100_000, 150_000, 200_000, 300_000, 500_000] {
+        let mut request = format!(
+            "POST http://{server}/ HTTP/1.1\r\nHost: {server}\r\nTransfer-Encoding: chunked\r\n\
+             Connection: close\r\n\r\n{size:x}\r\n"
+        )
+        .into_bytes();
+        request.extend((0..size).map(|i| (i % 251) as u8));
+        request.extend_from_slice(b"\r\n0\r\n\r\n");
+        let started = Instant::now();
+        let response = proxy.exchange(&request);
+        let text = String::from_utf8_lossy(&response);
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with(&format!("\r\n\r\n{size}")),
+            "{size} bytes: after {:?}: {text}",
+            started.elapsed()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{size} bytes took {:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -457,6 +457,11 @@ async fn send_body(
         if done {
             return Ok(BodySent::Complete);
         }
+        // The decoder stopped at FLUSH_AT with bytes left: frame those before reading more (the client
+        // may have sent its last chunk already and be waiting for the answer).
+        if !conn.rbuf.is_empty() {
+            continue;
+        }
         // More from the client (or the server's early answer).
         conn.timer.as_mut().reset(Instant::now() + idle);
         tokio::select! {
